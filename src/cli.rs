@@ -1,0 +1,173 @@
+//! Command-line interface. Every option also reads an `NB_*` environment variable, so the
+//! program configures the same way in a shell, a container and a CI job.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::proxy::Credentials;
+use crate::proxy::dial::Target;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "netbird-proxy",
+    version,
+    about = "Join a WireGuard mesh in user space and serve it through SOCKS5, HTTP proxy and port forwards"
+)]
+pub struct Cli {
+    /// WireGuard configuration in wg-quick format.
+    #[arg(long, env = "NB_WG_CONFIG", value_name = "FILE")]
+    pub wg_config: Option<PathBuf>,
+
+    /// SOCKS5 listener; a bare PORT binds 127.0.0.1. Repeatable (env: comma-separated).
+    #[arg(long, env = "NB_SOCKS", value_name = "[ADDR:]PORT", value_delimiter = ',', value_parser = parse_listen)]
+    pub socks: Vec<SocketAddr>,
+
+    /// HTTP proxy listener (CONNECT and absolute-form); a bare PORT binds 127.0.0.1. Repeatable.
+    #[arg(long, env = "NB_HTTP", value_name = "[ADDR:]PORT", value_delimiter = ',', value_parser = parse_listen)]
+    pub http: Vec<SocketAddr>,
+
+    /// Forward a local TCP port to HOST:PORT through the mesh. Repeatable.
+    #[arg(long, env = "NB_FORWARD", value_name = "[ADDR:]LPORT:HOST:PORT", value_delimiter = ',', value_parser = parse_forward)]
+    pub forward: Vec<Forward>,
+
+    /// Require this user name and password on the SOCKS5 listeners (RFC 1929).
+    #[arg(long, env = "NB_SOCKS_AUTH", value_name = "USER:PASS", hide_env_values = true)]
+    pub socks_auth: Option<Credentials>,
+
+    /// Require this user name and password on the HTTP proxy listeners (Basic).
+    #[arg(long, env = "NB_HTTP_AUTH", value_name = "USER:PASS", hide_env_values = true)]
+    pub http_auth: Option<Credentials>,
+
+    /// Refuse destinations outside the mesh instead of dialling them from the host.
+    #[arg(long, env = "NB_NO_DIRECT")]
+    pub no_direct: bool,
+
+    /// How long a connection attempt may take (e.g. 10s, 500ms).
+    #[arg(long, env = "NB_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Log level or tracing filter (error, warn, info, debug, trace, or e.g. netbird_proxy=debug).
+    #[arg(long, env = "NB_LOG_LEVEL", value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// One `--forward`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forward {
+    pub listen: SocketAddr,
+    pub target: Target,
+}
+
+/// `[ADDR:]PORT`; a bare port binds loopback, so nothing is exposed by accident.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("`{s}` is not PORT or ADDR:PORT (IPv6 as [ADDR]:PORT)"))
+}
+
+/// `[ADDR:]LPORT:HOST:PORT`, HOST an IP (IPv6 in brackets) or a name.
+pub fn parse_forward(s: &str) -> Result<Forward, String> {
+    let bad = || format!("`{s}` is not [ADDR:]LPORT:HOST:PORT");
+    let (rest, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let (listen, host) = if let Some(open) = rest.strip_suffix(']') {
+        let (listen, host) = open.rsplit_once('[').ok_or_else(bad)?;
+        (listen.strip_suffix(':').ok_or_else(bad)?, host)
+    } else {
+        rest.rsplit_once(':').ok_or_else(bad)?
+    };
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    let listen = parse_listen(listen)?;
+    let target = match host.parse::<IpAddr>() {
+        Ok(ip) => Target::Addr(SocketAddr::new(ip, port)),
+        Err(_) => Target::Host(host.to_string(), port),
+    };
+    Ok(Forward { listen, target })
+}
+
+/// `10s`, `500ms`, `2m`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let bad = || format!("`{s}` is not a duration like 10s, 500ms or 2m");
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n * 60),
+        _ => return Err(bad()),
+    };
+    if d.is_zero() {
+        return Err(bad());
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(parse_listen("1080").unwrap(), "127.0.0.1:1080".parse().unwrap());
+        assert_eq!(parse_listen("0.0.0.0:1").unwrap(), "0.0.0.0:1".parse().unwrap());
+        assert_eq!(parse_listen("[::1]:9").unwrap(), "[::1]:9".parse().unwrap());
+        assert!(parse_listen("localhost:1080").is_err());
+        assert!(parse_listen("70000").is_err());
+    }
+
+    #[test]
+    fn forwards() {
+        let f = parse_forward("8080:100.64.0.2:80").unwrap();
+        assert_eq!(f.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(f.target, Target::Addr("100.64.0.2:80".parse().unwrap()));
+        let f = parse_forward("0.0.0.0:8080:web.mesh:443").unwrap();
+        assert_eq!(f.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(f.target, Target::Host("web.mesh".into(), 443));
+        let f = parse_forward("[::1]:8080:[fd00::2]:80").unwrap();
+        assert_eq!(f.listen, "[::1]:8080".parse().unwrap());
+        assert_eq!(f.target, Target::Addr("[fd00::2]:80".parse().unwrap()));
+        for bad in ["8080", "8080:host", "x:host:80", "8080::80", "8080:host:0", "8080:[fd00::2:80"] {
+            assert!(parse_forward(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("1h").is_err());
+    }
+
+    #[test]
+    fn env_and_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "netbird-proxy",
+            "--wg-config",
+            "x.conf",
+            "--socks",
+            "1080",
+            "--socks",
+            "0.0.0.0:1081",
+            "--forward",
+            "9000:100.64.0.2:80",
+            "--no-direct",
+        ])
+        .unwrap();
+        assert_eq!(cli.socks.len(), 2);
+        assert!(cli.no_direct);
+        assert_eq!(cli.connect_timeout, Duration::from_secs(10));
+    }
+}

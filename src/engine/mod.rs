@@ -1,0 +1,246 @@
+//! Builds the data path from a configuration and runs it as one unit.
+//!
+//! Everything started here hangs off one cancellation token and one `JoinSet`: cancelling the
+//! token stops the listeners, the netstack and the WireGuard device, and `run_static` returns only
+//! after they have finished (bounded by `SHUTDOWN_GRACE`), so ports are free when it returns.
+//! The NetBird engine of the control-plane issue will drive the same pieces.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::cli::Forward;
+use crate::netstack::{Netstack, NetstackConfig};
+use crate::packet::PacketPool;
+use crate::proxy::dial::Dialer;
+use crate::proxy::dns::Resolver;
+use crate::proxy::{Credentials, forward, http, socks5};
+use crate::wg::config::Endpoint;
+use crate::wg::{PeerSpec, WgConfig, WgDevice};
+
+/// How long tasks get to finish after cancellation.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+/// Packets in flight between WireGuard and the netstack, per direction.
+const PACKET_CHANNEL: usize = 1024;
+/// Idle packet buffers kept for reuse.
+const POOL_IDLE: usize = 4096;
+
+/// The listeners and policies of the proxy side.
+#[derive(Clone, Debug, Default)]
+pub struct ProxyOptions {
+    pub socks: Vec<SocketAddr>,
+    pub http: Vec<SocketAddr>,
+    pub forwards: Vec<Forward>,
+    pub socks_auth: Option<Credentials>,
+    pub http_auth: Option<Credentials>,
+    pub allow_direct: bool,
+    pub connect_timeout: Duration,
+}
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot resolve Endpoint {endpoint} of the [Peer] at line {line}: {reason}")]
+    Endpoint {
+        endpoint: String,
+        line: usize,
+        reason: String,
+    },
+    #[error("cannot open the WireGuard UDP socket: {0}")]
+    Socket(std::io::Error),
+    #[error("cannot listen on {addr} for {what}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// What is up once the engine is ready.
+#[derive(Debug)]
+pub struct Ready {
+    pub mesh: Vec<IpNet>,
+    pub wireguard: SocketAddr,
+    /// (kind, bound address, detail) per listener.
+    pub listeners: Vec<(&'static str, SocketAddr, String)>,
+}
+
+impl fmt::Display for Ready {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mesh: Vec<String> = self.mesh.iter().map(|n| n.to_string()).collect();
+        write!(f, "netbird-proxy ready: mesh {}", mesh.join(","))?;
+        for (kind, addr, detail) in &self.listeners {
+            write!(f, "; {kind} {addr}{detail}")?;
+        }
+        write!(f, "; wireguard udp {}", self.wireguard)
+    }
+}
+
+/// Run a static WireGuard configuration with the given listeners until `cancel` fires.
+/// `on_ready` is called once every listener is bound.
+pub async fn run_static(
+    config: WgConfig,
+    options: ProxyOptions,
+    cancel: CancellationToken,
+    on_ready: impl FnOnce(&Ready),
+) -> Result<(), EngineError> {
+    let mut tasks = JoinSet::new();
+    let result = start_static(config, options, &cancel, &mut tasks, on_ready).await;
+    if result.is_ok() {
+        cancel.cancelled().await;
+    }
+    // One teardown path, for a failed start and for a stop alike.
+    cancel.cancel();
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        warn!("some tasks did not stop in time; aborting them");
+        tasks.abort_all();
+    }
+    result
+}
+
+async fn start_static(
+    config: WgConfig,
+    options: ProxyOptions,
+    cancel: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+    on_ready: impl FnOnce(&Ready),
+) -> Result<(), EngineError> {
+    for (line, key) in &config.ignored {
+        warn!("line {line}: `{key}` configures a kernel interface and is ignored");
+    }
+    let mut peers = Vec::with_capacity(config.peers.len());
+    for p in &config.peers {
+        let endpoint = match &p.endpoint {
+            None => None,
+            Some(Endpoint::Addr(a)) => Some(*a),
+            Some(Endpoint::Host(host, port)) => Some(resolve_endpoint(host, *port, p.line).await?),
+        };
+        peers.push(PeerSpec {
+            public_key: p.public_key.0,
+            preshared_key: p.preshared_key.as_ref().map(|k| k.0),
+            endpoint,
+            allowed_ips: p.allowed_ips.clone(),
+            persistent_keepalive: p.persistent_keepalive,
+        });
+    }
+
+    let mtu = config.mtu() as usize;
+    // Room for the inner packet plus WireGuard's header and tag.
+    let pool = Arc::new(PacketPool::new(mtu + 64, POOL_IDLE));
+    let wg = WgDevice::new(
+        config.interface.private_key.0,
+        config.interface.listen_port.unwrap_or(0),
+        peers,
+        pool.clone(),
+    )
+    .map_err(EngineError::Socket)?;
+    let wg = Arc::new(wg);
+    let wg_addr = wg.local_addr().map_err(EngineError::Socket)?;
+
+    let (to_stack, from_wg) = mpsc::channel(PACKET_CHANNEL);
+    let (to_wg, from_stack) = mpsc::channel(PACKET_CHANNEL);
+    let (netstack, stack_task) = Netstack::new(
+        NetstackConfig::new(config.interface.addresses.clone(), mtu),
+        from_wg,
+        to_wg,
+        pool,
+        cancel.child_token(),
+    );
+    tasks.spawn(stack_task);
+    tasks.spawn(wg.clone().run(to_stack, from_stack, cancel.child_token()));
+
+    let mut dns = Vec::new();
+    for server in &config.interface.dns {
+        if wg.route(*server).is_some() {
+            dns.push(*server);
+        } else {
+            warn!(%server, "DNS server is outside every peer's AllowedIPs; not used");
+        }
+    }
+    let resolver = Resolver::new(
+        netstack.clone(),
+        dns,
+        config.interface.dns_search.clone(),
+    );
+    if resolver.uses_tunnel() {
+        info!("host names resolve through the tunnel");
+    }
+    let dialer = Dialer::new(
+        netstack,
+        wg,
+        resolver,
+        options.allow_direct,
+        options.connect_timeout,
+    );
+
+    let mut ready = Ready {
+        mesh: config.interface.addresses.clone(),
+        wireguard: wg_addr,
+        listeners: Vec::new(),
+    };
+    let socks_auth = options.socks_auth.map(Arc::new);
+    let http_auth = options.http_auth.map(Arc::new);
+    for addr in &options.socks {
+        let l = bind(*addr, "socks5").await?;
+        ready.listeners.push(("socks5", l.local_addr().unwrap_or(*addr), String::new()));
+        tasks.spawn(socks5::serve(
+            l,
+            dialer.clone(),
+            socks_auth.clone(),
+            cancel.child_token(),
+        ));
+    }
+    for addr in &options.http {
+        let l = bind(*addr, "http").await?;
+        ready.listeners.push(("http", l.local_addr().unwrap_or(*addr), String::new()));
+        tasks.spawn(http::serve(
+            l,
+            dialer.clone(),
+            http_auth.clone(),
+            cancel.child_token(),
+        ));
+    }
+    for f in &options.forwards {
+        let l = bind(f.listen, "forward").await?;
+        ready.listeners.push((
+            "forward",
+            l.local_addr().unwrap_or(f.listen),
+            format!("->{}", f.target),
+        ));
+        tasks.spawn(forward::serve(
+            l,
+            dialer.clone(),
+            f.target.clone(),
+            cancel.child_token(),
+        ));
+    }
+    on_ready(&ready);
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, EngineError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| EngineError::Listen { addr, what, source })
+}
+
+async fn resolve_endpoint(host: &str, port: u16, line: usize) -> Result<SocketAddr, EngineError> {
+    let fail = |reason: String| EngineError::Endpoint {
+        endpoint: format!("{host}:{port}"),
+        line,
+        reason,
+    };
+    let mut addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    addrs.next().ok_or_else(|| fail("no address".into()))
+}

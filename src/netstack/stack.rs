@@ -1,0 +1,691 @@
+//! The netstack task and its handle.
+//!
+//! The task loop: take commands and inbound packets, move user bytes into smoltcp sockets, poll
+//! the interface, move received bytes out to the users, then sleep until a packet, a command, a
+//! user wake-up, smoltcp's next timer, or room in the channel to WireGuard.
+
+use std::collections::HashSet;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::{Duration as SmolDuration, Instant};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, trace};
+
+use super::device::QueueDevice;
+use super::tcp::{Shared, TcpListener, TcpStream};
+use super::udp::{UDP_QUEUE, UdpShared, UdpSocket};
+use crate::packet::PacketPool;
+
+/// Tunables of the netstack.
+#[derive(Clone, Debug)]
+pub struct NetstackConfig {
+    /// Our addresses with their prefixes.
+    pub addresses: Vec<IpNet>,
+    /// IP MTU of the tunnel.
+    pub mtu: usize,
+    /// smoltcp receive and send buffer per TCP socket. Large enough for the bandwidth-delay
+    /// product; with it the advertised window scales.
+    pub tcp_buffer: usize,
+    /// Bytes buffered between each stream and its socket, per direction.
+    pub ring: usize,
+    /// How long a connection dropped by its user may take to deliver its last bytes and FIN.
+    pub linger: Duration,
+    /// Listening sockets kept per listened port (smoltcp's listener accepts one connection).
+    pub backlog: usize,
+}
+
+impl NetstackConfig {
+    pub fn new(addresses: Vec<IpNet>, mtu: usize) -> Self {
+        Self {
+            addresses,
+            mtu,
+            tcp_buffer: 512 * 1024,
+            ring: 64 * 1024,
+            linger: Duration::from_secs(30),
+            backlog: 8,
+        }
+    }
+}
+
+/// Why a connection through the netstack could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connection refused")]
+    Refused,
+    #[error("no local address of the destination's family")]
+    NoSourceAddress,
+    #[error("no free local port")]
+    NoPorts,
+    #[error("port {0} is already listened on")]
+    PortInUse(u16),
+    #[error("the netstack has stopped")]
+    Stopped,
+}
+
+enum Command {
+    Connect {
+        remote: SocketAddr,
+        reply: oneshot::Sender<Result<TcpStream, ConnectError>>,
+    },
+    Listen {
+        port: u16,
+        reply: oneshot::Sender<Result<TcpListener, ConnectError>>,
+    },
+    UdpBind {
+        reply: oneshot::Sender<Result<UdpSocket, ConnectError>>,
+    },
+}
+
+/// A handle to the netstack task: cheap to clone, usable from any task.
+#[derive(Clone)]
+pub struct Netstack {
+    commands: mpsc::Sender<Command>,
+    addresses: Arc<Vec<IpNet>>,
+}
+
+impl Netstack {
+    /// Build the netstack. Returns the handle and the task to spawn; the task ends when `cancel`
+    /// fires or every handle and the WireGuard channels are gone.
+    pub fn new(
+        config: NetstackConfig,
+        from_wg: mpsc::Receiver<Vec<u8>>,
+        to_wg: mpsc::Sender<Vec<u8>>,
+        pool: Arc<PacketPool>,
+        cancel: CancellationToken,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
+        let (tx, rx) = mpsc::channel(256);
+        let handle = Netstack {
+            commands: tx,
+            addresses: Arc::new(config.addresses.clone()),
+        };
+        let task = Stack::new(config, from_wg, to_wg, pool, rx).run(cancel);
+        (handle, task)
+    }
+
+    /// Our addresses.
+    pub fn addresses(&self) -> &[IpNet] {
+        &self.addresses
+    }
+
+    /// Open a TCP connection. Waits for the handshake to complete or be refused; the caller
+    /// bounds the wait (dropping the future aborts the attempt).
+    pub async fn connect(&self, remote: SocketAddr) -> Result<TcpStream, ConnectError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Connect { remote, reply }).await?;
+        rx.await.map_err(|_| ConnectError::Stopped)?
+    }
+
+    /// Listen for TCP connections on `port` of every mesh address.
+    pub async fn listen(&self, port: u16) -> Result<TcpListener, ConnectError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Listen { port, reply }).await?;
+        rx.await.map_err(|_| ConnectError::Stopped)?
+    }
+
+    /// A UDP socket on an ephemeral port.
+    pub async fn udp_bind(&self) -> Result<UdpSocket, ConnectError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::UdpBind { reply }).await?;
+        rx.await.map_err(|_| ConnectError::Stopped)?
+    }
+
+    async fn command(&self, cmd: Command) -> Result<(), ConnectError> {
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| ConnectError::Stopped)
+    }
+}
+
+/// A TCP socket the task manages, and its user side.
+struct Conn {
+    handle: SocketHandle,
+    shared: Arc<Shared>,
+    local: SocketAddr,
+    remote: SocketAddr,
+    /// Set while the handshake of an outbound connection is in progress.
+    connecting: Option<oneshot::Sender<Result<TcpStream, ConnectError>>>,
+    /// When the user dropped the stream: the deadline to finish sending.
+    linger_until: Option<Instant>,
+}
+
+struct Listener {
+    port: u16,
+    sockets: Vec<SocketHandle>,
+    accepted: mpsc::Sender<TcpStream>,
+}
+
+struct UdpEntry {
+    handle: SocketHandle,
+    shared: Arc<UdpShared>,
+    port: u16,
+}
+
+enum Event {
+    Stop,
+    Command(Option<Command>),
+    Packet(Vec<u8>),
+    Wake,
+}
+
+/// Inbound packets handed to smoltcp per loop round, so commands and users are served between
+/// bursts.
+const RX_BATCH: usize = 64;
+const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
+
+struct Stack {
+    config: NetstackConfig,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    device: QueueDevice,
+    from_wg: mpsc::Receiver<Vec<u8>>,
+    commands: mpsc::Receiver<Command>,
+    wake: Arc<Notify>,
+    conns: Vec<Conn>,
+    listeners: Vec<Listener>,
+    udp: Vec<UdpEntry>,
+    ports_in_use: HashSet<u16>,
+    next_port: u16,
+}
+
+impl Stack {
+    fn new(
+        config: NetstackConfig,
+        from_wg: mpsc::Receiver<Vec<u8>>,
+        to_wg: mpsc::Sender<Vec<u8>>,
+        pool: Arc<PacketPool>,
+        commands: mpsc::Receiver<Command>,
+    ) -> Self {
+        let mut device = QueueDevice::new(to_wg, pool, config.mtu);
+        let mut iface_config = Config::new(HardwareAddress::Ip);
+        iface_config.random_seed = rand::random();
+        let mut iface = Interface::new(iface_config, &mut device, Instant::now());
+        iface.update_ip_addrs(|addrs| {
+            for net in &config.addresses {
+                let cidr = IpCidr::new(IpAddress::from(net.addr()), net.prefix_len());
+                if addrs.push(cidr).is_err() {
+                    tracing::warn!(%net, "too many addresses; ignored");
+                }
+            }
+        });
+        // Everything not on a local prefix goes out of the one interface, where WireGuard's
+        // cryptokey routing picks the peer.
+        let v4 = config.addresses.iter().find_map(|n| match n.addr() {
+            IpAddr::V4(a) => Some(a),
+            _ => None,
+        });
+        let v6 = config.addresses.iter().find_map(|n| match n.addr() {
+            IpAddr::V6(a) => Some(a),
+            _ => None,
+        });
+        if let Some(a) = v4 {
+            let _ = iface.routes_mut().add_default_ipv4_route(a);
+        }
+        if let Some(a) = v6 {
+            let _ = iface.routes_mut().add_default_ipv6_route(a);
+        }
+        iface.set_any_ip(true);
+        Self {
+            config,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            device,
+            from_wg,
+            commands,
+            wake: Arc::new(Notify::new()),
+            conns: Vec::new(),
+            listeners: Vec::new(),
+            udp: Vec::new(),
+            ports_in_use: HashSet::new(),
+            next_port: *EPHEMERAL.start() + rand::random::<u16>() % 16000,
+        }
+    }
+
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut commands_open = true;
+        loop {
+            while let Ok(cmd) = self.commands.try_recv() {
+                self.handle_command(cmd);
+            }
+            while self.device.rx.len() < RX_BATCH {
+                match self.from_wg.try_recv() {
+                    Ok(p) => self.device.rx.push_back(p),
+                    Err(_) => break,
+                }
+            }
+            self.device.tx_blocked = false;
+            let now = Instant::now();
+            self.pump(now);
+            self.iface
+                .poll(now, &mut self.device, &mut self.sockets);
+            self.pump(now);
+
+            if !self.device.rx.is_empty() && !self.device.tx_blocked {
+                continue;
+            }
+            let delay = if self.device.tx_blocked {
+                None
+            } else {
+                self.iface.poll_delay(now, &self.sockets)
+            };
+            let room_for_rx = self.device.rx.len() < RX_BATCH;
+            let event = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => Event::Stop,
+                cmd = self.commands.recv(), if commands_open => Event::Command(cmd),
+                pkt = self.from_wg.recv(), if room_for_rx => match pkt {
+                    Some(p) => Event::Packet(p),
+                    None => Event::Stop,
+                },
+                _ = self.wake.notified() => Event::Wake,
+                permit = self.device.tx_channel().reserve(), if self.device.tx_blocked => {
+                    if permit.is_err() { Event::Stop } else { Event::Wake }
+                }
+                _ = sleep_opt(delay) => Event::Wake,
+            };
+            match event {
+                Event::Stop => break,
+                Event::Command(Some(cmd)) => self.handle_command(cmd),
+                // Every handle is gone: nothing can use a new connection, but existing streams
+                // still can, so keep serving them until they finish.
+                Event::Command(None) if self.conns.is_empty() && self.listeners.is_empty() => {
+                    break;
+                }
+                Event::Command(None) => commands_open = false,
+                Event::Packet(p) => self.device.rx.push_back(p),
+                Event::Wake => {}
+            }
+        }
+        self.shutdown();
+    }
+
+    /// Fail every user-visible object so that nothing waits on a stopped stack.
+    fn shutdown(&mut self) {
+        for conn in self.conns.drain(..) {
+            if let Some(reply) = conn.connecting {
+                let _ = reply.send(Err(ConnectError::Stopped));
+            }
+            conn.shared.lock().fail(io::ErrorKind::ConnectionAborted);
+        }
+        for entry in self.udp.drain(..) {
+            let mut st = entry.shared.lock();
+            st.closed = true;
+            if let Some(w) = st.rx_waker.take() {
+                w.wake();
+            }
+        }
+        self.listeners.clear();
+    }
+
+    fn handle_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Connect { remote, reply } => {
+                if reply.is_closed() {
+                    return;
+                }
+                match self.start_connect(remote) {
+                    Ok(mut conn) => {
+                        conn.connecting = Some(reply);
+                        self.conns.push(conn);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::Listen { port, reply } => {
+                let _ = reply.send(self.start_listen(port));
+            }
+            Command::UdpBind { reply } => {
+                let _ = reply.send(self.udp_bind());
+            }
+        }
+    }
+
+    fn new_tcp_socket(&self) -> tcp::Socket<'static> {
+        let size = self.config.tcp_buffer;
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; size]),
+            tcp::SocketBuffer::new(vec![0; size]),
+        );
+        sock.set_congestion_control(tcp::CongestionControl::Cubic);
+        sock.set_nagle_enabled(false);
+        sock.set_keep_alive(Some(SmolDuration::from_secs(30)));
+        sock
+    }
+
+    fn alloc_port(&mut self) -> Option<u16> {
+        let span = EPHEMERAL.end() - EPHEMERAL.start() + 1;
+        for _ in 0..span {
+            let port = self.next_port;
+            self.next_port = if port == *EPHEMERAL.end() {
+                *EPHEMERAL.start()
+            } else {
+                port + 1
+            };
+            if self.ports_in_use.insert(port) {
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    fn start_connect(&mut self, remote: SocketAddr) -> Result<Conn, ConnectError> {
+        let src = self
+            .config
+            .addresses
+            .iter()
+            .map(|n| n.addr())
+            .find(|a| a.is_ipv4() == remote.is_ipv4())
+            .ok_or(ConnectError::NoSourceAddress)?;
+        let port = self.alloc_port().ok_or(ConnectError::NoPorts)?;
+        let mut sock = self.new_tcp_socket();
+        let local = IpListenEndpoint {
+            addr: Some(IpAddress::from(src)),
+            port,
+        };
+        if let Err(e) = sock.connect(self.iface.context(), to_endpoint(remote), local) {
+            self.ports_in_use.remove(&port);
+            debug!(%remote, "connect: {e:?}");
+            return Err(ConnectError::Refused);
+        }
+        let handle = self.sockets.add(sock);
+        trace!(%remote, port, "connecting");
+        Ok(Conn {
+            handle,
+            shared: Shared::new(self.config.ring, self.wake.clone()),
+            local: SocketAddr::new(src, port),
+            remote,
+            connecting: None,
+            linger_until: None,
+        })
+    }
+
+    fn start_listen(&mut self, port: u16) -> Result<TcpListener, ConnectError> {
+        if port == 0 || self.listeners.iter().any(|l| l.port == port) {
+            return Err(ConnectError::PortInUse(port));
+        }
+        let (tx, rx) = mpsc::channel(self.config.backlog * 4);
+        let mut listener = Listener {
+            port,
+            sockets: Vec::new(),
+            accepted: tx,
+        };
+        for _ in 0..self.config.backlog {
+            let h = self.new_listen_socket(port);
+            listener.sockets.push(h);
+        }
+        self.listeners.push(listener);
+        Ok(TcpListener {
+            port,
+            incoming: rx,
+        })
+    }
+
+    fn new_listen_socket(&mut self, port: u16) -> SocketHandle {
+        let mut sock = self.new_tcp_socket();
+        sock.listen(port).expect("port is non-zero and socket is fresh");
+        self.sockets.add(sock)
+    }
+
+    fn udp_bind(&mut self) -> Result<UdpSocket, ConnectError> {
+        let port = self.alloc_port().ok_or(ConnectError::NoPorts)?;
+        let meta = || vec![udp::PacketMetadata::EMPTY; UDP_QUEUE];
+        let mut sock = udp::Socket::new(
+            udp::PacketBuffer::new(meta(), vec![0; 64 * 1024]),
+            udp::PacketBuffer::new(meta(), vec![0; 64 * 1024]),
+        );
+        if sock.bind(port).is_err() {
+            self.ports_in_use.remove(&port);
+            return Err(ConnectError::NoPorts);
+        }
+        let handle = self.sockets.add(sock);
+        let shared = UdpShared::new(self.wake.clone());
+        self.udp.push(UdpEntry {
+            handle,
+            shared: shared.clone(),
+            port,
+        });
+        Ok(UdpSocket::new(shared, port))
+    }
+
+    /// Move bytes and state between smoltcp sockets and their users; retire finished sockets.
+    fn pump(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.conns.len() {
+            let handle = self.conns[i].handle;
+            let keep = pump_conn(
+                &mut self.conns[i],
+                self.sockets.get_mut::<tcp::Socket>(handle),
+                now,
+                self.config.linger,
+            );
+            if keep {
+                i += 1;
+            } else {
+                let conn = self.conns.swap_remove(i);
+                self.sockets.remove(conn.handle);
+                self.ports_in_use.remove(&conn.local.port());
+            }
+        }
+        self.pump_listeners();
+        self.pump_udp();
+    }
+
+    fn pump_listeners(&mut self) {
+        let mut li = 0;
+        while li < self.listeners.len() {
+            if self.listeners[li].accepted.is_closed() {
+                let l = self.listeners.swap_remove(li);
+                for h in l.sockets {
+                    self.sockets.remove(h);
+                }
+                continue;
+            }
+            let port = self.listeners[li].port;
+            for si in 0..self.listeners[li].sockets.len() {
+                let h = self.listeners[li].sockets[si];
+                let sock = self.sockets.get_mut::<tcp::Socket>(h);
+                match sock.state() {
+                    tcp::State::Listen | tcp::State::SynReceived => continue,
+                    tcp::State::Closed => {
+                        // A handshake that failed: listen again on the same socket.
+                        let _ = sock.listen(port);
+                        continue;
+                    }
+                    _ => {}
+                }
+                let (Some(local), Some(remote)) = (sock.local_endpoint(), sock.remote_endpoint())
+                else {
+                    continue;
+                };
+                let shared = Shared::new(self.config.ring, self.wake.clone());
+                let local = from_endpoint(local);
+                let remote = from_endpoint(remote);
+                let stream = TcpStream::new(shared.clone(), local, remote);
+                let replacement = self.new_listen_socket(port);
+                self.listeners[li].sockets[si] = replacement;
+                let conn = Conn {
+                    handle: h,
+                    shared,
+                    local,
+                    remote,
+                    connecting: None,
+                    linger_until: None,
+                };
+                if self.listeners[li].accepted.try_send(stream).is_err() {
+                    // Accept queue full: the stream was dropped, so the connection closes.
+                    debug!(port, %remote, "accept queue full");
+                }
+                self.conns.push(conn);
+            }
+            li += 1;
+        }
+    }
+
+    fn pump_udp(&mut self) {
+        let mut i = 0;
+        while i < self.udp.len() {
+            let entry = &self.udp[i];
+            let sock = self.sockets.get_mut::<udp::Socket>(entry.handle);
+            let mut st = entry.shared.lock();
+            if st.dropped {
+                drop(st);
+                let e = self.udp.swap_remove(i);
+                self.sockets.remove(e.handle);
+                self.ports_in_use.remove(&e.port);
+                continue;
+            }
+            while sock.can_send() {
+                let Some((to, data)) = st.tx.pop_front() else {
+                    break;
+                };
+                if let Err(e) = sock.send_slice(&data, to_endpoint(to)) {
+                    debug!(%to, "udp send: {e:?}");
+                }
+            }
+            let mut got = false;
+            while let Ok((data, meta)) = sock.recv() {
+                if st.rx.len() >= UDP_QUEUE {
+                    st.rx_dropped += 1;
+                    continue;
+                }
+                st.rx.push_back((from_endpoint(meta.endpoint), data.to_vec()));
+                got = true;
+            }
+            if got && let Some(w) = st.rx_waker.take() {
+                w.wake();
+            }
+            drop(st);
+            i += 1;
+        }
+    }
+}
+
+/// Pump one connection; returns false when its socket is finished and can be removed.
+fn pump_conn(conn: &mut Conn, sock: &mut tcp::Socket, now: Instant, linger: Duration) -> bool {
+    if let Some(reply) = &conn.connecting {
+        if reply.is_closed() {
+            // The dialler gave up (timeout or its client left).
+            sock.abort();
+            return false;
+        }
+        match sock.state() {
+            tcp::State::SynSent | tcp::State::SynReceived => return true,
+            tcp::State::Closed => {
+                let reply = conn.connecting.take().expect("checked above");
+                let _ = reply.send(Err(ConnectError::Refused));
+                return false;
+            }
+            _ => {
+                let reply = conn.connecting.take().expect("checked above");
+                let stream = TcpStream::new(conn.shared.clone(), conn.local, conn.remote);
+                trace!(remote = %conn.remote, "connected");
+                if reply.send(Ok(stream)).is_err() {
+                    sock.abort();
+                    return false;
+                }
+            }
+        }
+    }
+
+    let mut st = conn.shared.lock();
+
+    // User → socket.
+    let mut sent = false;
+    while !st.tx.is_empty() && sock.can_send() {
+        let (a, _) = st.tx.as_slices();
+        match sock.send_slice(a) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                st.tx.drain(..n);
+                sent = true;
+            }
+        }
+    }
+    if sent {
+        st.wake_writer();
+    }
+    if (st.tx_shutdown || st.dropped) && st.tx.is_empty() {
+        sock.close();
+    }
+
+    // Socket → user.
+    if st.dropped {
+        while sock.can_recv() {
+            let _ = sock.recv(|d| (d.len(), ()));
+        }
+    } else {
+        let mut received = false;
+        while sock.can_recv() && st.rx.len() < st.ring_cap {
+            let room = st.ring_cap - st.rx.len();
+            let got = sock.recv(|d| {
+                let n = d.len().min(room);
+                st.rx.extend(&d[..n]);
+                (n, n)
+            });
+            match got {
+                Ok(0) | Err(_) => break,
+                Ok(_) => received = true,
+            }
+        }
+        st.task_wants_rx_room = sock.can_recv();
+        if received {
+            st.wake_reader();
+        }
+    }
+
+    // End of stream and failures.
+    let state = sock.state();
+    if !st.rx_eof && st.error.is_none() && !sock.may_recv() && !sock.can_recv() {
+        if state == tcp::State::Closed {
+            // Closed without the remote's FIN: reset, or timed out.
+            st.fail(io::ErrorKind::ConnectionReset);
+        } else {
+            st.rx_eof = true;
+            st.wake_reader();
+        }
+    }
+    if state == tcp::State::Closed && st.error.is_none() && !st.tx.is_empty() {
+        st.fail(io::ErrorKind::BrokenPipe);
+    }
+
+    if st.dropped {
+        let deadline = *conn.linger_until.get_or_insert(now + SmolDuration::from(linger));
+        if now >= deadline {
+            sock.abort();
+            return false;
+        }
+    }
+    if matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
+        if !st.tx.is_empty() && !st.dropped {
+            st.fail(io::ErrorKind::BrokenPipe);
+        }
+        // The user keeps its rings; the socket itself is done.
+        return false;
+    }
+    true
+}
+
+fn to_endpoint(addr: SocketAddr) -> IpEndpoint {
+    IpEndpoint::new(IpAddress::from(addr.ip()), addr.port())
+}
+
+fn from_endpoint(ep: IpEndpoint) -> SocketAddr {
+    SocketAddr::new(IpAddr::from(ep.addr), ep.port)
+}
+
+async fn sleep_opt(delay: Option<SmolDuration>) {
+    match delay {
+        Some(d) => tokio::time::sleep(Duration::from_micros(d.total_micros())).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,202 @@
+//! The dialler every listener shares: decides where a destination goes and opens the stream.
+//!
+//! An IP inside some peer's AllowedIPs goes through the tunnel; anything else is dialled from the
+//! host, unless direct connections are disabled. Host names are resolved by `dns::Resolver`.
+//! Failures are typed so each front end can answer precisely (SOCKS reply codes, HTTP statuses).
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::dns::{ResolveError, Resolver};
+use crate::netstack::{ConnectError, Netstack, TcpStream as MeshStream};
+use crate::wg::WgDevice;
+
+/// A destination as a client names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Addr(SocketAddr),
+    Host(String, u16),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Addr(a) => write!(f, "{a}"),
+            Target::Host(h, p) => write!(f, "{h}:{p}"),
+        }
+    }
+}
+
+/// Why a dial failed. The messages are what users read in HTTP error bodies and logs.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("{0} is outside the mesh and direct connections are disabled (--no-direct)")]
+    NotAllowed(IpAddr),
+    #[error("network unreachable: {0}")]
+    NetworkUnreachable(String),
+    #[error("host unreachable: {0}")]
+    HostUnreachable(String),
+    #[error("{0} did not answer within {1:?}")]
+    TimedOut(SocketAddr, Duration),
+    #[error("{0} refused the connection")]
+    Refused(SocketAddr),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error("cannot connect to {0}: {1}")]
+    Other(SocketAddr, String),
+}
+
+/// A connected stream: through the tunnel or straight from the host.
+#[derive(Debug)]
+pub enum Stream {
+    Mesh(MeshStream),
+    Direct(tokio::net::TcpStream),
+}
+
+impl Stream {
+    /// The local end: mesh IP and port, or the host socket's address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Stream::Mesh(s) => Ok(s.local_addr()),
+            Stream::Direct(s) => s.local_addr(),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Mesh(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Direct(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Mesh(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Direct(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Mesh(s) => Pin::new(s).poll_flush(cx),
+            Stream::Direct(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Mesh(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Direct(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Opens streams to targets.
+#[derive(Clone)]
+pub struct Dialer {
+    netstack: Netstack,
+    wg: Arc<WgDevice>,
+    resolver: Resolver,
+    allow_direct: bool,
+    connect_timeout: Duration,
+}
+
+impl Dialer {
+    pub fn new(
+        netstack: Netstack,
+        wg: Arc<WgDevice>,
+        resolver: Resolver,
+        allow_direct: bool,
+        connect_timeout: Duration,
+    ) -> Self {
+        Self {
+            netstack,
+            wg,
+            resolver,
+            allow_direct,
+            connect_timeout,
+        }
+    }
+
+    /// Connect to `target`. Every address of a name is tried in turn, all within one
+    /// `connect_timeout`.
+    pub async fn dial(&self, target: &Target) -> Result<Stream, DialError> {
+        match target {
+            Target::Addr(addr) => self.dial_addr(*addr, self.connect_timeout).await,
+            Target::Host(host, port) => {
+                let addrs = self.resolver.resolve(host).await?;
+                let deadline = Instant::now() + self.connect_timeout;
+                let mut last = None;
+                for ip in addrs {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match self.dial_addr(SocketAddr::new(ip, *port), left).await {
+                        Ok(s) => return Ok(s),
+                        Err(e) => {
+                            debug!(%host, %ip, "dial failed: {e}");
+                            last = Some(e);
+                        }
+                    }
+                }
+                Err(last.unwrap_or(DialError::HostUnreachable(host.clone())))
+            }
+        }
+    }
+
+    /// Whether `ip` is routed through the tunnel.
+    pub fn in_mesh(&self, ip: IpAddr) -> bool {
+        self.wg.route(ip).is_some()
+    }
+
+    async fn dial_addr(&self, addr: SocketAddr, timeout: Duration) -> Result<Stream, DialError> {
+        if self.in_mesh(addr.ip()) {
+            return match tokio::time::timeout(timeout, self.netstack.connect(addr)).await {
+                Err(_) => Err(DialError::TimedOut(addr, timeout)),
+                Ok(Ok(s)) => Ok(Stream::Mesh(s)),
+                Ok(Err(ConnectError::Refused)) => Err(DialError::Refused(addr)),
+                Ok(Err(ConnectError::NoSourceAddress)) => Err(DialError::NetworkUnreachable(
+                    format!("no mesh address of {addr}'s family"),
+                )),
+                Ok(Err(e)) => Err(DialError::Other(addr, e.to_string())),
+            };
+        }
+        if !self.allow_direct {
+            return Err(DialError::NotAllowed(addr.ip()));
+        }
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+            Err(_) => Err(DialError::TimedOut(addr, timeout)),
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Direct(s))
+            }
+            Ok(Err(e)) => Err(match e.kind() {
+                io::ErrorKind::ConnectionRefused => DialError::Refused(addr),
+                io::ErrorKind::NetworkUnreachable => DialError::NetworkUnreachable(addr.to_string()),
+                io::ErrorKind::HostUnreachable => DialError::HostUnreachable(addr.to_string()),
+                _ => DialError::Other(addr, e.to_string()),
+            }),
+        }
+    }
+}

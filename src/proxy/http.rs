@@ -1,0 +1,367 @@
+//! The HTTP proxy listener (hyper 1): CONNECT tunnels and absolute-form forwarding.
+//!
+//! Each request on a keep-alive client connection is routed on its own (a fresh upstream per
+//! request), hop-by-hop headers are removed in both directions, `Proxy-Authorization` is checked
+//! and never forwarded, and every failure is answered with a status and a one-line reason.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::Credentials;
+use super::dial::{DialError, Dialer, Target};
+use super::relay;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A client must send its request head within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+const REALM: &str = "netbird-proxy";
+
+/// Serve the HTTP proxy on `listener` until `cancel` fires.
+pub async fn serve(
+    listener: TcpListener,
+    dialer: Dialer,
+    auth: Option<Arc<Credentials>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (client, from) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!("http accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = client.set_nodelay(true);
+        let dialer = dialer.clone();
+        let auth = auth.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let dialer = dialer.clone();
+                let auth = auth.clone();
+                async move { Ok::<_, Infallible>(handle(req, from, dialer, auth.as_deref()).await) }
+            });
+            let conn = http1::Builder::new()
+                .preserve_header_case(true)
+                .title_case_headers(true)
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(client), service)
+                .with_upgrades();
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                r = conn => if let Err(e) = r {
+                    debug!(%from, "http connection: {e}");
+                }
+            }
+        });
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    from: SocketAddr,
+    dialer: Dialer,
+    auth: Option<&Credentials>,
+) -> Response<Body> {
+    if let Some(creds) = auth
+        && !authorized(req.headers(), creds)
+    {
+        info!(%from, "http: proxy authentication required");
+        let mut resp = error_response(
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            "proxy authentication required",
+        );
+        resp.headers_mut().insert(
+            header::PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"netbird-proxy\""),
+        );
+        return resp;
+    }
+    if req.method() == Method::CONNECT {
+        connect(req, from, dialer).await
+    } else {
+        forward(req, from, dialer).await
+    }
+}
+
+/// CONNECT host:port → 200 and a raw tunnel.
+async fn connect(req: Request<Incoming>, from: SocketAddr, dialer: Dialer) -> Response<Body> {
+    let Some(target) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.port_u16().map(|p| target_of(a.host(), p)))
+    else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "CONNECT needs an authority-form target, HOST:PORT",
+        );
+    };
+    let mut upstream = match dialer.dial(&target).await {
+        Ok(s) => s,
+        Err(e) => return dial_failure(&e, from, &target),
+    };
+    debug!(%from, %target, "http: CONNECT established");
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => relay::bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await,
+            Err(e) => debug!(%from, "http: upgrade failed: {e}"),
+        }
+    });
+    Response::new(empty())
+}
+
+/// `METHOD http://host[:port]/path` → the same request in origin-form to the host.
+async fn forward(req: Request<Incoming>, from: SocketAddr, dialer: Dialer) -> Response<Body> {
+    let uri = req.uri().clone();
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                &format!("scheme `{other}` is not forwarded; use CONNECT for TLS"),
+            );
+        }
+        None => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "this is a proxy: send an absolute-form URI (http://host/path) or CONNECT",
+            );
+        }
+    }
+    let Some(authority) = uri.authority().cloned() else {
+        return error_response(StatusCode::BAD_REQUEST, "the URI has no host");
+    };
+    let target = target_of(authority.host(), authority.port_u16().unwrap_or(80));
+
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    match HeaderValue::from_str(authority.as_str()) {
+        Ok(host) => parts.headers.insert(header::HOST, host),
+        Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid host"),
+    };
+    parts
+        .headers
+        .append(header::VIA, HeaderValue::from_static("1.1 netbird-proxy"));
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    parts.uri = match Uri::builder().path_and_query(path).build() {
+        Ok(u) => u,
+        Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid request path"),
+    };
+    parts.version = http::Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, body);
+
+    let upstream = match dialer.dial(&target).await {
+        Ok(s) => s,
+        Err(e) => return dial_failure(&e, from, &target),
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .title_case_headers(true)
+        .handshake(TokioIo::new(upstream))
+        .await
+    {
+        Ok(pair) => pair,
+        Err(e) => {
+            return error_response(StatusCode::BAD_GATEWAY, &format!("upstream {target}: {e}"));
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!("http: upstream connection: {e}");
+        }
+    });
+    match sender.send_request(upstream_req).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .append(header::VIA, HeaderValue::from_static("1.1 netbird-proxy"));
+            debug!(%from, %target, status = %parts.status, "http: forwarded");
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => {
+            info!(%from, %target, "http: upstream failed: {e}");
+            error_response(
+                StatusCode::BAD_GATEWAY,
+                &format!("upstream {target} failed: {e}"),
+            )
+        }
+    }
+}
+
+fn target_of(host: &str, port: u16) -> Target {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<IpAddr>() {
+        Ok(ip) => Target::Addr(SocketAddr::new(ip, port)),
+        Err(_) => Target::Host(bare.to_string(), port),
+    }
+}
+
+/// HTTP status for a failed dial.
+pub fn status_for(err: &DialError) -> StatusCode {
+    match err {
+        DialError::NotAllowed(_) => StatusCode::FORBIDDEN,
+        DialError::TimedOut(..) => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+fn dial_failure(err: &DialError, from: SocketAddr, target: &Target) -> Response<Body> {
+    let status = status_for(err);
+    info!(%from, %target, "http: {err} ({})", status.as_u16());
+    error_response(status, &err.to_string())
+}
+
+/// Remove the headers that describe one hop (RFC 9110 §7.6.1), including every header named
+/// in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .chain(headers.get_all("proxy-connection").iter())
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("proxy-connection"),
+        HeaderName::from_static("keep-alive"),
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Whether `Proxy-Authorization: Basic ...` carries the configured credentials.
+fn authorized(headers: &HeaderMap, creds: &Credentials) -> bool {
+    let Some(value) = headers
+        .get(header::PROXY_AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((scheme, token)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return false;
+    }
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(token.trim()) else {
+        return false;
+    };
+    let Some(colon) = decoded.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    creds.check(&decoded[..colon], &decoded[colon + 1..])
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
+    let body = format!("{REALM}: {reason}\n");
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic Zm9vOmJhcg=="));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        h.insert("content-length", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["accept", "content-length"]);
+    }
+
+    #[test]
+    fn basic_auth_is_checked() {
+        let creds = Credentials::parse("alice:s3:cret").unwrap();
+        let mut h = HeaderMap::new();
+        assert!(!authorized(&h, &creds));
+        let good = base64::engine::general_purpose::STANDARD.encode("alice:s3:cret");
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_str(&format!("Basic {good}")).unwrap(),
+        );
+        assert!(authorized(&h, &creds));
+        let bad = base64::engine::general_purpose::STANDARD.encode("alice:wrong");
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_str(&format!("basic {bad}")).unwrap(),
+        );
+        assert!(!authorized(&h, &creds));
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        assert!(!authorized(&h, &creds));
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
+        assert!(!authorized(&h, &creds));
+    }
+
+    #[test]
+    fn targets_and_statuses() {
+        assert_eq!(
+            target_of("[fd00::2]", 80),
+            Target::Addr("[fd00::2]:80".parse().unwrap())
+        );
+        assert_eq!(target_of("web.mesh", 8080), Target::Host("web.mesh".into(), 8080));
+        let addr: SocketAddr = "100.64.0.2:1".parse().unwrap();
+        assert_eq!(status_for(&DialError::NotAllowed(addr.ip())), StatusCode::FORBIDDEN);
+        assert_eq!(
+            status_for(&DialError::TimedOut(addr, Duration::from_secs(1))),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(status_for(&DialError::Refused(addr)), StatusCode::BAD_GATEWAY);
+    }
+}

@@ -1,0 +1,151 @@
+//! The SOCKS5 listener (RFC 1928, RFC 1929): fast-socks5's protocol layer, our dialler.
+//!
+//! Domain names are never resolved by the protocol layer: they reach the dialler as names, so mesh
+//! names and DNS through the tunnel work (socks5h semantics for every client). Failures map to the
+//! specific reply codes clients can act on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fast_socks5::server::Socks5ServerProtocol;
+use fast_socks5::util::target_addr::TargetAddr;
+use fast_socks5::{ReplyError, Socks5Command};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::Credentials;
+use super::dial::{DialError, Dialer, Target};
+use super::relay;
+
+/// A client must finish greeting, authentication and request within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// SOCKS reply for a failed dial.
+pub fn reply_for(err: &DialError) -> ReplyError {
+    match err {
+        DialError::NotAllowed(_) => ReplyError::ConnectionNotAllowed,
+        DialError::NetworkUnreachable(_) => ReplyError::NetworkUnreachable,
+        DialError::HostUnreachable(_) | DialError::TimedOut(..) | DialError::Resolve(_) => {
+            ReplyError::HostUnreachable
+        }
+        DialError::Refused(_) => ReplyError::ConnectionRefused,
+        DialError::Other(..) => ReplyError::GeneralFailure,
+    }
+}
+
+/// Serve SOCKS5 on `listener` until `cancel` fires.
+pub async fn serve(
+    listener: TcpListener,
+    dialer: Dialer,
+    auth: Option<Arc<Credentials>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (client, from) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!("socks accept: {e}");
+                    // EMFILE and friends: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = client.set_nodelay(true);
+        let dialer = dialer.clone();
+        let auth = auth.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = handle(client, from, dialer, auth) => {}
+            }
+        });
+    }
+}
+
+async fn handle(
+    client: TcpStream,
+    from: SocketAddr,
+    dialer: Dialer,
+    auth: Option<Arc<Credentials>>,
+) {
+    let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let proto = match &auth {
+            None => Socks5ServerProtocol::accept_no_auth(client).await?,
+            Some(creds) => {
+                Socks5ServerProtocol::accept_password_auth(client, |user, pass| {
+                    creds.check(user.as_bytes(), pass.as_bytes())
+                })
+                .await?
+                .0
+            }
+        };
+        proto.read_command().await
+    })
+    .await;
+    let (proto, cmd, target) = match negotiated {
+        Err(_) => {
+            debug!(%from, "socks: handshake timed out");
+            return;
+        }
+        Ok(Err(e)) => {
+            // Bad version, no acceptable method, wrong password, bad address type or unknown
+            // command: fast-socks5 has already answered where the protocol allows an answer.
+            info!(%from, "socks: rejected: {e}");
+            return;
+        }
+        Ok(Ok(r)) => r,
+    };
+    if !matches!(cmd, Socks5Command::TCPConnect) {
+        info!(%from, ?cmd, "socks: command not supported");
+        let _ = proto.reply_error(&ReplyError::CommandNotSupported).await;
+        return;
+    }
+    let target = match target {
+        TargetAddr::Ip(addr) => Target::Addr(addr),
+        TargetAddr::Domain(host, port) => Target::Host(host, port),
+    };
+    let mut upstream = match dialer.dial(&target).await {
+        Ok(s) => s,
+        Err(e) => {
+            let reply = reply_for(&e);
+            info!(%from, %target, "socks: {e} (reply {:#04x})", reply.as_u8());
+            let _ = proto.reply_error(&reply).await;
+            return;
+        }
+    };
+    let bound = upstream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut client = match proto.reply_success(bound).await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(%from, "socks: reply: {e}");
+            return;
+        }
+    };
+    debug!(%from, %target, "socks: connected");
+    relay::bidirectional(&mut client, &mut upstream).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dial_errors_map_to_rfc1928_codes() {
+        let addr: SocketAddr = "100.64.0.2:80".parse().unwrap();
+        let code = |e: DialError| reply_for(&e).as_u8();
+        assert_eq!(code(DialError::NotAllowed(addr.ip())), 0x02);
+        assert_eq!(code(DialError::NetworkUnreachable("x".into())), 0x03);
+        assert_eq!(code(DialError::HostUnreachable("x".into())), 0x04);
+        assert_eq!(code(DialError::TimedOut(addr, Duration::from_secs(1))), 0x04);
+        assert_eq!(code(DialError::Refused(addr)), 0x05);
+        assert_eq!(code(DialError::Other(addr, "x".into())), 0x01);
+    }
+}

@@ -1,0 +1,10 @@
+//! WireGuard without a TUN device: boringtun tunnels per peer over one UDP socket.
+//!
+//! `config` parses wg-quick files, `router` does cryptokey routing, `device` runs the peers.
+
+pub mod config;
+pub mod device;
+pub mod router;
+
+pub use config::{Key, WgConfig};
+pub use device::{PeerSpec, WgDevice};
