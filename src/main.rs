@@ -67,7 +67,13 @@ fn main() -> ExitCode {
 
 fn init_logging(level: &str) -> Result<(), String> {
     // fast-socks5 logs credentials at debug level: keep it at info whatever the user asks for.
-    let filter = EnvFilter::try_new(format!("{level},fast_socks5=info"))
+    // smoltcp and boringtun log per packet at debug: a plain level keeps them at info too.
+    let quiet = if level.contains('=') {
+        ""
+    } else {
+        ",smoltcp=info,boringtun=info"
+    };
+    let filter = EnvFilter::try_new(format!("{level}{quiet},fast_socks5=info"))
         .map_err(|e| format!("--log-level `{level}`: {e}"))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)

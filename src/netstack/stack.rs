@@ -665,10 +665,11 @@ fn pump_conn(conn: &mut Conn, sock: &mut tcp::Socket, now: Instant, linger: Dura
             return false;
         }
     }
-    if matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
-        if !st.tx.is_empty() && !st.dropped {
-            st.fail(io::ErrorKind::BrokenPipe);
-        }
+    // A finished socket may still hold received bytes that did not fit the user's ring: it
+    // stays until they have been moved (the user's reads wake the task).
+    if matches!(state, tcp::State::Closed | tcp::State::TimeWait)
+        && (st.dropped || !sock.can_recv())
+    {
         // The user keeps its rings; the socket itself is done.
         return false;
     }

@@ -1,0 +1,487 @@
+//! Test bed: a real WireGuard peer (Debian's wireguard-go) in a network namespace made by the
+//! test, plus the netbird-proxy binary under test. Everything is torn down on drop.
+//!
+//! Underlay: a veth pair in 198.18.0.0/15 (a /30 per test bed); overlay: 100.64.0.0/16 with the
+//! peer at 100.64.0.2 and the proxy at 100.64.0.1. Needs root (CI runs as root).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+pub const PEER_IP: &str = "100.64.0.2";
+pub const PROXY_IP: &str = "100.64.0.1";
+pub const HTTP_PORT: u16 = 8080;
+pub const ECHO_PORT: u16 = 7000;
+/// A second, unreachable peer owns this prefix (its endpoint never answers).
+pub const DEAD_PEER_NET: &str = "100.99.0.0/16";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        args,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sh_quiet(args: &[&str]) {
+    let _ = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn wg_key_pair(dir: &Path, name: &str) -> (String, String) {
+    let out = Command::new("wg").arg("genkey").output().expect("wg genkey");
+    let private = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(private.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let public = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    write_private(&dir.join(format!("{name}.key")), &private);
+    (private, public)
+}
+
+fn write_private(path: &Path, content: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(content.as_bytes()).unwrap();
+}
+
+/// Options of a test bed.
+#[derive(Default, Clone)]
+pub struct BedOptions {
+    /// Run dnsmasq on the peer, answering `web.mesh.test` with the peer's IP.
+    pub dns: bool,
+}
+
+/// A namespace with wireguard-go and the fixture services.
+pub struct Testbed {
+    pub ns: String,
+    veth: String,
+    pub wg_if: String,
+    pub underlay_peer: String,
+    pub dir: PathBuf,
+    pub proxy_private: String,
+    pub peer_public: String,
+    pub dead_peer_public: String,
+    children: Vec<Child>,
+}
+
+impl Testbed {
+    pub fn new(opts: BedOptions) -> Self {
+        assert!(
+            is_root(),
+            "integration tests need root for network namespaces (CI runs as root)"
+        );
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id() % 10000;
+        let tag = format!("{pid}x{n}");
+        let ns = format!("nbp{tag}");
+        let veth = format!("nbv{tag}");
+        let wg_if = format!("nbw{tag}");
+        // 198.18.0.0/15 holds 32768 /30s; spread test beds over it by pid and counter.
+        let slot = (pid * 16 + n) % 32768;
+        let base = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + slot * 4;
+        let host_ip = std::net::Ipv4Addr::from(base + 1).to_string();
+        let peer_ip = std::net::Ipv4Addr::from(base + 2).to_string();
+
+        let dir = std::env::temp_dir().join(format!("netbird-proxy-test-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("www")).unwrap();
+
+        // Stale leftovers of an earlier crashed run with the same names.
+        sh_quiet(&["ip", "netns", "del", &ns]);
+        sh_quiet(&["ip", "link", "del", &veth]);
+
+        let mut bed = Testbed {
+            ns: ns.clone(),
+            veth: veth.clone(),
+            wg_if: wg_if.clone(),
+            underlay_peer: peer_ip.clone(),
+            dir: dir.clone(),
+            proxy_private: String::new(),
+            peer_public: String::new(),
+            dead_peer_public: String::new(),
+            children: Vec::new(),
+        };
+        let peer_veth = format!("{veth}p");
+        sh(&["ip", "netns", "add", &ns]);
+        sh(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer_veth]);
+        sh(&["ip", "link", "set", &peer_veth, "netns", &ns]);
+        sh(&["ip", "addr", "add", &format!("{host_ip}/30"), "dev", &veth]);
+        sh(&["ip", "link", "set", &veth, "up"]);
+        sh(&["ip", "-n", &ns, "addr", "add", &format!("{peer_ip}/30"), "dev", &peer_veth]);
+        sh(&["ip", "-n", &ns, "link", "set", &peer_veth, "up"]);
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+
+        let (proxy_private, proxy_public) = wg_key_pair(&dir, "proxy");
+        let (_, peer_public) = wg_key_pair(&dir, "peer");
+        let (_, dead_peer_public) = wg_key_pair(&dir, "dead");
+        bed.proxy_private = proxy_private;
+        bed.peer_public = peer_public;
+        bed.dead_peer_public = dead_peer_public;
+
+        let log = std::fs::File::create(dir.join("wireguard-go.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "wireguard-go", "-f", &wg_if])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("wireguard-go");
+        bed.children.push(child);
+        let sock = PathBuf::from(format!("/var/run/wireguard/{wg_if}.sock"));
+        wait_for(Duration::from_secs(10), || sock.exists(), "wireguard-go UAPI socket");
+        let peer_key = dir.join("peer.key");
+        sh(&[
+            "ip", "netns", "exec", &ns, "wg", "set", &wg_if, "listen-port", "51820",
+            "private-key", peer_key.to_str().unwrap(), "peer", &proxy_public,
+            "allowed-ips", &format!("{PROXY_IP}/32"),
+        ]);
+        sh(&["ip", "-n", &ns, "addr", "add", &format!("{PEER_IP}/16"), "dev", &wg_if]);
+        sh(&["ip", "-n", &ns, "link", "set", &wg_if, "mtu", "1420", "up"]);
+
+        std::fs::write(dir.join("www/index.html"), b"hello from the peer\n").unwrap();
+        let server = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peer_server.py");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "python3"])
+            .arg(&server)
+            .args(["--bind", PEER_IP])
+            .args(["--http-port", &HTTP_PORT.to_string()])
+            .args(["--echo-port", &ECHO_PORT.to_string()])
+            .arg("--dir")
+            .arg(dir.join("www"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("server.log")).unwrap())
+            .spawn()
+            .expect("python3");
+        bed.children.push(child);
+        if opts.dns {
+            let child = Command::new("ip")
+                .args(["netns", "exec", &ns, "dnsmasq", "--keep-in-foreground", "--no-resolv"])
+                .args(["--no-hosts", "--conf-file=/dev/null", "--bind-interfaces"])
+                .arg(format!("--listen-address={PEER_IP}"))
+                .arg(format!("--address=/web.mesh.test/{PEER_IP}"))
+                .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("dnsmasq.log")).unwrap())
+                .spawn()
+                .expect("dnsmasq");
+            bed.children.push(child);
+        }
+        // The services are up when the peer's HTTP port answers inside the namespace.
+        wait_for(
+            Duration::from_secs(10),
+            || {
+                Command::new("ip")
+                    .args(["netns", "exec", &ns, "bash", "-c"])
+                    .arg(format!("exec 3<>/dev/tcp/{PEER_IP}/{HTTP_PORT} && exec 4<>/dev/tcp/{PEER_IP}/{ECHO_PORT}"))
+                    .stderr(Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false)
+            },
+            "fixture services",
+        );
+        bed
+    }
+
+    /// A wg-quick config for the proxy; `extra_interface` lines go into [Interface].
+    pub fn proxy_config(&self, extra_interface: &str) -> PathBuf {
+        let text = format!(
+            "[Interface]\nPrivateKey = {}\nAddress = {PROXY_IP}/16\n{extra_interface}\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = {}:51820\nAllowedIPs = 100.64.0.0/16\n\n\
+             # A peer that never answers: nothing listens at its endpoint.\n\
+             [Peer]\nPublicKey = {}\nEndpoint = {}:51999\nAllowedIPs = {DEAD_PEER_NET}\n",
+            self.proxy_private, self.peer_public, self.underlay_peer, self.dead_peer_public,
+            self.underlay_peer,
+        );
+        let path = self.dir.join("proxy.conf");
+        write_private(&path, &text);
+        path
+    }
+
+    /// Write a file of `len` random bytes into the peer's web root; returns its SHA-256.
+    pub fn random_file(&self, name: &str, len: usize) -> String {
+        let path = self.dir.join("www").join(name);
+        let data = random_bytes(len);
+        std::fs::write(&path, &data).unwrap();
+        sha256_hex(&data)
+    }
+
+    /// Run a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // `ip netns exec` forks: make sure nothing of ours survives in the namespace.
+        let _ = Command::new("ip")
+            .args(["netns", "pids", &self.ns])
+            .output()
+            .map(|o| {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    sh_quiet(&["kill", "-9", pid]);
+                }
+            });
+        sh_quiet(&["ip", "netns", "del", &self.ns]);
+        sh_quiet(&["ip", "link", "del", &self.veth]);
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.wg_if));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+pub fn wait_for(limit: Duration, mut ok: impl FnMut() -> bool, what: &str) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    let mut f = std::fs::File::open("/dev/urandom").unwrap();
+    let mut v = vec![0u8; len];
+    f.read_exact(&mut v).unwrap();
+    v
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    let d = Sha256::digest(data);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The proxy binary under test, with its listeners parsed from the ready line.
+pub struct Proxy {
+    child: Child,
+    pub socks: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+    pub forwards: Vec<SocketAddr>,
+    pub ready_line: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_netbird-proxy")
+}
+
+impl Proxy {
+    /// Start `netbird-proxy --wg-config CONFIG ARGS...` and wait for its ready line.
+    pub fn start(config: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(binary())
+            .arg("--wg-config")
+            .arg(config)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("netbird-proxy");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("netbird-proxy ready:") {
+                    let _ = tx.send(line.clone());
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let ready_line = match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("proxy did not get ready; log:\n{}", log.lock().unwrap());
+            }
+        };
+        let mut proxy = Proxy {
+            child,
+            socks: None,
+            http: None,
+            forwards: Vec::new(),
+            ready_line: ready_line.clone(),
+            log,
+        };
+        for part in ready_line.split("; ") {
+            let mut words = part.split_whitespace();
+            let (Some(kind), Some(addr)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let addr = addr.split("->").next().unwrap();
+            match kind {
+                "socks5" => proxy.socks = addr.parse().ok(),
+                "http" => proxy.http = addr.parse().ok(),
+                "forward" => proxy.forwards.push(addr.parse().unwrap()),
+                _ => {}
+            }
+        }
+        proxy
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Wait for exit up to `limit`; returns the exit status if it exited.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run curl with a timeout; returns (exit code, stdout, stderr).
+pub fn curl(args: &[&str]) -> (i32, Vec<u8>, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "120"])
+        .args(args)
+        .output()
+        .expect("curl");
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A raw SOCKS5 exchange: greeting with `methods`, optional RFC 1929 login, then CONNECT-like
+/// request bytes; returns the reply bytes read (up to the first 10 bytes of the reply).
+pub fn socks_connect(
+    proxy: SocketAddr,
+    auth: Option<(&str, &str)>,
+    request: &[u8],
+) -> std::io::Result<(TcpStream, Vec<u8>)> {
+    let mut s = TcpStream::connect(proxy)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    match auth {
+        None => s.write_all(&[5, 1, 0])?,
+        Some(_) => s.write_all(&[5, 1, 2])?,
+    }
+    let mut sel = [0u8; 2];
+    s.read_exact(&mut sel)?;
+    if let Some((u, p)) = auth {
+        assert_eq!(sel, [5, 2]);
+        let mut m = vec![1, u.len() as u8];
+        m.extend(u.as_bytes());
+        m.push(p.len() as u8);
+        m.extend(p.as_bytes());
+        s.write_all(&m)?;
+        let mut st = [0u8; 2];
+        s.read_exact(&mut st)?;
+        if st[1] != 0 {
+            return Ok((s, vec![0xff, st[1]]));
+        }
+    } else {
+        assert_eq!(sel, [5, 0]);
+    }
+    s.write_all(request)?;
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head)?;
+    let rest = match head[3] {
+        1 => 6,
+        4 => 18,
+        3 => {
+            let mut l = [0u8; 1];
+            s.read_exact(&mut l)?;
+            l[0] as usize + 2
+        }
+        _ => 0,
+    };
+    let mut tail = vec![0u8; rest];
+    s.read_exact(&mut tail)?;
+    let mut reply = head.to_vec();
+    reply.extend(tail);
+    Ok((s, reply))
+}
+
+/// A SOCKS5 CONNECT request to an IPv4 address.
+pub fn connect_v4(ip: &str, port: u16) -> Vec<u8> {
+    let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+    let mut r = vec![5, 1, 0, 1];
+    r.extend(ip.octets());
+    r.extend(port.to_be_bytes());
+    r
+}

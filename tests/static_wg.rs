@@ -1,0 +1,384 @@
+//! Acceptance tests of the static-config data path against Debian's wireguard-go in a network
+//! namespace (issue: "Userspace WireGuard proxy, end to end").
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn url(path: &str) -> String {
+    format!("http://{PEER_IP}:{HTTP_PORT}{path}")
+}
+
+const BODY: &[u8] = b"hello from the peer\n";
+
+/// Acceptance 1: exact bodies through SOCKS5 (remote and local resolution), the HTTP proxy
+/// (GET, POST with a body) and CONNECT.
+#[test]
+fn proxies_return_exact_bodies() {
+    let bed = Testbed::new(BedOptions::default());
+    let proxy = Proxy::start(&bed.proxy_config(""), &["--socks", "0", "--http", "0"]);
+    let socks = proxy.socks.unwrap().to_string();
+    let http = format!("http://{}", proxy.http.unwrap());
+
+    let (code, body, err) = curl(&["--socks5-hostname", &socks, &url("/index.html")]);
+    assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
+    let (code, body, err) = curl(&["--socks5", &socks, &url("/index.html")]);
+    assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
+    let (code, body, err) = curl(&["-x", &http, &url("/index.html")]);
+    assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
+    let (code, body, err) = curl(&["-p", "-x", &http, &url("/index.html")]);
+    assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
+
+    let payload = "a POST body through the proxy";
+    let (code, body, err) = curl(&["-x", &http, "--data-binary", payload, &url("/post")]);
+    assert_eq!(code, 0, "{err}");
+    let expect = format!("{} {}\n", sha256_hex(payload.as_bytes()), payload.len());
+    assert_eq!(String::from_utf8(body).unwrap(), expect);
+
+    // Keep-alive: two requests on one client connection are both answered.
+    let (code, body, err) = curl(&["-x", &http, &url("/index.html"), &url("/index.html")]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(body, [BODY, BODY].concat());
+}
+
+fn download_sha(args: &[&str], out: &std::path::Path) -> String {
+    let (code, _, err) = curl(&[args, &["-o", out.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "{err}");
+    sha256_file(out)
+}
+
+fn upload_sha(args: &[&str], file: &std::path::Path, target: &str) -> String {
+    let (code, body, err) = curl(&[args, &["--data-binary", &format!("@{}", file.display()), target]].concat());
+    assert_eq!(code, 0, "{err}");
+    String::from_utf8(body).unwrap()
+}
+
+/// Acceptance 2: 64 MiB down and up through SOCKS5 and through --forward, SHA-256 verified.
+#[test]
+fn large_transfers_verify_through_socks_and_forward() {
+    const LEN: usize = 64 << 20;
+    let bed = Testbed::new(BedOptions::default());
+    let down_sha = bed.random_file("big.bin", LEN);
+    let up_file = bed.dir.join("upload.bin");
+    let up_data = random_bytes(LEN);
+    std::fs::write(&up_file, &up_data).unwrap();
+    let up_expect = format!("{} {LEN}\n", sha256_hex(&up_data));
+    drop(up_data);
+
+    let fwd = format!("0:{PEER_IP}:{HTTP_PORT}");
+    let proxy = Proxy::start(&bed.proxy_config(""), &["--socks", "0", "--forward", &fwd]);
+    let socks = proxy.socks.unwrap().to_string();
+    let forward = proxy.forwards[0];
+    let out = bed.dir.join("download.bin");
+
+    let start = Instant::now();
+    assert_eq!(download_sha(&["--socks5-hostname", &socks, &url("/big.bin")], &out), down_sha);
+    eprintln!("socks5 download 64 MiB: {:?}", start.elapsed());
+    let start = Instant::now();
+    assert_eq!(upload_sha(&["--socks5-hostname", &socks], &up_file, &url("/upload")), up_expect);
+    eprintln!("socks5 upload 64 MiB: {:?}", start.elapsed());
+
+    let base = format!("http://{forward}");
+    let start = Instant::now();
+    assert_eq!(download_sha(&[&format!("{base}/big.bin")], &out), down_sha);
+    eprintln!("forward download 64 MiB: {:?}", start.elapsed());
+    let start = Instant::now();
+    assert_eq!(upload_sha(&[], &up_file, &format!("{base}/upload")), up_expect);
+    eprintln!("forward upload 64 MiB: {:?}", start.elapsed());
+}
+
+/// Acceptance 3: 200 concurrent SOCKS5 connections, each echoing 1 MiB both ways.
+#[test]
+fn two_hundred_concurrent_socks_connections() {
+    const CONNS: usize = 200;
+    const LEN: usize = 1 << 20;
+    let bed = Testbed::new(BedOptions::default());
+    let proxy = Proxy::start(&bed.proxy_config(""), &["--socks", "0"]);
+    let socks = proxy.socks.unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let results = rt.block_on(async move {
+        let mut tasks = Vec::new();
+        for i in 0..CONNS {
+            tasks.push(tokio::spawn(echo_through_socks(socks, i, LEN)));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(failed.is_empty(), "{} of {CONNS} failed: {:?}", failed.len(), failed.first());
+}
+
+async fn echo_through_socks(socks: SocketAddr, seed: usize, len: usize) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(socks).await.map_err(|e| e.to_string())?;
+        s.write_all(&[5, 1, 0]).await.map_err(|e| e.to_string())?;
+        let mut sel = [0u8; 2];
+        s.read_exact(&mut sel).await.map_err(|e| e.to_string())?;
+        s.write_all(&connect_v4(PEER_IP, ECHO_PORT)).await.map_err(|e| e.to_string())?;
+        let mut reply = [0u8; 10];
+        s.read_exact(&mut reply).await.map_err(|e| e.to_string())?;
+        if reply[1] != 0 {
+            return Err(format!("reply {:#04x}", reply[1]));
+        }
+        let data: Vec<u8> = (0..len).map(|i| (i.wrapping_mul(31) ^ seed) as u8).collect();
+        let (mut r, mut w) = s.into_split();
+        let expect = common::sha256_hex(&data);
+        let writer = tokio::spawn(async move {
+            w.write_all(&data).await?;
+            w.shutdown().await
+        });
+        let mut back = Vec::with_capacity(len);
+        r.read_to_end(&mut back).await.map_err(|e| e.to_string())?;
+        writer.await.unwrap().map_err(|e| e.to_string())?;
+        if back.len() != len || common::sha256_hex(&back) != expect {
+            return Err(format!("conn {seed}: got {} bytes, digest mismatch", back.len()));
+        }
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(240), work)
+        .await
+        .map_err(|_| format!("conn {seed} timed out"))?
+}
+
+/// Acceptance 4: `DNS =` resolves through the tunnel (dnsmasq on the peer).
+#[test]
+fn names_resolve_through_the_tunnel() {
+    let bed = Testbed::new(BedOptions { dns: true });
+    let config = bed.proxy_config(&format!("DNS = {PEER_IP}"));
+    let proxy = Proxy::start(&config, &["--socks", "0", "--http", "0", "--no-direct"]);
+    let socks = proxy.socks.unwrap().to_string();
+    let target = format!("http://web.mesh.test:{HTTP_PORT}/index.html");
+    let (code, body, err) = curl(&["--socks5-hostname", &socks, &target]);
+    assert_eq!((code, body.as_slice()), (0, BODY), "{err}\n{}", proxy.log());
+    let http = format!("http://{}", proxy.http.unwrap());
+    let (code, body, err) = curl(&["-x", &http, &target]);
+    assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
+    // A name the server does not know fails cleanly with "host unreachable".
+    let (code, _, err) = curl(&["--socks5-hostname", &socks, "http://nope.mesh.test/"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("Host unreachable") || err.contains("(4)"), "{err}");
+}
+
+/// Acceptance 5: the peer pings our mesh IP.
+#[test]
+fn peer_pings_our_mesh_ip() {
+    let bed = Testbed::new(BedOptions::default());
+    let _proxy = Proxy::start(&bed.proxy_config(""), &["--socks", "0"]);
+    let out = bed.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", PROXY_IP]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("3 received"), "{text}");
+}
+
+/// Acceptance 6: SOCKS5 and HTTP proxy authentication.
+#[test]
+fn authentication_is_enforced() {
+    let bed = Testbed::new(BedOptions::default());
+    let proxy = Proxy::start(
+        &bed.proxy_config(""),
+        &["--socks", "0", "--http", "0", "--socks-auth", "alice:s3cret", "--http-auth", "bob:hunter2"],
+    );
+    let socks = proxy.socks.unwrap();
+    let http = format!("http://{}", proxy.http.unwrap());
+
+    let (code, _, _) = curl(&["--socks5-hostname", &socks.to_string(), "--proxy-user", "alice:wrong", &url("/index.html")]);
+    assert_ne!(code, 0, "wrong SOCKS password accepted");
+    let (_, reply) = socks_connect(socks, Some(("alice", "wrong")), &[]).unwrap();
+    assert_eq!(reply, vec![0xff, 0xff], "RFC 1929 failure status");
+    let (code, body, err) = curl(&["--socks5-hostname", &socks.to_string(), "--proxy-user", "alice:s3cret", &url("/index.html")]);
+    assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
+    // A client offering only "no authentication" gets 0xFF (no acceptable method).
+    let mut s = std::net::TcpStream::connect(socks).unwrap();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut sel = [0u8; 2];
+    s.read_exact(&mut sel).unwrap();
+    assert_eq!(sel, [5, 0xff]);
+
+    let (code, out, _) = curl(&["-x", &http, "-o", "/dev/null", "-w", "%{http_code}", &url("/index.html")]);
+    assert_eq!((code, String::from_utf8(out).unwrap().as_str()), (0, "407"));
+    let (code, out, _) = curl(&["-x", &http, "--proxy-user", "bob:nope", "-o", "/dev/null", "-w", "%{http_code}", &url("/index.html")]);
+    assert_eq!((code, String::from_utf8(out).unwrap().as_str()), (0, "407"));
+    let (code, body, err) = curl(&["-x", &http, "--proxy-user", "bob:hunter2", &url("/index.html")]);
+    assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
+    // Proxy-Authorization is never forwarded upstream.
+    let (code, head, err) = curl(&["-x", &http, "--proxy-user", "bob:hunter2", "-D", "-", "-o", "/dev/null", "--data", "x", &url("/post")]);
+    assert_eq!(code, 0, "{err}");
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.contains("X-Seen-Proxy-Authorization: no"), "{head}");
+}
+
+fn http_status(args: &[&str]) -> (String, String) {
+    let (_, out, _) = curl(&[args, &["-o", "-", "-w", "\n%{http_code}"]].concat());
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_string(), body.to_string())
+}
+
+/// Acceptance 7: bad input is answered correctly and the proxy keeps serving.
+#[test]
+fn bad_input_is_answered_and_service_continues() {
+    let bed = Testbed::new(BedOptions::default());
+    let proxy = Proxy::start(
+        &bed.proxy_config(""),
+        &["--socks", "0", "--http", "0", "--no-direct", "--connect-timeout", "3s"],
+    );
+    let socks = proxy.socks.unwrap();
+    let http = proxy.http.unwrap();
+    let http_url = format!("http://{http}");
+    let still_serving = || {
+        let (code, body, err) = curl(&["--socks5-hostname", &socks.to_string(), &url("/index.html")]);
+        assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
+        let (code, body, err) = curl(&["-x", &http_url, &url("/index.html")]);
+        assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
+    };
+
+    // Garbage greeting: the connection is closed without a reply.
+    let mut s = std::net::TcpStream::connect(socks).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(buf.is_empty(), "garbage greeting answered with {buf:?}");
+    still_serving();
+
+    // BIND and UDP ASSOCIATE: 0x07; an unknown address type: 0x08.
+    let mut bind = connect_v4(PEER_IP, 80);
+    bind[1] = 2;
+    assert_eq!(socks_connect(socks, None, &bind).unwrap().1[1], 0x07);
+    let mut udp = connect_v4(PEER_IP, 80);
+    udp[1] = 3;
+    assert_eq!(socks_connect(socks, None, &udp).unwrap().1[1], 0x07);
+    let mut bad_atyp = connect_v4(PEER_IP, 80);
+    bad_atyp[3] = 9;
+    assert_eq!(socks_connect(socks, None, &bad_atyp).unwrap().1[1], 0x08);
+    still_serving();
+
+    // Malformed HTTP request line: 400.
+    let mut s = std::net::TcpStream::connect(http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"THIS IS NOT HTTP\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    // Origin-form to the proxy: 400 with a reason.
+    let (code, body) = http_status(&[&format!("{http_url}/index.html")]);
+    assert_eq!(code, "400", "{body}");
+    assert!(body.contains("absolute-form"), "{body}");
+    still_serving();
+
+    // A closed port on the peer: 0x05 and 502.
+    assert_eq!(socks_connect(socks, None, &connect_v4(PEER_IP, 9)).unwrap().1[1], 0x05);
+    let (code, body) = http_status(&["-x", &http_url, &format!("http://{PEER_IP}:9/")]);
+    assert_eq!(code, "502", "{body}");
+    assert!(body.contains("refused"), "{body}");
+    let (code, _) = http_status(&["-p", "-x", &http_url, &format!("http://{PEER_IP}:9/")]);
+    assert!(code == "502" || code == "000", "CONNECT to a closed port: {code}");
+    still_serving();
+
+    // Outside AllowedIPs with --no-direct: 0x02 and 403.
+    assert_eq!(socks_connect(socks, None, &connect_v4("127.0.0.1", 22)).unwrap().1[1], 0x02);
+    let (code, body) = http_status(&["-x", &http_url, "http://127.0.0.1:22/"]);
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains("--no-direct"), "{body}");
+    still_serving();
+
+    // A peer that never answers: 0x04 and 504, within the 3 s connect timeout plus 3 s slack.
+    let start = Instant::now();
+    let (_, reply) = socks_connect(socks, None, &connect_v4("100.99.0.1", 80)).unwrap();
+    let took = start.elapsed();
+    assert_eq!(reply[1], 0x04);
+    assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(6), "{took:?}");
+    let start = Instant::now();
+    let (code, body) = http_status(&["-x", &http_url, "http://100.99.0.1/"]);
+    let took = start.elapsed();
+    assert_eq!(code, "504", "{body}");
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    still_serving();
+}
+
+/// Acceptance 8: configuration errors exit 2 with one clear line naming file and line.
+#[test]
+fn config_errors_exit_2_with_one_line() {
+    let dir = std::env::temp_dir().join(format!("netbird-proxy-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    let cases = [
+        ("missing.conf", None, "cannot read"),
+        (
+            "badkey.conf",
+            Some(format!("[Interface]\nPrivateKey = {key}\nAddress = 100.64.0.1/16\n[Peer]\nPublicKey = AAAA\nAllowedIPs = 100.64.0.0/16\n")),
+            ":5: PublicKey",
+        ),
+        (
+            "badprefix.conf",
+            Some(format!("[Interface]\nPrivateKey = {key}\nAddress = 100.64.0.1/16\n[Peer]\nPublicKey = {key}\nAllowedIPs = 100.64.0.0/40\n")),
+            ":6: AllowedIPs",
+        ),
+        (
+            "unknown.conf",
+            Some(format!("[Interface]\nPrivateKey = {key}\nAdress = 100.64.0.1/16\n")),
+            ":3: unknown key `Adress`",
+        ),
+    ];
+    for (name, content, expect) in cases {
+        let path = dir.join(name);
+        if let Some(c) = &content {
+            std::fs::write(&path, c).unwrap();
+        }
+        let out = std::process::Command::new(binary())
+            .args(["--wg-config", path.to_str().unwrap(), "--socks", "0"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{name}: {err}");
+        assert!(err.contains(path.to_str().unwrap()) && err.contains(expect), "{name}: {err}");
+        assert!(!err.contains(key), "{name}: the key leaked: {err}");
+    }
+    let out = std::process::Command::new(binary())
+        .args(["--wg-config", "/x", "--socks", "not-a-port"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Acceptance 8: SIGTERM (and SIGINT) exit 0 within 2 s and free the ports, even with a
+/// connection open.
+#[test]
+fn sigterm_exits_zero_quickly_and_frees_ports() {
+    let bed = Testbed::new(BedOptions::default());
+    for signal in ["-TERM", "-INT"] {
+        let mut proxy = Proxy::start(&bed.proxy_config(""), &["--socks", "0", "--http", "0"]);
+        let socks = proxy.socks.unwrap();
+        let http = proxy.http.unwrap();
+        // An open tunnelled connection must not hold the exit.
+        let (_held, reply) = socks_connect(socks, None, &connect_v4(PEER_IP, ECHO_PORT)).unwrap();
+        assert_eq!(reply[1], 0);
+        let start = Instant::now();
+        std::process::Command::new("kill")
+            .args([signal, &proxy.pid().to_string()])
+            .status()
+            .unwrap();
+        let status = proxy.wait_exit(Duration::from_secs(2));
+        let took = start.elapsed();
+        let status = status.unwrap_or_else(|| panic!("still running 2 s after {signal}"));
+        assert_eq!(status.code(), Some(0), "{signal}: {}", proxy.log());
+        eprintln!("{signal}: exited in {took:?}");
+        std::net::TcpListener::bind(socks).expect("SOCKS port freed");
+        std::net::TcpListener::bind(http).expect("HTTP port freed");
+    }
+}
