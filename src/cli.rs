@@ -34,11 +34,21 @@ pub struct Cli {
     pub forward: Vec<Forward>,
 
     /// Require this user name and password on the SOCKS5 listeners (RFC 1929).
-    #[arg(long, env = "NB_SOCKS_AUTH", value_name = "USER:PASS", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "NB_SOCKS_AUTH",
+        value_name = "USER:PASS",
+        hide_env_values = true
+    )]
     pub socks_auth: Option<Credentials>,
 
     /// Require this user name and password on the HTTP proxy listeners (Basic).
-    #[arg(long, env = "NB_HTTP_AUTH", value_name = "USER:PASS", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "NB_HTTP_AUTH",
+        value_name = "USER:PASS",
+        hide_env_values = true
+    )]
     pub http_auth: Option<Credentials>,
 
     /// Refuse destinations outside the mesh instead of dialling them from the host.
@@ -50,7 +60,12 @@ pub struct Cli {
     pub connect_timeout: Duration,
 
     /// Log level or tracing filter (error, warn, info, debug, trace, or e.g. netbird_proxy=debug).
-    #[arg(long, env = "NB_LOG_LEVEL", value_name = "LEVEL", default_value = "info")]
+    #[arg(
+        long,
+        env = "NB_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "info"
+    )]
     pub log_level: String,
 }
 
@@ -117,8 +132,14 @@ mod tests {
 
     #[test]
     fn listen_addresses() {
-        assert_eq!(parse_listen("1080").unwrap(), "127.0.0.1:1080".parse().unwrap());
-        assert_eq!(parse_listen("0.0.0.0:1").unwrap(), "0.0.0.0:1".parse().unwrap());
+        assert_eq!(
+            parse_listen("1080").unwrap(),
+            "127.0.0.1:1080".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen("0.0.0.0:1").unwrap(),
+            "0.0.0.0:1".parse().unwrap()
+        );
         assert_eq!(parse_listen("[::1]:9").unwrap(), "[::1]:9".parse().unwrap());
         assert!(parse_listen("localhost:1080").is_err());
         assert!(parse_listen("70000").is_err());
@@ -135,7 +156,14 @@ mod tests {
         let f = parse_forward("[::1]:8080:[fd00::2]:80").unwrap();
         assert_eq!(f.listen, "[::1]:8080".parse().unwrap());
         assert_eq!(f.target, Target::Addr("[fd00::2]:80".parse().unwrap()));
-        for bad in ["8080", "8080:host", "x:host:80", "8080::80", "8080:host:0", "8080:[fd00::2:80"] {
+        for bad in [
+            "8080",
+            "8080:host",
+            "x:host:80",
+            "8080::80",
+            "8080:host:0",
+            "8080:[fd00::2:80",
+        ] {
             assert!(parse_forward(bad).is_err(), "{bad}");
         }
     }

@@ -17,9 +17,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let Some(path) = cli.wg_config.clone() else {
-        eprintln!(
-            "netbird-proxy: --wg-config FILE (or NB_WG_CONFIG) is required; see --help"
-        );
+        eprintln!("netbird-proxy: --wg-config FILE (or NB_WG_CONFIG) is required; see --help");
         return ExitCode::from(2);
     };
     let config = match WgConfig::load(&path) {

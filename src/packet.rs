@@ -81,6 +81,10 @@ mod tests {
         pool.put(vec![0; 8]);
         assert_eq!(pool.free.lock().unwrap().len(), 1);
         pool.put(Vec::new());
-        assert_eq!(pool.free.lock().unwrap().len(), 1, "too small buffers are not kept");
+        assert_eq!(
+            pool.free.lock().unwrap().len(),
+            1,
+            "too small buffers are not kept"
+        );
     }
 }

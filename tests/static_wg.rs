@@ -52,7 +52,13 @@ fn download_sha(args: &[&str], out: &std::path::Path) -> String {
 }
 
 fn upload_sha(args: &[&str], file: &std::path::Path, target: &str) -> String {
-    let (code, body, err) = curl(&[args, &["--data-binary", &format!("@{}", file.display()), target]].concat());
+    let (code, body, err) = curl(
+        &[
+            args,
+            &["--data-binary", &format!("@{}", file.display()), target],
+        ]
+        .concat(),
+    );
     assert_eq!(code, 0, "{err}");
     String::from_utf8(body).unwrap()
 }
@@ -76,10 +82,16 @@ fn large_transfers_verify_through_socks_and_forward() {
     let out = bed.dir.join("download.bin");
 
     let start = Instant::now();
-    assert_eq!(download_sha(&["--socks5-hostname", &socks, &url("/big.bin")], &out), down_sha);
+    assert_eq!(
+        download_sha(&["--socks5-hostname", &socks, &url("/big.bin")], &out),
+        down_sha
+    );
     eprintln!("socks5 download 64 MiB: {:?}", start.elapsed());
     let start = Instant::now();
-    assert_eq!(upload_sha(&["--socks5-hostname", &socks], &up_file, &url("/upload")), up_expect);
+    assert_eq!(
+        upload_sha(&["--socks5-hostname", &socks], &up_file, &url("/upload")),
+        up_expect
+    );
     eprintln!("socks5 upload 64 MiB: {:?}", start.elapsed());
 
     let base = format!("http://{forward}");
@@ -87,7 +99,10 @@ fn large_transfers_verify_through_socks_and_forward() {
     assert_eq!(download_sha(&[&format!("{base}/big.bin")], &out), down_sha);
     eprintln!("forward download 64 MiB: {:?}", start.elapsed());
     let start = Instant::now();
-    assert_eq!(upload_sha(&[], &up_file, &format!("{base}/upload")), up_expect);
+    assert_eq!(
+        upload_sha(&[], &up_file, &format!("{base}/upload")),
+        up_expect
+    );
     eprintln!("forward upload 64 MiB: {:?}", start.elapsed());
 }
 
@@ -116,23 +131,34 @@ fn two_hundred_concurrent_socks_connections() {
         out
     });
     let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
-    assert!(failed.is_empty(), "{} of {CONNS} failed: {:?}", failed.len(), failed.first());
+    assert!(
+        failed.is_empty(),
+        "{} of {CONNS} failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
 }
 
 async fn echo_through_socks(socks: SocketAddr, seed: usize, len: usize) -> Result<(), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let work = async {
-        let mut s = tokio::net::TcpStream::connect(socks).await.map_err(|e| e.to_string())?;
+        let mut s = tokio::net::TcpStream::connect(socks)
+            .await
+            .map_err(|e| e.to_string())?;
         s.write_all(&[5, 1, 0]).await.map_err(|e| e.to_string())?;
         let mut sel = [0u8; 2];
         s.read_exact(&mut sel).await.map_err(|e| e.to_string())?;
-        s.write_all(&connect_v4(PEER_IP, ECHO_PORT)).await.map_err(|e| e.to_string())?;
+        s.write_all(&connect_v4(PEER_IP, ECHO_PORT))
+            .await
+            .map_err(|e| e.to_string())?;
         let mut reply = [0u8; 10];
         s.read_exact(&mut reply).await.map_err(|e| e.to_string())?;
         if reply[1] != 0 {
             return Err(format!("reply {:#04x}", reply[1]));
         }
-        let data: Vec<u8> = (0..len).map(|i| (i.wrapping_mul(31) ^ seed) as u8).collect();
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i.wrapping_mul(31) ^ seed) as u8)
+            .collect();
         let (mut r, mut w) = s.into_split();
         let expect = common::sha256_hex(&data);
         let writer = tokio::spawn(async move {
@@ -143,7 +169,10 @@ async fn echo_through_socks(socks: SocketAddr, seed: usize, len: usize) -> Resul
         r.read_to_end(&mut back).await.map_err(|e| e.to_string())?;
         writer.await.unwrap().map_err(|e| e.to_string())?;
         if back.len() != len || common::sha256_hex(&back) != expect {
-            return Err(format!("conn {seed}: got {} bytes, digest mismatch", back.len()));
+            return Err(format!(
+                "conn {seed}: got {} bytes, digest mismatch",
+                back.len()
+            ));
         }
         Ok(())
     };
@@ -168,7 +197,10 @@ fn names_resolve_through_the_tunnel() {
     // A name the server does not know fails cleanly with "host unreachable".
     let (code, _, err) = curl(&["--socks5-hostname", &socks, "http://nope.mesh.test/"]);
     assert_ne!(code, 0);
-    assert!(err.contains("Host unreachable") || err.contains("(4)"), "{err}");
+    assert!(
+        err.contains("Host unreachable") || err.contains("(4)"),
+        "{err}"
+    );
 }
 
 /// Acceptance 5: the peer pings our mesh IP.
@@ -188,16 +220,37 @@ fn authentication_is_enforced() {
     let bed = Testbed::new(BedOptions::default());
     let proxy = Proxy::start(
         &bed.proxy_config(""),
-        &["--socks", "0", "--http", "0", "--socks-auth", "alice:s3cret", "--http-auth", "bob:hunter2"],
+        &[
+            "--socks",
+            "0",
+            "--http",
+            "0",
+            "--socks-auth",
+            "alice:s3cret",
+            "--http-auth",
+            "bob:hunter2",
+        ],
     );
     let socks = proxy.socks.unwrap();
     let http = format!("http://{}", proxy.http.unwrap());
 
-    let (code, _, _) = curl(&["--socks5-hostname", &socks.to_string(), "--proxy-user", "alice:wrong", &url("/index.html")]);
+    let (code, _, _) = curl(&[
+        "--socks5-hostname",
+        &socks.to_string(),
+        "--proxy-user",
+        "alice:wrong",
+        &url("/index.html"),
+    ]);
     assert_ne!(code, 0, "wrong SOCKS password accepted");
     let (_, reply) = socks_connect(socks, Some(("alice", "wrong")), &[]).unwrap();
     assert_eq!(reply, vec![0xff, 0xff], "RFC 1929 failure status");
-    let (code, body, err) = curl(&["--socks5-hostname", &socks.to_string(), "--proxy-user", "alice:s3cret", &url("/index.html")]);
+    let (code, body, err) = curl(&[
+        "--socks5-hostname",
+        &socks.to_string(),
+        "--proxy-user",
+        "alice:s3cret",
+        &url("/index.html"),
+    ]);
     assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
     // A client offering only "no authentication" gets 0xFF (no acceptable method).
     let mut s = std::net::TcpStream::connect(socks).unwrap();
@@ -206,14 +259,50 @@ fn authentication_is_enforced() {
     s.read_exact(&mut sel).unwrap();
     assert_eq!(sel, [5, 0xff]);
 
-    let (code, out, _) = curl(&["-x", &http, "-o", "/dev/null", "-w", "%{http_code}", &url("/index.html")]);
+    let (code, out, _) = curl(&[
+        "-x",
+        &http,
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &url("/index.html"),
+    ]);
     assert_eq!((code, String::from_utf8(out).unwrap().as_str()), (0, "407"));
-    let (code, out, _) = curl(&["-x", &http, "--proxy-user", "bob:nope", "-o", "/dev/null", "-w", "%{http_code}", &url("/index.html")]);
+    let (code, out, _) = curl(&[
+        "-x",
+        &http,
+        "--proxy-user",
+        "bob:nope",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &url("/index.html"),
+    ]);
     assert_eq!((code, String::from_utf8(out).unwrap().as_str()), (0, "407"));
-    let (code, body, err) = curl(&["-x", &http, "--proxy-user", "bob:hunter2", &url("/index.html")]);
+    let (code, body, err) = curl(&[
+        "-x",
+        &http,
+        "--proxy-user",
+        "bob:hunter2",
+        &url("/index.html"),
+    ]);
     assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
     // Proxy-Authorization is never forwarded upstream.
-    let (code, head, err) = curl(&["-x", &http, "--proxy-user", "bob:hunter2", "-D", "-", "-o", "/dev/null", "--data", "x", &url("/post")]);
+    let (code, head, err) = curl(&[
+        "-x",
+        &http,
+        "--proxy-user",
+        "bob:hunter2",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "--data",
+        "x",
+        &url("/post"),
+    ]);
     assert_eq!(code, 0, "{err}");
     let head = String::from_utf8(head).unwrap();
     assert!(head.contains("X-Seen-Proxy-Authorization: no"), "{head}");
@@ -232,13 +321,22 @@ fn bad_input_is_answered_and_service_continues() {
     let bed = Testbed::new(BedOptions::default());
     let proxy = Proxy::start(
         &bed.proxy_config(""),
-        &["--socks", "0", "--http", "0", "--no-direct", "--connect-timeout", "3s"],
+        &[
+            "--socks",
+            "0",
+            "--http",
+            "0",
+            "--no-direct",
+            "--connect-timeout",
+            "3s",
+        ],
     );
     let socks = proxy.socks.unwrap();
     let http = proxy.http.unwrap();
     let http_url = format!("http://{http}");
     let still_serving = || {
-        let (code, body, err) = curl(&["--socks5-hostname", &socks.to_string(), &url("/index.html")]);
+        let (code, body, err) =
+            curl(&["--socks5-hostname", &socks.to_string(), &url("/index.html")]);
         assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
         let (code, body, err) = curl(&["-x", &http_url, &url("/index.html")]);
         assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
@@ -280,16 +378,29 @@ fn bad_input_is_answered_and_service_continues() {
     still_serving();
 
     // A closed port on the peer: 0x05 and 502.
-    assert_eq!(socks_connect(socks, None, &connect_v4(PEER_IP, 9)).unwrap().1[1], 0x05);
+    assert_eq!(
+        socks_connect(socks, None, &connect_v4(PEER_IP, 9))
+            .unwrap()
+            .1[1],
+        0x05
+    );
     let (code, body) = http_status(&["-x", &http_url, &format!("http://{PEER_IP}:9/")]);
     assert_eq!(code, "502", "{body}");
     assert!(body.contains("refused"), "{body}");
     let (code, _) = http_status(&["-p", "-x", &http_url, &format!("http://{PEER_IP}:9/")]);
-    assert!(code == "502" || code == "000", "CONNECT to a closed port: {code}");
+    assert!(
+        code == "502" || code == "000",
+        "CONNECT to a closed port: {code}"
+    );
     still_serving();
 
     // Outside AllowedIPs with --no-direct: 0x02 and 403.
-    assert_eq!(socks_connect(socks, None, &connect_v4("127.0.0.1", 22)).unwrap().1[1], 0x02);
+    assert_eq!(
+        socks_connect(socks, None, &connect_v4("127.0.0.1", 22))
+            .unwrap()
+            .1[1],
+        0x02
+    );
     let (code, body) = http_status(&["-x", &http_url, "http://127.0.0.1:22/"]);
     assert_eq!(code, "403", "{body}");
     assert!(body.contains("--no-direct"), "{body}");
@@ -300,7 +411,10 @@ fn bad_input_is_answered_and_service_continues() {
     let (_, reply) = socks_connect(socks, None, &connect_v4("100.99.0.1", 80)).unwrap();
     let took = start.elapsed();
     assert_eq!(reply[1], 0x04);
-    assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(6), "{took:?}");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
     let start = Instant::now();
     let (code, body) = http_status(&["-x", &http_url, "http://100.99.0.1/"]);
     let took = start.elapsed();
@@ -319,17 +433,23 @@ fn config_errors_exit_2_with_one_line() {
         ("missing.conf", None, "cannot read"),
         (
             "badkey.conf",
-            Some(format!("[Interface]\nPrivateKey = {key}\nAddress = 100.64.0.1/16\n[Peer]\nPublicKey = AAAA\nAllowedIPs = 100.64.0.0/16\n")),
+            Some(format!(
+                "[Interface]\nPrivateKey = {key}\nAddress = 100.64.0.1/16\n[Peer]\nPublicKey = AAAA\nAllowedIPs = 100.64.0.0/16\n"
+            )),
             ":5: PublicKey",
         ),
         (
             "badprefix.conf",
-            Some(format!("[Interface]\nPrivateKey = {key}\nAddress = 100.64.0.1/16\n[Peer]\nPublicKey = {key}\nAllowedIPs = 100.64.0.0/40\n")),
+            Some(format!(
+                "[Interface]\nPrivateKey = {key}\nAddress = 100.64.0.1/16\n[Peer]\nPublicKey = {key}\nAllowedIPs = 100.64.0.0/40\n"
+            )),
             ":6: AllowedIPs",
         ),
         (
             "unknown.conf",
-            Some(format!("[Interface]\nPrivateKey = {key}\nAdress = 100.64.0.1/16\n")),
+            Some(format!(
+                "[Interface]\nPrivateKey = {key}\nAdress = 100.64.0.1/16\n"
+            )),
             ":3: unknown key `Adress`",
         ),
     ];
@@ -345,7 +465,10 @@ fn config_errors_exit_2_with_one_line() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{name}: {err}");
-        assert!(err.contains(path.to_str().unwrap()) && err.contains(expect), "{name}: {err}");
+        assert!(
+            err.contains(path.to_str().unwrap()) && err.contains(expect),
+            "{name}: {err}"
+        );
         assert!(!err.contains(key), "{name}: the key leaked: {err}");
     }
     let out = std::process::Command::new(binary())

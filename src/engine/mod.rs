@@ -166,11 +166,7 @@ async fn start_static(
             warn!(%server, "DNS server is outside every peer's AllowedIPs; not used");
         }
     }
-    let resolver = Resolver::new(
-        netstack.clone(),
-        dns,
-        config.interface.dns_search.clone(),
-    );
+    let resolver = Resolver::new(netstack.clone(), dns, config.interface.dns_search.clone());
     if resolver.uses_tunnel() {
         info!("host names resolve through the tunnel");
     }
@@ -191,7 +187,9 @@ async fn start_static(
     let http_auth = options.http_auth.map(Arc::new);
     for addr in &options.socks {
         let l = bind(*addr, "socks5").await?;
-        ready.listeners.push(("socks5", l.local_addr().unwrap_or(*addr), String::new()));
+        ready
+            .listeners
+            .push(("socks5", l.local_addr().unwrap_or(*addr), String::new()));
         tasks.spawn(socks5::serve(
             l,
             dialer.clone(),
@@ -201,7 +199,9 @@ async fn start_static(
     }
     for addr in &options.http {
         let l = bind(*addr, "http").await?;
-        ready.listeners.push(("http", l.local_addr().unwrap_or(*addr), String::new()));
+        ready
+            .listeners
+            .push(("http", l.local_addr().unwrap_or(*addr), String::new()));
         tasks.spawn(http::serve(
             l,
             dialer.clone(),

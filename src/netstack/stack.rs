@@ -264,8 +264,7 @@ impl Stack {
             self.device.tx_blocked = false;
             let now = Instant::now();
             self.pump(now);
-            self.iface
-                .poll(now, &mut self.device, &mut self.sockets);
+            self.iface.poll(now, &mut self.device, &mut self.sockets);
             self.pump(now);
 
             if !self.device.rx.is_empty() && !self.device.tx_blocked {
@@ -424,15 +423,13 @@ impl Stack {
             listener.sockets.push(h);
         }
         self.listeners.push(listener);
-        Ok(TcpListener {
-            port,
-            incoming: rx,
-        })
+        Ok(TcpListener { port, incoming: rx })
     }
 
     fn new_listen_socket(&mut self, port: u16) -> SocketHandle {
         let mut sock = self.new_tcp_socket();
-        sock.listen(port).expect("port is non-zero and socket is fresh");
+        sock.listen(port)
+            .expect("port is non-zero and socket is fresh");
         self.sockets.add(sock)
     }
 
@@ -558,7 +555,8 @@ impl Stack {
                     st.rx_dropped += 1;
                     continue;
                 }
-                st.rx.push_back((from_endpoint(meta.endpoint), data.to_vec()));
+                st.rx
+                    .push_back((from_endpoint(meta.endpoint), data.to_vec()));
                 got = true;
             }
             if got && let Some(w) = st.rx_waker.take() {
@@ -659,7 +657,9 @@ fn pump_conn(conn: &mut Conn, sock: &mut tcp::Socket, now: Instant, linger: Dura
     }
 
     if st.dropped {
-        let deadline = *conn.linger_until.get_or_insert(now + SmolDuration::from(linger));
+        let deadline = *conn
+            .linger_until
+            .get_or_insert(now + SmolDuration::from(linger));
         if now >= deadline {
             sock.abort();
             return false;

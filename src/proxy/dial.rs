@@ -193,7 +193,9 @@ impl Dialer {
             }
             Ok(Err(e)) => Err(match e.kind() {
                 io::ErrorKind::ConnectionRefused => DialError::Refused(addr),
-                io::ErrorKind::NetworkUnreachable => DialError::NetworkUnreachable(addr.to_string()),
+                io::ErrorKind::NetworkUnreachable => {
+                    DialError::NetworkUnreachable(addr.to_string())
+                }
                 io::ErrorKind::HostUnreachable => DialError::HostUnreachable(addr.to_string()),
                 _ => DialError::Other(addr, e.to_string()),
             }),

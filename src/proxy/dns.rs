@@ -35,7 +35,8 @@ pub fn build_query(id: u16, name: &Name, rtype: RecordType) -> Vec<u8> {
     let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
     msg.metadata.recursion_desired = true;
     msg.add_query(Query::query(name.clone(), rtype));
-    msg.to_vec().expect("a single-question query always encodes")
+    msg.to_vec()
+        .expect("a single-question query always encodes")
 }
 
 /// What one response says.

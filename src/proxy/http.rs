@@ -311,10 +311,16 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("proxy-authorization", HeaderValue::from_static("Basic Zm9vOmJhcg=="));
+        h.insert(
+            "proxy-authorization",
+            HeaderValue::from_static("Basic Zm9vOmJhcg=="),
+        );
         h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
         h.insert("te", HeaderValue::from_static("trailers"));
         h.insert("upgrade", HeaderValue::from_static("websocket"));
@@ -343,9 +349,15 @@ mod tests {
             HeaderValue::from_str(&format!("basic {bad}")).unwrap(),
         );
         assert!(!authorized(&h, &creds));
-        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Bearer x"),
+        );
         assert!(!authorized(&h, &creds));
-        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic !!!"),
+        );
         assert!(!authorized(&h, &creds));
     }
 
@@ -355,13 +367,22 @@ mod tests {
             target_of("[fd00::2]", 80),
             Target::Addr("[fd00::2]:80".parse().unwrap())
         );
-        assert_eq!(target_of("web.mesh", 8080), Target::Host("web.mesh".into(), 8080));
+        assert_eq!(
+            target_of("web.mesh", 8080),
+            Target::Host("web.mesh".into(), 8080)
+        );
         let addr: SocketAddr = "100.64.0.2:1".parse().unwrap();
-        assert_eq!(status_for(&DialError::NotAllowed(addr.ip())), StatusCode::FORBIDDEN);
+        assert_eq!(
+            status_for(&DialError::NotAllowed(addr.ip())),
+            StatusCode::FORBIDDEN
+        );
         assert_eq!(
             status_for(&DialError::TimedOut(addr, Duration::from_secs(1))),
             StatusCode::GATEWAY_TIMEOUT
         );
-        assert_eq!(status_for(&DialError::Refused(addr)), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            status_for(&DialError::Refused(addr)),
+            StatusCode::BAD_GATEWAY
+        );
     }
 }

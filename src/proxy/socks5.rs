@@ -144,7 +144,10 @@ mod tests {
         assert_eq!(code(DialError::NotAllowed(addr.ip())), 0x02);
         assert_eq!(code(DialError::NetworkUnreachable("x".into())), 0x03);
         assert_eq!(code(DialError::HostUnreachable("x".into())), 0x04);
-        assert_eq!(code(DialError::TimedOut(addr, Duration::from_secs(1))), 0x04);
+        assert_eq!(
+            code(DialError::TimedOut(addr, Duration::from_secs(1))),
+            0x04
+        );
         assert_eq!(code(DialError::Refused(addr)), 0x05);
         assert_eq!(code(DialError::Other(addr, "x".into())), 0x01);
     }

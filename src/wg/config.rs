@@ -115,7 +115,13 @@ pub enum ConfigError {
 
 /// Keys of wg-quick that configure the kernel interface or run scripts; meaningless here.
 const WG_QUICK_ONLY: &[&str] = &[
-    "table", "preup", "postup", "predown", "postdown", "saveconfig", "fwmark",
+    "table",
+    "preup",
+    "postup",
+    "predown",
+    "postdown",
+    "saveconfig",
+    "fwmark",
 ];
 
 /// Default MTU of wg-quick and NetBird.
@@ -248,9 +254,12 @@ impl Parser {
     ) -> Result<(), ParseError> {
         let iface = self.interface.as_mut().expect("section is Interface");
         match lower {
-            "privatekey" => {
-                set_once(&mut iface.private_key, line, key, parse_key(line, key, value)?)?
-            }
+            "privatekey" => set_once(
+                &mut iface.private_key,
+                line,
+                key,
+                parse_key(line, key, value)?,
+            )?,
             "address" => {
                 for item in list(value) {
                     iface.addresses.push(parse_prefix(line, key, item)?);
@@ -300,7 +309,12 @@ impl Parser {
     ) -> Result<(), ParseError> {
         let peer = self.peers.last_mut().expect("section is Peer");
         match lower {
-            "publickey" => set_once(&mut peer.public_key, line, key, parse_key(line, key, value)?)?,
+            "publickey" => set_once(
+                &mut peer.public_key,
+                line,
+                key,
+                parse_key(line, key, value)?,
+            )?,
             "presharedkey" => set_once(
                 &mut peer.preshared_key,
                 line,
@@ -341,8 +355,7 @@ impl Parser {
         if iface.addresses.is_empty() {
             return Err(err(iface.line, "[Interface] has no Address"));
         }
-        if iface.addresses.iter().any(|a| a.addr().is_ipv6())
-            && iface.mtu.is_some_and(|m| m < 1280)
+        if iface.addresses.iter().any(|a| a.addr().is_ipv6()) && iface.mtu.is_some_and(|m| m < 1280)
         {
             return Err(err(iface.line, "MTU below 1280 cannot carry IPv6"));
         }
@@ -467,7 +480,10 @@ mod tests {
     fn parses_a_full_config() {
         let cfg = WgConfig::parse(&base()).unwrap();
         assert_eq!(cfg.interface.addresses.len(), 2);
-        assert_eq!(cfg.interface.dns, vec!["100.64.0.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            cfg.interface.dns,
+            vec!["100.64.0.2".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(cfg.interface.dns_search, vec!["mesh.test".to_string()]);
         assert_eq!(cfg.mtu(), 1400);
         assert_eq!(cfg.interface.listen_port, Some(51821));
@@ -533,9 +549,13 @@ mod tests {
     #[test]
     fn structural_errors() {
         assert!(error_of("").message.contains("no [Interface]"));
-        let e = error_of(&format!("[Interface]\nAddress = 10.0.0.1\n[Peer]\nPublicKey = {PUB}\n"));
+        let e = error_of(&format!(
+            "[Interface]\nAddress = 10.0.0.1\n[Peer]\nPublicKey = {PUB}\n"
+        ));
         assert!(e.message.contains("no PrivateKey"));
-        let e = error_of(&format!("[Interface]\nPrivateKey = {PRIV}\nAddress = 10.0.0.1\n"));
+        let e = error_of(&format!(
+            "[Interface]\nPrivateKey = {PRIV}\nAddress = 10.0.0.1\n"
+        ));
         assert!(e.message.contains("no [Peer]"));
         let e = error_of(&format!(
             "[Interface]\nPrivateKey = {PRIV}\nAddress = 10.0.0.1\n[Peer]\nPublicKey = {PUB}\n[Peer]\nPublicKey = {PUB}\n"

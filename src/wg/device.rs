@@ -160,7 +160,7 @@ impl WgDevice {
                 allowed_ips: spec.allowed_ips,
                 counters: PeerCounters::default(),
                 tunn: Mutex::new(tunn),
-                endpoint: RwLock::new(spec.endpoint.map(|a| canonical(a))),
+                endpoint: RwLock::new(spec.endpoint.map(canonical)),
             });
         }
         Ok(Self {
@@ -293,8 +293,7 @@ impl WgDevice {
             TunnResult::WriteToNetwork(reply) => {
                 self.try_send(reply, src);
                 // A completed handshake releases packets queued while it ran.
-                while let TunnResult::WriteToNetwork(queued) =
-                    tunn.decapsulate(None, &[], &mut out)
+                while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], &mut out)
                 {
                     self.try_send(queued, src);
                 }
@@ -374,7 +373,7 @@ impl WgDevice {
         loop {
             tick.tick().await;
             ticks += 1;
-            if ticks % 4 == 0 {
+            if ticks.is_multiple_of(4) {
                 self.rate_limiter.reset_count();
             }
             for peer in &self.peers {
@@ -477,5 +476,4 @@ mod tests {
             assert_eq!((stored >> 8) as usize, i + 1);
         }
     }
-
 }

@@ -46,7 +46,10 @@ fn sh_quiet(args: &[&str]) {
 }
 
 fn wg_key_pair(dir: &Path, name: &str) -> (String, String) {
-    let out = Command::new("wg").arg("genkey").output().expect("wg genkey");
+    let out = Command::new("wg")
+        .arg("genkey")
+        .output()
+        .expect("wg genkey");
     let private = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let mut child = Command::new("wg")
         .arg("pubkey")
@@ -137,11 +140,22 @@ impl Testbed {
         };
         let peer_veth = format!("{veth}p");
         sh(&["ip", "netns", "add", &ns]);
-        sh(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer_veth]);
+        sh(&[
+            "ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer_veth,
+        ]);
         sh(&["ip", "link", "set", &peer_veth, "netns", &ns]);
         sh(&["ip", "addr", "add", &format!("{host_ip}/30"), "dev", &veth]);
         sh(&["ip", "link", "set", &veth, "up"]);
-        sh(&["ip", "-n", &ns, "addr", "add", &format!("{peer_ip}/30"), "dev", &peer_veth]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{peer_ip}/30"),
+            "dev",
+            &peer_veth,
+        ]);
         sh(&["ip", "-n", &ns, "link", "set", &peer_veth, "up"]);
         sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
 
@@ -161,14 +175,39 @@ impl Testbed {
             .expect("wireguard-go");
         bed.children.push(child);
         let sock = PathBuf::from(format!("/var/run/wireguard/{wg_if}.sock"));
-        wait_for(Duration::from_secs(10), || sock.exists(), "wireguard-go UAPI socket");
+        wait_for(
+            Duration::from_secs(10),
+            || sock.exists(),
+            "wireguard-go UAPI socket",
+        );
         let peer_key = dir.join("peer.key");
         sh(&[
-            "ip", "netns", "exec", &ns, "wg", "set", &wg_if, "listen-port", "51820",
-            "private-key", peer_key.to_str().unwrap(), "peer", &proxy_public,
-            "allowed-ips", &format!("{PROXY_IP}/32"),
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "wg",
+            "set",
+            &wg_if,
+            "listen-port",
+            "51820",
+            "private-key",
+            peer_key.to_str().unwrap(),
+            "peer",
+            &proxy_public,
+            "allowed-ips",
+            &format!("{PROXY_IP}/32"),
         ]);
-        sh(&["ip", "-n", &ns, "addr", "add", &format!("{PEER_IP}/16"), "dev", &wg_if]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{PEER_IP}/16"),
+            "dev",
+            &wg_if,
+        ]);
         sh(&["ip", "-n", &ns, "link", "set", &wg_if, "mtu", "1420", "up"]);
 
         std::fs::write(dir.join("www/index.html"), b"hello from the peer\n").unwrap();
@@ -188,7 +227,14 @@ impl Testbed {
         bed.children.push(child);
         if opts.dns {
             let child = Command::new("ip")
-                .args(["netns", "exec", &ns, "dnsmasq", "--keep-in-foreground", "--no-resolv"])
+                .args([
+                    "netns",
+                    "exec",
+                    &ns,
+                    "dnsmasq",
+                    "--keep-in-foreground",
+                    "--no-resolv",
+                ])
                 .args(["--no-hosts", "--conf-file=/dev/null", "--bind-interfaces"])
                 .arg(format!("--listen-address={PEER_IP}"))
                 .arg(format!("--address=/web.mesh.test/{PEER_IP}"))
@@ -223,7 +269,10 @@ impl Testbed {
              [Peer]\nPublicKey = {}\nEndpoint = {}:51820\nAllowedIPs = 100.64.0.0/16\n\n\
              # A peer that never answers: nothing listens at its endpoint.\n\
              [Peer]\nPublicKey = {}\nEndpoint = {}:51999\nAllowedIPs = {DEAD_PEER_NET}\n",
-            self.proxy_private, self.peer_public, self.underlay_peer, self.dead_peer_public,
+            self.proxy_private,
+            self.peer_public,
+            self.underlay_peer,
+            self.dead_peer_public,
             self.underlay_peer,
         );
         let path = self.dir.join("proxy.conf");
