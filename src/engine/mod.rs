@@ -134,8 +134,9 @@ async fn start_static(
     }
 
     let mtu = config.mtu() as usize;
-    // Room for the inner packet plus WireGuard's header and tag.
-    let pool = Arc::new(PacketPool::new(mtu + 64, POOL_IDLE));
+    // Room for the inner packet plus WireGuard's header and tag; at least a full Ethernet-sized
+    // packet, since a peer with a larger MTU than ours may send one.
+    let pool = Arc::new(PacketPool::new(mtu.max(1500) + 64, POOL_IDLE));
     let wg = WgDevice::new(
         config.interface.private_key.0,
         config.interface.listen_port.unwrap_or(0),

@@ -690,3 +690,119 @@ async fn sleep_opt(delay: Option<SmolDuration>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Two netstacks wired back to back (A's outbound packets are B's inbound and vice versa):
+    //! the whole TCP/UDP machinery without WireGuard or sockets.
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const A: &str = "100.64.0.1";
+    const B: &str = "100.64.0.2";
+
+    fn pair() -> (Netstack, Netstack, CancellationToken) {
+        let pool = Arc::new(PacketPool::new(1500, 64));
+        let (a_out, b_in) = mpsc::channel(256);
+        let (b_out, a_in) = mpsc::channel(256);
+        let cancel = CancellationToken::new();
+        let config =
+            |ip: &str| NetstackConfig::new(vec![format!("{ip}/16").parse().unwrap()], 1420);
+        let (a, task_a) = Netstack::new(config(A), a_in, a_out, pool.clone(), cancel.clone());
+        let (b, task_b) = Netstack::new(config(B), b_in, b_out, pool, cancel.clone());
+        tokio::spawn(task_a);
+        tokio::spawn(task_b);
+        (a, b, cancel)
+    }
+
+    fn addr(ip: &str, port: u16) -> SocketAddr {
+        SocketAddr::new(ip.parse().unwrap(), port)
+    }
+
+    #[tokio::test]
+    async fn listen_accept_and_move_a_megabyte_each_way_with_half_close() {
+        let (a, b, cancel) = pair();
+        let mut listener = b.listen(80).await.unwrap();
+        assert!(matches!(
+            b.listen(80).await,
+            Err(ConnectError::PortInUse(80))
+        ));
+        let server = tokio::spawn(async move {
+            let mut s = listener.accept().await.unwrap();
+            assert_eq!(s.local_addr(), addr(B, 80));
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            // Echo reversed after the client's FIN: proves half-close keeps the other way open.
+            got.reverse();
+            s.write_all(&got).await.unwrap();
+            s.shutdown().await.unwrap();
+        });
+        let mut c = a.connect(addr(B, 80)).await.unwrap();
+        assert_eq!(c.peer_addr(), addr(B, 80));
+        let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+        c.write_all(&data).await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).await.unwrap();
+        back.reverse();
+        assert_eq!(back, data);
+        server.await.unwrap();
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn closed_port_is_refused_and_reset_is_reported() {
+        let (a, b, cancel) = pair();
+        assert!(matches!(
+            a.connect(addr(B, 81)).await,
+            Err(ConnectError::Refused)
+        ));
+        // No mesh address of the destination's family.
+        assert!(matches!(
+            a.connect("[fd00::2]:80".parse().unwrap()).await,
+            Err(ConnectError::NoSourceAddress)
+        ));
+        let mut listener = b.listen(82).await.unwrap();
+        let c = a.connect(addr(B, 82)).await.unwrap();
+        let s = listener.accept().await.unwrap();
+        drop(c);
+        // The client's FIN arrives as a clean end of stream.
+        let mut s = s;
+        let mut buf = [0u8; 8];
+        assert_eq!(s.read(&mut buf).await.unwrap(), 0);
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn udp_datagrams_round_trip() {
+        let (a, b, cancel) = pair();
+        let ua = a.udp_bind().await.unwrap();
+        let ub = b.udp_bind().await.unwrap();
+        ua.send_to(b"ping", addr(B, ub.local_port())).unwrap();
+        let (data, from) = ub.recv_from().await.unwrap();
+        assert_eq!(
+            (data.as_slice(), from),
+            (&b"ping"[..], addr(A, ua.local_port()))
+        );
+        ub.send_to(b"pong", from).unwrap();
+        let (data, _) = ua.recv_from().await.unwrap();
+        assert_eq!(data, b"pong");
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn stopping_the_stack_fails_waiting_users() {
+        let (a, b, cancel) = pair();
+        let mut listener = b.listen(83).await.unwrap();
+        let mut c = a.connect(addr(B, 83)).await.unwrap();
+        let _s = listener.accept().await.unwrap();
+        cancel.cancel();
+        let mut buf = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await;
+        assert!(matches!(r, Ok(Err(_))), "{r:?}");
+        assert!(matches!(
+            a.connect(addr(B, 83)).await,
+            Err(ConnectError::Stopped)
+        ));
+    }
+}

@@ -165,13 +165,14 @@ impl Dialer {
         }
     }
 
-    /// Whether `ip` is routed through the tunnel.
-    pub fn in_mesh(&self, ip: IpAddr) -> bool {
-        self.wg.route(ip).is_some()
-    }
-
     async fn dial_addr(&self, addr: SocketAddr, timeout: Duration) -> Result<Stream, DialError> {
-        if self.in_mesh(addr.ip()) {
+        if let Some(peer) = self.wg.route(addr.ip()) {
+            if peer.endpoint().is_none() {
+                // Nothing can be sent until the peer contacts us: fail now, not at the timeout.
+                return Err(DialError::NetworkUnreachable(format!(
+                    "{addr}: its peer has no known endpoint"
+                )));
+            }
             return match tokio::time::timeout(timeout, self.netstack.connect(addr)).await {
                 Err(_) => Err(DialError::TimedOut(addr, timeout)),
                 Ok(Ok(s)) => Ok(Stream::Mesh(s)),

@@ -109,6 +109,8 @@ pub struct DeviceCounters {
     pub tx_no_route: AtomicU64,
     /// Outbound packets for a peer with no known endpoint.
     pub tx_no_endpoint: AtomicU64,
+    /// Datagrams too large for a packet buffer (a peer whose MTU exceeds ours).
+    pub rx_oversized: AtomicU64,
     /// Datagrams the socket refused to send.
     pub tx_errors: AtomicU64,
 }
@@ -283,10 +285,15 @@ impl WgDevice {
     /// Handshake replies and packets queued during the handshake are sent from here.
     fn decapsulate(&self, idx: usize, src: SocketAddr, data: &[u8]) -> Option<Vec<u8>> {
         let peer = &self.peers[idx];
-        let mut out = self.pool.get();
-        if data.len() > out.len() {
+        if data.len() > self.pool.buf_size() {
+            self.counters.rx_oversized.fetch_add(1, Ordering::Relaxed);
+            trace!(
+                len = data.len(),
+                "dropped datagram larger than the packet buffers"
+            );
             return None;
         }
+        let mut out = self.pool.get();
         let mut deliver = None;
         let mut tunn = peer.lock_tunn();
         match tunn.decapsulate(Some(src.ip()), data, &mut out) {
