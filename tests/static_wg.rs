@@ -39,6 +39,13 @@ fn proxies_return_exact_bodies() {
     let expect = format!("{} {}\n", sha256_hex(payload.as_bytes()), payload.len());
     assert_eq!(String::from_utf8(body).unwrap(), expect);
 
+    // IPv6 inside the tunnel, through both front ends.
+    let url6 = format!("http://[{PEER_IP6}]:{HTTP_PORT}/index.html");
+    let (code, body, err) = curl(&["--socks5-hostname", &socks, &url6]);
+    assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
+    let (code, body, err) = curl(&["-x", &http, &url6]);
+    assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
+
     // Keep-alive: two requests on one client connection are both answered.
     let (code, body, err) = curl(&["-x", &http, &url("/index.html"), &url("/index.html")]);
     assert_eq!(code, 0, "{err}");
@@ -203,12 +210,16 @@ fn names_resolve_through_the_tunnel() {
     );
 }
 
-/// Acceptance 5: the peer pings our mesh IP.
+/// Acceptance 5: the peer pings our mesh IPs (IPv4 and IPv6).
 #[test]
 fn peer_pings_our_mesh_ip() {
     let bed = Testbed::new(BedOptions::default());
     let _proxy = Proxy::start(&bed.proxy_config(""), &["--socks", "0"]);
     let out = bed.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", PROXY_IP]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("3 received"), "{text}");
+    let out = bed.exec(&["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", PROXY_IP6]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("3 received"), "{text}");

@@ -17,6 +17,8 @@ use sha2::{Digest, Sha256};
 
 pub const PEER_IP: &str = "100.64.0.2";
 pub const PROXY_IP: &str = "100.64.0.1";
+pub const PEER_IP6: &str = "fd64::2";
+pub const PROXY_IP6: &str = "fd64::1";
 pub const HTTP_PORT: u16 = 8080;
 pub const ECHO_PORT: u16 = 7000;
 /// A second, unreachable peer owns this prefix (its endpoint never answers).
@@ -196,26 +198,22 @@ impl Testbed {
             "peer",
             &proxy_public,
             "allowed-ips",
-            &format!("{PROXY_IP}/32"),
+            &format!("{PROXY_IP}/32,{PROXY_IP6}/128"),
         ]);
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{PEER_IP}/16"),
-            "dev",
-            &wg_if,
-        ]);
+        // Up first: wireguard-go may still be configuring the tun device, and an IPv6 address
+        // added before that can be flushed again.
         sh(&["ip", "-n", &ns, "link", "set", &wg_if, "mtu", "1420", "up"]);
+        let v4 = format!("{PEER_IP}/16");
+        let v6 = format!("{PEER_IP6}/64");
+        sh(&["ip", "-n", &ns, "addr", "add", &v4, "dev", &wg_if]);
+        sh(&["ip", "-n", &ns, "addr", "add", &v6, "dev", &wg_if, "nodad"]);
 
         std::fs::write(dir.join("www/index.html"), b"hello from the peer\n").unwrap();
         let server = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peer_server.py");
         let child = Command::new("ip")
             .args(["netns", "exec", &ns, "python3"])
             .arg(&server)
-            .args(["--bind", PEER_IP])
+            .args(["--bind", PEER_IP, "--bind6", PEER_IP6])
             .args(["--http-port", &HTTP_PORT.to_string()])
             .args(["--echo-port", &ECHO_PORT.to_string()])
             .arg("--dir")
@@ -246,7 +244,8 @@ impl Testbed {
             bed.children.push(child);
         }
         // The services are up when the peer's HTTP port answers inside the namespace.
-        wait_for(
+        let server_log = dir.join("server.log");
+        wait_for_or(
             Duration::from_secs(10),
             || {
                 Command::new("ip")
@@ -257,7 +256,16 @@ impl Testbed {
                     .map(|s| s.success())
                     .unwrap_or(false)
             },
-            "fixture services",
+            || {
+                let addrs = Command::new("ip").args(["-n", &ns, "addr"]).output();
+                format!(
+                    "fixture services; server log:\n{}\naddresses:\n{}",
+                    std::fs::read_to_string(&server_log).unwrap_or_default(),
+                    addrs
+                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        .unwrap_or_default()
+                )
+            },
         );
         bed
     }
@@ -265,8 +273,8 @@ impl Testbed {
     /// A wg-quick config for the proxy; `extra_interface` lines go into [Interface].
     pub fn proxy_config(&self, extra_interface: &str) -> PathBuf {
         let text = format!(
-            "[Interface]\nPrivateKey = {}\nAddress = {PROXY_IP}/16\n{extra_interface}\n\n\
-             [Peer]\nPublicKey = {}\nEndpoint = {}:51820\nAllowedIPs = 100.64.0.0/16\n\n\
+            "[Interface]\nPrivateKey = {}\nAddress = {PROXY_IP}/16, {PROXY_IP6}/64\n{extra_interface}\n\n\
+             [Peer]\nPublicKey = {}\nEndpoint = {}:51820\nAllowedIPs = 100.64.0.0/16, fd64::/64\n\n\
              # A peer that never answers: nothing listens at its endpoint.\n\
              [Peer]\nPublicKey = {}\nEndpoint = {}:51999\nAllowedIPs = {DEAD_PEER_NET}\n",
             self.proxy_private,
@@ -328,10 +336,15 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-pub fn wait_for(limit: Duration, mut ok: impl FnMut() -> bool, what: &str) {
+pub fn wait_for(limit: Duration, ok: impl FnMut() -> bool, what: &str) {
+    wait_for_or(limit, ok, || what.to_string());
+}
+
+/// Like `wait_for`, describing the failure (e.g. with a log) only when it happens.
+pub fn wait_for_or(limit: Duration, mut ok: impl FnMut() -> bool, what: impl Fn() -> String) {
     let start = Instant::now();
     while !ok() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        assert!(start.elapsed() < limit, "timed out waiting for {}", what());
         std::thread::sleep(Duration::from_millis(50));
     }
 }
