@@ -38,6 +38,25 @@ fn proxies_return_exact_bodies() {
     assert_eq!(code, 0, "{err}");
     let expect = format!("{} {}\n", sha256_hex(payload.as_bytes()), payload.len());
     assert_eq!(String::from_utf8(body).unwrap(), expect);
+    // Host comes from the URI, without user info.
+    let with_user = format!("http://user:pw@{PEER_IP}:{HTTP_PORT}/post");
+    let (code, head, err) = curl(&[
+        "-x",
+        &http,
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "--data",
+        "x",
+        &with_user,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let head = String::from_utf8(head).unwrap();
+    assert!(
+        head.contains(&format!("X-Seen-Host: {PEER_IP}:{HTTP_PORT}\r\n")),
+        "{head}"
+    );
 
     // IPv6 inside the tunnel, through both front ends.
     let url6 = format!("http://[{PEER_IP6}]:{HTTP_PORT}/index.html");
@@ -45,6 +64,25 @@ fn proxies_return_exact_bodies() {
     assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
     let (code, body, err) = curl(&["-x", &http, &url6]);
     assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
+
+    // Destinations outside every AllowedIPs are dialled from the host (no --no-direct here).
+    let local = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let local_addr = local.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut s, _) = local.accept().unwrap();
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req).unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\ndirect")
+                .unwrap();
+        }
+    });
+    let direct = format!("http://{local_addr}/");
+    let (code, body, err) = curl(&["--socks5-hostname", &socks, &direct]);
+    assert_eq!((code, body.as_slice()), (0, &b"direct"[..]), "{err}");
+    let (code, body, err) = curl(&["-x", &http, &direct]);
+    assert_eq!((code, body.as_slice()), (0, &b"direct"[..]), "{err}");
+    server.join().unwrap();
 
     // Keep-alive: two requests on one client connection are both answered.
     let (code, body, err) = curl(&["-x", &http, &url("/index.html"), &url("/index.html")]);

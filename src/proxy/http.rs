@@ -157,7 +157,12 @@ async fn forward(req: Request<Incoming>, from: SocketAddr, dialer: Dialer) -> Re
 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    match HeaderValue::from_str(authority.as_str()) {
+    // Host from the URI, without any `user:pass@` part.
+    let host = match authority.port() {
+        Some(port) => format!("{}:{port}", authority.host()),
+        None => authority.host().to_string(),
+    };
+    match HeaderValue::from_str(&host) {
         Ok(host) => parts.headers.insert(header::HOST, host),
         Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid host"),
     };
