@@ -409,6 +409,8 @@ impl Stack {
     }
 
     fn start_listen(&mut self, port: u16) -> Result<TcpListener, ConnectError> {
+        // A listener dropped just now is not in the way.
+        self.reap_closed_listeners();
         if port == 0 || self.listeners.iter().any(|l| l.port == port) {
             return Err(ConnectError::PortInUse(port));
         }
@@ -477,16 +479,22 @@ impl Stack {
         self.pump_udp();
     }
 
-    fn pump_listeners(&mut self) {
-        let mut li = 0;
-        while li < self.listeners.len() {
-            if self.listeners[li].accepted.is_closed() {
-                let l = self.listeners.swap_remove(li);
-                for h in l.sockets {
-                    self.sockets.remove(h);
-                }
-                continue;
+    /// Remove the listeners whose `TcpListener` was dropped, with their listening sockets.
+    fn reap_closed_listeners(&mut self) {
+        let (closed, open) = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .partition(|l| l.accepted.is_closed());
+        self.listeners = open;
+        for l in closed {
+            for h in l.sockets {
+                self.sockets.remove(h);
             }
+        }
+    }
+
+    fn pump_listeners(&mut self) {
+        self.reap_closed_listeners();
+        for li in 0..self.listeners.len() {
             let port = self.listeners[li].port;
             for si in 0..self.listeners[li].sockets.len() {
                 let h = self.listeners[li].sockets[si];
@@ -524,7 +532,6 @@ impl Stack {
                 }
                 self.conns.push(conn);
             }
-            li += 1;
         }
     }
 
@@ -770,6 +777,17 @@ mod tests {
         let mut s = s;
         let mut buf = [0u8; 8];
         assert_eq!(s.read(&mut buf).await.unwrap(), 0);
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_dropped_listener_frees_its_port_at_once() {
+        let (a, b, cancel) = pair();
+        let listener = b.listen(84).await.unwrap();
+        drop(listener);
+        let mut listener = b.listen(84).await.unwrap();
+        let _c = a.connect(addr(B, 84)).await.unwrap();
+        assert_eq!(listener.accept().await.unwrap().local_addr(), addr(B, 84));
         cancel.cancel();
     }
 
