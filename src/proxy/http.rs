@@ -23,9 +23,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::Credentials;
 use super::dial::{DialError, Dialer, Target};
 use super::relay;
+use super::{Credentials, serve_clients};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -40,28 +40,20 @@ pub async fn serve(
     auth: Option<Arc<Credentials>>,
     cancel: CancellationToken,
 ) {
-    loop {
-        let (client, from) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    debug!("http accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = client.set_nodelay(true);
+    let tunnels = cancel.clone();
+    serve_clients(listener, cancel, move |client, from| {
         let dialer = dialer.clone();
         let auth = auth.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let dialer = dialer.clone();
-                let auth = auth.clone();
-                async move { Ok::<_, Infallible>(handle(req, from, dialer, auth.as_deref()).await) }
-            });
+        let tunnels = tunnels.clone();
+        let service = service_fn(move |req| {
+            let dialer = dialer.clone();
+            let auth = auth.clone();
+            let tunnels = tunnels.clone();
+            async move {
+                Ok::<_, Infallible>(handle(req, from, dialer, auth.as_deref(), tunnels).await)
+            }
+        });
+        async move {
             let conn = http1::Builder::new()
                 .preserve_header_case(true)
                 .title_case_headers(true)
@@ -69,14 +61,12 @@ pub async fn serve(
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(client), service)
                 .with_upgrades();
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                r = conn => if let Err(e) = r {
-                    debug!(%from, "http connection: {e}");
-                }
+            if let Err(e) = conn.await {
+                debug!(%from, "http connection: {e}");
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 async fn handle(
@@ -84,6 +74,7 @@ async fn handle(
     from: SocketAddr,
     dialer: Dialer,
     auth: Option<&Credentials>,
+    tunnels: CancellationToken,
 ) -> Response<Body> {
     if let Some(creds) = auth
         && !authorized(req.headers(), creds)
@@ -100,14 +91,19 @@ async fn handle(
         return resp;
     }
     if req.method() == Method::CONNECT {
-        connect(req, from, dialer).await
+        connect(req, from, dialer, tunnels).await
     } else {
         forward(req, from, dialer).await
     }
 }
 
-/// CONNECT host:port → 200 and a raw tunnel.
-async fn connect(req: Request<Incoming>, from: SocketAddr, dialer: Dialer) -> Response<Body> {
+/// CONNECT host:port → 200 and a raw tunnel (which `tunnels` stops on shutdown).
+async fn connect(
+    req: Request<Incoming>,
+    from: SocketAddr,
+    dialer: Dialer,
+    tunnels: CancellationToken,
+) -> Response<Body> {
     let Some(target) = req
         .uri()
         .authority()
@@ -124,9 +120,17 @@ async fn connect(req: Request<Incoming>, from: SocketAddr, dialer: Dialer) -> Re
     };
     debug!(%from, %target, "http: CONNECT established");
     tokio::spawn(async move {
-        match hyper::upgrade::on(req).await {
-            Ok(upgraded) => relay::bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await,
-            Err(e) => debug!(%from, "http: upgrade failed: {e}"),
+        let tunnel = async {
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => {
+                    relay::bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await
+                }
+                Err(e) => debug!(%from, "http: upgrade failed: {e}"),
+            }
+        };
+        tokio::select! {
+            _ = tunnels.cancelled() => {}
+            _ = tunnel => {}
         }
     });
     Response::new(empty())

@@ -9,8 +9,49 @@ mod relay;
 pub mod socks5;
 
 use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use subtle::ConstantTimeEq;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// Accept on `listener` until `cancel` fires; each client runs `handle` in a task of its own
+/// that the same cancellation stops, so a shutdown ends every connection of the listener.
+pub(crate) async fn serve_clients<F, Fut>(
+    listener: TcpListener,
+    cancel: CancellationToken,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (client, from) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    debug!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = client.set_nodelay(true);
+        let work = handle(client, from);
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = work => {}
+            }
+        });
+    }
+}
 
 /// A user name and password for a proxy listener. `Debug` never shows the password.
 #[derive(Clone, PartialEq, Eq)]

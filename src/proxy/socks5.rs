@@ -15,9 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::Credentials;
 use super::dial::{DialError, Dialer, Target};
 use super::relay;
+use super::{Credentials, serve_clients};
 
 /// A client must finish greeting, authentication and request within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,30 +42,10 @@ pub async fn serve(
     auth: Option<Arc<Credentials>>,
     cancel: CancellationToken,
 ) {
-    loop {
-        let (client, from) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    debug!("socks accept: {e}");
-                    // EMFILE and friends: back off instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = client.set_nodelay(true);
-        let dialer = dialer.clone();
-        let auth = auth.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = handle(client, from, dialer, auth) => {}
-            }
-        });
-    }
+    serve_clients(listener, cancel, move |client, from| {
+        handle(client, from, dialer.clone(), auth.clone())
+    })
+    .await
 }
 
 async fn handle(
