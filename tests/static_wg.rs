@@ -308,28 +308,11 @@ fn authentication_is_enforced() {
     s.read_exact(&mut sel).unwrap();
     assert_eq!(sel, [5, 0xff]);
 
-    let (code, out, _) = curl(&[
-        "-x",
-        &http,
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        &url("/index.html"),
-    ]);
-    assert_eq!((code, String::from_utf8(out).unwrap().as_str()), (0, "407"));
-    let (code, out, _) = curl(&[
-        "-x",
-        &http,
-        "--proxy-user",
-        "bob:nope",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        &url("/index.html"),
-    ]);
-    assert_eq!((code, String::from_utf8(out).unwrap().as_str()), (0, "407"));
+    let (code, body) = http_status(&["-x", &http, &url("/index.html")]);
+    assert_eq!(code, "407", "{body}");
+    assert!(body.contains("authentication required"), "{body}");
+    let (code, _) = http_status(&["-x", &http, "--proxy-user", "bob:nope", &url("/index.html")]);
+    assert_eq!(code, "407");
     let (code, body, err) = curl(&[
         "-x",
         &http,
