@@ -155,6 +155,37 @@ struct Conn {
     connecting: Option<oneshot::Sender<Result<TcpStream, ConnectError>>>,
     /// When the user dropped the stream: the deadline to finish sending.
     linger_until: Option<Instant>,
+    /// The remote's FIN has been seen (its sending side ended cleanly).
+    peer_fin: bool,
+    /// Aborted after this many interface polls: the socket stays until one more poll has sent
+    /// the RST.
+    aborted_at: Option<u64>,
+}
+
+impl Conn {
+    fn new(
+        handle: SocketHandle,
+        shared: Arc<Shared>,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Self {
+        Self {
+            handle,
+            shared,
+            local,
+            remote,
+            connecting: None,
+            linger_until: None,
+            peer_fin: false,
+            aborted_at: None,
+        }
+    }
+
+    fn abort(&mut self, sock: &mut tcp::Socket, polls: u64) -> bool {
+        sock.abort();
+        self.aborted_at = Some(polls);
+        true
+    }
 }
 
 struct Listener {
@@ -180,6 +211,8 @@ enum Event {
 /// bursts.
 const RX_BATCH: usize = 64;
 const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
+/// TCP keep-alive interval; a connection silent for four intervals is aborted.
+const KEEPALIVE_SECS: u64 = 30;
 
 struct Stack {
     config: NetstackConfig,
@@ -194,6 +227,8 @@ struct Stack {
     udp: Vec<UdpEntry>,
     ports_in_use: HashSet<u16>,
     next_port: u16,
+    /// Interface polls so far (see `Conn::aborted_at`).
+    polls: u64,
 }
 
 impl Stack {
@@ -246,6 +281,7 @@ impl Stack {
             udp: Vec::new(),
             ports_in_use: HashSet::new(),
             next_port: *EPHEMERAL.start() + rand::random::<u16>() % 16000,
+            polls: 0,
         }
     }
 
@@ -265,6 +301,7 @@ impl Stack {
             let now = Instant::now();
             self.pump(now);
             self.iface.poll(now, &mut self.device, &mut self.sockets);
+            self.polls += 1;
             self.pump(now);
 
             if !self.device.rx.is_empty() && !self.device.tx_blocked {
@@ -357,7 +394,10 @@ impl Stack {
         );
         sock.set_congestion_control(tcp::CongestionControl::Cubic);
         sock.set_nagle_enabled(false);
-        sock.set_keep_alive(Some(SmolDuration::from_secs(30)));
+        // Keep-alives probe an idle connection; the timeout aborts it when the remote stays
+        // silent (a vanished peer), which keep-alives alone never do.
+        sock.set_keep_alive(Some(SmolDuration::from_secs(KEEPALIVE_SECS)));
+        sock.set_timeout(Some(SmolDuration::from_secs(KEEPALIVE_SECS * 4)));
         sock
     }
 
@@ -398,14 +438,12 @@ impl Stack {
         }
         let handle = self.sockets.add(sock);
         trace!(%remote, port, "connecting");
-        Ok(Conn {
+        Ok(Conn::new(
             handle,
-            shared: Shared::new(self.config.ring, self.wake.clone()),
-            local: SocketAddr::new(src, port),
+            Shared::new(self.config.ring, self.wake.clone()),
+            SocketAddr::new(src, port),
             remote,
-            connecting: None,
-            linger_until: None,
-        })
+        ))
     }
 
     fn start_listen(&mut self, port: u16) -> Result<TcpListener, ConnectError> {
@@ -466,6 +504,7 @@ impl Stack {
                 self.sockets.get_mut::<tcp::Socket>(handle),
                 now,
                 self.config.linger,
+                self.polls,
             );
             if keep {
                 i += 1;
@@ -518,14 +557,7 @@ impl Stack {
                 let stream = TcpStream::new(shared.clone(), local, remote);
                 let replacement = self.new_listen_socket(port);
                 self.listeners[li].sockets[si] = replacement;
-                let conn = Conn {
-                    handle: h,
-                    shared,
-                    local,
-                    remote,
-                    connecting: None,
-                    linger_until: None,
-                };
+                let conn = Conn::new(h, shared, local, remote);
                 if self.listeners[li].accepted.try_send(stream).is_err() {
                     // Accept queue full: the stream was dropped, so the connection closes.
                     debug!(port, %remote, "accept queue full");
@@ -576,12 +608,21 @@ impl Stack {
 }
 
 /// Pump one connection; returns false when its socket is finished and can be removed.
-fn pump_conn(conn: &mut Conn, sock: &mut tcp::Socket, now: Instant, linger: Duration) -> bool {
+fn pump_conn(
+    conn: &mut Conn,
+    sock: &mut tcp::Socket,
+    now: Instant,
+    linger: Duration,
+    polls: u64,
+) -> bool {
+    if let Some(at) = conn.aborted_at {
+        // Removed once a poll has put the RST on the wire.
+        return polls <= at;
+    }
     if let Some(reply) = &conn.connecting {
         if reply.is_closed() {
             // The dialler gave up (timeout or its client left).
-            sock.abort();
-            return false;
+            return conn.abort(sock, polls);
         }
         match sock.state() {
             tcp::State::SynSent | tcp::State::SynReceived => return true,
@@ -595,8 +636,7 @@ fn pump_conn(conn: &mut Conn, sock: &mut tcp::Socket, now: Instant, linger: Dura
                 let stream = TcpStream::new(conn.shared.clone(), conn.local, conn.remote);
                 trace!(remote = %conn.remote, "connected");
                 if reply.send(Ok(stream)).is_err() {
-                    sock.abort();
-                    return false;
+                    return conn.abort(sock, polls);
                 }
             }
         }
@@ -650,37 +690,42 @@ fn pump_conn(conn: &mut Conn, sock: &mut tcp::Socket, now: Instant, linger: Dura
 
     // End of stream and failures.
     let state = sock.state();
-    if !st.rx_eof && st.error.is_none() && !sock.may_recv() && !sock.can_recv() {
-        if state == tcp::State::Closed {
-            // Closed without the remote's FIN: reset, or timed out.
+    if matches!(
+        state,
+        tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing | tcp::State::TimeWait
+    ) {
+        conn.peer_fin = true;
+    }
+    if conn.peer_fin && !st.rx_eof && !sock.can_recv() {
+        // Every byte before the remote's FIN is in the ring.
+        st.rx_eof = true;
+        st.wake_reader();
+    }
+    if state == tcp::State::Closed {
+        // Closed after both FINs (LAST-ACK done) is a clean end; anything else (a RST, the
+        // timeout) fails the stream, after the bytes and any EOF already received.
+        let clean = conn.peer_fin && (st.tx_shutdown || st.dropped) && st.tx.is_empty();
+        if !clean {
             st.fail(io::ErrorKind::ConnectionReset);
-        } else {
-            st.rx_eof = true;
-            st.wake_reader();
         }
     }
-    if state == tcp::State::Closed && st.error.is_none() && !st.tx.is_empty() {
-        st.fail(io::ErrorKind::BrokenPipe);
-    }
 
-    if st.dropped {
+    // A finished socket may still hold received bytes that did not fit the user's ring: it
+    // stays until they have been moved (the user's reads wake the task).
+    let finished = matches!(state, tcp::State::Closed | tcp::State::TimeWait)
+        && (st.dropped || !sock.can_recv());
+    let dropped = st.dropped;
+    drop(st);
+    if dropped && !finished {
         let deadline = *conn
             .linger_until
             .get_or_insert(now + SmolDuration::from(linger));
         if now >= deadline {
-            sock.abort();
-            return false;
+            return conn.abort(sock, polls);
         }
     }
-    // A finished socket may still hold received bytes that did not fit the user's ring: it
-    // stays until they have been moved (the user's reads wake the task).
-    if matches!(state, tcp::State::Closed | tcp::State::TimeWait)
-        && (st.dropped || !sock.can_recv())
-    {
-        // The user keeps its rings; the socket itself is done.
-        return false;
-    }
-    true
+    // The user keeps its rings; the socket itself is done.
+    !finished
 }
 
 fn to_endpoint(addr: SocketAddr) -> IpEndpoint {
@@ -709,12 +754,18 @@ mod tests {
     const B: &str = "100.64.0.2";
 
     fn pair() -> (Netstack, Netstack, CancellationToken) {
+        pair_with_linger(Duration::from_secs(30))
+    }
+
+    fn pair_with_linger(linger: Duration) -> (Netstack, Netstack, CancellationToken) {
         let pool = Arc::new(PacketPool::new(1500, 64));
         let (a_out, b_in) = mpsc::channel(256);
         let (b_out, a_in) = mpsc::channel(256);
         let cancel = CancellationToken::new();
-        let config =
-            |ip: &str| NetstackConfig::new(vec![format!("{ip}/16").parse().unwrap()], 1420);
+        let config = |ip: &str| NetstackConfig {
+            linger,
+            ..NetstackConfig::new(vec![format!("{ip}/16").parse().unwrap()], 1420)
+        };
         let (a, task_a) = Netstack::new(config(A), a_in, a_out, pool.clone(), cancel.clone());
         let (b, task_b) = Netstack::new(config(B), b_in, b_out, pool, cancel.clone());
         tokio::spawn(task_a);
@@ -788,6 +839,59 @@ mod tests {
         let mut listener = b.listen(84).await.unwrap();
         let _c = a.connect(addr(B, 84)).await.unwrap();
         assert_eq!(listener.accept().await.unwrap().local_addr(), addr(B, 84));
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn clean_close_with_a_slow_reader_ends_in_eof_not_reset() {
+        let (a, b, cancel) = pair();
+        let mut listener = b.listen(85).await.unwrap();
+        let mut c = a.connect(addr(B, 85)).await.unwrap();
+        let mut s = listener.accept().await.unwrap();
+        // More than the ring and socket buffer hold while nobody reads.
+        let data: Vec<u8> = (0..900 * 1024).map(|i: u32| (i % 253) as u8).collect();
+        let writer = tokio::spawn({
+            let data = data.clone();
+            async move {
+                s.write_all(&data).await.unwrap();
+                s.shutdown().await.unwrap();
+                s
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.expect("a clean close is EOF");
+        assert_eq!(got, data);
+        drop(writer.await.unwrap());
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn writes_fail_after_fin_then_reset() {
+        // B lingers 100 ms after its user drops the stream, then aborts with a RST.
+        let (a, b, cancel) = pair_with_linger(Duration::from_millis(100));
+        let mut listener = b.listen(86).await.unwrap();
+        let mut c = a.connect(addr(B, 86)).await.unwrap();
+        let mut s = listener.accept().await.unwrap();
+        s.shutdown().await.unwrap();
+        drop(s);
+        let mut buf = [0u8; 8];
+        assert_eq!(c.read(&mut buf).await.unwrap(), 0, "FIN first");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let big = vec![7u8; 256 * 1024];
+        let write = async {
+            for _ in 0..16 {
+                c.write_all(&big).await?;
+            }
+            Ok::<_, io::Error>(())
+        };
+        let r = tokio::time::timeout(Duration::from_secs(10), write).await;
+        assert!(
+            matches!(r, Ok(Err(_))),
+            "writes after a RST must fail, got {r:?}"
+        );
         cancel.cancel();
     }
 

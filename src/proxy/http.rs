@@ -6,7 +6,7 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -157,6 +157,12 @@ async fn forward(req: Request<Incoming>, from: SocketAddr, dialer: Dialer) -> Re
     let Some(authority) = uri.authority().cloned() else {
         return error_response(StatusCode::BAD_REQUEST, "the URI has no host");
     };
+    if is_loop(req.headers()) {
+        return error_response(
+            StatusCode::LOOP_DETECTED,
+            "request loop: this request already passed through this proxy",
+        );
+    }
     let target = target_of(authority.host(), authority.port_u16().unwrap_or(80));
 
     let (mut parts, body) = req.into_parts();
@@ -170,9 +176,7 @@ async fn forward(req: Request<Incoming>, from: SocketAddr, dialer: Dialer) -> Re
         Ok(host) => parts.headers.insert(header::HOST, host),
         Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid host"),
     };
-    parts
-        .headers
-        .append(header::VIA, HeaderValue::from_static("1.1 netbird-proxy"));
+    parts.headers.append(header::VIA, via().clone());
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     parts.uri = match Uri::builder().path_and_query(path).build() {
         Ok(u) => u,
@@ -205,9 +209,7 @@ async fn forward(req: Request<Incoming>, from: SocketAddr, dialer: Dialer) -> Re
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            parts
-                .headers
-                .append(header::VIA, HeaderValue::from_static("1.1 netbird-proxy"));
+            parts.headers.append(header::VIA, via().clone());
             debug!(%from, %target, status = %parts.status, "http: forwarded");
             Response::from_parts(parts, body.boxed())
         }
@@ -219,6 +221,25 @@ async fn forward(req: Request<Incoming>, from: SocketAddr, dialer: Dialer) -> Re
             )
         }
     }
+}
+
+/// Our `Via` entry: a pseudonym unique to this process, so a request that comes back to us
+/// (a proxy pointed at itself, or a loop through other proxies) is recognised.
+fn via() -> &'static HeaderValue {
+    static VIA: OnceLock<HeaderValue> = OnceLock::new();
+    VIA.get_or_init(|| {
+        let token = format!("1.1 netbird-proxy-{:08x}", rand::random::<u32>());
+        HeaderValue::from_str(&token).expect("ASCII token")
+    })
+}
+
+fn is_loop(headers: &HeaderMap) -> bool {
+    let ours = via().as_bytes();
+    headers.get_all(header::VIA).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|entry| entry.trim_ascii() == ours)
+    })
 }
 
 fn target_of(host: &str, port: u16) -> Target {
@@ -368,6 +389,20 @@ mod tests {
             HeaderValue::from_static("Basic !!!"),
         );
         assert!(!authorized(&h, &creds));
+    }
+
+    #[test]
+    fn own_via_entry_is_a_loop() {
+        let mut h = HeaderMap::new();
+        assert!(!is_loop(&h));
+        h.insert(
+            header::VIA,
+            HeaderValue::from_static("1.1 squid, 1.0 other"),
+        );
+        assert!(!is_loop(&h));
+        let chained = format!("1.1 squid, {}", via().to_str().unwrap());
+        h.insert(header::VIA, HeaderValue::from_str(&chained).unwrap());
+        assert!(is_loop(&h));
     }
 
     #[test]
