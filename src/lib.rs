@@ -6,6 +6,7 @@
 //! `engine` builds and runs them as one unit with one cancellation tree.
 
 pub mod cli;
+pub mod control;
 pub mod engine;
 pub mod netstack;
 pub mod packet;

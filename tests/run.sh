@@ -19,6 +19,11 @@ if ((${#need[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+# PyNaCl: the independent NaCl implementation the envelope test checks compatibility against.
+if ! python3 -c 'import nacl' >/dev/null 2>&1; then
+    echo "== installing PyNaCl"
+    python3 -m pip install --quiet pynacl
+fi
 if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 2>&1; then
     rustup component add clippy rustfmt
 fi
