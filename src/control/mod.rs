@@ -2,6 +2,7 @@
 //! management and signal clients.
 
 pub mod envelope;
+pub mod identity;
 
 /// Management service messages and gRPC stubs (package `management`).
 #[allow(clippy::all, missing_docs)]
