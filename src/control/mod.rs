@@ -3,6 +3,7 @@
 
 pub mod envelope;
 pub mod identity;
+pub mod mesh;
 
 /// Management service messages and gRPC stubs (package `management`).
 #[allow(clippy::all, missing_docs)]

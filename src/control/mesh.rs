@@ -1,0 +1,440 @@
+//! What management tells us about the mesh, as a state machine fed `SyncResponse`s.
+//!
+//! `MeshState::apply` follows NetBird's client rules (netbird-protocol.md §4.7) and returns the
+//! changes for the engine to act on; it does no I/O, so every rule is unit-tested here.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::envelope::parse_key_string;
+use super::management::{NetbirdConfig, PeerConfig, SyncResponse};
+
+/// A remote peer from the network map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemotePeer {
+    /// Key string (base64 of the WireGuard public key).
+    pub key: String,
+    pub public_key: [u8; 32],
+    pub allowed_ips: Vec<IpNet>,
+    pub fqdn: String,
+    pub agent_version: String,
+}
+
+/// Relay settings from `NetbirdConfig.relay`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelaySettings {
+    pub urls: Vec<String>,
+    pub token_payload: String,
+    pub token_signature: String,
+}
+
+/// Our own peer as management configures it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPeer {
+    /// Overlay address with the account network's prefix length.
+    pub address: IpNet,
+    pub fqdn: String,
+    pub mtu: Option<u16>,
+}
+
+/// What changed with one update.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Our address changed: the engine must be rebuilt.
+    AddressChanged {
+        old: IpNet,
+        new: IpNet,
+    },
+    /// Relay settings replaced (`None`: relay disabled).
+    Relay(Option<RelaySettings>),
+    /// The signal server changed.
+    Signal(String),
+    PeerAdded(RemotePeer),
+    PeerRemoved(String),
+    /// AllowedIPs or agent version changed: re-create the peer.
+    PeerChanged(RemotePeer),
+    /// Only the name changed: update in place.
+    PeerRenamed {
+        key: String,
+        fqdn: String,
+    },
+}
+
+/// Why an update was rejected.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    #[error("peer {key}: allowed IP `{value}` is not a prefix")]
+    BadAllowedIp { key: String, value: String },
+    #[error("peer `{0}`: not a WireGuard key")]
+    BadKey(String),
+    #[error("our address `{0}` is not IP/prefix")]
+    BadAddress(String),
+}
+
+/// The client's view of the mesh.
+#[derive(Clone, Debug, Default)]
+pub struct MeshState {
+    pub serial: u64,
+    pub local: Option<LocalPeer>,
+    pub peers: BTreeMap<String, RemotePeer>,
+    pub relay: Option<RelaySettings>,
+    pub signal: Option<String>,
+    /// Whether we have an IPv6 overlay address (v6 AllowedIPs are skipped without one).
+    pub has_ipv6: bool,
+}
+
+/// Parse `PeerConfig.address`.
+pub fn parse_local(pc: &PeerConfig) -> Result<LocalPeer, SyncError> {
+    let address: IpNet = pc
+        .address
+        .parse()
+        .map_err(|_| SyncError::BadAddress(pc.address.clone()))?;
+    Ok(LocalPeer {
+        address,
+        fqdn: pc.fqdn.trim_end_matches('.').to_string(),
+        mtu: u16::try_from(pc.mtu).ok().filter(|&m| m >= 576),
+    })
+}
+
+impl MeshState {
+    /// Apply the configuration part of a Login or Sync response.
+    pub fn apply_config(&mut self, config: &NetbirdConfig, changes: &mut Vec<Change>) {
+        let relay = config.relay.as_ref().map(|r| RelaySettings {
+            urls: r.urls.clone(),
+            token_payload: r.token_payload.clone(),
+            token_signature: r.token_signature.clone(),
+        });
+        if relay != self.relay {
+            self.relay = relay.clone();
+            changes.push(Change::Relay(relay));
+        }
+        if let Some(signal) = &config.signal
+            && self.signal.as_deref() != Some(signal.uri.as_str())
+        {
+            self.signal = Some(signal.uri.clone());
+            changes.push(Change::Signal(signal.uri.clone()));
+        }
+    }
+
+    /// Apply one `SyncResponse` (already decrypted). `own_key` is our key string.
+    pub fn apply(&mut self, resp: &SyncResponse, own_key: &str) -> Result<Vec<Change>, SyncError> {
+        let mut changes = Vec::new();
+        if let Some(config) = &resp.netbird_config {
+            self.apply_config(config, &mut changes);
+        }
+        let Some(map) = &resp.network_map else {
+            return Ok(changes); // config-only update
+        };
+        // Our own configuration is applied before the serial check.
+        if let Some(pc) = map.peer_config.as_ref().or(resp.peer_config.as_ref()) {
+            let local = parse_local(pc)?;
+            match &self.local {
+                Some(old) if old.address != local.address => {
+                    changes.push(Change::AddressChanged {
+                        old: old.address,
+                        new: local.address,
+                    });
+                    self.local = Some(local);
+                    return Ok(changes); // the engine is rebuilt; the map goes to the new one
+                }
+                _ => self.local = Some(local),
+            }
+        }
+        if map.serial < self.serial {
+            return Ok(changes);
+        }
+        self.serial = map.serial;
+
+        let mut next: BTreeMap<String, RemotePeer> = BTreeMap::new();
+        if !map.remote_peers_is_empty {
+            for rp in &map.remote_peers {
+                if rp.wg_pub_key == own_key {
+                    continue;
+                }
+                let public_key = parse_key_string(&rp.wg_pub_key)
+                    .map_err(|_| SyncError::BadKey(rp.wg_pub_key.clone()))?;
+                let mut allowed_ips = Vec::with_capacity(rp.allowed_ips.len());
+                for value in &rp.allowed_ips {
+                    let net = parse_prefix(value).ok_or_else(|| SyncError::BadAllowedIp {
+                        key: rp.wg_pub_key.clone(),
+                        value: value.clone(),
+                    })?;
+                    if net.addr().is_ipv6() && !self.has_ipv6 {
+                        continue;
+                    }
+                    allowed_ips.push(net);
+                }
+                next.insert(
+                    rp.wg_pub_key.clone(),
+                    RemotePeer {
+                        key: rp.wg_pub_key.clone(),
+                        public_key,
+                        allowed_ips,
+                        fqdn: rp.fqdn.trim_end_matches('.').to_string(),
+                        agent_version: rp.agent_version.clone(),
+                    },
+                );
+            }
+        }
+        for key in self.peers.keys() {
+            if !next.contains_key(key) {
+                changes.push(Change::PeerRemoved(key.clone()));
+            }
+        }
+        for (key, peer) in &next {
+            match self.peers.get(key) {
+                None => changes.push(Change::PeerAdded(peer.clone())),
+                Some(old)
+                    if old.allowed_ips != peer.allowed_ips
+                        || old.agent_version != peer.agent_version =>
+                {
+                    changes.push(Change::PeerChanged(peer.clone()))
+                }
+                Some(old) if old.fqdn != peer.fqdn => changes.push(Change::PeerRenamed {
+                    key: key.clone(),
+                    fqdn: peer.fqdn.clone(),
+                }),
+                Some(_) => {}
+            }
+        }
+        self.peers = next;
+        Ok(changes)
+    }
+
+    /// The peer owning an FQDN (case-insensitive, trailing dot ignored).
+    pub fn peer_by_fqdn(&self, name: &str) -> Option<&RemotePeer> {
+        let name = name.trim_end_matches('.');
+        self.peers
+            .values()
+            .find(|p| !p.fqdn.is_empty() && p.fqdn.eq_ignore_ascii_case(name))
+    }
+
+    /// The overlay IP of a peer: the first host prefix of its AllowedIPs.
+    pub fn overlay_ip(peer: &RemotePeer) -> Option<IpAddr> {
+        peer.allowed_ips
+            .iter()
+            .find(|n| n.prefix_len() == n.max_prefix_len())
+            .map(|n| n.addr())
+    }
+}
+
+fn parse_prefix(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::envelope::{key_string, public_key_of};
+    use crate::control::management::{HostConfig, NetworkMap, RelayConfig, RemotePeerConfig};
+
+    fn key(seed: u8) -> String {
+        key_string(&public_key_of(&[seed; 32]))
+    }
+
+    fn peer(seed: u8, ip: &str, fqdn: &str) -> RemotePeerConfig {
+        RemotePeerConfig {
+            wg_pub_key: key(seed),
+            allowed_ips: vec![format!("{ip}/32")],
+            fqdn: fqdn.into(),
+            agent_version: "0.77.1".into(),
+            ..Default::default()
+        }
+    }
+
+    fn map(serial: u64, address: &str, peers: Vec<RemotePeerConfig>) -> SyncResponse {
+        SyncResponse {
+            network_map: Some(NetworkMap {
+                serial,
+                peer_config: Some(PeerConfig {
+                    address: address.into(),
+                    fqdn: "me.mesh.test".into(),
+                    ..Default::default()
+                }),
+                remote_peers_is_empty: peers.is_empty(),
+                remote_peers: peers,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn peers_are_added_changed_renamed_and_removed() {
+        let me = key(1);
+        let mut s = MeshState::default();
+        let c = s
+            .apply(
+                &map(
+                    1,
+                    "100.64.0.1/16",
+                    vec![peer(1, "100.64.0.1", "me"), peer(2, "100.64.0.2", "b.mesh")],
+                ),
+                &me,
+            )
+            .unwrap();
+        assert!(
+            matches!(&c[..], [Change::PeerAdded(p)] if p.fqdn == "b.mesh"),
+            "own key skipped: {c:?}"
+        );
+        assert_eq!(
+            s.local.as_ref().unwrap().address.to_string(),
+            "100.64.0.1/16"
+        );
+
+        let c = s
+            .apply(
+                &map(2, "100.64.0.1/16", vec![peer(2, "100.64.0.2", "b2.mesh")]),
+                &me,
+            )
+            .unwrap();
+        assert_eq!(
+            c,
+            vec![Change::PeerRenamed {
+                key: key(2),
+                fqdn: "b2.mesh".into()
+            }]
+        );
+
+        let c = s
+            .apply(
+                &map(
+                    3,
+                    "100.64.0.1/16",
+                    vec![peer(2, "100.64.0.9", "b2.mesh"), peer(3, "100.64.0.3", "c")],
+                ),
+                &me,
+            )
+            .unwrap();
+        assert!(
+            matches!(&c[..], [Change::PeerAdded(p3), Change::PeerChanged(p2)] | [Change::PeerChanged(p2), Change::PeerAdded(p3)]
+            if p2.key == key(2) && p3.key == key(3)),
+            "{c:?}"
+        );
+        assert_eq!(
+            MeshState::overlay_ip(&s.peers[&key(2)]),
+            Some("100.64.0.9".parse().unwrap())
+        );
+        assert_eq!(s.peer_by_fqdn("B2.MESH.").unwrap().key, key(2));
+
+        let c = s.apply(&map(4, "100.64.0.1/16", vec![]), &me).unwrap();
+        assert_eq!(c.len(), 2);
+        assert!(c.iter().all(|c| matches!(c, Change::PeerRemoved(_))));
+        assert!(s.peers.is_empty());
+    }
+
+    #[test]
+    fn older_serials_are_ignored_and_equal_ones_reapplied() {
+        let me = key(1);
+        let mut s = MeshState::default();
+        s.apply(
+            &map(5, "100.64.0.1/16", vec![peer(2, "100.64.0.2", "b")]),
+            &me,
+        )
+        .unwrap();
+        let c = s.apply(&map(4, "100.64.0.1/16", vec![]), &me).unwrap();
+        assert!(c.is_empty());
+        assert_eq!(s.peers.len(), 1);
+        let c = s.apply(&map(5, "100.64.0.1/16", vec![]), &me).unwrap();
+        assert_eq!(c, vec![Change::PeerRemoved(key(2))]);
+    }
+
+    #[test]
+    fn address_change_stops_the_update_for_a_rebuild() {
+        let me = key(1);
+        let mut s = MeshState::default();
+        s.apply(&map(1, "100.64.0.1/16", vec![]), &me).unwrap();
+        // Even with an older serial, our own address is applied first.
+        let c = s
+            .apply(
+                &map(0, "100.64.0.7/16", vec![peer(2, "100.64.0.2", "b")]),
+                &me,
+            )
+            .unwrap();
+        assert!(
+            matches!(&c[..], [Change::AddressChanged { new, .. }] if new.to_string() == "100.64.0.7/16")
+        );
+        assert!(s.peers.is_empty(), "the map is left for the new engine");
+    }
+
+    #[test]
+    fn config_only_updates_and_relay_rules() {
+        let me = key(1);
+        let mut s = MeshState::default();
+        s.apply(
+            &map(1, "100.64.0.1/16", vec![peer(2, "100.64.0.2", "b")]),
+            &me,
+        )
+        .unwrap();
+        let with_relay = SyncResponse {
+            netbird_config: Some(NetbirdConfig {
+                signal: Some(HostConfig {
+                    uri: "127.0.0.1:1".into(),
+                    protocol: 2,
+                }),
+                relay: Some(RelayConfig {
+                    urls: vec!["rel://127.0.0.1:2".into()],
+                    token_payload: "9999999999".into(),
+                    token_signature: "c2ln".into(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let c = s.apply(&with_relay, &me).unwrap();
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!(s.peers.len(), 1, "a config-only update keeps the peers");
+        let c = s.apply(&with_relay, &me).unwrap();
+        assert!(c.is_empty(), "unchanged config is no change");
+        let without_relay = SyncResponse {
+            netbird_config: Some(NetbirdConfig::default()),
+            ..Default::default()
+        };
+        assert_eq!(
+            s.apply(&without_relay, &me).unwrap(),
+            vec![Change::Relay(None)]
+        );
+        assert!(s.relay.is_none(), "a config without relay disables it");
+    }
+
+    #[test]
+    fn bad_input_is_rejected_whole() {
+        let me = key(1);
+        let mut s = MeshState::default();
+        let mut bad = peer(2, "100.64.0.2", "b");
+        bad.allowed_ips.push("not-a-prefix".into());
+        let e = s
+            .apply(&map(1, "100.64.0.1/16", vec![bad]), &me)
+            .unwrap_err();
+        assert!(matches!(e, SyncError::BadAllowedIp { .. }));
+        assert!(s.peers.is_empty());
+        let mut bad_key = peer(2, "100.64.0.2", "b");
+        bad_key.wg_pub_key = "xyz".into();
+        assert!(
+            s.apply(&map(1, "100.64.0.1/16", vec![bad_key]), &me)
+                .is_err()
+        );
+        assert!(s.apply(&map(1, "garbage", vec![]), &me).is_err());
+    }
+
+    #[test]
+    fn v6_prefixes_need_a_local_v6_address() {
+        let me = key(1);
+        let mut s = MeshState::default();
+        let mut p = peer(2, "100.64.0.2", "b");
+        p.allowed_ips.push("fd00::2/128".into());
+        s.apply(&map(1, "100.64.0.1/16", vec![p.clone()]), &me)
+            .unwrap();
+        assert_eq!(s.peers[&key(2)].allowed_ips.len(), 1);
+        let mut s6 = MeshState {
+            has_ipv6: true,
+            ..Default::default()
+        };
+        s6.apply(&map(1, "100.64.0.1/16", vec![p]), &me).unwrap();
+        assert_eq!(s6.peers[&key(2)].allowed_ips.len(), 2);
+    }
+}
