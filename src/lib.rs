@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod devmesh;
 pub mod engine;
 pub mod netstack;
 pub mod packet;

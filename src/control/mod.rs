@@ -3,6 +3,7 @@
 
 pub mod envelope;
 pub mod identity;
+pub mod management_client;
 pub mod mesh;
 
 /// Management service messages and gRPC stubs (package `management`).

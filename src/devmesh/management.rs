@@ -1,0 +1,513 @@
+//! The dev mesh's management service: registers peers with one setup key, hands out overlay
+//! addresses in 100.64.0.0/16 and names under the mesh domain, and streams network maps in which
+//! every peer sees every other (online peers as peers, the rest as offline peers).
+
+use std::net::Ipv4Addr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status};
+
+use super::relay_token;
+use crate::control::envelope::{self, key_string, parse_key_string, public_key_of};
+use crate::control::management::management_service_server::ManagementService;
+use crate::control::management::{
+    CustomZone, DnsConfig, Empty, EncryptedMessage, HostConfig, LoginRequest, LoginResponse,
+    NetbirdConfig, NetworkMap, PeerConfig, RelayConfig, RemotePeerConfig, ServerKeyResponse,
+    SimpleRecord, SyncRequest, SyncResponse,
+};
+
+/// Lifetime of relay tokens handed out.
+const RELAY_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
+
+/// Settings of a dev management service.
+#[derive(Clone, Debug)]
+pub struct ManagementSettings {
+    pub setup_key: String,
+    pub domain: String,
+    /// What peers are told: the signal server's `host:port`.
+    pub signal_uri: String,
+    /// Relay URLs (`rel://host:port`).
+    pub relay_urls: Vec<String>,
+    /// Secret shared with the relay for its tokens.
+    pub relay_secret: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct PeerRecord {
+    key: String,
+    public_key: [u8; 32],
+    ip: Ipv4Addr,
+    fqdn: String,
+    /// Open Sync streams.
+    online: usize,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    peers: Vec<PeerRecord>,
+    serial: u64,
+}
+
+/// The service (clone it into the tonic server).
+#[derive(Clone)]
+pub struct DevManagement {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: ManagementSettings,
+    private_key: [u8; 32],
+    registry: Mutex<Registry>,
+    /// Bumped on every registry change; Sync streams watch it.
+    changed: watch::Sender<u64>,
+}
+
+impl DevManagement {
+    /// A service with a fresh server key.
+    pub fn new(settings: ManagementSettings) -> Self {
+        let private_key: [u8; 32] = rand::random();
+        let (changed, _) = watch::channel(0);
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                private_key,
+                registry: Mutex::new(Registry::default()),
+                changed,
+            }),
+        }
+    }
+
+    /// The server's key string.
+    pub fn server_key(&self) -> String {
+        key_string(&public_key_of(&self.inner.private_key))
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.inner
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bump the serial and wake every Sync stream.
+    fn publish(&self, reg: &mut Registry) {
+        reg.serial += 1;
+        let serial = reg.serial;
+        self.inner.changed.send_replace(serial);
+    }
+
+    fn open<M: prost::Message + Default>(
+        &self,
+        msg: &EncryptedMessage,
+    ) -> Result<(M, [u8; 32]), Status> {
+        let peer = parse_key_string(&msg.wg_pub_key)
+            .map_err(|_| Status::invalid_argument("invalid peer key"))?;
+        let inner = envelope::open_message(&msg.body, &self.inner.private_key, &peer)
+            .map_err(|_| Status::invalid_argument("invalid request message"))?;
+        Ok((inner, peer))
+    }
+
+    fn seal<M: prost::Message>(&self, msg: &M, peer: &[u8; 32]) -> EncryptedMessage {
+        EncryptedMessage {
+            wg_pub_key: self.server_key(),
+            body: envelope::seal_message(msg, &self.inner.private_key, peer),
+            version: 0,
+        }
+    }
+
+    fn netbird_config(&self) -> NetbirdConfig {
+        let s = &self.inner.settings;
+        let expiry = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            + RELAY_TOKEN_TTL.as_secs();
+        let (token_payload, token_signature) = relay_token::issue(&s.relay_secret, expiry);
+        NetbirdConfig {
+            signal: Some(HostConfig {
+                uri: s.signal_uri.clone(),
+                protocol: 2, // HTTP: plain gRPC on loopback
+            }),
+            relay: (!s.relay_urls.is_empty()).then(|| RelayConfig {
+                urls: s.relay_urls.clone(),
+                token_payload,
+                token_signature,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn peer_config(&self, rec: &PeerRecord) -> PeerConfig {
+        PeerConfig {
+            address: format!("{}/16", rec.ip),
+            fqdn: rec.fqdn.clone(),
+            mtu: 1280,
+            ..Default::default()
+        }
+    }
+
+    /// Register `public_key` (idempotent); returns its record index.
+    fn register(&self, reg: &mut Registry, public_key: [u8; 32], hostname: &str) -> usize {
+        if let Some(i) = reg.peers.iter().position(|p| p.public_key == public_key) {
+            return i;
+        }
+        let ip = Ipv4Addr::new(
+            100,
+            64,
+            ((reg.peers.len() + 1) / 250) as u8,
+            ((reg.peers.len() + 1) % 250) as u8 + 1,
+        );
+        let label = dns_label(hostname);
+        let mut fqdn = format!("{label}.{}", self.inner.settings.domain);
+        let mut n = 2;
+        while reg.peers.iter().any(|p| p.fqdn == fqdn) {
+            fqdn = format!("{label}-{n}.{}", self.inner.settings.domain);
+            n += 1;
+        }
+        reg.peers.push(PeerRecord {
+            key: key_string(&public_key),
+            public_key,
+            ip,
+            fqdn,
+            online: 0,
+        });
+        self.publish(reg);
+        reg.peers.len() - 1
+    }
+
+    fn network_map(&self, reg: &Registry, me: usize) -> SyncResponse {
+        let remote = |p: &PeerRecord| RemotePeerConfig {
+            wg_pub_key: p.key.clone(),
+            allowed_ips: vec![format!("{}/32", p.ip)],
+            fqdn: p.fqdn.clone(),
+            agent_version: crate::control::management_client::NETBIRD_VERSION.to_string(),
+            ..Default::default()
+        };
+        let others = reg.peers.iter().enumerate().filter(|(i, _)| *i != me);
+        let remote_peers: Vec<_> = others
+            .clone()
+            .filter(|(_, p)| p.online > 0)
+            .map(|(_, p)| remote(p))
+            .collect();
+        let offline_peers: Vec<_> = others
+            .filter(|(_, p)| p.online == 0)
+            .map(|(_, p)| remote(p))
+            .collect();
+        let records = reg
+            .peers
+            .iter()
+            .map(|p| SimpleRecord {
+                name: format!("{}.", p.fqdn),
+                r#type: 1,
+                class: "IN".into(),
+                ttl: 300,
+                r_data: p.ip.to_string(),
+            })
+            .collect();
+        let peer_config = self.peer_config(&reg.peers[me]);
+        SyncResponse {
+            netbird_config: Some(self.netbird_config()),
+            peer_config: Some(peer_config.clone()),
+            network_map: Some(NetworkMap {
+                serial: reg.serial,
+                peer_config: Some(peer_config),
+                remote_peers_is_empty: remote_peers.is_empty(),
+                remote_peers,
+                offline_peers,
+                dns_config: Some(DnsConfig {
+                    service_enable: true,
+                    custom_zones: vec![CustomZone {
+                        domain: format!("{}.", self.inner.settings.domain),
+                        records,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// A DNS label from a host name: lower-case letters, digits and dashes.
+fn dns_label(hostname: &str) -> String {
+    let label: String = hostname
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    let label = label.trim_matches('-').to_string();
+    if label.is_empty() {
+        "peer".into()
+    } else {
+        label
+    }
+}
+
+type SyncStream = Pin<Box<dyn Stream<Item = Result<EncryptedMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ManagementService for DevManagement {
+    async fn login(
+        &self,
+        request: Request<EncryptedMessage>,
+    ) -> Result<Response<EncryptedMessage>, Status> {
+        let (login, peer): (LoginRequest, _) = self.open(request.get_ref())?;
+        let meta = login
+            .meta
+            .ok_or_else(|| Status::failed_precondition("peer system meta is missing"))?;
+        let mut reg = self.registry();
+        let idx = match reg.peers.iter().position(|p| p.public_key == peer) {
+            Some(i) => i,
+            None if login.setup_key.is_empty() => {
+                return Err(Status::permission_denied("peer is not registered"));
+            }
+            None if !login
+                .setup_key
+                .eq_ignore_ascii_case(&self.inner.settings.setup_key) =>
+            {
+                return Err(Status::permission_denied("invalid setup key"));
+            }
+            None => self.register(&mut reg, peer, &meta.hostname),
+        };
+        let resp = LoginResponse {
+            netbird_config: Some(self.netbird_config()),
+            peer_config: Some(self.peer_config(&reg.peers[idx])),
+            ..Default::default()
+        };
+        Ok(Response::new(self.seal(&resp, &peer)))
+    }
+
+    type SyncStream = SyncStream;
+
+    async fn sync(
+        &self,
+        request: Request<EncryptedMessage>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let (_, peer): (SyncRequest, _) = self.open(request.get_ref())?;
+        {
+            let mut reg = self.registry();
+            let Some(rec) = reg.peers.iter_mut().find(|p| p.public_key == peer) else {
+                return Err(Status::permission_denied("peer is not registered"));
+            };
+            rec.online += 1;
+            self.publish(&mut reg);
+        }
+        let (tx, rx) = mpsc::channel(8);
+        let this = self.clone();
+        let mut changed = self.inner.changed.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let msg = {
+                    let reg = this.registry();
+                    let me = reg.peers.iter().position(|p| p.public_key == peer);
+                    me.map(|me| this.seal(&this.network_map(&reg, me), &peer))
+                };
+                let Some(msg) = msg else { break };
+                changed.borrow_and_update();
+                if tx.send(Ok(msg)).await.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { break },
+                    _ = tx.closed() => break,
+                }
+            }
+            let mut reg = this.registry();
+            if let Some(rec) = reg.peers.iter_mut().find(|p| p.public_key == peer) {
+                rec.online = rec.online.saturating_sub(1);
+            }
+            this.publish(&mut reg);
+        });
+        let stream = tokio_stream_from(rx);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_server_key(
+        &self,
+        _request: Request<Empty>,
+    ) -> Result<Response<ServerKeyResponse>, Status> {
+        Ok(Response::new(ServerKeyResponse {
+            key: self.server_key(),
+            ..Default::default()
+        }))
+    }
+
+    async fn is_healthy(&self, _request: Request<Empty>) -> Result<Response<Empty>, Status> {
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn logout(&self, request: Request<EncryptedMessage>) -> Result<Response<Empty>, Status> {
+        let (_, peer): (Empty, _) = self.open(request.get_ref())?;
+        let mut reg = self.registry();
+        reg.peers.retain(|p| p.public_key != peer);
+        self.publish(&mut reg);
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn sync_meta(
+        &self,
+        request: Request<EncryptedMessage>,
+    ) -> Result<Response<Empty>, Status> {
+        let _: (crate::control::management::SyncMetaRequest, _) = self.open(request.get_ref())?;
+        Ok(Response::new(Empty {}))
+    }
+}
+
+/// An mpsc receiver as a stream.
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::management::management_service_server::ManagementServiceServer;
+    use crate::control::management_client::{ManagementClient, ManagementError, system_meta};
+    use crate::control::mesh::{Change, MeshState};
+    use tokio_util::sync::CancellationToken;
+
+    async fn serve() -> (String, CancellationToken) {
+        let svc = DevManagement::new(ManagementSettings {
+            setup_key: "A1B2C3D4-0000-4000-8000-000000000001".into(),
+            domain: "mesh.test".into(),
+            signal_uri: "127.0.0.1:1".into(),
+            relay_urls: vec!["rel://127.0.0.1:2".into()],
+            relay_secret: b"secret".to_vec(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder().serve_with_incoming_shutdown(
+                ManagementServiceServer::new(svc),
+                tonic::transport::server::TcpIncoming::from(listener),
+                async move { stop.cancelled().await },
+            ),
+        );
+        (url, cancel)
+    }
+
+    #[tokio::test]
+    async fn login_registers_with_the_setup_key_and_sync_streams_the_mesh() {
+        let (url, cancel) = serve().await;
+        let a_key = [1u8; 32];
+        let mut a = ManagementClient::connect(&url, a_key).await.unwrap();
+        assert!(matches!(
+            a.login(None, system_meta("alpha")).await,
+            Err(ManagementError::NeedsLogin)
+        ));
+        assert!(matches!(
+            a.login(Some("wrong"), system_meta("alpha")).await,
+            Err(ManagementError::SetupKeyRejected(_))
+        ));
+        // Case-insensitive, as NetBird's management treats setup keys.
+        let login = a
+            .login(
+                Some("a1b2c3d4-0000-4000-8000-000000000001"),
+                system_meta("alpha"),
+            )
+            .await
+            .unwrap();
+        let pc = login.peer_config.unwrap();
+        assert_eq!(pc.fqdn, "alpha.mesh.test");
+        let a_addr = pc.address.clone();
+        // Registered now: a plain login works.
+        assert_eq!(
+            a.login(None, system_meta("alpha"))
+                .await
+                .unwrap()
+                .peer_config
+                .unwrap()
+                .address,
+            a_addr
+        );
+
+        let mut sync = a.sync(system_meta("alpha")).await.unwrap();
+        let mut state = MeshState::default();
+        let first = sync.next().await.unwrap();
+        state.apply(&first, a.key()).unwrap();
+        assert!(state.peers.is_empty());
+        assert!(state.relay.is_some());
+
+        let mut b = ManagementClient::connect(&url, [2u8; 32]).await.unwrap();
+        b.login(
+            Some("A1B2C3D4-0000-4000-8000-000000000001"),
+            system_meta("alpha"),
+        )
+        .await
+        .unwrap();
+        let mut b_sync = b.sync(system_meta("alpha")).await.unwrap();
+        let b_first = b_sync.next().await.unwrap();
+        assert_eq!(
+            b_first
+                .network_map
+                .as_ref()
+                .unwrap()
+                .peer_config
+                .as_ref()
+                .unwrap()
+                .fqdn,
+            "alpha-2.mesh.test",
+            "names are unique"
+        );
+        // A sees B come online.
+        let mut added = None;
+        for _ in 0..5 {
+            let changes = state.apply(&sync.next().await.unwrap(), a.key()).unwrap();
+            if let Some(Change::PeerAdded(p)) = changes
+                .into_iter()
+                .find(|c| matches!(c, Change::PeerAdded(_)))
+            {
+                added = Some(p);
+                break;
+            }
+        }
+        let b_peer = added.expect("B appears in A's map");
+        assert_eq!(b_peer.fqdn, "alpha-2.mesh.test");
+        // B's stream closes: A sees it go offline.
+        drop(b_sync);
+        let mut removed = false;
+        for _ in 0..5 {
+            let changes = state.apply(&sync.next().await.unwrap(), a.key()).unwrap();
+            if changes.contains(&Change::PeerRemoved(b_peer.key.clone())) {
+                removed = true;
+                break;
+            }
+        }
+        assert!(removed, "B leaves A's map when offline");
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn unreachable_management_is_a_clear_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let e = ManagementClient::connect(&url, [1u8; 32])
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, ManagementError::Unreachable { .. }), "{e}");
+        assert!(!e.is_permanent());
+        let e = ManagementClient::connect("ftp://x", [1u8; 32])
+            .await
+            .err()
+            .unwrap();
+        assert!(e.is_permanent(), "{e}");
+    }
+}
