@@ -5,6 +5,7 @@ pub mod envelope;
 pub mod identity;
 pub mod management_client;
 pub mod mesh;
+pub mod signal_client;
 
 /// Management service messages and gRPC stubs (package `management`).
 #[allow(clippy::all, missing_docs)]

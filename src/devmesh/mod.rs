@@ -4,3 +4,4 @@
 
 pub mod management;
 pub mod relay_token;
+pub mod signal;
