@@ -120,15 +120,35 @@ pub struct DeviceCounters {
     pub tx_errors: AtomicU64,
 }
 
+/// The peers and the routes to them; replaced under a write lock when the mesh changes.
+#[derive(Default)]
+struct PeerTable {
+    /// By our local index (the value boringtun puts in `receiver_idx >> 8`).
+    by_index: HashMap<u32, Arc<Peer>>,
+    by_key: HashMap<[u8; 32], u32>,
+    routes: AllowedIps,
+    next_index: u32,
+}
+
+impl PeerTable {
+    /// A free 24-bit index, never 0 (a zeroed field must match nothing).
+    fn allocate_index(&mut self) -> u32 {
+        loop {
+            self.next_index = (self.next_index % 0x00ff_ffff) + 1;
+            if !self.by_index.contains_key(&self.next_index) {
+                return self.next_index;
+            }
+        }
+    }
+}
+
 /// The WireGuard device.
 pub struct WgDevice {
     socket: UdpSocket,
     socket_is_v6: bool,
     private_key: StaticSecret,
     public_key: PublicKey,
-    peers: Vec<Peer>,
-    by_key: HashMap<[u8; 32], usize>,
-    routes: AllowedIps,
+    table: RwLock<PeerTable>,
     rate_limiter: Arc<RateLimiter>,
     pool: Arc<PacketPool>,
     pub counters: DeviceCounters,
@@ -146,42 +166,58 @@ impl WgDevice {
         let private_key = StaticSecret::from(private_key);
         let public_key = PublicKey::from(&private_key);
         let rate_limiter = Arc::new(RateLimiter::new(&public_key, HANDSHAKE_RATE_LIMIT));
-        let mut routes = AllowedIps::new();
-        let mut by_key = HashMap::new();
-        let mut built = Vec::with_capacity(peers.len());
-        for (i, spec) in peers.into_iter().enumerate() {
-            for net in &spec.allowed_ips {
-                routes.insert(*net, i);
-            }
-            by_key.insert(spec.public_key, i);
-            let tunn = Tunn::new(
-                private_key.clone(),
-                PublicKey::from(spec.public_key),
-                spec.preshared_key,
-                spec.persistent_keepalive,
-                peer_index(i),
-                Some(rate_limiter.clone()),
-            );
-            built.push(Peer {
-                public_key: PublicKey::from(spec.public_key),
-                allowed_ips: spec.allowed_ips,
-                counters: PeerCounters::default(),
-                tunn: Mutex::new(tunn),
-                endpoint: RwLock::new(spec.endpoint.map(canonical)),
-            });
-        }
-        Ok(Self {
+        let device = Self {
             socket,
             socket_is_v6,
             private_key,
             public_key,
-            peers: built,
-            by_key,
-            routes,
+            table: RwLock::new(PeerTable::default()),
             rate_limiter,
             pool,
             counters: DeviceCounters::default(),
-        })
+        };
+        for spec in peers {
+            device.add_peer(spec);
+        }
+        Ok(device)
+    }
+
+    fn table(&self) -> std::sync::RwLockReadGuard<'_, PeerTable> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Add a peer, replacing any peer with the same public key (its session and counters
+    /// start afresh). Its AllowedIPs take over those prefixes from other peers.
+    pub fn add_peer(&self, spec: PeerSpec) {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        remove_locked(&mut table, &spec.public_key);
+        let index = table.allocate_index();
+        for net in &spec.allowed_ips {
+            table.routes.insert(*net, index as usize);
+        }
+        table.by_key.insert(spec.public_key, index);
+        let tunn = Tunn::new(
+            self.private_key.clone(),
+            PublicKey::from(spec.public_key),
+            spec.preshared_key,
+            spec.persistent_keepalive,
+            index,
+            Some(self.rate_limiter.clone()),
+        );
+        let peer = Arc::new(Peer {
+            public_key: PublicKey::from(spec.public_key),
+            allowed_ips: spec.allowed_ips,
+            counters: PeerCounters::default(),
+            tunn: Mutex::new(tunn),
+            endpoint: RwLock::new(spec.endpoint.map(canonical)),
+        });
+        table.by_index.insert(index, peer);
+    }
+
+    /// Remove the peer with this public key; returns whether there was one.
+    pub fn remove_peer(&self, public_key: &[u8; 32]) -> bool {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        remove_locked(&mut table, public_key)
     }
 
     /// Our public key.
@@ -194,14 +230,16 @@ impl WgDevice {
         self.socket.local_addr()
     }
 
-    /// The peers, in configuration order.
-    pub fn peers(&self) -> &[Peer] {
-        &self.peers
+    /// A snapshot of the peers.
+    pub fn peers(&self) -> Vec<Arc<Peer>> {
+        self.table().by_index.values().cloned().collect()
     }
 
     /// The peer whose AllowedIPs contain `ip`.
-    pub fn route(&self, ip: IpAddr) -> Option<&Peer> {
-        self.routes.lookup(ip).map(|i| &self.peers[i])
+    pub fn route(&self, ip: IpAddr) -> Option<Arc<Peer>> {
+        let table = self.table();
+        let index = table.routes.lookup(ip)? as u32;
+        table.by_index.get(&index).cloned()
     }
 
     /// Run the device until `cancel` fires. `to_stack` receives decrypted IP packets;
@@ -228,7 +266,7 @@ impl WgDevice {
     /// wait for one.
     async fn initiate_handshakes(&self) {
         let mut buf = [0u8; HANDSHAKE_INIT_LEN];
-        for peer in &self.peers {
+        for peer in self.peers() {
             let Some(endpoint) = peer.endpoint() else {
                 continue;
             };
@@ -275,11 +313,11 @@ impl WgDevice {
                     }
                 }
             }
-            let Some(idx) = self.peer_for_datagram(data) else {
+            let Some(peer) = self.peer_for_datagram(data) else {
                 self.counters.rx_unknown.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            if let Some(pkt) = self.decapsulate(idx, src, data)
+            if let Some(pkt) = self.decapsulate(&peer, src, data)
                 && to_stack.send(pkt).await.is_err()
             {
                 return;
@@ -289,15 +327,14 @@ impl WgDevice {
 
     /// Which peer a datagram belongs to: by our receiver index for responses, cookies and data;
     /// by the sender's static key (recovered from the initiation) for initiations.
-    fn peer_for_datagram(&self, data: &[u8]) -> Option<usize> {
-        let by_index = |receiver_idx: u32| {
-            let i = (receiver_idx >> 8) as usize;
-            (1..=self.peers.len()).contains(&i).then(|| i - 1)
-        };
+    fn peer_for_datagram(&self, data: &[u8]) -> Option<Arc<Peer>> {
+        let table = self.table();
+        let by_index = |receiver_idx: u32| table.by_index.get(&(receiver_idx >> 8)).cloned();
         match Tunn::parse_incoming_packet(data).ok()? {
             Packet::HandshakeInit(init) => {
                 let half = parse_handshake_anon(&self.private_key, &self.public_key, &init).ok()?;
-                self.by_key.get(&half.peer_static_public).copied()
+                let index = table.by_key.get(&half.peer_static_public)?;
+                table.by_index.get(index).cloned()
             }
             Packet::HandshakeResponse(p) => by_index(p.receiver_idx),
             Packet::PacketCookieReply(p) => by_index(p.receiver_idx),
@@ -307,8 +344,7 @@ impl WgDevice {
 
     /// Decrypt one datagram for peer `idx`; returns an IP packet for the netstack, if any.
     /// Handshake replies and packets queued during the handshake are sent from here.
-    fn decapsulate(&self, idx: usize, src: SocketAddr, data: &[u8]) -> Option<Vec<u8>> {
-        let peer = &self.peers[idx];
+    fn decapsulate(&self, peer: &Peer, src: SocketAddr, data: &[u8]) -> Option<Vec<u8>> {
         if data.len() > self.pool.buf_size() {
             self.counters.rx_oversized.fetch_add(1, Ordering::Relaxed);
             trace!(
@@ -411,7 +447,7 @@ impl WgDevice {
             if ticks.is_multiple_of(4) {
                 self.rate_limiter.reset_count();
             }
-            for peer in &self.peers {
+            for peer in self.peers() {
                 let len = match peer.lock_tunn().update_timers(&mut buf) {
                     TunnResult::WriteToNetwork(b) => b.len(),
                     TunnResult::Err(WireGuardError::ConnectionExpired) => {
@@ -452,9 +488,13 @@ impl WgDevice {
     }
 }
 
-/// boringtun stores the index shifted by 8 bits; 0 is never used so a zeroed field matches nothing.
-fn peer_index(i: usize) -> u32 {
-    (i as u32 + 1) & 0x00ff_ffff
+fn remove_locked(table: &mut PeerTable, public_key: &[u8; 32]) -> bool {
+    let Some(index) = table.by_key.remove(public_key) else {
+        return false;
+    };
+    table.by_index.remove(&index);
+    table.routes.remove_peer(index as usize);
+    true
 }
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
@@ -504,11 +544,42 @@ pub fn short_key(key: &PublicKey) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn peer_index_round_trips_through_receiver_idx() {
-        for i in [0usize, 1, 41, 70_000] {
-            let stored = peer_index(i) << 8 | 0x2a; // boringtun keeps a counter in the low byte
-            assert_eq!((stored >> 8) as usize, i + 1);
+    fn spec(seed: u8, net: &str) -> PeerSpec {
+        PeerSpec {
+            public_key: *PublicKey::from(&StaticSecret::from([seed; 32])).as_bytes(),
+            preshared_key: None,
+            endpoint: None,
+            allowed_ips: vec![net.parse().unwrap()],
+            persistent_keepalive: None,
         }
+    }
+
+    #[tokio::test]
+    async fn peers_are_added_replaced_and_removed_with_their_routes() {
+        let pool = Arc::new(PacketPool::new(1500, 4));
+        let dev = WgDevice::new([9; 32], 0, vec![spec(1, "100.64.0.2/32")], pool).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let first = dev.route(ip("100.64.0.2")).unwrap();
+        dev.add_peer(spec(2, "100.64.0.0/16"));
+        assert_eq!(dev.peers().len(), 2);
+        assert!(
+            Arc::ptr_eq(&dev.route(ip("100.64.0.2")).unwrap(), &first),
+            "longest prefix"
+        );
+        assert_eq!(
+            dev.route(ip("100.64.0.3")).unwrap().public_key,
+            PublicKey::from(spec(2, "0.0.0.0/0").public_key)
+        );
+        // Same key again: replaced, with the new AllowedIPs only.
+        dev.add_peer(spec(1, "100.64.0.9/32"));
+        assert_eq!(dev.peers().len(), 2);
+        assert_eq!(
+            dev.route(ip("100.64.0.2")).unwrap().public_key,
+            PublicKey::from(spec(2, "0.0.0.0/0").public_key)
+        );
+        assert!(dev.remove_peer(&spec(2, "0.0.0.0/0").public_key));
+        assert!(!dev.remove_peer(&spec(2, "0.0.0.0/0").public_key));
+        assert!(dev.route(ip("100.64.0.3")).is_none());
+        assert!(dev.route(ip("100.64.0.9")).is_some());
     }
 }

@@ -41,6 +41,11 @@ impl AllowedIps {
             .map(|&(_, peer)| peer)
     }
 
+    /// Drop every prefix routed to `peer`.
+    pub fn remove_peer(&mut self, peer: usize) {
+        self.entries.retain(|(_, p)| *p != peer);
+    }
+
     /// Every prefix routed to `peer`.
     pub fn prefixes_of(&self, peer: usize) -> impl Iterator<Item = &IpNet> {
         self.entries
