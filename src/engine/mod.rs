@@ -47,7 +47,7 @@ pub struct ProxyOptions {
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
+pub enum DataPathError {
     #[error("cannot resolve Endpoint {endpoint} of the [Peer] at line {line}: {reason}")]
     Endpoint {
         endpoint: String,
@@ -91,7 +91,7 @@ pub async fn run_static(
     options: ProxyOptions,
     cancel: CancellationToken,
     on_ready: impl FnOnce(&Ready),
-) -> Result<(), EngineError> {
+) -> Result<(), DataPathError> {
     let mut tasks = JoinSet::new();
     let result = start_static(config, options, &cancel, &mut tasks, on_ready).await;
     if result.is_ok() {
@@ -113,7 +113,7 @@ async fn start_static(
     cancel: &CancellationToken,
     tasks: &mut JoinSet<()>,
     on_ready: impl FnOnce(&Ready),
-) -> Result<(), EngineError> {
+) -> Result<(), DataPathError> {
     for (line, key) in &config.ignored {
         warn!("line {line}: `{key}` configures a kernel interface and is ignored");
     }
@@ -133,24 +133,60 @@ async fn start_static(
         });
     }
 
-    let mtu = config.mtu() as usize;
+    let spec = DataPathSpec {
+        private_key: config.interface.private_key.0,
+        listen_port: config.interface.listen_port.unwrap_or(0),
+        addresses: config.interface.addresses.clone(),
+        mtu: config.mtu() as usize,
+        peers,
+        dns_servers: config.interface.dns.clone(),
+        dns_search: config.interface.dns_search.clone(),
+    };
+    let datapath = start_datapath(spec, options, cancel, tasks).await?;
+    on_ready(&datapath.ready);
+    Ok(())
+}
+
+/// What the data path is built from, whatever configured it (a wg-quick file or management).
+pub struct DataPathSpec {
+    pub private_key: [u8; 32],
+    pub listen_port: u16,
+    pub addresses: Vec<IpNet>,
+    pub mtu: usize,
+    pub peers: Vec<PeerSpec>,
+    pub dns_servers: Vec<std::net::IpAddr>,
+    pub dns_search: Vec<String>,
+}
+
+/// A running data path: its tasks are in the `JoinSet` given to `start_datapath`.
+pub struct DataPath {
+    pub wg: Arc<WgDevice>,
+    pub netstack: Netstack,
+    pub ready: Ready,
+}
+
+/// Build WireGuard, the netstack, the dialler and every listener; each task goes into `tasks`
+/// under a child of `cancel`. On error, what was started is already in `tasks` for the
+/// caller's one teardown path.
+pub async fn start_datapath(
+    spec: DataPathSpec,
+    options: ProxyOptions,
+    cancel: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> Result<DataPath, DataPathError> {
+    let mtu = spec.mtu;
     // Room for the inner packet plus WireGuard's header and tag; at least a full Ethernet-sized
     // packet, since a peer with a larger MTU than ours may send one.
     let pool = Arc::new(PacketPool::new(mtu.max(1500) + 64, POOL_IDLE));
-    let wg = WgDevice::new(
-        config.interface.private_key.0,
-        config.interface.listen_port.unwrap_or(0),
-        peers,
-        pool.clone(),
-    )
-    .map_err(EngineError::Socket)?;
+    let wg = WgDevice::new(spec.private_key, spec.listen_port, spec.peers, pool.clone())
+        .map_err(DataPathError::Socket)?;
     let wg = Arc::new(wg);
-    let wg_addr = wg.local_addr().map_err(EngineError::Socket)?;
+    let wg_addr = wg.local_addr().map_err(DataPathError::Socket)?;
 
     let (to_stack, from_wg) = mpsc::channel(PACKET_CHANNEL);
     let (to_wg, from_stack) = mpsc::channel(PACKET_CHANNEL);
     let (netstack, stack_task) = Netstack::new(
-        NetstackConfig::new(config.interface.addresses.clone(), mtu),
+        NetstackConfig::new(spec.addresses.clone(), mtu),
         from_wg,
         to_wg,
         pool,
@@ -160,27 +196,27 @@ async fn start_static(
     tasks.spawn(wg.clone().run(to_stack, from_stack, cancel.child_token()));
 
     let mut dns = Vec::new();
-    for server in &config.interface.dns {
+    for server in &spec.dns_servers {
         if wg.route(*server).is_some() {
             dns.push(*server);
         } else {
             warn!(%server, "DNS server is outside every peer's AllowedIPs; not used");
         }
     }
-    let resolver = Resolver::new(netstack.clone(), dns, config.interface.dns_search.clone());
+    let resolver = Resolver::new(netstack.clone(), dns, spec.dns_search);
     if resolver.uses_tunnel() {
         info!("host names resolve through the tunnel");
     }
     let dialer = Dialer::new(
-        netstack,
-        wg,
+        netstack.clone(),
+        wg.clone(),
         resolver,
         options.allow_direct,
         options.connect_timeout,
     );
 
     let mut ready = Ready {
-        mesh: config.interface.addresses.clone(),
+        mesh: spec.addresses,
         wireguard: wg_addr,
         listeners: Vec::new(),
     };
@@ -224,18 +260,21 @@ async fn start_static(
             cancel.child_token(),
         ));
     }
-    on_ready(&ready);
-    Ok(())
+    Ok(DataPath {
+        wg,
+        netstack,
+        ready,
+    })
 }
 
-async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, EngineError> {
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, DataPathError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| EngineError::Listen { addr, what, source })
+        .map_err(|source| DataPathError::Listen { addr, what, source })
 }
 
-async fn resolve_endpoint(host: &str, port: u16, line: usize) -> Result<SocketAddr, EngineError> {
-    let fail = |reason: String| EngineError::Endpoint {
+async fn resolve_endpoint(host: &str, port: u16, line: usize) -> Result<SocketAddr, DataPathError> {
+    let fail = |reason: String| DataPathError::Endpoint {
         endpoint: format!("{host}:{port}"),
         line,
         reason,
