@@ -163,7 +163,16 @@ impl SignalClient {
 
     /// One life of the receive stream.
     async fn receive(&self, inbox: &mpsc::Sender<Incoming>) -> Result<(), SignalError> {
-        let mut request = tonic::Request::new(futures::stream::pending::<EncryptedMessage>());
+        // We never send on the stream, but its request side must end with this function:
+        // a request body that stays pending keeps the HTTP/2 stream, and so the connection,
+        // alive after the response is dropped.
+        let life = self.cancel.child_token();
+        let _end_request = life.clone().drop_guard();
+        let outgoing = futures::StreamExt::filter_map(
+            futures::stream::once(life.cancelled_owned()),
+            |_| async { None::<EncryptedMessage> },
+        );
+        let mut request = tonic::Request::new(outgoing);
         request.metadata_mut().insert(
             PEER_ID_HEADER,
             self.key

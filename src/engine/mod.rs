@@ -5,6 +5,9 @@
 //! after they have finished (bounded by `SHUTDOWN_GRACE`), so ports are free when it returns.
 //! The NetBird engine of the control-plane issue will drive the same pieces.
 
+pub mod netbird;
+pub mod supervisor;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,357 @@
+//! The NetBird engine: one connection attempt to the mesh, single-use.
+//!
+//! Invariants (netbird-protocol.md §8), by construction:
+//! * the cancellation token exists from `new`, so `stop` works on an engine never started;
+//! * a second `start` is `AlreadyStarted` and a `start` after `stop` is `AlreadyStopped`, both
+//!   decided before anything is touched;
+//! * `stop` cancels first and locks second, so it releases a `start` parked on any network wait
+//!   (every await in `start` selects on the token), and that `start` returns `Cancelled`;
+//! * a failed `start` runs the same `stop_locked` as `stop`: one teardown path, tolerant of
+//!   partial state and idempotent;
+//! * subsystems that give up (the Sync stream, an address change) set the reset marker and
+//!   cancel the cycle: the supervisor builds a new engine; nothing here restarts itself.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{DataPathError, DataPathSpec, ProxyOptions, Ready, start_datapath};
+use crate::control::envelope::key_string;
+use crate::control::management::HostConfig;
+use crate::control::management::host_config::Protocol;
+use crate::control::management_client::{ManagementClient, ManagementError, system_meta};
+use crate::control::mesh::{Change, MeshState, RemotePeer, parse_local};
+use crate::control::signal_client::{Incoming, SignalClient, SignalError};
+use crate::wg::{PeerSpec, WgDevice};
+
+/// Keepalive NetBird uses towards every peer.
+const PEER_KEEPALIVE: u16 = 25;
+/// How long tasks get to finish on stop before they are aborted.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// A setup key; `Debug` never shows it.
+#[derive(Clone)]
+pub struct SetupKey(pub String);
+
+impl std::fmt::Debug for SetupKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SetupKey(<redacted>)")
+    }
+}
+
+/// What an engine needs.
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    pub management_url: String,
+    pub setup_key: Option<SetupKey>,
+    pub hostname: String,
+    pub private_key: [u8; 32],
+    pub wg_port: u16,
+    pub proxy: ProxyOptions,
+}
+
+impl MeshConfig {
+    fn key_string(&self) -> String {
+        key_string(&crate::control::envelope::public_key_of(&self.private_key))
+    }
+}
+
+/// Why an engine did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the engine is already started")]
+    AlreadyStarted,
+    #[error("the engine was stopped; build a new one")]
+    AlreadyStopped,
+    #[error("cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Management(#[from] ManagementError),
+    #[error(transparent)]
+    Signal(#[from] SignalError),
+    #[error("management gave no usable configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    DataPath(#[from] DataPathError),
+}
+
+impl EngineError {
+    /// Errors a retry cannot fix: the supervisor stops instead of retrying.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            EngineError::Management(e) => e.is_permanent(),
+            EngineError::DataPath(DataPathError::Listen { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    New,
+    Started,
+    Stopped,
+}
+
+struct State {
+    phase: Phase,
+    tasks: JoinSet<()>,
+}
+
+/// One attempt to be a peer of the mesh.
+pub struct Engine {
+    config: MeshConfig,
+    /// This engine's token: a child of the cycle token.
+    cancel: CancellationToken,
+    /// The cycle's token, cancelled by subsystems that need a rebuild.
+    cycle: CancellationToken,
+    reset: Arc<AtomicBool>,
+    state: Mutex<State>,
+}
+
+impl Engine {
+    /// An engine for one cycle; nothing runs until `start`.
+    pub fn new(config: MeshConfig, cycle: &CancellationToken) -> Self {
+        Self {
+            config,
+            cancel: cycle.child_token(),
+            cycle: cycle.clone(),
+            reset: Arc::new(AtomicBool::new(false)),
+            state: Mutex::new(State {
+                phase: Phase::New,
+                tasks: JoinSet::new(),
+            }),
+        }
+    }
+
+    /// Whether a subsystem asked for a new engine.
+    pub fn needs_reset(&self) -> bool {
+        self.reset.load(Ordering::SeqCst)
+    }
+
+    /// Tasks still owned by this engine (0 after a stop).
+    pub async fn task_count(&self) -> usize {
+        self.state.lock().await.tasks.len()
+    }
+
+    /// Log in, connect signal, build the data path and start following the network map.
+    /// `on_ready` runs once everything is up.
+    pub async fn start(&self, on_ready: impl FnOnce(&Ready)) -> Result<(), EngineError> {
+        let mut state = self.state.lock().await;
+        match state.phase {
+            Phase::Started => return Err(EngineError::AlreadyStarted),
+            Phase::Stopped => return Err(EngineError::AlreadyStopped),
+            Phase::New => {}
+        }
+        if self.cancel.is_cancelled() {
+            state.phase = Phase::Stopped;
+            return Err(EngineError::Cancelled);
+        }
+        state.phase = Phase::Started;
+        match self.start_locked(&mut state).await {
+            Ok(ready) => {
+                on_ready(&ready);
+                Ok(())
+            }
+            Err(e) => {
+                // A cancel anywhere in the sequence is reported as such, whatever the await
+                // it interrupted made of it (read before the teardown cancels the token).
+                let cancelled = self.cancel.is_cancelled();
+                self.stop_locked(&mut state).await;
+                Err(if cancelled { EngineError::Cancelled } else { e })
+            }
+        }
+    }
+
+    /// Stop: cancel first (releasing a `start` waiting on the network), then tear down.
+    pub async fn stop(&self) {
+        self.cancel.cancel();
+        let mut state = self.state.lock().await;
+        self.stop_locked(&mut state).await;
+    }
+
+    /// The one teardown path.
+    async fn stop_locked(&self, state: &mut State) {
+        self.cancel.cancel();
+        state.phase = Phase::Stopped;
+        let drain = async { while state.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(STOP_GRACE, drain).await.is_err() {
+            warn!("engine tasks did not stop in time; aborting them");
+            state.tasks.abort_all();
+            while state.tasks.join_next().await.is_some() {}
+        }
+    }
+
+    /// Await `fut` unless the engine is cancelled first.
+    async fn step<T, E>(&self, fut: impl Future<Output = Result<T, E>>) -> Result<T, EngineError>
+    where
+        EngineError: From<E>,
+    {
+        tokio::select! {
+            _ = self.cancel.cancelled() => Err(EngineError::Cancelled),
+            r = fut => r.map_err(EngineError::from),
+        }
+    }
+
+    async fn start_locked(&self, state: &mut State) -> Result<Ready, EngineError> {
+        let cfg = &self.config;
+        let meta = system_meta(&cfg.hostname);
+        let mut management = self
+            .step(ManagementClient::connect(
+                &cfg.management_url,
+                cfg.private_key,
+            ))
+            .await?;
+        let setup_key = cfg.setup_key.as_ref().map(|k| k.0.as_str());
+        let login = self.step(management.login(setup_key, meta.clone())).await?;
+        let local = login
+            .peer_config
+            .as_ref()
+            .ok_or_else(|| EngineError::Config("login response without peer config".into()))
+            .and_then(|pc| parse_local(pc).map_err(|e| EngineError::Config(e.to_string())))?;
+        let mut mesh = MeshState::default();
+        let mut ignored = Vec::new();
+        if let Some(nc) = &login.netbird_config {
+            mesh.apply_config(nc, &mut ignored);
+        }
+        let signal_host = login
+            .netbird_config
+            .as_ref()
+            .and_then(|c| c.signal.clone())
+            .ok_or_else(|| EngineError::Config("no signal server in the login response".into()))?;
+        info!(address = %local.address, fqdn = %local.fqdn, "logged in to management");
+
+        // Signal: the engine does not go on until its receive stream is registered.
+        let signal = signal_client(&signal_host, cfg.private_key, self.cancel.child_token())?;
+        let (inbox_tx, inbox_rx) = mpsc::channel(64);
+        state.tasks.spawn(signal.clone().run(inbox_tx));
+        self.step(signal.wait_stream_connected(&self.cancel))
+            .await?;
+
+        // Data path on our overlay address; peers arrive with the network map.
+        let spec = DataPathSpec {
+            private_key: cfg.private_key,
+            listen_port: cfg.wg_port,
+            addresses: vec![local.address],
+            mtu: local
+                .mtu
+                .map_or(crate::wg::config::DEFAULT_MTU as usize, usize::from),
+            peers: Vec::new(),
+            dns_servers: Vec::new(),
+            dns_search: Vec::new(),
+        };
+        let datapath =
+            start_datapath(spec, cfg.proxy.clone(), &self.cancel, &mut state.tasks).await?;
+
+        let sync = self.step(management.sync(meta)).await?;
+        mesh.local = Some(local);
+        state.tasks.spawn(follow_sync(
+            sync,
+            mesh,
+            cfg.key_string(),
+            datapath.wg.clone(),
+            self.cancel.clone(),
+            self.cycle.clone(),
+            self.reset.clone(),
+        ));
+        state
+            .tasks
+            .spawn(drain_signal(inbox_rx, self.cancel.clone()));
+        Ok(datapath.ready)
+    }
+}
+
+fn signal_client(
+    host: &HostConfig,
+    private_key: [u8; 32],
+    cancel: CancellationToken,
+) -> Result<Arc<SignalClient>, EngineError> {
+    let tls = host.protocol == Protocol::Https as i32;
+    Ok(SignalClient::new(&host.uri, tls, private_key, cancel)?)
+}
+
+/// Apply network-map updates to the data path until the stream ends or the engine stops. A
+/// stream failure or an address change asks the supervisor for a new engine.
+async fn follow_sync(
+    mut sync: crate::control::management_client::SyncStream,
+    mut mesh: MeshState,
+    own_key: String,
+    wg: Arc<WgDevice>,
+    cancel: CancellationToken,
+    cycle: CancellationToken,
+    reset: Arc<AtomicBool>,
+) {
+    loop {
+        let update = tokio::select! {
+            _ = cancel.cancelled() => return,
+            u = sync.next() => u,
+        };
+        let update = match update {
+            Ok(u) => u,
+            Err(e) => {
+                warn!("management sync: {e}; rebuilding the engine");
+                break;
+            }
+        };
+        let changes = match mesh.apply(&update, &own_key) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("network map rejected: {e}");
+                continue;
+            }
+        };
+        for change in changes {
+            match change {
+                Change::PeerAdded(p) | Change::PeerChanged(p) => {
+                    debug!(peer = %p.fqdn, "peer added");
+                    wg.add_peer(peer_spec(&p));
+                }
+                Change::PeerRemoved(key) => {
+                    if let Ok(k) = crate::control::envelope::parse_key_string(&key) {
+                        wg.remove_peer(&k);
+                    }
+                }
+                Change::AddressChanged { old, new } => {
+                    info!(%old, %new, "our address changed; rebuilding the engine");
+                    reset.store(true, Ordering::SeqCst);
+                    cycle.cancel();
+                    return;
+                }
+                Change::PeerRenamed { .. } | Change::Relay(_) | Change::Signal(_) => {}
+            }
+        }
+    }
+    reset.store(true, Ordering::SeqCst);
+    cycle.cancel();
+}
+
+fn peer_spec(p: &RemotePeer) -> PeerSpec {
+    PeerSpec {
+        public_key: p.public_key,
+        preshared_key: None,
+        endpoint: None,
+        allowed_ips: p.allowed_ips.clone(),
+        persistent_keepalive: Some(PEER_KEEPALIVE),
+    }
+}
+
+/// Peer negotiation (offers and answers over the relay) arrives with the relay client; until
+/// then, messages from peers are read promptly (signal cuts streams that are not drained) and
+/// logged.
+async fn drain_signal(mut inbox: mpsc::Receiver<Incoming>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = inbox.recv() => match m {
+                Some(m) => debug!(from = %m.from, kind = m.body.r#type, "signal message (relay negotiation not yet available)"),
+                None => return,
+            },
+        }
+    }
+}
