@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use crate::proxy::Credentials;
 use crate::proxy::dial::Target;
@@ -14,10 +14,35 @@ use crate::proxy::dial::Target;
 #[command(
     name = "netbird-proxy",
     version,
-    about = "Join a WireGuard mesh in user space and serve it through SOCKS5, HTTP proxy and port forwards"
+    about = "Join a NetBird (or any WireGuard) mesh in user space and serve it through SOCKS5, HTTP proxy and port forwards",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
-    /// WireGuard configuration in wg-quick format.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Join NetBird with this setup key (needed the first time; the state file remembers the
+    /// peer afterwards).
+    #[arg(long, env = "NB_SETUP_KEY", value_name = "KEY", hide_env_values = true)]
+    pub setup_key: Option<String>,
+
+    /// NetBird management service.
+    #[arg(long, env = "NB_MANAGEMENT_URL", value_name = "URL", default_value = crate::control::management_client::DEFAULT_MANAGEMENT_URL)]
+    pub management_url: String,
+
+    /// Name of this peer in the mesh (default: the host name).
+    #[arg(long, env = "NB_HOSTNAME", value_name = "NAME")]
+    pub hostname: Option<String>,
+
+    /// State file holding this peer's key (default: $XDG_STATE_HOME/netbird-proxy/state).
+    #[arg(long, env = "NB_STATE", value_name = "PATH")]
+    pub state: Option<PathBuf>,
+
+    /// UDP port for WireGuard (0: any free port).
+    #[arg(long, env = "NB_WG_PORT", value_name = "PORT", default_value_t = 0)]
+    pub wg_port: u16,
+
+    /// Static WireGuard configuration in wg-quick format, instead of joining NetBird.
     #[arg(long, env = "NB_WG_CONFIG", value_name = "FILE")]
     pub wg_config: Option<PathBuf>,
 
@@ -67,6 +92,32 @@ pub struct Cli {
         default_value = "info"
     )]
     pub log_level: String,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a local NetBird control plane (management and signal) on loopback, for tests and
+    /// demos; prints the management URL and the setup key.
+    DevMesh {
+        /// Management address; signal listens on the next port.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:33073", value_parser = parse_listen)]
+        listen: SocketAddr,
+        /// The setup key peers register with (default: a random one).
+        #[arg(long, value_name = "KEY")]
+        setup_key: Option<String>,
+        /// DNS domain of the peers' names.
+        #[arg(long, value_name = "DOMAIN", default_value = "netbird.test")]
+        domain: String,
+        /// Log level or tracing filter.
+        #[arg(
+            long,
+            env = "NB_LOG_LEVEL",
+            value_name = "LEVEL",
+            default_value = "info"
+        )]
+        log_level: String,
+    },
 }
 
 /// One `--forward`.
@@ -169,6 +220,18 @@ mod tests {
     }
 
     #[test]
+    fn dev_mesh_subcommand() {
+        let cli = Cli::try_parse_from(["netbird-proxy", "dev-mesh", "--listen", "40000"]).unwrap();
+        match cli.command {
+            Some(Command::DevMesh { listen, .. }) => {
+                assert_eq!(listen, "127.0.0.1:40000".parse().unwrap())
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["netbird-proxy", "--socks", "1", "dev-mesh"]).is_err());
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
@@ -195,6 +258,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.socks.len(), 2);
+        assert!(cli.command.is_none());
         assert!(cli.no_direct);
         assert_eq!(cli.connect_timeout, Duration::from_secs(10));
     }

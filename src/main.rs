@@ -1,10 +1,18 @@
-//! The binary's edge: parse options, set up logging and signals, run the engine, and turn
-//! failures into exit statuses (2 for bad configuration, 1 for runtime failures).
+//! The binary's edge: parse options, set up logging and signals, run the chosen mode, and turn
+//! failures into exit statuses (2 for bad configuration or a refused login, 1 for runtime
+//! failures).
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
-use netbird_proxy::cli::Cli;
+use netbird_proxy::cli::{Cli, Command};
+use netbird_proxy::control::identity::{Identity, default_state_path};
+use netbird_proxy::control::management_client::ManagementError;
+use netbird_proxy::devmesh::{DevMesh, DevMeshConfig};
+use netbird_proxy::engine::netbird::{EngineError, MeshConfig, SetupKey};
+use netbird_proxy::engine::supervisor::Supervisor;
 use netbird_proxy::engine::{self, ProxyOptions};
 use netbird_proxy::wg::WgConfig;
 use tokio_util::sync::CancellationToken;
@@ -12,21 +20,37 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(&cli.log_level) {
+    let log_level = match &cli.command {
+        Some(Command::DevMesh { log_level, .. }) => log_level.clone(),
+        None => cli.log_level.clone(),
+    };
+    if let Err(e) = init_logging(&log_level) {
         eprintln!("netbird-proxy: {e}");
         return ExitCode::from(2);
     }
-    let Some(path) = cli.wg_config.clone() else {
-        eprintln!("netbird-proxy: --wg-config FILE (or NB_WG_CONFIG) is required; see --help");
-        return ExitCode::from(2);
-    };
-    let config = match WgConfig::load(&path) {
-        Ok(c) => c,
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
         Err(e) => {
-            eprintln!("netbird-proxy: {e}");
-            return ExitCode::from(2);
+            eprintln!("netbird-proxy: cannot start the runtime: {e}");
+            return ExitCode::from(1);
         }
     };
+    let code = runtime.block_on(run(cli));
+    // Connection tasks still draining must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    code
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    if let Some(Command::DevMesh {
+        listen,
+        setup_key,
+        domain,
+        ..
+    }) = cli.command
+    {
+        return run_dev_mesh(listen, setup_key, domain).await;
+    }
     if cli.socks.is_empty() && cli.http.is_empty() && cli.forward.is_empty() {
         eprintln!("netbird-proxy: nothing to serve: give --socks, --http or --forward");
         return ExitCode::from(2);
@@ -40,27 +64,121 @@ fn main() -> ExitCode {
         allow_direct: !cli.no_direct,
         connect_timeout: cli.connect_timeout,
     };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone());
+    if let Some(path) = cli.wg_config {
+        let config = match WgConfig::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("netbird-proxy: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        return match engine::run_static(config, options, cancel, |ready| eprintln!("{ready}")).await
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("netbird-proxy: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+
+    let state = cli.state.unwrap_or_else(default_state_path);
+    let identity = match Identity::load_or_create(&state) {
+        Ok(i) => i,
         Err(e) => {
-            eprintln!("netbird-proxy: cannot start the runtime: {e}");
-            return ExitCode::from(1);
+            eprintln!("netbird-proxy: {e}");
+            return ExitCode::from(2);
         }
     };
-    let result = runtime.block_on(async {
-        let cancel = CancellationToken::new();
-        spawn_signal_handler(cancel.clone());
-        engine::run_static(config, options, cancel, |ready| eprintln!("{ready}")).await
-    });
-    // Connection tasks still draining must not hold the exit.
-    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    let config = MeshConfig {
+        management_url: cli.management_url,
+        setup_key: cli.setup_key.filter(|k| !k.is_empty()).map(SetupKey),
+        hostname: cli.hostname.unwrap_or_else(host_name),
+        private_key: identity.private_key,
+        wg_port: cli.wg_port,
+        proxy: options,
+    };
+    let supervisor = Supervisor::new();
+    supervisor
+        .spawn(config, Arc::new(|ready| eprintln!("{ready}")))
+        .await;
+    let result = tokio::select! {
+        _ = cancel.cancelled() => supervisor.stop().await,
+        r = supervisor.wait() => r,
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("netbird-proxy: {e}");
-            ExitCode::from(1)
+            let refused = matches!(
+                e,
+                EngineError::Management(
+                    ManagementError::NeedsLogin
+                        | ManagementError::SetupKeyRejected(_)
+                        | ManagementError::BadUrl { .. }
+                )
+            );
+            ExitCode::from(if refused { 2 } else { 1 })
         }
     }
+}
+
+async fn run_dev_mesh(
+    listen: std::net::SocketAddr,
+    setup_key: Option<String>,
+    domain: String,
+) -> ExitCode {
+    let setup_key = setup_key.unwrap_or_else(random_setup_key);
+    let mesh = match DevMesh::start(DevMeshConfig {
+        listen,
+        setup_key,
+        domain,
+        signal_override: None,
+    })
+    .await
+    {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("netbird-proxy dev-mesh: cannot listen on {listen}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Printed on stdout, one per line, for scripts to read.
+    println!("management {}", mesh.management_url);
+    println!("setup-key {}", mesh.setup_key);
+    eprintln!(
+        "netbird-proxy dev-mesh ready: management {}; signal {}",
+        mesh.management_url, mesh.signal_addr
+    );
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone());
+    cancel.cancelled().await;
+    mesh.stop().await;
+    ExitCode::SUCCESS
+}
+
+/// A setup key in NetBird's format (an upper-case UUID).
+fn random_setup_key() -> String {
+    let b: [u8; 16] = rand::random();
+    let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02X}")).collect::<String>();
+    format!(
+        "{}-{}-{}-{}-{}",
+        h(0..4),
+        h(4..6),
+        h(6..8),
+        h(8..10),
+        h(10..16)
+    )
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "netbird-proxy".into())
 }
 
 fn init_logging(level: &str) -> Result<(), String> {
@@ -69,7 +187,7 @@ fn init_logging(level: &str) -> Result<(), String> {
     let quiet = if level.contains('=') {
         ""
     } else {
-        ",smoltcp=info,boringtun=info"
+        ",smoltcp=info,boringtun=info,h2=info,tower=info,hyper_util=info"
     };
     let filter = EnvFilter::try_new(format!("{level}{quiet},fast_socks5=info"))
         .map_err(|e| format!("--log-level `{level}`: {e}"))?;
