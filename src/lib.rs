@@ -12,4 +12,5 @@ pub mod engine;
 pub mod netstack;
 pub mod packet;
 pub mod proxy;
+pub mod relay;
 pub mod wg;
