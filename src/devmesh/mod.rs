@@ -3,6 +3,7 @@
 //! every other.
 
 pub mod management;
+pub mod relay;
 pub mod relay_token;
 pub mod signal;
 
