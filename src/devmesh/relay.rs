@@ -83,6 +83,8 @@ impl DevRelay {
     }
 
     async fn connection(&self, stream: TcpStream) {
+        // The shape of this callback is tungstenite's, large error type included.
+        #[allow(clippy::result_large_err)]
         let only_relay_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
             if req.uri().path() == "/relay" {
                 Ok(resp)
