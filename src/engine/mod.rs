@@ -166,6 +166,8 @@ pub struct DataPath {
     pub wg: Arc<WgDevice>,
     pub netstack: Netstack,
     pub ready: Ready,
+    /// Where relay clients deliver the datagrams they receive.
+    pub relay_inbound: mpsc::Sender<crate::relay::client::Relayed>,
 }
 
 /// Build WireGuard, the netstack, the dialler and every listener; each task goes into `tasks`
@@ -196,7 +198,11 @@ pub async fn start_datapath(
         cancel.child_token(),
     );
     tasks.spawn(stack_task);
-    tasks.spawn(wg.clone().run(to_stack, from_stack, cancel.child_token()));
+    let (relay_inbound, relayed) = mpsc::channel(PACKET_CHANNEL);
+    tasks.spawn(
+        wg.clone()
+            .run(to_stack, from_stack, relayed, cancel.child_token()),
+    );
 
     let mut dns = Vec::new();
     for server in &spec.dns_servers {
@@ -267,6 +273,7 @@ pub async fn start_datapath(
         wg,
         netstack,
         ready,
+        relay_inbound,
     })
 }
 

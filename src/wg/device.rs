@@ -31,6 +31,8 @@ use tracing::{debug, info, trace};
 
 use super::router::AllowedIps;
 use crate::packet::PacketPool;
+use crate::relay::client::{RelayClient, Relayed};
+use crate::relay::messages::PeerId;
 
 /// Largest datagram we accept from the underlay.
 const MAX_DATAGRAM: usize = 65_535;
@@ -49,6 +51,42 @@ const HANDSHAKE_RATE_LIMIT: u64 = 200;
 /// WireGuard message type and size of a cookie reply.
 const COOKIE_REPLY_TYPE: u8 = 3;
 const COOKIE_REPLY_LEN: usize = 64;
+
+/// Where a peer's datagrams go: a UDP address, or a peer ID on a relay connection.
+#[derive(Clone, Debug)]
+pub enum PeerEndpoint {
+    Udp(SocketAddr),
+    Relay(Arc<RelayClient>, PeerId),
+}
+
+impl PartialEq for PeerEndpoint {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (PeerEndpoint::Udp(a), PeerEndpoint::Udp(b)) => a == b,
+            (PeerEndpoint::Relay(a, x), PeerEndpoint::Relay(b, y)) => Arc::ptr_eq(a, b) && x == y,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for PeerEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerEndpoint::Udp(a) => write!(f, "{a}"),
+            PeerEndpoint::Relay(c, _) => write!(f, "relay {}", c.instance_url()),
+        }
+    }
+}
+
+impl PeerEndpoint {
+    /// The address the rate limiter keys cookies on (none through a relay).
+    fn ip(&self) -> Option<IpAddr> {
+        match self {
+            PeerEndpoint::Udp(a) => Some(a.ip()),
+            PeerEndpoint::Relay(..) => None,
+        }
+    }
+}
 
 /// A peer as configured.
 #[derive(Clone, Debug)]
@@ -75,19 +113,22 @@ pub struct Peer {
     pub allowed_ips: Vec<IpNet>,
     pub counters: PeerCounters,
     tunn: Mutex<Tunn>,
-    endpoint: RwLock<Option<SocketAddr>>,
+    endpoint: RwLock<Option<PeerEndpoint>>,
 }
 
 impl Peer {
     /// The underlay address packets go to (updated by roaming).
-    pub fn endpoint(&self) -> Option<SocketAddr> {
-        *self.endpoint.read().unwrap_or_else(|e| e.into_inner())
+    pub fn endpoint(&self) -> Option<PeerEndpoint> {
+        self.endpoint
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    fn set_endpoint(&self, addr: SocketAddr) {
-        if self.endpoint() != Some(addr) {
-            debug!(peer = %short_key(&self.public_key), %addr, "peer endpoint");
-            *self.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+    fn set_endpoint(&self, to: &PeerEndpoint) {
+        if self.endpoint().as_ref() != Some(to) {
+            debug!(peer = %short_key(&self.public_key), endpoint = %to, "peer endpoint");
+            *self.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(to.clone());
         }
     }
 
@@ -209,7 +250,7 @@ impl WgDevice {
             allowed_ips: spec.allowed_ips,
             counters: PeerCounters::default(),
             tunn: Mutex::new(tunn),
-            endpoint: RwLock::new(spec.endpoint.map(canonical)),
+            endpoint: RwLock::new(spec.endpoint.map(|a| PeerEndpoint::Udp(canonical(a)))),
         });
         table.by_index.insert(index, peer);
     }
@@ -248,10 +289,11 @@ impl WgDevice {
         self: Arc<Self>,
         to_stack: mpsc::Sender<Vec<u8>>,
         from_stack: mpsc::Receiver<Vec<u8>>,
+        relayed: mpsc::Receiver<Relayed>,
         cancel: CancellationToken,
     ) {
         self.initiate_handshakes().await;
-        let rx = self.clone().rx_loop(to_stack);
+        let rx = self.clone().rx_loop(to_stack, relayed);
         let tx = self.clone().tx_loop(from_stack);
         let timers = self.clone().timer_loop();
         tokio::select! {
@@ -277,34 +319,50 @@ impl WgDevice {
                 TunnResult::WriteToNetwork(b) => b.len(),
                 _ => continue,
             };
-            self.send_datagram(&buf[..len], endpoint).await;
+            self.send_datagram(&buf[..len], &endpoint).await;
         }
     }
 
-    async fn rx_loop(self: Arc<Self>, to_stack: mpsc::Sender<Vec<u8>>) {
+    async fn rx_loop(
+        self: Arc<Self>,
+        to_stack: mpsc::Sender<Vec<u8>>,
+        mut relayed: mpsc::Receiver<Relayed>,
+    ) {
         let mut datagram = vec![0u8; MAX_DATAGRAM];
+        let mut relay_open = true;
         loop {
-            let (n, src) = match self.socket.recv_from(&mut datagram).await {
-                Ok(r) => r,
-                Err(e) => {
-                    // ICMP errors from earlier sends surface here on some systems; not fatal.
-                    trace!("udp recv: {e}");
-                    continue;
-                }
+            let relayed_msg;
+            let (data, src) = tokio::select! {
+                r = self.socket.recv_from(&mut datagram) => match r {
+                    Ok((n, from)) => (&datagram[..n], PeerEndpoint::Udp(canonical(from))),
+                    Err(e) => {
+                        // ICMP errors from earlier sends surface here on some systems.
+                        trace!("udp recv: {e}");
+                        continue;
+                    }
+                },
+                m = relayed.recv(), if relay_open => match m {
+                    Some(m) => {
+                        relayed_msg = m;
+                        (
+                            relayed_msg.data.as_slice(),
+                            PeerEndpoint::Relay(relayed_msg.client.clone(), relayed_msg.from),
+                        )
+                    }
+                    None => {
+                        relay_open = false;
+                        continue;
+                    }
+                },
             };
-            let src = canonical(src);
-            let data = &datagram[..n];
             // Handshake messages pass mac1 and, under load, the cookie check before any costly
             // work (recovering the sender's key) and before they can move an endpoint.
             if matches!(data.first(), Some(1 | 2)) {
                 let mut cookie = [0u8; COOKIE_REPLY_LEN];
-                match self
-                    .rate_limiter
-                    .verify_packet(Some(src.ip()), data, &mut cookie)
-                {
+                match self.rate_limiter.verify_packet(src.ip(), data, &mut cookie) {
                     Ok(_) => {}
                     Err(TunnResult::WriteToNetwork(reply)) => {
-                        self.try_send(reply, src);
+                        self.try_send(reply, &src);
                         continue;
                     }
                     Err(_) => {
@@ -317,7 +375,7 @@ impl WgDevice {
                 self.counters.rx_unknown.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            if let Some(pkt) = self.decapsulate(&peer, src, data)
+            if let Some(pkt) = self.decapsulate(&peer, &src, data)
                 && to_stack.send(pkt).await.is_err()
             {
                 return;
@@ -344,7 +402,7 @@ impl WgDevice {
 
     /// Decrypt one datagram for peer `idx`; returns an IP packet for the netstack, if any.
     /// Handshake replies and packets queued during the handshake are sent from here.
-    fn decapsulate(&self, peer: &Peer, src: SocketAddr, data: &[u8]) -> Option<Vec<u8>> {
+    fn decapsulate(&self, peer: &Peer, src: &PeerEndpoint, data: &[u8]) -> Option<Vec<u8>> {
         if data.len() > self.pool.buf_size() {
             self.counters.rx_oversized.fetch_add(1, Ordering::Relaxed);
             trace!(
@@ -356,7 +414,7 @@ impl WgDevice {
         let mut out = self.pool.get();
         let mut deliver = None;
         let mut tunn = peer.lock_tunn();
-        match tunn.decapsulate(Some(src.ip()), data, &mut out) {
+        match tunn.decapsulate(src.ip(), data, &mut out) {
             // A cookie reply answers an unverified sender: it moves nothing.
             TunnResult::WriteToNetwork(reply) if reply.first() == Some(&COOKIE_REPLY_TYPE) => {
                 self.try_send(reply, src);
@@ -405,14 +463,14 @@ impl WgDevice {
         let mut out = vec![0u8; self.pool.buf_size() + DATA_OVERHEAD + HANDSHAKE_INIT_LEN];
         while let Some(pkt) = from_stack.recv().await {
             if let Some((len, endpoint)) = self.encapsulate(&pkt, &mut out) {
-                self.send_datagram(&out[..len], endpoint).await;
+                self.send_datagram(&out[..len], &endpoint).await;
             }
             self.pool.put(pkt);
         }
     }
 
     /// Encrypt one IP packet into `out`; returns the datagram length and where it goes.
-    fn encapsulate(&self, pkt: &[u8], out: &mut [u8]) -> Option<(usize, SocketAddr)> {
+    fn encapsulate(&self, pkt: &[u8], out: &mut [u8]) -> Option<(usize, PeerEndpoint)> {
         if pkt.len() + DATA_OVERHEAD > out.len() {
             return None;
         }
@@ -457,24 +515,72 @@ impl WgDevice {
                     _ => continue,
                 };
                 if let Some(endpoint) = peer.endpoint() {
-                    self.send_datagram(&buf[..len], endpoint).await;
+                    self.send_datagram(&buf[..len], &endpoint).await;
                 }
             }
         }
     }
 
-    async fn send_datagram(&self, data: &[u8], to: SocketAddr) {
-        if let Err(e) = self.socket.send_to(data, self.wire_addr(to)).await {
-            self.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
-            trace!(%to, "udp send: {e}");
+    async fn send_datagram(&self, data: &[u8], to: &PeerEndpoint) {
+        match to {
+            PeerEndpoint::Udp(addr) => {
+                if let Err(e) = self.socket.send_to(data, self.wire_addr(*addr)).await {
+                    self.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+                    trace!(%addr, "udp send: {e}");
+                }
+            }
+            PeerEndpoint::Relay(..) => self.try_send(data, to),
         }
     }
 
     /// Non-blocking send for replies produced while a peer's lock is held.
-    fn try_send(&self, data: &[u8], to: SocketAddr) {
-        if self.socket.try_send_to(data, self.wire_addr(to)).is_err() {
+    fn try_send(&self, data: &[u8], to: &PeerEndpoint) {
+        let sent = match to {
+            PeerEndpoint::Udp(addr) => self.socket.try_send_to(data, self.wire_addr(*addr)).is_ok(),
+            PeerEndpoint::Relay(client, peer) => client.send_to(peer, data),
+        };
+        if !sent {
             self.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Point a peer at `endpoint` (after negotiation); returns false for an unknown peer.
+    pub fn set_peer_endpoint(&self, public_key: &[u8; 32], endpoint: PeerEndpoint) -> bool {
+        let table = self.table();
+        let Some(peer) = table
+            .by_key
+            .get(public_key)
+            .and_then(|i| table.by_index.get(i))
+        else {
+            return false;
+        };
+        peer.set_endpoint(&endpoint);
+        true
+    }
+
+    /// Start a handshake with a peer now (the initiating side after negotiation).
+    pub async fn initiate_handshake(&self, public_key: &[u8; 32]) {
+        let peer = {
+            let table = self.table();
+            table
+                .by_key
+                .get(public_key)
+                .and_then(|i| table.by_index.get(i))
+                .cloned()
+        };
+        let Some(peer) = peer else { return };
+        let Some(endpoint) = peer.endpoint() else {
+            return;
+        };
+        let mut buf = [0u8; HANDSHAKE_INIT_LEN];
+        let len = match peer
+            .lock_tunn()
+            .format_handshake_initiation(&mut buf, false)
+        {
+            TunnResult::WriteToNetwork(b) => b.len(),
+            _ => return,
+        };
+        self.send_datagram(&buf[..len], &endpoint).await;
     }
 
     /// A dual-stack IPv6 socket needs IPv4 destinations in mapped form.
