@@ -58,6 +58,11 @@ pub struct Cli {
     #[arg(long, env = "NB_FORWARD", value_name = "[ADDR:]LPORT:HOST:PORT", value_delimiter = ',', value_parser = parse_forward)]
     pub forward: Vec<Forward>,
 
+    /// Expose a local TCP service on our mesh address: connections to MESHPORT on the overlay
+    /// IP are forwarded to ADDR:PORT (a bare PORT means 127.0.0.1). Repeatable.
+    #[arg(long, env = "NB_EXPOSE", value_name = "MESHPORT=[ADDR:]PORT", value_delimiter = ',', value_parser = parse_expose)]
+    pub expose: Vec<Expose>,
+
     /// Require this user name and password on the SOCKS5 listeners (RFC 1929).
     #[arg(
         long,
@@ -125,6 +130,29 @@ pub enum Command {
 pub struct Forward {
     pub listen: SocketAddr,
     pub target: Target,
+}
+
+/// One `--expose`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expose {
+    pub mesh_port: u16,
+    pub local: SocketAddr,
+}
+
+/// `MESHPORT=[ADDR:]PORT`.
+pub fn parse_expose(s: &str) -> Result<Expose, String> {
+    let (mesh, local) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not MESHPORT=[ADDR:]PORT"))?;
+    let mesh_port: u16 = mesh
+        .parse()
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| format!("`{mesh}` is not a port"))?;
+    Ok(Expose {
+        mesh_port,
+        local: parse_listen(local)?,
+    })
 }
 
 /// `[ADDR:]PORT`; a bare port binds loopback, so nothing is exposed by accident.
@@ -229,6 +257,24 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["netbird-proxy", "--socks", "1", "dev-mesh"]).is_err());
+    }
+
+    #[test]
+    fn exposes() {
+        assert_eq!(
+            parse_expose("80=8080").unwrap(),
+            Expose {
+                mesh_port: 80,
+                local: "127.0.0.1:8080".parse().unwrap()
+            }
+        );
+        assert_eq!(
+            parse_expose("22=10.1.2.3:2222").unwrap().local,
+            "10.1.2.3:2222".parse().unwrap()
+        );
+        for bad in ["80", "0=1", "x=1", "80=host:1"] {
+            assert!(parse_expose(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -51,14 +51,19 @@ async fn run(cli: Cli) -> ExitCode {
     {
         return run_dev_mesh(listen, setup_key, domain).await;
     }
-    if cli.socks.is_empty() && cli.http.is_empty() && cli.forward.is_empty() {
-        eprintln!("netbird-proxy: nothing to serve: give --socks, --http or --forward");
+    if cli.socks.is_empty()
+        && cli.http.is_empty()
+        && cli.forward.is_empty()
+        && cli.expose.is_empty()
+    {
+        eprintln!("netbird-proxy: nothing to serve: give --socks, --http, --forward or --expose");
         return ExitCode::from(2);
     }
     let options = ProxyOptions {
         socks: cli.socks,
         http: cli.http,
         forwards: cli.forward,
+        exposes: cli.expose,
         socks_auth: cli.socks_auth,
         http_auth: cli.http_auth,
         allow_direct: !cli.no_direct,
@@ -149,8 +154,8 @@ async fn run_dev_mesh(
     println!("management {}", mesh.management_url);
     println!("setup-key {}", mesh.setup_key);
     eprintln!(
-        "netbird-proxy dev-mesh ready: management {}; signal {}",
-        mesh.management_url, mesh.signal_addr
+        "netbird-proxy dev-mesh ready: management {}; signal {}; relay {}",
+        mesh.management_url, mesh.signal_addr, mesh.relay_url
     );
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone());

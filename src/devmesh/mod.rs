@@ -18,12 +18,14 @@ use tonic::transport::server::TcpIncoming;
 use crate::control::management::management_service_server::ManagementServiceServer;
 use crate::control::signal::signal_exchange_server::SignalExchangeServer;
 use management::{DevManagement, ManagementSettings};
+use relay::DevRelay;
 use signal::DevSignal;
 
 /// Settings of a dev mesh.
 #[derive(Clone, Debug)]
 pub struct DevMeshConfig {
-    /// Management's address; signal listens on the next port (both ephemeral with port 0).
+    /// Management's address; signal listens on the next port and the relay on the one after
+    /// (all ephemeral with port 0).
     pub listen: SocketAddr,
     pub setup_key: String,
     pub domain: String,
@@ -35,6 +37,7 @@ pub struct DevMeshConfig {
 pub struct DevMesh {
     pub management_url: String,
     pub signal_addr: SocketAddr,
+    pub relay_url: String,
     pub setup_key: String,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
@@ -54,6 +57,14 @@ impl DevMesh {
         };
         let signal = TcpListener::bind(SocketAddr::new(config.listen.ip(), signal_port)).await?;
         let signal_addr = signal.local_addr()?;
+        let relay_port = if signal_port == 0 {
+            0
+        } else {
+            signal_port.saturating_add(1)
+        };
+        let relay = TcpListener::bind(SocketAddr::new(config.listen.ip(), relay_port)).await?;
+        let relay_url = format!("rel://{}", relay.local_addr()?);
+        let relay_secret = rand::random::<[u8; 32]>().to_vec();
         let service = DevManagement::new(ManagementSettings {
             setup_key: config.setup_key.clone(),
             domain: config.domain.clone(),
@@ -61,8 +72,8 @@ impl DevMesh {
                 .signal_override
                 .clone()
                 .unwrap_or_else(|| signal_addr.to_string()),
-            relay_urls: Vec::new(),
-            relay_secret: rand::random::<[u8; 32]>().to_vec(),
+            relay_urls: vec![relay_url.clone()],
+            relay_secret: relay_secret.clone(),
         });
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -86,9 +97,11 @@ impl DevMesh {
                 )
                 .await;
         });
+        tasks.spawn(DevRelay::new(relay_secret, relay_url.clone()).serve(relay, cancel.clone()));
         Ok(Self {
             management_url: format!("http://{management_addr}"),
             signal_addr,
+            relay_url,
             setup_key: config.setup_key,
             cancel,
             tasks,

@@ -5,6 +5,7 @@
 //! after they have finished (bounded by `SHUTDOWN_GRACE`), so ports are free when it returns.
 //! The NetBird engine of the control-plane issue will drive the same pieces.
 
+pub mod negotiation;
 pub mod netbird;
 pub mod supervisor;
 
@@ -20,7 +21,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cli::Forward;
+use crate::cli::{Expose, Forward};
 use crate::netstack::{Netstack, NetstackConfig};
 use crate::packet::PacketPool;
 use crate::proxy::dial::Dialer;
@@ -42,6 +43,7 @@ pub struct ProxyOptions {
     pub socks: Vec<SocketAddr>,
     pub http: Vec<SocketAddr>,
     pub forwards: Vec<Forward>,
+    pub exposes: Vec<Expose>,
     pub socks_auth: Option<Credentials>,
     pub http_auth: Option<Credentials>,
     pub allow_direct: bool,
@@ -59,6 +61,8 @@ pub enum DataPathError {
     },
     #[error("cannot open the WireGuard UDP socket: {0}")]
     Socket(std::io::Error),
+    #[error("cannot expose mesh port {port}: {reason}")]
+    Expose { port: u16, reason: String },
     #[error("cannot listen on {addr} for {what}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -269,12 +273,39 @@ pub async fn start_datapath(
             cancel.child_token(),
         ));
     }
+    for e in &options.exposes {
+        let listener = netstack
+            .listen(e.mesh_port)
+            .await
+            .map_err(|err| DataPathError::Expose {
+                port: e.mesh_port,
+                reason: err.to_string(),
+            })?;
+        let mesh_addr = spec_first_addr(&ready.mesh, e.mesh_port);
+        ready
+            .listeners
+            .push(("expose", mesh_addr, format!("->{}", e.local)));
+        tasks.spawn(crate::proxy::forward::serve_exposed(
+            listener,
+            e.local,
+            cancel.child_token(),
+        ));
+    }
     Ok(DataPath {
         wg,
         netstack,
         ready,
         relay_inbound,
     })
+}
+
+/// Our first mesh address with `port`, for display.
+fn spec_first_addr(mesh: &[IpNet], port: u16) -> SocketAddr {
+    let ip = mesh
+        .first()
+        .map(|n| n.addr())
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    SocketAddr::new(ip, port)
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, DataPathError> {

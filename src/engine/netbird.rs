@@ -21,13 +21,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::negotiation::{Negotiator, PeerEvent};
 use super::{DataPathError, DataPathSpec, ProxyOptions, Ready, start_datapath};
 use crate::control::envelope::key_string;
 use crate::control::management::HostConfig;
 use crate::control::management::host_config::Protocol;
 use crate::control::management_client::{ManagementClient, ManagementError, system_meta};
 use crate::control::mesh::{Change, MeshState, RemotePeer, parse_local};
-use crate::control::signal_client::{Incoming, SignalClient, SignalError};
+use crate::control::signal_client::{SignalClient, SignalError};
+use crate::relay::client::RelayClient;
 use crate::wg::{PeerSpec, WgDevice};
 
 /// Keepalive NetBird uses towards every peer.
@@ -79,6 +81,8 @@ pub enum EngineError {
     Config(String),
     #[error(transparent)]
     DataPath(#[from] DataPathError),
+    #[error(transparent)]
+    Relay(#[from] crate::relay::client::RelayError),
 }
 
 impl EngineError {
@@ -249,20 +253,73 @@ impl Engine {
         let datapath =
             start_datapath(spec, cfg.proxy.clone(), &self.cancel, &mut state.tasks).await?;
 
+        // Home relay: the first URL that accepts our token. Without one, peers cannot be
+        // reached yet, but the rest of the engine runs (and a lost relay rebuilds the engine).
+        let own_key = cfg.key_string();
+        let relay = match &mesh.relay {
+            Some(settings) => {
+                let mut home = None;
+                for url in &settings.urls {
+                    let attempt = RelayClient::connect(
+                        url,
+                        &own_key,
+                        &settings.token_payload,
+                        &settings.token_signature,
+                        datapath.relay_inbound.clone(),
+                        self.cancel.child_token(),
+                    );
+                    match self.step(attempt).await {
+                        Ok(client) => {
+                            home = Some(client);
+                            break;
+                        }
+                        Err(EngineError::Cancelled) => return Err(EngineError::Cancelled),
+                        Err(e) => warn!("{e}"),
+                    }
+                }
+                home
+            }
+            None => None,
+        };
+        if let Some(relay) = &relay {
+            let relay = relay.clone();
+            let (cancel, cycle, reset) =
+                (self.cancel.clone(), self.cycle.clone(), self.reset.clone());
+            state.tasks.spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = relay.closed() => {
+                        warn!("relay connection lost; rebuilding the engine");
+                        reset.store(true, Ordering::SeqCst);
+                        cycle.cancel();
+                    }
+                }
+            });
+        }
+
         let sync = self.step(management.sync(meta)).await?;
         mesh.local = Some(local);
+        let (events_tx, events_rx) = mpsc::channel(256);
         state.tasks.spawn(follow_sync(
             sync,
             mesh,
             cfg.key_string(),
             datapath.wg.clone(),
+            events_tx,
             self.cancel.clone(),
             self.cycle.clone(),
             self.reset.clone(),
         ));
+        let negotiator = Negotiator {
+            own_key: cfg.key_string(),
+            wg: datapath.wg.clone(),
+            signal,
+            relay,
+            wg_port: datapath.ready.wireguard.port(),
+        };
         state
             .tasks
-            .spawn(drain_signal(inbox_rx, self.cancel.clone()));
+            .spawn(negotiator.run(events_rx, inbox_rx, self.cancel.clone()));
         Ok(datapath.ready)
     }
 }
@@ -283,6 +340,7 @@ async fn follow_sync(
     mut mesh: MeshState,
     own_key: String,
     wg: Arc<WgDevice>,
+    events: mpsc::Sender<PeerEvent>,
     cancel: CancellationToken,
     cycle: CancellationToken,
     reset: Arc<AtomicBool>,
@@ -311,11 +369,13 @@ async fn follow_sync(
                 Change::PeerAdded(p) | Change::PeerChanged(p) => {
                     debug!(peer = %p.fqdn, "peer added");
                     wg.add_peer(peer_spec(&p));
+                    let _ = events.send(PeerEvent::Added(p)).await;
                 }
                 Change::PeerRemoved(key) => {
                     if let Ok(k) = crate::control::envelope::parse_key_string(&key) {
                         wg.remove_peer(&k);
                     }
+                    let _ = events.send(PeerEvent::Removed(key)).await;
                 }
                 Change::AddressChanged { old, new } => {
                     info!(%old, %new, "our address changed; rebuilding the engine");
@@ -338,20 +398,5 @@ fn peer_spec(p: &RemotePeer) -> PeerSpec {
         endpoint: None,
         allowed_ips: p.allowed_ips.clone(),
         persistent_keepalive: Some(PEER_KEEPALIVE),
-    }
-}
-
-/// Peer negotiation (offers and answers over the relay) arrives with the relay client; until
-/// then, messages from peers are read promptly (signal cuts streams that are not drained) and
-/// logged.
-async fn drain_signal(mut inbox: mpsc::Receiver<Incoming>, cancel: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            m = inbox.recv() => match m {
-                Some(m) => debug!(from = %m.from, kind = m.body.r#type, "signal message (relay negotiation not yet available)"),
-                None => return,
-            },
-        }
     }
 }

@@ -27,3 +27,38 @@ pub async fn serve(
     })
     .await
 }
+
+/// Accept mesh connections on `listener` and relay each to the local service `local`.
+pub async fn serve_exposed(
+    mut listener: crate::netstack::TcpListener,
+    local: std::net::SocketAddr,
+    cancel: CancellationToken,
+) {
+    loop {
+        let mut client = tokio::select! {
+            _ = cancel.cancelled() => return,
+            c = listener.accept() => match c {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let from = client.peer_addr();
+            let work = async {
+                match tokio::net::TcpStream::connect(local).await {
+                    Ok(mut upstream) => {
+                        let _ = upstream.set_nodelay(true);
+                        relay::bidirectional(&mut client, &mut upstream).await
+                    }
+                    // The mesh client sees the connection close; the reason goes to the log.
+                    Err(e) => warn!(%from, %local, "expose: {e}"),
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = work => {}
+            }
+        });
+    }
+}
