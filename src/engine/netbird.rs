@@ -64,6 +64,22 @@ impl MeshConfig {
     }
 }
 
+/// What a subsystem task needs to end with the engine or ask for a new one.
+#[derive(Clone)]
+struct Lifeline {
+    cancel: CancellationToken,
+    cycle: CancellationToken,
+    reset: Arc<AtomicBool>,
+}
+
+impl Lifeline {
+    /// Mark the engine for a rebuild and end the cycle; the supervisor does the rest.
+    fn request_rebuild(&self) {
+        self.reset.store(true, Ordering::SeqCst);
+        self.cycle.cancel();
+    }
+}
+
 /// Why an engine did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -131,6 +147,14 @@ impl Engine {
                 phase: Phase::New,
                 tasks: JoinSet::new(),
             }),
+        }
+    }
+
+    fn lifeline(&self) -> Lifeline {
+        Lifeline {
+            cancel: self.cancel.clone(),
+            cycle: self.cycle.clone(),
+            reset: self.reset.clone(),
         }
     }
 
@@ -283,15 +307,13 @@ impl Engine {
         };
         if let Some(relay) = &relay {
             let relay = relay.clone();
-            let (cancel, cycle, reset) =
-                (self.cancel.clone(), self.cycle.clone(), self.reset.clone());
+            let life = self.lifeline();
             state.tasks.spawn(async move {
                 tokio::select! {
-                    _ = cancel.cancelled() => {}
+                    _ = life.cancel.cancelled() => {}
                     _ = relay.closed() => {
                         warn!("relay connection lost; rebuilding the engine");
-                        reset.store(true, Ordering::SeqCst);
-                        cycle.cancel();
+                        life.request_rebuild();
                     }
                 }
             });
@@ -306,9 +328,7 @@ impl Engine {
             cfg.key_string(),
             datapath.wg.clone(),
             events_tx,
-            self.cancel.clone(),
-            self.cycle.clone(),
-            self.reset.clone(),
+            self.lifeline(),
         ));
         let negotiator = Negotiator {
             own_key: cfg.key_string(),
@@ -341,13 +361,11 @@ async fn follow_sync(
     own_key: String,
     wg: Arc<WgDevice>,
     events: mpsc::Sender<PeerEvent>,
-    cancel: CancellationToken,
-    cycle: CancellationToken,
-    reset: Arc<AtomicBool>,
+    life: Lifeline,
 ) {
     loop {
         let update = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = life.cancel.cancelled() => return,
             u = sync.next() => u,
         };
         let update = match update {
@@ -379,16 +397,14 @@ async fn follow_sync(
                 }
                 Change::AddressChanged { old, new } => {
                     info!(%old, %new, "our address changed; rebuilding the engine");
-                    reset.store(true, Ordering::SeqCst);
-                    cycle.cancel();
+                    life.request_rebuild();
                     return;
                 }
                 Change::PeerRenamed { .. } | Change::Relay(_) | Change::Signal(_) => {}
             }
         }
     }
-    reset.store(true, Ordering::SeqCst);
-    cycle.cancel();
+    life.request_rebuild();
 }
 
 fn peer_spec(p: &RemotePeer) -> PeerSpec {
