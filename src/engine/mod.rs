@@ -25,7 +25,7 @@ use crate::cli::{Expose, Forward};
 use crate::netstack::{Netstack, NetstackConfig};
 use crate::packet::PacketPool;
 use crate::proxy::dial::Dialer;
-use crate::proxy::dns::Resolver;
+use crate::proxy::dns::{MeshNames, Resolver};
 use crate::proxy::{Credentials, forward, http, socks5};
 use crate::wg::config::Endpoint;
 use crate::wg::{PeerSpec, WgConfig, WgDevice};
@@ -148,6 +148,7 @@ async fn start_static(
         peers,
         dns_servers: config.interface.dns.clone(),
         dns_search: config.interface.dns_search.clone(),
+        names: MeshNames::default(),
     };
     let datapath = start_datapath(spec, options, cancel, tasks).await?;
     on_ready(&datapath.ready);
@@ -163,6 +164,8 @@ pub struct DataPathSpec {
     pub peers: Vec<PeerSpec>,
     pub dns_servers: Vec<std::net::IpAddr>,
     pub dns_search: Vec<String>,
+    /// Peer names from the network map (empty for a static config).
+    pub names: MeshNames,
 }
 
 /// A running data path: its tasks are in the `JoinSet` given to `start_datapath`.
@@ -216,7 +219,7 @@ pub async fn start_datapath(
             warn!(%server, "DNS server is outside every peer's AllowedIPs; not used");
         }
     }
-    let resolver = Resolver::new(netstack.clone(), dns, spec.dns_search);
+    let resolver = Resolver::new(netstack.clone(), spec.names, dns, spec.dns_search);
     if resolver.uses_tunnel() {
         info!("host names resolve through the tunnel");
     }

@@ -29,6 +29,7 @@ use crate::control::management::host_config::Protocol;
 use crate::control::management_client::{ManagementClient, ManagementError, system_meta};
 use crate::control::mesh::{Change, MeshState, RemotePeer, parse_local};
 use crate::control::signal_client::{SignalClient, SignalError};
+use crate::proxy::dns::MeshNames;
 use crate::relay::client::RelayClient;
 use crate::wg::{PeerSpec, WgDevice};
 
@@ -262,7 +263,8 @@ impl Engine {
         self.step(signal.wait_stream_connected(&self.cancel))
             .await?;
 
-        // Data path on our overlay address; peers arrive with the network map.
+        // Data path on our overlay address; peers and their names arrive with the network map.
+        let names = MeshNames::default();
         let spec = DataPathSpec {
             private_key: cfg.private_key,
             listen_port: cfg.wg_port,
@@ -273,6 +275,7 @@ impl Engine {
             peers: Vec::new(),
             dns_servers: Vec::new(),
             dns_search: Vec::new(),
+            names: names.clone(),
         };
         let datapath =
             start_datapath(spec, cfg.proxy.clone(), &self.cancel, &mut state.tasks).await?;
@@ -328,6 +331,7 @@ impl Engine {
             cfg.key_string(),
             datapath.wg.clone(),
             events_tx,
+            names,
             self.lifeline(),
         ));
         let negotiator = Negotiator {
@@ -361,6 +365,7 @@ async fn follow_sync(
     own_key: String,
     wg: Arc<WgDevice>,
     events: mpsc::Sender<PeerEvent>,
+    names: MeshNames,
     life: Lifeline,
 ) {
     loop {
@@ -403,6 +408,16 @@ async fn follow_sync(
                 Change::PeerRenamed { .. } | Change::Relay(_) | Change::Signal(_) => {}
             }
         }
+        let mut known: Vec<(String, std::net::IpAddr)> = mesh
+            .peers
+            .values()
+            .filter(|p| !p.fqdn.is_empty())
+            .filter_map(|p| Some((p.fqdn.clone(), MeshState::overlay_ip(p)?)))
+            .collect();
+        if let Some(local) = mesh.local.as_ref().filter(|l| !l.fqdn.is_empty()) {
+            known.push((local.fqdn.clone(), local.address.addr()));
+        }
+        names.replace(known);
     }
     life.request_rebuild();
 }

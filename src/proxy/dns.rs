@@ -4,8 +4,10 @@
 //! The message codec (`build_query`, `parse_answer`) is pure and unit-tested; `Resolver` adds the
 //! exchange with timeouts and retries. Messages come from hickory-proto, not a hand-written codec.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
@@ -73,10 +75,36 @@ pub fn parse_answer(bytes: &[u8], id: u16) -> Option<Answer> {
     Some(Answer::Addresses(addrs))
 }
 
+/// Names of mesh peers (FQDNs from the network map), answered before any DNS server.
+#[derive(Clone, Debug, Default)]
+pub struct MeshNames(Arc<RwLock<HashMap<String, IpAddr>>>);
+
+impl MeshNames {
+    /// The address of `name` (case-insensitive, trailing dot ignored).
+    pub fn lookup(&self, name: &str) -> Option<IpAddr> {
+        let key = name.trim_end_matches('.').to_ascii_lowercase();
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .copied()
+    }
+
+    /// Replace every name at once.
+    pub fn replace(&self, names: impl IntoIterator<Item = (String, IpAddr)>) {
+        let map = names
+            .into_iter()
+            .map(|(n, ip)| (n.trim_end_matches('.').to_ascii_lowercase(), ip))
+            .collect();
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = map;
+    }
+}
+
 /// Resolves host names for the dialler.
 #[derive(Clone)]
 pub struct Resolver {
     netstack: Netstack,
+    names: MeshNames,
     servers: Vec<IpAddr>,
     search: Vec<String>,
     timeout: Duration,
@@ -85,9 +113,15 @@ pub struct Resolver {
 
 impl Resolver {
     /// Resolve through `servers` over the tunnel; with no servers, use the host resolver.
-    pub fn new(netstack: Netstack, servers: Vec<IpAddr>, search: Vec<String>) -> Self {
+    pub fn new(
+        netstack: Netstack,
+        names: MeshNames,
+        servers: Vec<IpAddr>,
+        search: Vec<String>,
+    ) -> Self {
         Self {
             netstack,
+            names,
             servers,
             search,
             timeout: Duration::from_secs(2),
@@ -104,6 +138,9 @@ impl Resolver {
     pub async fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, ResolveError> {
         let host = host.trim_end_matches('.');
         if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse() {
+            return Ok(vec![ip]);
+        }
+        if let Some(ip) = self.names.lookup(host) {
             return Ok(vec![ip]);
         }
         if host.is_empty() || host.len() > 253 {
@@ -262,6 +299,24 @@ mod tests {
             ]))
         );
         assert_eq!(parse_answer(&bytes, 10), None, "wrong transaction id");
+    }
+
+    #[test]
+    fn mesh_names_are_case_insensitive() {
+        let names = MeshNames::default();
+        names.replace([(
+            "Bravo.NetBird.Test.".to_string(),
+            "100.64.0.3".parse().unwrap(),
+        )]);
+        assert_eq!(
+            names.lookup("bravo.netbird.test"),
+            Some("100.64.0.3".parse().unwrap())
+        );
+        assert_eq!(
+            names.lookup("BRAVO.netbird.test."),
+            Some("100.64.0.3".parse().unwrap())
+        );
+        assert_eq!(names.lookup("alpha.netbird.test"), None);
     }
 
     #[test]

@@ -381,6 +381,7 @@ pub struct Proxy {
     pub socks: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
     pub forwards: Vec<SocketAddr>,
+    pub mesh_ip: Option<std::net::IpAddr>,
     pub ready_line: String,
     log: std::sync::Arc<std::sync::Mutex<String>>,
 }
@@ -392,9 +393,13 @@ pub fn binary() -> &'static str {
 impl Proxy {
     /// Start `netbird-proxy --wg-config CONFIG ARGS...` and wait for its ready line.
     pub fn start(config: &Path, args: &[&str]) -> Self {
+        let config = config.to_str().unwrap();
+        Self::spawn(&[&["--wg-config", config], args].concat())
+    }
+
+    /// Start `netbird-proxy ARGS...` and wait for its ready line.
+    pub fn spawn(args: &[&str]) -> Self {
         let mut child = Command::new(binary())
-            .arg("--wg-config")
-            .arg(config)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -416,7 +421,7 @@ impl Proxy {
                 l.push('\n');
             }
         });
-        let ready_line = match rx.recv_timeout(Duration::from_secs(15)) {
+        let ready_line = match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(l) => l,
             Err(_) => {
                 let _ = child.kill();
@@ -428,10 +433,14 @@ impl Proxy {
             socks: None,
             http: None,
             forwards: Vec::new(),
+            mesh_ip: None,
             ready_line: ready_line.clone(),
             log,
         };
-        for part in ready_line.split("; ") {
+        let body = ready_line
+            .trim_start_matches("netbird-proxy ready: ")
+            .to_string();
+        for part in body.split("; ") {
             let mut words = part.split_whitespace();
             let (Some(kind), Some(addr)) = (words.next(), words.next()) else {
                 continue;
@@ -441,6 +450,7 @@ impl Proxy {
                 "socks5" => proxy.socks = addr.parse().ok(),
                 "http" => proxy.http = addr.parse().ok(),
                 "forward" => proxy.forwards.push(addr.parse().unwrap()),
+                "mesh" => proxy.mesh_ip = addr.split('/').next().and_then(|a| a.parse().ok()),
                 _ => {}
             }
         }

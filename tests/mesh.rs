@@ -1,0 +1,252 @@
+//! The NetBird mesh end to end, as separate processes: `netbird-proxy dev-mesh` serves
+//! management, signal and relay on loopback; proxies A, B and C join it with the setup key; B
+//! and C expose a local HTTP server on their overlay IPs; A reaches both through SOCKS5 and the
+//! HTTP proxy, by FQDN and by overlay IP, with SHA-256-verified transfers.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct DevMeshProcess {
+    child: Child,
+    management: String,
+    setup_key: String,
+}
+
+impl DevMeshProcess {
+    fn start() -> Self {
+        let mut child = Command::new(binary())
+            .args([
+                "dev-mesh",
+                "--listen",
+                "127.0.0.1:0",
+                "--domain",
+                "mesh.test",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dev-mesh");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let management = lines.next().unwrap().unwrap();
+        let setup_key = lines.next().unwrap().unwrap();
+        Self {
+            child,
+            management: management.strip_prefix("management ").unwrap().to_string(),
+            setup_key: setup_key.strip_prefix("setup-key ").unwrap().to_string(),
+        }
+    }
+}
+
+impl Drop for DevMeshProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The fixture HTTP server on loopback (GET files, POST digests).
+struct LocalServer {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl LocalServer {
+    fn start(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("nbp-mesh-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("index.html"), format!("hello from {name}\n")).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let echo = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peer_server.py");
+        let child = Command::new("python3")
+            .arg(server)
+            .args(["--bind", "127.0.0.1", "--http-port", &port.to_string()])
+            .args(["--echo-port", &echo.to_string(), "--dir"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(
+            Duration::from_secs(10),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            "local HTTP server",
+        );
+        Self { child, port, dir }
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn join(mesh: &DevMeshProcess, state_dir: &std::path::Path, name: &str, extra: &[&str]) -> Proxy {
+    let state = state_dir.join(name);
+    let args = [
+        &[
+            "--management-url",
+            &mesh.management,
+            "--setup-key",
+            &mesh.setup_key,
+            "--hostname",
+            name,
+            "--state",
+            state.to_str().unwrap(),
+        ][..],
+        extra,
+    ]
+    .concat();
+    Proxy::spawn(&args)
+}
+
+/// curl through a proxy until the peer answers (the relay handshake takes a moment).
+fn fetch_until_ok(args: &[&str], limit: Duration) -> (i32, Vec<u8>, String) {
+    let start = Instant::now();
+    loop {
+        let r = curl(&[&["--max-time", "10"], args].concat());
+        if r.0 == 0 || start.elapsed() > limit {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Acceptance 1 of the mesh issue.
+#[test]
+fn peers_reach_each_other_by_name_and_ip_through_socks_and_http() {
+    let mesh = DevMeshProcess::start();
+    let state_dir = std::env::temp_dir().join(format!("nbp-mesh-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let web_b = LocalServer::start("bravo");
+    let web_c = LocalServer::start("charlie");
+    const LEN: usize = 16 << 20;
+    let sha_b = sha256_hex(&{
+        let data = random_bytes(LEN);
+        std::fs::write(web_b.dir.join("big.bin"), &data).unwrap();
+        data
+    });
+    let b = join(
+        &mesh,
+        &state_dir,
+        "bravo",
+        &["--expose", &format!("80={}", web_b.port)],
+    );
+    let c = join(
+        &mesh,
+        &state_dir,
+        "charlie",
+        &["--expose", &format!("8080={}", web_c.port)],
+    );
+    let a = join(
+        &mesh,
+        &state_dir,
+        "alpha",
+        &["--socks", "0", "--http", "0", "--no-direct"],
+    );
+    let socks = a.socks.unwrap().to_string();
+    let http = format!("http://{}", a.http.unwrap());
+    let b_ip = b.mesh_ip.unwrap();
+    let c_ip = c.mesh_ip.unwrap();
+
+    // The first request may wait for the peers to connect through the relay (bounded).
+    let (code, body, err) = fetch_until_ok(
+        &[
+            "--socks5-hostname",
+            &socks,
+            "http://bravo.mesh.test/index.html",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        (code, body.as_slice()),
+        (0, &b"hello from bravo\n"[..]),
+        "{err}\n{}",
+        a.log()
+    );
+    for (url, expect) in [
+        (format!("http://{b_ip}/index.html"), "hello from bravo\n"),
+        (
+            "http://charlie.mesh.test:8080/index.html".to_string(),
+            "hello from charlie\n",
+        ),
+        (
+            format!("http://{c_ip}:8080/index.html"),
+            "hello from charlie\n",
+        ),
+    ] {
+        let (code, body, err) = fetch_until_ok(
+            &["--socks5-hostname", &socks, &url],
+            Duration::from_secs(20),
+        );
+        assert_eq!(
+            (code, String::from_utf8_lossy(&body).as_ref()),
+            (0, expect),
+            "{url}: {err}"
+        );
+        let (code, body, err) = curl(&["-x", &http, &url]);
+        assert_eq!(
+            (code, String::from_utf8_lossy(&body).as_ref()),
+            (0, expect),
+            "{url} via HTTP: {err}"
+        );
+    }
+
+    // 16 MiB each way with SHA-256 checks, through SOCKS5 and the HTTP proxy.
+    let out = state_dir.join("download.bin");
+    let (code, _, err) = curl(&[
+        "--socks5-hostname",
+        &socks,
+        "-o",
+        out.to_str().unwrap(),
+        "http://bravo.mesh.test/big.bin",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(sha256_file(&out), sha_b);
+    let up = state_dir.join("upload.bin");
+    let data = random_bytes(LEN);
+    std::fs::write(&up, &data).unwrap();
+    let expect = format!("{} {LEN}\n", sha256_hex(&data));
+    let (code, body, err) = curl(&[
+        "-x",
+        &http,
+        "--data-binary",
+        &format!("@{}", up.display()),
+        &format!("http://{c_ip}:8080/upload"),
+    ]);
+    assert_eq!(
+        (code, String::from_utf8(body).unwrap()),
+        (0, expect),
+        "{err}"
+    );
+
+    // The state file keeps the identity: B restarted has the same overlay IP.
+    drop(b);
+    let b_again = join(
+        &mesh,
+        &state_dir,
+        "bravo",
+        &["--expose", &format!("80={}", web_b.port)],
+    );
+    assert_eq!(b_again.mesh_ip, Some(b_ip));
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
