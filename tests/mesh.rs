@@ -239,14 +239,51 @@ fn peers_reach_each_other_by_name_and_ip_through_socks_and_http() {
         "{err}"
     );
 
-    // The state file keeps the identity: B restarted has the same overlay IP.
-    drop(b);
-    let b_again = join(
+    // C stops: A's next requests to it fail cleanly, fast (bounded at 12 s: the 10 s default
+    // connect timeout, if the offline notice has not arrived yet, plus slack).
+    drop(c);
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    let (_, reply) =
+        socks_connect(a.socks.unwrap(), None, &connect_v4(&c_ip.to_string(), 8080)).unwrap();
+    assert_eq!(reply[1], 0x04, "SOCKS reply for a stopped peer");
+    let (_, out, _) = curl(&[
+        "-x",
+        &http,
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://{c_ip}:8080/"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out), "504");
+    assert!(
+        start.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // C restarts with its state file: same overlay IP, reachable again, A untouched.
+    let c_again = join(
         &mesh,
         &state_dir,
-        "bravo",
-        &["--expose", &format!("80={}", web_b.port)],
+        "charlie",
+        &["--expose", &format!("8080={}", web_c.port)],
     );
-    assert_eq!(b_again.mesh_ip, Some(b_ip));
+    assert_eq!(c_again.mesh_ip, Some(c_ip), "same identity, same address");
+    let (code, body, err) = fetch_until_ok(
+        &[
+            "--socks5-hostname",
+            &socks,
+            "http://charlie.mesh.test:8080/index.html",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        (code, body.as_slice()),
+        (0, &b"hello from charlie\n"[..]),
+        "{err}"
+    );
+    drop(b);
     let _ = std::fs::remove_dir_all(&state_dir);
 }

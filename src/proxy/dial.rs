@@ -183,6 +183,18 @@ impl Dialer {
                 Ok(Err(e)) => Err(DialError::Other(addr, e.to_string())),
             };
         }
+        // The mesh's own network is never dialled from the host: an address there without a
+        // peer is a peer that is offline or gone.
+        if self
+            .netstack
+            .addresses()
+            .iter()
+            .any(|net| net.trunc().contains(&addr.ip()))
+        {
+            return Err(DialError::HostUnreachable(format!(
+                "{addr}: no peer with this mesh address is connected"
+            )));
+        }
         if !self.allow_direct {
             return Err(DialError::NotAllowed(addr.ip()));
         }

@@ -254,7 +254,8 @@ fn target_of(host: &str, port: u16) -> Target {
 pub fn status_for(err: &DialError) -> StatusCode {
     match err {
         DialError::NotAllowed(_) => StatusCode::FORBIDDEN,
-        DialError::TimedOut(..) => StatusCode::GATEWAY_TIMEOUT,
+        // The peer did not answer, or is not connected: the gateway cannot reach it.
+        DialError::TimedOut(..) | DialError::HostUnreachable(_) => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::BAD_GATEWAY,
     }
 }
