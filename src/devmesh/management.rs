@@ -1,6 +1,6 @@
 //! The dev mesh's management service: registers peers with one setup key, hands out overlay
 //! addresses in 100.64.0.0/16 and names under the mesh domain, and streams network maps in which
-//! every peer sees every other (online peers as peers, the rest as offline peers).
+//! every peer sees every other.
 
 use std::net::Ipv4Addr;
 use std::pin::Pin;
@@ -64,6 +64,8 @@ struct Inner {
     registry: Mutex<Registry>,
     /// Bumped on every registry change; Sync streams watch it.
     changed: watch::Sender<u64>,
+    /// Cancelled to end every open Sync stream (a management outage); then replaced.
+    streams: Mutex<tokio_util::sync::CancellationToken>,
 }
 
 impl DevManagement {
@@ -77,8 +79,16 @@ impl DevManagement {
                 private_key,
                 registry: Mutex::new(Registry::default()),
                 changed,
+                streams: Mutex::new(tokio_util::sync::CancellationToken::new()),
             }),
         }
+    }
+
+    /// End every open Sync stream with `Unavailable`, as a management going down does.
+    pub fn end_streams(&self) {
+        let mut token = self.inner.streams.lock().unwrap_or_else(|e| e.into_inner());
+        token.cancel();
+        *token = tokio_util::sync::CancellationToken::new();
     }
 
     /// The server's key string.
@@ -187,14 +197,13 @@ impl DevManagement {
             agent_version: crate::control::management_client::NETBIRD_VERSION.to_string(),
             ..Default::default()
         };
-        let others = reg.peers.iter().enumerate().filter(|(i, _)| *i != me);
-        let remote_peers: Vec<_> = others
-            .clone()
-            .filter(|(_, p)| p.online > 0)
-            .map(|(_, p)| remote(p))
-            .collect();
-        let offline_peers: Vec<_> = others
-            .filter(|(_, p)| p.online == 0)
+        // As NetBird's management does, every registered peer is listed whether or not it is
+        // connected right now (`offlinePeers` are peers whose login expired: none here).
+        let remote_peers: Vec<_> = reg
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != me)
             .map(|(_, p)| remote(p))
             .collect();
         let records = reg
@@ -217,7 +226,6 @@ impl DevManagement {
                 peer_config: Some(peer_config),
                 remote_peers_is_empty: remote_peers.is_empty(),
                 remote_peers,
-                offline_peers,
                 dns_config: Some(DnsConfig {
                     service_enable: true,
                     custom_zones: vec![CustomZone {
@@ -307,7 +315,14 @@ impl ManagementService for DevManagement {
         let (tx, rx) = mpsc::channel(8);
         let this = self.clone();
         let mut changed = self.inner.changed.subscribe();
+        let outage = self
+            .inner
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         tokio::spawn(async move {
+            let mut outage_ended_it = false;
             loop {
                 let msg = {
                     let reg = this.registry();
@@ -320,6 +335,12 @@ impl ManagementService for DevManagement {
                     break;
                 }
                 tokio::select! {
+                    biased;
+                    _ = outage.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("management is going down"))).await;
+                        outage_ended_it = true;
+                        break;
+                    }
                     r = changed.changed() => if r.is_err() { break },
                     _ = tx.closed() => break,
                 }
@@ -328,7 +349,10 @@ impl ManagementService for DevManagement {
             if let Some(rec) = reg.peers.iter_mut().find(|p| p.public_key == peer) {
                 rec.online = rec.online.saturating_sub(1);
             }
-            this.publish(&mut reg);
+            // A management outage says nothing about the peers: tell nobody they left.
+            if !outage_ended_it {
+                this.publish(&mut reg);
+            }
         });
         let stream = tokio_stream_from(rx);
         Ok(Response::new(Box::pin(stream)))
@@ -479,17 +503,16 @@ mod tests {
         }
         let b_peer = added.expect("B appears in A's map");
         assert_eq!(b_peer.fqdn, "alpha-2.mesh.test");
-        // B's stream closes: A sees it go offline.
+        // B's stream closes: as with NetBird, a disconnected peer stays in the map (its
+        // reachability is the relay's business), so A keeps it.
         drop(b_sync);
-        let mut removed = false;
-        for _ in 0..5 {
-            let changes = state.apply(&sync.next().await.unwrap(), a.key()).unwrap();
-            if changes.contains(&Change::PeerRemoved(b_peer.key.clone())) {
-                removed = true;
-                break;
-            }
+        while let Ok(Ok(update)) =
+            tokio::time::timeout(std::time::Duration::from_millis(500), sync.next()).await
+        {
+            let changes = state.apply(&update, a.key()).unwrap();
+            assert!(!changes.contains(&Change::PeerRemoved(b_peer.key.clone())));
         }
-        assert!(removed, "B leaves A's map when offline");
+        assert!(state.peers.contains_key(&b_peer.key));
         cancel.cancel();
     }
 

@@ -35,6 +35,10 @@ pub struct DevMeshConfig {
 
 /// A running dev mesh.
 pub struct DevMesh {
+    management: DevManagement,
+    management_addr: SocketAddr,
+    management_stop: CancellationToken,
+    management_task: Option<tokio::task::JoinHandle<()>>,
     pub management_url: String,
     pub signal_addr: SocketAddr,
     pub relay_url: String,
@@ -77,16 +81,12 @@ impl DevMesh {
         });
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let stop = cancel.clone();
-        tasks.spawn(async move {
-            let _ = Server::builder()
-                .serve_with_incoming_shutdown(
-                    ManagementServiceServer::new(service),
-                    TcpIncoming::from(management),
-                    stop.cancelled_owned(),
-                )
-                .await;
-        });
+        let management_stop = cancel.child_token();
+        let management_task = tokio::spawn(serve_management(
+            service.clone(),
+            management,
+            management_stop.clone(),
+        ));
         let stop = cancel.clone();
         tasks.spawn(async move {
             let _ = Server::builder()
@@ -99,6 +99,10 @@ impl DevMesh {
         });
         tasks.spawn(DevRelay::new(relay_secret, relay_url.clone()).serve(relay, cancel.clone()));
         Ok(Self {
+            management: service,
+            management_addr,
+            management_stop,
+            management_task: Some(management_task),
             management_url: format!("http://{management_addr}"),
             signal_addr,
             relay_url,
@@ -108,10 +112,39 @@ impl DevMesh {
         })
     }
 
+    /// Take management down (its Sync streams end, its port closes); signal and the relay stay.
+    pub async fn stop_management(&mut self) {
+        self.management.end_streams();
+        self.management_stop.cancel();
+        if let Some(task) = self.management_task.take()
+            && tokio::time::timeout(std::time::Duration::from_secs(2), task)
+                .await
+                .is_err()
+        {
+            tracing::warn!("dev management did not stop in time");
+        }
+    }
+
+    /// Bring management back on the same address, with the same registrations.
+    pub async fn start_management(&mut self) -> std::io::Result<()> {
+        let listener = TcpListener::bind(self.management_addr).await?;
+        self.management_stop = self.cancel.child_token();
+        self.management_task = Some(tokio::spawn(serve_management(
+            self.management.clone(),
+            listener,
+            self.management_stop.clone(),
+        )));
+        Ok(())
+    }
+
     /// Stop serving. Open streams get a moment to close gracefully, then the servers are
     /// aborted: a dev mesh going away must not wait for its clients.
     pub async fn stop(mut self) {
+        self.management.end_streams();
         self.cancel.cancel();
+        if let Some(task) = self.management_task.take() {
+            task.abort();
+        }
         let graceful = async { while self.tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(std::time::Duration::from_millis(500), graceful)
             .await
@@ -121,4 +154,14 @@ impl DevMesh {
             while self.tasks.join_next().await.is_some() {}
         }
     }
+}
+
+async fn serve_management(service: DevManagement, listener: TcpListener, stop: CancellationToken) {
+    let _ = Server::builder()
+        .serve_with_incoming_shutdown(
+            ManagementServiceServer::new(service),
+            TcpIncoming::from(listener),
+            stop.cancelled_owned(),
+        )
+        .await;
 }

@@ -325,8 +325,14 @@ impl Engine {
         let sync = self.step(management.sync(meta)).await?;
         mesh.local = Some(local);
         let (events_tx, events_rx) = mpsc::channel(256);
+        let source = SyncSource {
+            url: cfg.management_url.clone(),
+            private_key: cfg.private_key,
+            hostname: cfg.hostname.clone(),
+            stream: sync,
+        };
         state.tasks.spawn(follow_sync(
-            sync,
+            source,
             mesh,
             cfg.key_string(),
             datapath.wg.clone(),
@@ -359,8 +365,54 @@ fn signal_client(
 
 /// Apply network-map updates to the data path until the stream ends or the engine stops. A
 /// stream failure or an address change asks the supervisor for a new engine.
+/// Where network maps come from, and how to reopen the stream.
+struct SyncSource {
+    url: String,
+    private_key: [u8; 32],
+    hostname: String,
+    stream: crate::control::management_client::SyncStream,
+}
+
+impl SyncSource {
+    /// Reopen the Sync stream with backoff (the data path keeps running meanwhile). Returns
+    /// false when the engine must be rebuilt instead: the peer is no longer registered.
+    async fn reconnect(&mut self, life: &Lifeline) -> bool {
+        let mut delays = crate::engine::supervisor::backoff();
+        loop {
+            let delay = delays.next().unwrap_or(Duration::from_secs(15));
+            tokio::select! {
+                _ = life.cancel.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            let attempt = async {
+                let mut client = ManagementClient::connect(&self.url, self.private_key).await?;
+                client.sync(system_meta(&self.hostname)).await
+            };
+            let result = tokio::select! {
+                _ = life.cancel.cancelled() => return false,
+                r = attempt => r,
+            };
+            match result {
+                Ok(stream) => {
+                    info!("management sync stream reopened");
+                    self.stream = stream;
+                    return true;
+                }
+                Err(ManagementError::Rpc {
+                    code: tonic::Code::PermissionDenied,
+                    message,
+                }) => {
+                    warn!("management: {message}; rebuilding the engine");
+                    return false;
+                }
+                Err(e) => warn!("management sync: {e}; retrying"),
+            }
+        }
+    }
+}
+
 async fn follow_sync(
-    mut sync: crate::control::management_client::SyncStream,
+    mut source: SyncSource,
     mut mesh: MeshState,
     own_key: String,
     wg: Arc<WgDevice>,
@@ -371,13 +423,19 @@ async fn follow_sync(
     loop {
         let update = tokio::select! {
             _ = life.cancel.cancelled() => return,
-            u = sync.next() => u,
+            u = source.stream.next() => u,
         };
         let update = match update {
             Ok(u) => u,
             Err(e) => {
-                warn!("management sync: {e}; rebuilding the engine");
-                break;
+                // Open connections keep flowing while we reconnect; the first map of a new
+                // stream is a full snapshot, whatever its serial.
+                warn!("management sync: {e}; reconnecting");
+                if !source.reconnect(&life).await {
+                    break;
+                }
+                mesh.serial = 0;
+                continue;
             }
         };
         let changes = match mesh.apply(&update, &own_key) {
@@ -419,7 +477,9 @@ async fn follow_sync(
         }
         names.replace(known);
     }
-    life.request_rebuild();
+    if !life.cancel.is_cancelled() {
+        life.request_rebuild();
+    }
 }
 
 fn peer_spec(p: &RemotePeer) -> PeerSpec {

@@ -66,7 +66,8 @@ impl Supervisor {
     }
 }
 
-fn backoff() -> impl Iterator<Item = Duration> {
+/// NetBird's reconnect backoff: 1 s, ×1.7, at most 15 s, jittered.
+pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_secs(1))
         .with_factor(1.7)

@@ -18,6 +18,10 @@ use tracing::debug;
 use super::dns::{ResolveError, Resolver};
 use crate::netstack::{ConnectError, Netstack, TcpStream as MeshStream};
 use crate::wg::WgDevice;
+use crate::wg::device::PeerEndpoint;
+
+/// How often a dial waiting for a peer's endpoint looks again.
+const ENDPOINT_POLL: Duration = Duration::from_millis(50);
 
 /// A destination as a client names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,11 +171,25 @@ impl Dialer {
 
     async fn dial_addr(&self, addr: SocketAddr, timeout: Duration) -> Result<Stream, DialError> {
         if let Some(peer) = self.wg.route(addr.ip()) {
-            if peer.endpoint().is_none() {
-                // Nothing can be sent until the peer contacts us: fail now, not at the timeout.
-                return Err(DialError::NetworkUnreachable(format!(
-                    "{addr}: its peer has no known endpoint"
-                )));
+            // A peer still being set up (relay negotiation) gets the connect timeout to
+            // become reachable, so a first request right after start-up does not fail.
+            let deadline = Instant::now() + timeout;
+            while peer.endpoint().is_none() && Instant::now() < deadline {
+                tokio::time::sleep(ENDPOINT_POLL).await;
+            }
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            match peer.endpoint() {
+                None => {
+                    return Err(DialError::NetworkUnreachable(format!(
+                        "{addr}: its peer has no known endpoint"
+                    )));
+                }
+                Some(PeerEndpoint::Relay(relay, id)) if !relay.is_online(&id) => {
+                    return Err(DialError::HostUnreachable(format!(
+                        "{addr}: its peer is not connected"
+                    )));
+                }
+                Some(_) => {}
             }
             return match tokio::time::timeout(timeout, self.netstack.connect(addr)).await {
                 Err(_) => Err(DialError::TimedOut(addr, timeout)),
