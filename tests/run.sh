@@ -36,7 +36,8 @@ echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --locked -- --test-threads "${TEST_THREADS:-4}" 2>&1 | tee "$log"
+# Bounded: a hung test fails the run instead of eating CI's time.
+timeout --kill-after=30 2400 cargo test --locked -- --test-threads "${TEST_THREADS:-4}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run, summed over every test binary.
