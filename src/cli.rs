@@ -102,6 +102,25 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Everything on this machine, no account needed: a dev mesh, a peer `web` serving a small
+    /// page on its mesh address, and this proxy joined to the mesh; prints the curl command
+    /// that fetches the page through the proxy.
+    Demo {
+        /// SOCKS5 listener of the proxy peer.
+        #[arg(long, value_name = "[ADDR:]PORT", default_value = "1080", value_parser = parse_listen)]
+        socks: SocketAddr,
+        /// HTTP proxy listener of the proxy peer.
+        #[arg(long, value_name = "[ADDR:]PORT", default_value = "3128", value_parser = parse_listen)]
+        http: SocketAddr,
+        /// Log level or tracing filter.
+        #[arg(
+            long,
+            env = "NB_LOG_LEVEL",
+            value_name = "LEVEL",
+            default_value = "warn"
+        )]
+        log_level: String,
+    },
     /// Serve a local NetBird control plane (management and signal) on loopback, for tests and
     /// demos; prints the management URL and the setup key.
     DevMesh {

@@ -21,7 +21,9 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let log_level = match &cli.command {
-        Some(Command::DevMesh { log_level, .. }) => log_level.clone(),
+        Some(Command::DevMesh { log_level, .. }) | Some(Command::Demo { log_level, .. }) => {
+            log_level.clone()
+        }
         None => cli.log_level.clone(),
     };
     if let Err(e) = init_logging(&log_level) {
@@ -50,6 +52,9 @@ async fn run(cli: Cli) -> ExitCode {
     }) = cli.command
     {
         return run_dev_mesh(listen, setup_key, domain).await;
+    }
+    if let Some(Command::Demo { socks, http, .. }) = cli.command {
+        return run_demo(socks, http).await;
     }
     if cli.socks.is_empty()
         && cli.http.is_empty()
@@ -162,6 +167,124 @@ async fn run_dev_mesh(
     cancel.cancelled().await;
     mesh.stop().await;
     ExitCode::SUCCESS
+}
+
+/// Dev mesh + a `web` peer exposing a page + the proxy peer, all in this process.
+async fn run_demo(socks: std::net::SocketAddr, http: std::net::SocketAddr) -> ExitCode {
+    let setup_key = random_setup_key();
+    let mesh = match DevMesh::start(DevMeshConfig {
+        listen: "127.0.0.1:0".parse().expect("literal address"),
+        setup_key: setup_key.clone(),
+        domain: "netbird.test".into(),
+        signal_override: None,
+    })
+    .await
+    {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("netbird-proxy demo: cannot start the dev mesh: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let page = match demo_page().await {
+        Ok(addr) => addr,
+        Err(e) => {
+            eprintln!("netbird-proxy demo: cannot serve the page: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let peer = |name: &str, proxy: ProxyOptions| MeshConfig {
+        management_url: mesh.management_url.clone(),
+        setup_key: Some(SetupKey(setup_key.clone())),
+        hostname: name.into(),
+        private_key: rand::random(),
+        wg_port: 0,
+        proxy,
+    };
+    let web = Supervisor::new();
+    web.spawn(
+        peer(
+            "web",
+            ProxyOptions {
+                exposes: vec![netbird_proxy::cli::Expose {
+                    mesh_port: 80,
+                    local: page,
+                }],
+                ..Default::default()
+            },
+        ),
+        Arc::new(|_| {}),
+    )
+    .await;
+    let proxy = Supervisor::new();
+    proxy
+        .spawn(
+            peer(
+                "proxy",
+                ProxyOptions {
+                    socks: vec![socks],
+                    http: vec![http],
+                    allow_direct: true,
+                    connect_timeout: Duration::from_secs(10),
+                    ..Default::default()
+                },
+            ),
+            Arc::new(|ready| {
+                eprintln!("{ready}");
+                let addr = |kind: &str| {
+                    ready
+                        .listeners
+                        .iter()
+                        .find(|l| l.0 == kind)
+                        .map(|l| l.1.to_string())
+                        .unwrap_or_default()
+                };
+                println!(
+                    "curl --socks5-hostname {} http://web.netbird.test/",
+                    addr("socks5")
+                );
+                println!("curl -x http://{} http://web.netbird.test/", addr("http"));
+            }),
+        )
+        .await;
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone());
+    let code = tokio::select! {
+        _ = cancel.cancelled() => ExitCode::SUCCESS,
+        r = proxy.wait() => match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("netbird-proxy demo: {e}");
+                ExitCode::from(1)
+            }
+        },
+    };
+    let _ = proxy.stop().await;
+    let _ = web.stop().await;
+    mesh.stop().await;
+    code
+}
+
+/// A one-page web server on loopback, for the demo's `web` peer to expose.
+async fn demo_page() -> std::io::Result<std::net::SocketAddr> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut req = [0u8; 4096];
+                let _ = s.read(&mut req).await;
+                let body = "Hello from the NetBird mesh: this page lives on peer `web`.\n";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok(addr)
 }
 
 /// A setup key in NetBird's format (an upper-case UUID).

@@ -287,3 +287,39 @@ fn peers_reach_each_other_by_name_and_ip_through_socks_and_http() {
     drop(b);
     let _ = std::fs::remove_dir_all(&state_dir);
 }
+
+/// The README's run command: `netbird-proxy demo` prints curl commands that work as printed.
+#[test]
+fn demo_prints_curl_commands_that_work() {
+    let mut child = Command::new(binary())
+        .args(["demo", "--socks", "0", "--http", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("demo");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let socks_cmd = lines.next().unwrap().unwrap();
+    let http_cmd = lines.next().unwrap().unwrap();
+    for cmd in [socks_cmd, http_cmd] {
+        let args: Vec<&str> = cmd.split_whitespace().collect();
+        assert_eq!(args[0], "curl", "{cmd}");
+        let (code, body, err) = fetch_until_ok(&args[1..], Duration::from_secs(20));
+        assert_eq!(code, 0, "{cmd}: {err}");
+        assert!(String::from_utf8_lossy(&body).contains("Hello from the NetBird mesh"));
+    }
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success());
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "demo did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
