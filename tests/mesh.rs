@@ -323,3 +323,65 @@ fn demo_prints_curl_commands_that_work() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A wrong setup key: one clear line, exit 2. Unreachable management: the attempts are logged
+/// with backoff, and Ctrl-C ends it at once.
+#[test]
+fn refused_login_exits_2_and_unreachable_management_retries_until_ctrl_c() {
+    let mesh = DevMeshProcess::start();
+    let state_dir = std::env::temp_dir().join(format!("nbp-login-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let state = state_dir.join("state");
+    let out = Command::new(binary())
+        .args([
+            "--management-url",
+            &mesh.management,
+            "--setup-key",
+            "WRONG-KEY",
+        ])
+        .args(["--state", state.to_str().unwrap(), "--socks", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("netbird-proxy:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains("setup key"), "{err}");
+    assert!(
+        !err.contains("WRONG-KEY"),
+        "the setup key must not be logged"
+    );
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let mut child = Command::new(binary())
+        .args(["--management-url", &url, "--setup-key", "K", "--socks", "0"])
+        .args(["--state", state.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut attempts = 0;
+    while attempts < 2 {
+        let line = lines.next().unwrap().unwrap();
+        if line.contains("cannot reach management") {
+            attempts += 1;
+        }
+    }
+    let start = Instant::now();
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
