@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -254,14 +253,9 @@ impl SignalClient {
     }
 }
 
+/// Stream reconnects: 800 ms, ×1.7, at most 10 s (as NetBird's signal client).
 fn backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(800))
-        .with_factor(1.7)
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
+    super::backoff(Duration::from_millis(800), Duration::from_secs(10))
 }
 
 #[cfg(test)]

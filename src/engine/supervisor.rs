@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -66,15 +65,9 @@ impl Supervisor {
     }
 }
 
-/// NetBird's reconnect backoff: 1 s, ×1.7, at most 15 s, jittered.
+/// Engine retries: 1 s, ×1.7, at most 15 s, jittered.
 pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_secs(1))
-        .with_factor(1.7)
-        .with_max_delay(Duration::from_secs(15))
-        .with_jitter()
-        .without_max_times()
-        .build()
+    crate::control::backoff(Duration::from_secs(1), Duration::from_secs(15))
 }
 
 async fn run_loop(
