@@ -35,6 +35,10 @@ pub struct DevMeshConfig {
 
 /// A running dev mesh.
 pub struct DevMesh {
+    relay_addr: SocketAddr,
+    relay_secret: Vec<u8>,
+    relay_stop: CancellationToken,
+    relay_task: Option<tokio::task::JoinHandle<()>>,
     management: DevManagement,
     management_addr: SocketAddr,
     management_stop: CancellationToken,
@@ -97,8 +101,16 @@ impl DevMesh {
                 )
                 .await;
         });
-        tasks.spawn(DevRelay::new(relay_secret, relay_url.clone()).serve(relay, cancel.clone()));
+        let relay_addr = relay.local_addr()?;
+        let relay_stop = cancel.child_token();
+        let relay_task = tokio::spawn(
+            DevRelay::new(relay_secret.clone(), relay_url.clone()).serve(relay, relay_stop.clone()),
+        );
         Ok(Self {
+            relay_addr,
+            relay_secret,
+            relay_stop,
+            relay_task: Some(relay_task),
             management: service,
             management_addr,
             management_stop,
@@ -137,12 +149,32 @@ impl DevMesh {
         Ok(())
     }
 
+    /// Take the relay down: every relay connection ends and its port closes.
+    pub async fn stop_relay(&mut self) {
+        self.relay_stop.cancel();
+        if let Some(task) = self.relay_task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Bring a fresh relay back on the same address (peers must reconnect to it).
+    pub async fn start_relay(&mut self) -> std::io::Result<()> {
+        let listener = TcpListener::bind(self.relay_addr).await?;
+        self.relay_stop = self.cancel.child_token();
+        let relay = DevRelay::new(self.relay_secret.clone(), self.relay_url.clone());
+        self.relay_task = Some(tokio::spawn(relay.serve(listener, self.relay_stop.clone())));
+        Ok(())
+    }
+
     /// Stop serving. Open streams get a moment to close gracefully, then the servers are
     /// aborted: a dev mesh going away must not wait for its clients.
     pub async fn stop(mut self) {
         self.management.end_streams();
         self.cancel.cancel();
         if let Some(task) = self.management_task.take() {
+            task.abort();
+        }
+        if let Some(task) = self.relay_task.take() {
             task.abort();
         }
         let graceful = async { while self.tasks.join_next().await.is_some() {} };

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -51,14 +51,15 @@ pub struct Negotiator {
     pub own_key: String,
     pub wg: Arc<WgDevice>,
     pub signal: Arc<SignalClient>,
-    pub relay: Option<Arc<RelayClient>>,
+    /// The home relay connection, replaced by the relay guard when it reconnects.
+    pub relay: watch::Receiver<Option<Arc<RelayClient>>>,
     pub wg_port: u16,
 }
 
 impl Negotiator {
     /// Run until `cancel`: react to peer events and signal messages, re-offer on a timer.
     pub async fn run(
-        self,
+        mut self,
         mut events: mpsc::Receiver<PeerEvent>,
         mut inbox: mpsc::Receiver<Incoming>,
         cancel: CancellationToken,
@@ -98,6 +99,19 @@ impl Negotiator {
                         info!(peer = %st.peer.fqdn, "peer connected through the relay");
                     }
                 },
+                r = self.relay.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    // A new home relay: every peer is set up again through it, at once.
+                    let now = Instant::now();
+                    for st in peers.values_mut() {
+                        st.connected = false;
+                        st.connecting = false;
+                        st.retry = FIRST_RETRY;
+                        st.next_offer = now;
+                    }
+                }
                 _ = tick.tick() => {
                     let now = Instant::now();
                     let due: Vec<String> = peers
@@ -127,7 +141,11 @@ impl Negotiator {
             // Relay-only: empty ICE credentials.
             payload: ":".into(),
             wg_listen_port: u32::from(self.wg_port),
-            relay_server_address: self.relay.as_ref().map(|r| r.instance_url().to_string()),
+            relay_server_address: self
+                .relay
+                .borrow()
+                .as_ref()
+                .map(|r| r.instance_url().to_string()),
             rosenpass_config: Some(Default::default()),
             ..Default::default()
         };
@@ -195,7 +213,7 @@ impl Negotiator {
     /// The controller's relay: ours if we control, else the remote's (only ours can be used
     /// until foreign relays are supported, so it must be the same instance).
     fn relay_for(&self, remote_key: &str, remote_relay: Option<&str>) -> Option<Arc<RelayClient>> {
-        let home = self.relay.clone()?;
+        let home = self.relay.borrow().clone().filter(|r| !r.is_closed())?;
         if self.is_controller(remote_key) {
             return Some(home);
         }

@@ -280,46 +280,19 @@ impl Engine {
         let datapath =
             start_datapath(spec, cfg.proxy.clone(), &self.cancel, &mut state.tasks).await?;
 
-        // Home relay: the first URL that accepts our token. Without one, peers cannot be
-        // reached yet, but the rest of the engine runs (and a lost relay rebuilds the engine).
-        let own_key = cfg.key_string();
-        let relay = match &mesh.relay {
-            Some(settings) => {
-                let mut home = None;
-                for url in &settings.urls {
-                    let attempt = RelayClient::connect(
-                        url,
-                        &own_key,
-                        &settings.token_payload,
-                        &settings.token_signature,
-                        datapath.relay_inbound.clone(),
-                        self.cancel.child_token(),
-                    );
-                    match self.step(attempt).await {
-                        Ok(client) => {
-                            home = Some(client);
-                            break;
-                        }
-                        Err(EngineError::Cancelled) => return Err(EngineError::Cancelled),
-                        Err(e) => warn!("{e}"),
-                    }
-                }
-                home
-            }
-            None => None,
-        };
-        if let Some(relay) = &relay {
-            let relay = relay.clone();
-            let life = self.lifeline();
-            state.tasks.spawn(async move {
-                tokio::select! {
-                    _ = life.cancel.cancelled() => {}
-                    _ = relay.closed() => {
-                        warn!("relay connection lost; rebuilding the engine");
-                        life.request_rebuild();
-                    }
-                }
-            });
+        // Home relay, kept up by a guard task: it connects (and reconnects after a loss, with
+        // backoff) to the first URL that accepts our token, and publishes the connection to
+        // the negotiator. The engine does not wait for it: without a relay, only mesh peers
+        // are out of reach, and only until it is back.
+        let (relay_tx, relay_rx) = tokio::sync::watch::channel(None);
+        if let Some(settings) = mesh.relay.clone() {
+            state.tasks.spawn(guard_relay(
+                settings,
+                cfg.key_string(),
+                datapath.relay_inbound.clone(),
+                relay_tx,
+                self.cancel.clone(),
+            ));
         }
 
         let sync = self.step(management.sync(meta)).await?;
@@ -344,7 +317,7 @@ impl Engine {
             own_key: cfg.key_string(),
             wg: datapath.wg.clone(),
             signal,
-            relay,
+            relay: relay_rx,
             wg_port: datapath.ready.wireguard.port(),
         };
         state
@@ -365,6 +338,52 @@ fn signal_client(
 
 /// Apply network-map updates to the data path until the stream ends or the engine stops. A
 /// stream failure or an address change asks the supervisor for a new engine.
+/// Keep a home relay connection up until `cancel`, publishing each new one.
+async fn guard_relay(
+    settings: crate::control::mesh::RelaySettings,
+    own_key: String,
+    inbound: mpsc::Sender<crate::relay::client::Relayed>,
+    publish: tokio::sync::watch::Sender<Option<Arc<RelayClient>>>,
+    cancel: CancellationToken,
+) {
+    let mut delays = crate::engine::supervisor::backoff();
+    loop {
+        let mut home = None;
+        for url in &settings.urls {
+            let attempt = RelayClient::connect(
+                url,
+                &own_key,
+                &settings.token_payload,
+                &settings.token_signature,
+                inbound.clone(),
+                cancel.child_token(),
+            );
+            match attempt.await {
+                Ok(client) => {
+                    home = Some(client);
+                    break;
+                }
+                Err(crate::relay::client::RelayError::Cancelled) => return,
+                Err(e) => warn!("{e}"),
+            }
+        }
+        if let Some(client) = home {
+            delays = crate::engine::supervisor::backoff();
+            publish.send_replace(Some(client.clone()));
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = client.closed() => warn!("relay connection lost; reconnecting"),
+            }
+            publish.send_replace(None);
+        }
+        let delay = delays.next().unwrap_or(Duration::from_secs(15));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
 /// Where network maps come from, and how to reopen the stream.
 struct SyncSource {
     url: String,
