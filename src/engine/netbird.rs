@@ -98,8 +98,6 @@ pub enum EngineError {
     Config(String),
     #[error(transparent)]
     DataPath(#[from] DataPathError),
-    #[error(transparent)]
-    Relay(#[from] crate::relay::client::RelayError),
 }
 
 impl EngineError {
