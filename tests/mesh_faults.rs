@@ -123,32 +123,37 @@ async fn echo_for(s: &mut TcpStream, period: Duration, round: &mut u32) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn management_restart_keeps_open_transfers_flowing_and_resyncs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("netbird_proxy=info")
-        .with_test_writer()
-        .try_init();
-    let mut mesh = DevMesh::start(DevMeshConfig {
+async fn start_mesh() -> DevMesh {
+    DevMesh::start(DevMeshConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         setup_key: KEY.into(),
         domain: "mesh.test".into(),
         signal_override: None,
     })
     .await
-    .unwrap();
-    let echo = echo_server().await;
-    let exposing = |port: u16| ProxyOptions {
+    .unwrap()
+}
+
+fn exposing(port: u16, local: SocketAddr) -> ProxyOptions {
+    ProxyOptions {
         exposes: vec![Expose {
             mesh_port: port,
-            local: echo,
+            local,
         }],
         connect_timeout: Duration::from_secs(5),
         ..Default::default()
-    };
-    let (b, _, b_ip) = peer(&mesh, "bravo", exposing(7000)).await;
+    }
+}
+
+/// B exposes the echo server on mesh port 7000; A has a SOCKS listener. Returns both
+/// supervisors, A's SOCKS address and B's mesh IP.
+async fn alpha_and_bravo(
+    mesh: &DevMesh,
+    echo: SocketAddr,
+) -> (Supervisor, Supervisor, SocketAddr, std::net::IpAddr) {
+    let (b, _, b_ip) = peer(mesh, "bravo", exposing(7000, echo)).await;
     let (a, socks, _) = peer(
-        &mesh,
+        mesh,
         "alpha",
         ProxyOptions {
             socks: vec!["127.0.0.1:0".parse().unwrap()],
@@ -157,7 +162,18 @@ async fn management_restart_keeps_open_transfers_flowing_and_resyncs() {
         },
     )
     .await;
-    let socks = socks.unwrap();
+    (a, b, socks.unwrap(), b_ip)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_restart_keeps_open_transfers_flowing_and_resyncs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("netbird_proxy=info")
+        .with_test_writer()
+        .try_init();
+    let mut mesh = start_mesh().await;
+    let echo = echo_server().await;
+    let (a, b, socks, b_ip) = alpha_and_bravo(&mesh, echo).await;
     let mut conn = connect_until(socks, b_ip, 7000, Duration::from_secs(20)).await;
     let mut round = 0;
     echo_for(&mut conn, Duration::from_secs(1), &mut round).await;
@@ -168,7 +184,7 @@ async fn management_restart_keeps_open_transfers_flowing_and_resyncs() {
     // Back up: still echoing, and A resyncs (it learns of a peer that joins afterwards).
     mesh.start_management().await.unwrap();
     echo_for(&mut conn, Duration::from_secs(2), &mut round).await;
-    let (c, _, c_ip) = peer(&mesh, "charlie", exposing(7001)).await;
+    let (c, _, c_ip) = peer(&mesh, "charlie", exposing(7001, echo)).await;
     let mut to_c = connect_until(socks, c_ip, 7001, Duration::from_secs(30)).await;
     echo_for(&mut to_c, Duration::from_millis(300), &mut round).await;
     echo_for(&mut conn, Duration::from_millis(300), &mut round).await;
@@ -184,38 +200,9 @@ async fn management_restart_keeps_open_transfers_flowing_and_resyncs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_restart_recovers_traffic_within_a_bound() {
-    let mut mesh = DevMesh::start(DevMeshConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        setup_key: KEY.into(),
-        domain: "mesh.test".into(),
-        signal_override: None,
-    })
-    .await
-    .unwrap();
+    let mut mesh = start_mesh().await;
     let echo = echo_server().await;
-    let (b, _, b_ip) = peer(
-        &mesh,
-        "bravo",
-        ProxyOptions {
-            exposes: vec![Expose {
-                mesh_port: 7000,
-                local: echo,
-            }],
-            ..Default::default()
-        },
-    )
-    .await;
-    let (a, socks, _) = peer(
-        &mesh,
-        "alpha",
-        ProxyOptions {
-            socks: vec!["127.0.0.1:0".parse().unwrap()],
-            connect_timeout: Duration::from_secs(5),
-            ..Default::default()
-        },
-    )
-    .await;
-    let socks = socks.unwrap();
+    let (a, b, socks, b_ip) = alpha_and_bravo(&mesh, echo).await;
     let mut round = 0;
     let mut conn = connect_until(socks, b_ip, 7000, Duration::from_secs(20)).await;
     echo_for(&mut conn, Duration::from_millis(500), &mut round).await;
