@@ -7,6 +7,7 @@
 
 pub mod negotiation;
 pub mod netbird;
+pub mod relays;
 pub mod supervisor;
 
 use std::fmt;

@@ -1,23 +1,27 @@
 //! Per-peer connection setup, relay-only (netbird-protocol.md §7.2): offers and answers over
 //! signal with empty ICE credentials and our home relay's instance URL; the controller (the
-//! larger key string) decides which relay both use; the WireGuard peer's endpoint becomes that
-//! relay connection once the relay reports the peer online. Offers repeat with backoff until the
-//! peer is connected, because Go peers drop offers that arrive before they listen.
+//! larger key string) decides which relay both use — its home relay, which the other side opens
+//! as a foreign relay when it is not its own; the WireGuard peer's endpoint becomes that relay
+//! connection once the relay reports the peer online. Offers repeat with backoff until the peer
+//! is connected, because Go peers drop offers that arrive before they listen; a connected peer
+//! whose relay connection ends or reports it offline is set up again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::control::mesh::RemotePeer;
 use crate::control::signal::{Body, body};
 use crate::control::signal_client::{Incoming, SignalClient};
 use crate::relay::client::RelayClient;
-use crate::relay::messages::peer_id;
+use crate::relay::messages::{PeerId, peer_id};
+
+use super::relays::Relays;
 use crate::wg::WgDevice;
 use crate::wg::device::PeerEndpoint;
 
@@ -25,6 +29,8 @@ use crate::wg::device::PeerEndpoint;
 const ONLINE_WAIT: Duration = Duration::from_secs(30);
 const FIRST_RETRY: Duration = Duration::from_secs(3);
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How often unused foreign relays are closed.
+const RELAY_SWEEP: Duration = Duration::from_secs(5);
 
 /// Peers joining and leaving, from the network map.
 #[derive(Debug)]
@@ -35,31 +41,66 @@ pub enum PeerEvent {
 
 struct PeerState {
     peer: RemotePeer,
-    connected: bool,
+    id: PeerId,
+    /// The relay connection carrying this peer, once set up.
+    via: Option<Arc<RelayClient>>,
+    /// The relay instance in use or being opened.
+    relay_url: Option<String>,
     connecting: bool,
+    /// Numbers setup attempts, so the outcome of one abandoned by `reset` is ignored.
+    attempt: u64,
     next_offer: Instant,
     retry: Duration,
+}
+
+impl PeerState {
+    fn new(peer: RemotePeer) -> Self {
+        Self {
+            id: peer_id(&peer.key),
+            peer,
+            via: None,
+            relay_url: None,
+            connecting: false,
+            attempt: 0,
+            next_offer: Instant::now(),
+            retry: FIRST_RETRY,
+        }
+    }
+
+    fn connected(&self) -> bool {
+        self.via.is_some()
+    }
+
+    /// Forget the connection and offer again at once.
+    fn reset(&mut self) {
+        self.via = None;
+        self.relay_url = None;
+        self.connecting = false;
+        self.attempt += 1;
+        self.retry = FIRST_RETRY;
+        self.next_offer = Instant::now();
+    }
 }
 
 /// Outcome of a relay connection attempt.
 struct Attached {
     key: String,
-    ok: bool,
+    attempt: u64,
+    via: Option<Arc<RelayClient>>,
 }
 
 pub struct Negotiator {
     pub own_key: String,
     pub wg: Arc<WgDevice>,
     pub signal: Arc<SignalClient>,
-    /// The home relay connection, replaced by the relay guard when it reconnects.
-    pub relay: watch::Receiver<Option<Arc<RelayClient>>>,
+    pub relays: Arc<Relays>,
     pub wg_port: u16,
 }
 
 impl Negotiator {
     /// Run until `cancel`: react to peer events and signal messages, re-offer on a timer.
     pub async fn run(
-        mut self,
+        self,
         mut events: mpsc::Receiver<PeerEvent>,
         mut inbox: mpsc::Receiver<Incoming>,
         cancel: CancellationToken,
@@ -67,19 +108,15 @@ impl Negotiator {
         let mut peers: HashMap<String, PeerState> = HashMap::new();
         let (attached_tx, mut attached_rx) = mpsc::channel::<Attached>(64);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut sweep = tokio::time::interval(RELAY_SWEEP);
+        let mut home = self.relays.home_changes();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 e = events.recv() => match e {
                     Some(PeerEvent::Added(peer)) => {
                         let key = peer.key.clone();
-                        peers.insert(key.clone(), PeerState {
-                            peer,
-                            connected: false,
-                            connecting: false,
-                            next_offer: Instant::now(),
-                            retry: FIRST_RETRY,
-                        });
+                        peers.insert(key.clone(), PeerState::new(peer));
                         self.offer(&key, body::Type::Offer).await;
                         if let Some(st) = peers.get_mut(&key) {
                             st.next_offer = Instant::now() + st.retry;
@@ -92,31 +129,47 @@ impl Negotiator {
                     Some(m) => self.on_message(m, &mut peers, &attached_tx, &cancel).await,
                     None => return,
                 },
-                a = attached_rx.recv() => if let Some(a) = a && let Some(st) = peers.get_mut(&a.key) {
+                a = attached_rx.recv() => if let Some(a) = a
+                    && let Some(st) = peers.get_mut(&a.key)
+                    && st.attempt == a.attempt
+                {
                     st.connecting = false;
-                    st.connected = a.ok;
-                    if a.ok {
-                        info!(peer = %st.peer.fqdn, "peer connected through the relay");
+                    if let Some(via) = &a.via {
+                        info!(peer = %st.peer.fqdn, relay = %via.instance_url(), "peer connected through the relay");
+                    } else {
+                        st.relay_url = None;
                     }
+                    st.via = a.via;
                 },
-                r = self.relay.changed() => {
+                r = home.changed() => {
                     if r.is_err() {
                         return;
                     }
-                    // A new home relay: every peer is set up again through it, at once.
-                    let now = Instant::now();
+                    // A new home relay (or none): every peer is set up again, at once. Peers
+                    // on foreign relays too: the offers they saw named the old home.
                     for st in peers.values_mut() {
-                        st.connected = false;
-                        st.connecting = false;
-                        st.retry = FIRST_RETRY;
-                        st.next_offer = now;
+                        st.reset();
                     }
                 }
+                _ = sweep.tick() => {
+                    let in_use: HashSet<String> =
+                        peers.values().filter_map(|s| s.relay_url.clone()).collect();
+                    self.relays.close_unused(&in_use);
+                }
                 _ = tick.tick() => {
+                    // A relay connection that ended or lost the peer: set the peer up again.
+                    for st in peers.values_mut() {
+                        if let Some(via) = &st.via
+                            && (via.is_closed() || !via.is_online(&st.id))
+                        {
+                            info!(peer = %st.peer.fqdn, "peer left the relay; setting it up again");
+                            st.reset();
+                        }
+                    }
                     let now = Instant::now();
                     let due: Vec<String> = peers
                         .iter()
-                        .filter(|(_, s)| !s.connected && !s.connecting && s.next_offer <= now)
+                        .filter(|(_, s)| !s.connected() && !s.connecting && s.next_offer <= now)
                         .map(|(k, _)| k.clone())
                         .collect();
                     for key in due {
@@ -141,11 +194,7 @@ impl Negotiator {
             // Relay-only: empty ICE credentials.
             payload: ":".into(),
             wg_listen_port: u32::from(self.wg_port),
-            relay_server_address: self
-                .relay
-                .borrow()
-                .as_ref()
-                .map(|r| r.instance_url().to_string()),
+            relay_server_address: self.relays.home().map(|r| r.instance_url().to_string()),
             rosenpass_config: Some(Default::default()),
             ..Default::default()
         };
@@ -172,58 +221,64 @@ impl Negotiator {
             }
             Some(body::Type::Answer) => {}
             Some(body::Type::GoIdle) => {
-                st.connected = false;
+                st.reset();
                 return;
             }
             _ => return,
         }
-        if st.connected || st.connecting {
-            return;
-        }
-        let Some(relay) = self.relay_for(&m.from, m.body.relay_server_address.as_deref()) else {
-            warn!(peer = %st.peer.fqdn, "no relay in common with this peer");
+        let controller = self.is_controller(&m.from);
+        // The relay both sides use: our home if we control, else the one the remote names.
+        let url = if controller {
+            self.relays.home().map(|r| r.instance_url().to_string())
+        } else {
+            m.body
+                .relay_server_address
+                .clone()
+                .filter(|u| !u.is_empty())
+        };
+        let Some(url) = url else {
+            debug!(peer = %st.peer.fqdn, controller, "no relay to meet this peer on yet");
             return;
         };
+        if st.connected() && st.relay_url.as_deref() != Some(url.as_str()) {
+            // The controller moved to another relay: follow it.
+            info!(peer = %st.peer.fqdn, relay = %url, "peer moved to another relay");
+            st.reset();
+        }
+        if st.connected() || st.connecting {
+            return;
+        }
         st.connecting = true;
+        st.attempt += 1;
+        let attempt = st.attempt;
+        st.relay_url = Some(url.clone());
         let key = m.from.clone();
+        let id = st.id;
         let public_key = st.peer.public_key;
-        let controller = self.is_controller(&key);
+        let relays = self.relays.clone();
         let wg = self.wg.clone();
         let attached = attached.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            let id = peer_id(&key);
-            let ok = match relay.wait_online(&id, ONLINE_WAIT, &cancel).await {
-                Ok(()) => {
-                    wg.set_peer_endpoint(&public_key, PeerEndpoint::Relay(relay, id));
+            let setup = async {
+                let relay = relays.open(&url).await?;
+                relay.wait_online(&id, ONLINE_WAIT, &cancel).await?;
+                Ok::<_, crate::relay::client::RelayError>(relay)
+            };
+            let via = match setup.await {
+                Ok(relay) => {
+                    wg.set_peer_endpoint(&public_key, PeerEndpoint::Relay(relay.clone(), id));
                     if controller {
                         wg.initiate_handshake(&public_key).await;
                     }
-                    true
+                    Some(relay)
                 }
                 Err(e) => {
-                    debug!(peer = %key, "relay: {e}");
-                    false
+                    debug!(peer = %key, relay = %url, "relay: {e}");
+                    None
                 }
             };
-            let _ = attached.send(Attached { key, ok }).await;
+            let _ = attached.send(Attached { key, attempt, via }).await;
         });
-    }
-
-    /// The controller's relay: ours if we control, else the remote's (only ours can be used
-    /// until foreign relays are supported, so it must be the same instance).
-    fn relay_for(&self, remote_key: &str, remote_relay: Option<&str>) -> Option<Arc<RelayClient>> {
-        let home = self.relay.borrow().clone().filter(|r| !r.is_closed())?;
-        if self.is_controller(remote_key) {
-            return Some(home);
-        }
-        match remote_relay {
-            Some(url) if url == home.instance_url() => Some(home),
-            Some(url) => {
-                warn!(relay = %url, "the peer's relay is not ours; foreign relays are not supported yet");
-                None
-            }
-            None => None,
-        }
     }
 }

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::negotiation::{Negotiator, PeerEvent};
+use super::relays::Relays;
 use super::{DataPathError, DataPathSpec, ProxyOptions, Ready, start_datapath};
 use crate::control::envelope::key_string;
 use crate::control::management::HostConfig;
@@ -30,7 +31,6 @@ use crate::control::management_client::{ManagementClient, ManagementError, syste
 use crate::control::mesh::{Change, MeshState, RemotePeer, parse_local};
 use crate::control::signal_client::{SignalClient, SignalError};
 use crate::proxy::dns::MeshNames;
-use crate::relay::client::RelayClient;
 use crate::wg::{PeerSpec, WgDevice};
 
 /// Keepalive NetBird uses towards every peer.
@@ -278,20 +278,17 @@ impl Engine {
         let datapath =
             start_datapath(spec, cfg.proxy.clone(), &self.cancel, &mut state.tasks).await?;
 
-        // Home relay, kept up by a guard task: it connects (and reconnects after a loss, with
-        // backoff) to the first URL that accepts our token, and publishes the connection to
-        // the negotiator. The engine does not wait for it: without a relay, only mesh peers
-        // are out of reach, and only until it is back.
-        let (relay_tx, relay_rx) = tokio::sync::watch::channel(None);
-        if let Some(settings) = mesh.relay.clone() {
-            state.tasks.spawn(guard_relay(
-                settings,
-                cfg.key_string(),
-                datapath.relay_inbound.clone(),
-                relay_tx,
-                self.cancel.clone(),
-            ));
-        }
+        // Relays: a guard keeps the home relay connected (and reconnects it after a loss, with
+        // backoff); foreign relays open on demand. The engine does not wait for them: without a
+        // relay, only mesh peers are out of reach, and only until it is back.
+        let (relay_settings, relay_settings_rx) = tokio::sync::watch::channel(mesh.relay.clone());
+        let relays = Relays::start(
+            cfg.key_string(),
+            relay_settings_rx,
+            datapath.relay_inbound.clone(),
+            self.cancel.clone(),
+            &mut state.tasks,
+        );
 
         let sync = self.step(management.sync(meta)).await?;
         mesh.local = Some(local);
@@ -306,16 +303,19 @@ impl Engine {
             source,
             mesh,
             cfg.key_string(),
-            datapath.wg.clone(),
-            events_tx,
-            names,
+            MapSinks {
+                wg: datapath.wg.clone(),
+                events: events_tx,
+                relay_settings,
+                names,
+            },
             self.lifeline(),
         ));
         let negotiator = Negotiator {
             own_key: cfg.key_string(),
             wg: datapath.wg.clone(),
             signal,
-            relay: relay_rx,
+            relays,
             wg_port: datapath.ready.wireguard.port(),
         };
         state
@@ -336,52 +336,6 @@ fn signal_client(
 
 /// Apply network-map updates to the data path until the stream ends or the engine stops. A
 /// stream failure or an address change asks the supervisor for a new engine.
-/// Keep a home relay connection up until `cancel`, publishing each new one.
-async fn guard_relay(
-    settings: crate::control::mesh::RelaySettings,
-    own_key: String,
-    inbound: mpsc::Sender<crate::relay::client::Relayed>,
-    publish: tokio::sync::watch::Sender<Option<Arc<RelayClient>>>,
-    cancel: CancellationToken,
-) {
-    let mut delays = crate::engine::supervisor::backoff();
-    loop {
-        let mut home = None;
-        for url in &settings.urls {
-            let attempt = RelayClient::connect(
-                url,
-                &own_key,
-                &settings.token_payload,
-                &settings.token_signature,
-                inbound.clone(),
-                cancel.child_token(),
-            );
-            match attempt.await {
-                Ok(client) => {
-                    home = Some(client);
-                    break;
-                }
-                Err(crate::relay::client::RelayError::Cancelled) => return,
-                Err(e) => warn!("{e}"),
-            }
-        }
-        if let Some(client) = home {
-            delays = crate::engine::supervisor::backoff();
-            publish.send_replace(Some(client.clone()));
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = client.closed() => warn!("relay connection lost; reconnecting"),
-            }
-            publish.send_replace(None);
-        }
-        let delay = delays.next().unwrap_or(Duration::from_secs(15));
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
-    }
-}
-
 /// Where network maps come from, and how to reopen the stream.
 struct SyncSource {
     url: String,
@@ -428,15 +382,31 @@ impl SyncSource {
     }
 }
 
+/// Where the network map's changes go.
+struct MapSinks {
+    /// WireGuard peers and their allowed IPs.
+    wg: Arc<WgDevice>,
+    /// Peers joining and leaving, for the negotiator.
+    events: mpsc::Sender<PeerEvent>,
+    /// Relay URLs and token, for the relays.
+    relay_settings: tokio::sync::watch::Sender<Option<crate::control::mesh::RelaySettings>>,
+    /// Peer names, for the resolver.
+    names: MeshNames,
+}
+
 async fn follow_sync(
     mut source: SyncSource,
     mut mesh: MeshState,
     own_key: String,
-    wg: Arc<WgDevice>,
-    events: mpsc::Sender<PeerEvent>,
-    names: MeshNames,
+    sinks: MapSinks,
     life: Lifeline,
 ) {
+    let MapSinks {
+        wg,
+        events,
+        relay_settings,
+        names,
+    } = sinks;
     loop {
         let update = tokio::select! {
             _ = life.cancel.cancelled() => return,
@@ -480,7 +450,11 @@ async fn follow_sync(
                     life.request_rebuild();
                     return;
                 }
-                Change::PeerRenamed { .. } | Change::Relay(_) | Change::Signal(_) => {}
+                Change::Relay(settings) => {
+                    // A refreshed token, moved URLs, or the relay disabled.
+                    relay_settings.send_replace(settings);
+                }
+                Change::PeerRenamed { .. } | Change::Signal(_) => {}
             }
         }
         let mut known: Vec<(String, std::net::IpAddr)> = mesh

@@ -1,0 +1,236 @@
+//! Our relay connections (netbird-protocol.md §6.4): one *home* relay, kept connected by a guard
+//! task and advertised in offers, and *foreign* relays — a remote's home relay, opened on demand
+//! when the remote is the controller (relays are not federated, so both ends must meet on the
+//! controller's instance) and closed again when no peer uses them.
+//!
+//! Relay settings (URLs and token) follow the network map: a refreshed token is used for every
+//! later connection (live ones survive expiry), changed URLs move the home relay, and a map
+//! without relay settings closes every relay connection.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::control::mesh::RelaySettings;
+use crate::relay::client::{RelayClient, RelayError, Relayed};
+
+/// A foreign relay slot: the connection, or `None` while none is up. The async lock makes
+/// concurrent opens of one URL share a single connection attempt.
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<RelayClient>>>>;
+
+/// The home relay and the foreign relays of one engine.
+pub struct Relays {
+    own_key: String,
+    inbound: mpsc::Sender<Relayed>,
+    settings: watch::Receiver<Option<RelaySettings>>,
+    home: watch::Receiver<Option<Arc<RelayClient>>>,
+    foreign: Mutex<HashMap<String, Slot>>,
+    cancel: CancellationToken,
+}
+
+impl Relays {
+    /// Start the home-relay guard on `tasks` and return the set. `settings` carries the
+    /// network map's relay settings; datagrams from every relay go to `inbound`.
+    pub fn start(
+        own_key: String,
+        settings: watch::Receiver<Option<RelaySettings>>,
+        inbound: mpsc::Sender<Relayed>,
+        cancel: CancellationToken,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) -> Arc<Self> {
+        let (publish, home) = watch::channel(None);
+        tasks.spawn(guard_home(
+            settings.clone(),
+            own_key.clone(),
+            inbound.clone(),
+            publish,
+            cancel.clone(),
+        ));
+        Arc::new(Self {
+            own_key,
+            inbound,
+            settings,
+            home,
+            foreign: Mutex::new(HashMap::new()),
+            cancel,
+        })
+    }
+
+    /// The home relay, if connected.
+    pub fn home(&self) -> Option<Arc<RelayClient>> {
+        self.home.borrow().clone().filter(|r| !r.is_closed())
+    }
+
+    /// Notified when the home relay connection is replaced or lost.
+    pub fn home_changes(&self) -> watch::Receiver<Option<Arc<RelayClient>>> {
+        self.home.clone()
+    }
+
+    /// A connection to the relay instance `url`: the home relay if that is it, else a foreign
+    /// relay connection, opened now with the current token if none is up.
+    pub async fn open(&self, url: &str) -> Result<Arc<RelayClient>, RelayError> {
+        if let Some(home) = self.home()
+            && home.instance_url() == url
+        {
+            return Ok(home);
+        }
+        let slot = self
+            .lock_foreign()
+            .entry(url.to_string())
+            .or_default()
+            .clone();
+        let mut conn = slot.lock().await;
+        if let Some(c) = conn.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let settings = self.settings.borrow().clone().ok_or(RelayError::Closed)?;
+        let client = RelayClient::connect(
+            url,
+            &self.own_key,
+            &settings.token_payload,
+            &settings.token_signature,
+            self.inbound.clone(),
+            self.cancel.child_token(),
+        )
+        .await?;
+        if client.instance_url() != url {
+            // The advertised instance is what the remote connected to; a relay answering with
+            // another instance URL is a different instance and cannot reach that peer.
+            warn!(asked = %url, answered = %client.instance_url(), "foreign relay is another instance");
+        }
+        info!(relay = %url, "foreign relay connected");
+        *conn = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Close every foreign relay no peer uses (`in_use`: instance URLs of peers connected or
+    /// connecting through a relay).
+    pub fn close_unused(&self, in_use: &HashSet<String>) {
+        let mut foreign = self.lock_foreign();
+        foreign.retain(|url, slot| {
+            if in_use.contains(url) {
+                return true;
+            }
+            // A slot being opened right now is in use by definition; leave it for next time.
+            let Ok(conn) = slot.try_lock() else {
+                return true;
+            };
+            if let Some(c) = conn.as_ref() {
+                info!(relay = %url, "closing unused foreign relay");
+                c.close();
+            }
+            false
+        });
+    }
+
+    /// Open foreign relay connections (for status and tests).
+    pub fn foreign_count(&self) -> usize {
+        self.lock_foreign()
+            .values()
+            .filter(|s| {
+                s.try_lock()
+                    .map(|c| c.as_ref().is_some_and(|c| !c.is_closed()))
+                    .unwrap_or(true)
+            })
+            .count()
+    }
+
+    fn lock_foreign(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.foreign.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Dial every URL at once; the first to accept our token becomes home (Go does the same).
+async fn connect_first(
+    settings: &RelaySettings,
+    own_key: &str,
+    inbound: &mpsc::Sender<Relayed>,
+    cancel: &CancellationToken,
+) -> Result<Arc<RelayClient>, RelayError> {
+    let attempts = settings.urls.iter().map(|url| {
+        Box::pin(RelayClient::connect(
+            url,
+            own_key,
+            &settings.token_payload,
+            &settings.token_signature,
+            inbound.clone(),
+            cancel.child_token(),
+        ))
+    });
+    match futures::future::select_ok(attempts).await {
+        Ok((client, _rest)) => Ok(client),
+        Err(e) => Err(e),
+    }
+}
+
+/// Keep a home relay connected until `cancel`, publishing each new connection (and `None`
+/// while there is none). Reconnects with backoff after a loss; follows settings changes.
+async fn guard_home(
+    mut settings: watch::Receiver<Option<RelaySettings>>,
+    own_key: String,
+    inbound: mpsc::Sender<Relayed>,
+    publish: watch::Sender<Option<Arc<RelayClient>>>,
+    cancel: CancellationToken,
+) {
+    let mut delays = crate::engine::supervisor::backoff();
+    loop {
+        let current = settings.borrow_and_update().clone();
+        let Some(current) = current.filter(|s| !s.urls.is_empty()) else {
+            // Relay disabled: wait for settings.
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = settings.changed() => if r.is_err() { return } else { continue },
+            }
+        };
+        let attempt = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = connect_first(&current, &own_key, &inbound, &cancel) => r,
+        };
+        match attempt {
+            Ok(client) => {
+                delays = crate::engine::supervisor::backoff();
+                publish.send_replace(Some(client.clone()));
+                // Why the connection is given up, and whether that was a loss (back off).
+                let (reason, lost) = loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => {
+                            client.close();
+                            return;
+                        }
+                        _ = client.closed() => break ("relay connection lost; reconnecting", true),
+                        r = settings.changed() => {
+                            if r.is_err() {
+                                client.close();
+                                return;
+                            }
+                            let new = settings.borrow().clone();
+                            match new {
+                                // A refreshed token only matters for the next connection.
+                                Some(s) if s.urls == current.urls => {}
+                                Some(_) => break ("relay URLs changed; moving the home relay", false),
+                                None => break ("relay disabled by management", false),
+                            }
+                        }
+                    }
+                };
+                warn!("{reason}");
+                client.close();
+                publish.send_replace(None);
+                if !lost {
+                    continue;
+                }
+            }
+            Err(RelayError::Cancelled) => return,
+            Err(e) => warn!("home relay: {e}"),
+        }
+        let delay = delays.next().unwrap_or(Duration::from_secs(15));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
