@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::devmesh::Services;
 use crate::proxy::Credentials;
 use crate::proxy::dial::Target;
 
@@ -124,7 +125,7 @@ pub enum Command {
     /// Serve a local NetBird control plane (management and signal) on loopback, for tests and
     /// demos; prints the management URL and the setup key.
     DevMesh {
-        /// Management address; signal listens on the next port.
+        /// Management address; signal listens on the next port, relays on the ones after.
         #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:33073", value_parser = parse_listen)]
         listen: SocketAddr,
         /// The setup key peers register with (default: a random one).
@@ -133,6 +134,18 @@ pub enum Command {
         /// DNS domain of the peers' names.
         #[arg(long, value_name = "DOMAIN", default_value = "netbird.test")]
         domain: String,
+        /// How many relays to serve (ports after signal's); peers get one each, round-robin,
+        /// and meet on each other's relays.
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+        relays: u8,
+        /// Serve only these services (comma-separated: management, signal, relay); run the
+        /// rest in other processes with the same --listen and --state.
+        #[arg(long, value_name = "LIST", default_value = "management,signal,relay", value_parser = parse_services)]
+        services: Services,
+        /// Keep keys, the relay secret and registrations in this file (0600), so a restarted
+        /// dev mesh knows its peers.
+        #[arg(long, value_name = "FILE")]
+        state: Option<PathBuf>,
         /// Log level or tracing filter.
         #[arg(
             long,
@@ -222,6 +235,27 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(bad());
     }
     Ok(d)
+}
+
+fn parse_services(s: &str) -> Result<Services, String> {
+    let mut services = Services {
+        management: false,
+        signal: false,
+        relay: false,
+    };
+    for name in s.split(',').map(str::trim) {
+        match name {
+            "management" => services.management = true,
+            "signal" => services.signal = true,
+            "relay" => services.relay = true,
+            other => {
+                return Err(format!(
+                    "unknown service `{other}` (expected management, signal, relay)"
+                ));
+            }
+        }
+    }
+    Ok(services)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use clap::Parser;
 use netbird_proxy::cli::{Cli, Command};
 use netbird_proxy::control::identity::{Identity, default_state_path};
 use netbird_proxy::control::management_client::ManagementError;
-use netbird_proxy::devmesh::{DevMesh, DevMeshConfig};
+use netbird_proxy::devmesh::{DevMesh, DevMeshConfig, random_setup_key};
 use netbird_proxy::engine::netbird::{EngineError, MeshConfig, SetupKey};
 use netbird_proxy::engine::supervisor::Supervisor;
 use netbird_proxy::engine::{self, ProxyOptions};
@@ -48,10 +48,22 @@ async fn run(cli: Cli) -> ExitCode {
         listen,
         setup_key,
         domain,
+        relays,
+        services,
+        state,
         ..
     }) = cli.command
     {
-        return run_dev_mesh(listen, setup_key, domain).await;
+        return run_dev_mesh(DevMeshConfig {
+            listen,
+            setup_key,
+            domain,
+            signal_override: None,
+            relays: usize::from(relays),
+            services,
+            state,
+        })
+        .await;
     }
     if let Some(Command::Demo { socks, http, .. }) = cli.command {
         return run_demo(socks, http).await;
@@ -135,23 +147,11 @@ async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-async fn run_dev_mesh(
-    listen: std::net::SocketAddr,
-    setup_key: Option<String>,
-    domain: String,
-) -> ExitCode {
-    let setup_key = setup_key.unwrap_or_else(random_setup_key);
-    let mesh = match DevMesh::start(DevMeshConfig {
-        listen,
-        setup_key,
-        domain,
-        signal_override: None,
-    })
-    .await
-    {
+async fn run_dev_mesh(config: DevMeshConfig) -> ExitCode {
+    let mesh = match DevMesh::start(config).await {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("netbird-proxy dev-mesh: cannot listen on {listen}: {e}");
+            eprintln!("netbird-proxy dev-mesh: {e}");
             return ExitCode::from(1);
         }
     };
@@ -159,8 +159,10 @@ async fn run_dev_mesh(
     println!("management {}", mesh.management_url);
     println!("setup-key {}", mesh.setup_key);
     eprintln!(
-        "netbird-proxy dev-mesh ready: management {}; signal {}; relay {}",
-        mesh.management_url, mesh.signal_addr, mesh.relay_url
+        "netbird-proxy dev-mesh ready: management {}; signal {}; relays {}",
+        mesh.management_url,
+        mesh.signal_addr,
+        mesh.relay_urls.join(" ")
     );
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone());
@@ -172,14 +174,7 @@ async fn run_dev_mesh(
 /// Dev mesh + a `web` peer exposing a page + the proxy peer, all in this process.
 async fn run_demo(socks: std::net::SocketAddr, http: std::net::SocketAddr) -> ExitCode {
     let setup_key = random_setup_key();
-    let mesh = match DevMesh::start(DevMeshConfig {
-        listen: "127.0.0.1:0".parse().expect("literal address"),
-        setup_key: setup_key.clone(),
-        domain: "netbird.test".into(),
-        signal_override: None,
-    })
-    .await
-    {
+    let mesh = match DevMesh::start(DevMeshConfig::local(&setup_key, "netbird.test")).await {
         Ok(m) => m,
         Err(e) => {
             eprintln!("netbird-proxy demo: cannot start the dev mesh: {e}");
@@ -285,20 +280,6 @@ async fn demo_page() -> std::io::Result<std::net::SocketAddr> {
         }
     });
     Ok(addr)
-}
-
-/// A setup key in NetBird's format (an upper-case UUID).
-fn random_setup_key() -> String {
-    let b: [u8; 16] = rand::random();
-    let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02X}")).collect::<String>();
-    format!(
-        "{}-{}-{}-{}-{}",
-        h(0..4),
-        h(4..6),
-        h(6..8),
-        h(8..10),
-        h(10..16)
-    )
 }
 
 fn host_name() -> String {

@@ -13,14 +13,9 @@ use tokio_util::sync::CancellationToken;
 const SETUP_KEY: &str = "D3V0000-0000-4000-8000-00000000000B";
 
 async fn mesh() -> DevMesh {
-    DevMesh::start(DevMeshConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        setup_key: SETUP_KEY.into(),
-        domain: "mesh.test".into(),
-        signal_override: None,
-    })
-    .await
-    .unwrap()
+    DevMesh::start(DevMeshConfig::local(SETUP_KEY, "mesh.test"))
+        .await
+        .unwrap()
 }
 
 fn config(url: &str) -> MeshConfig {

@@ -15,10 +15,8 @@ const SETUP_KEY: &str = "D3V0000-0000-4000-8000-00000000000A";
 
 async fn mesh(signal_override: Option<String>) -> DevMesh {
     DevMesh::start(DevMeshConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        setup_key: SETUP_KEY.into(),
-        domain: "mesh.test".into(),
         signal_override,
+        ..DevMeshConfig::local(SETUP_KEY, "mesh.test")
     })
     .await
     .unwrap()

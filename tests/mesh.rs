@@ -1,140 +1,21 @@
 //! The NetBird mesh end to end, as separate processes: `netbird-proxy dev-mesh` serves
-//! management, signal and relay on loopback; proxies A, B and C join it with the setup key; B
+//! management, signal and two relays on loopback; proxies A, B and C join it with the setup key; B
 //! and C expose a local HTTP server on their overlay IPs; A reaches both through SOCKS5 and the
 //! HTTP proxy, by FQDN and by overlay IP, with SHA-256-verified transfers.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::mesh::*;
 use common::*;
-
-struct DevMeshProcess {
-    child: Child,
-    management: String,
-    setup_key: String,
-}
-
-impl DevMeshProcess {
-    fn start() -> Self {
-        let mut child = Command::new(binary())
-            .args([
-                "dev-mesh",
-                "--listen",
-                "127.0.0.1:0",
-                "--domain",
-                "mesh.test",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dev-mesh");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let management = lines.next().unwrap().unwrap();
-        let setup_key = lines.next().unwrap().unwrap();
-        Self {
-            child,
-            management: management.strip_prefix("management ").unwrap().to_string(),
-            setup_key: setup_key.strip_prefix("setup-key ").unwrap().to_string(),
-        }
-    }
-}
-
-impl Drop for DevMeshProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The fixture HTTP server on loopback (GET files, POST digests).
-struct LocalServer {
-    child: Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl LocalServer {
-    fn start(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("nbp-mesh-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("index.html"), format!("hello from {name}\n")).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let echo = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let server =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peer_server.py");
-        let child = Command::new("python3")
-            .arg(server)
-            .args(["--bind", "127.0.0.1", "--http-port", &port.to_string()])
-            .args(["--echo-port", &echo.to_string(), "--dir"])
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for(
-            Duration::from_secs(10),
-            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-            "local HTTP server",
-        );
-        Self { child, port, dir }
-    }
-}
-
-impl Drop for LocalServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn join(mesh: &DevMeshProcess, state_dir: &std::path::Path, name: &str, extra: &[&str]) -> Proxy {
-    let state = state_dir.join(name);
-    let args = [
-        &[
-            "--management-url",
-            &mesh.management,
-            "--setup-key",
-            &mesh.setup_key,
-            "--hostname",
-            name,
-            "--state",
-            state.to_str().unwrap(),
-        ][..],
-        extra,
-    ]
-    .concat();
-    Proxy::spawn(&args)
-}
-
-/// curl through a proxy until the peer answers (the relay handshake takes a moment).
-fn fetch_until_ok(args: &[&str], limit: Duration) -> (i32, Vec<u8>, String) {
-    let start = Instant::now();
-    loop {
-        let r = curl(&[&["--max-time", "10"], args].concat());
-        if r.0 == 0 || start.elapsed() > limit {
-            return r;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
 
 /// Acceptance 1 of the mesh issue.
 #[test]
 fn peers_reach_each_other_by_name_and_ip_through_socks_and_http() {
-    let mesh = DevMeshProcess::start();
+    let mesh = DevMeshProcess::start(2);
     let state_dir = std::env::temp_dir().join(format!("nbp-mesh-state-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&state_dir);
     let web_b = LocalServer::start("bravo");
@@ -210,6 +91,19 @@ fn peers_reach_each_other_by_name_and_ip_through_socks_and_http() {
             "{url} via HTTP: {err}"
         );
     }
+
+    // Two relays, handed out round-robin (B: first, C: second, A: first): C and its peers
+    // have different home relays, so one side of each pair met the other on a foreign relay.
+    let foreign = [&a, &c]
+        .iter()
+        .map(|p| p.log().matches("foreign relay connected").count())
+        .sum::<usize>();
+    assert!(
+        foreign >= 1,
+        "no foreign relay was used:\n{}\n{}",
+        a.log(),
+        c.log()
+    );
 
     // 16 MiB each way with SHA-256 checks, through SOCKS5 and the HTTP proxy.
     let out = state_dir.join("download.bin");
@@ -328,7 +222,7 @@ fn demo_prints_curl_commands_that_work() {
 /// with backoff, and Ctrl-C ends it at once.
 #[test]
 fn refused_login_exits_2_and_unreachable_management_retries_until_ctrl_c() {
-    let mesh = DevMeshProcess::start();
+    let mesh = DevMeshProcess::start(1);
     let state_dir = std::env::temp_dir().join(format!("nbp-login-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&state_dir);
     let state = state_dir.join("state");

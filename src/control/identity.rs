@@ -124,12 +124,7 @@ impl Identity {
             }
         }
         let tmp = path.with_extension("tmp");
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut f = create_private(&tmp)?;
         let key = base64::engine::general_purpose::STANDARD.encode(self.private_key);
         writeln!(
             f,
@@ -139,6 +134,16 @@ impl Identity {
         f.sync_all()?;
         fs::rename(&tmp, path)
     }
+}
+
+/// Create (or truncate) `path` readable and writable by its owner only.
+pub(crate) fn create_private(path: &Path) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
 
 use super::relay_token;
+use super::state::{DevMeshState, PeerEntry};
 use crate::control::envelope::{self, key_string, parse_key_string, public_key_of};
 use crate::control::management::management_service_server::ManagementService;
 use crate::control::management::{
@@ -26,14 +27,14 @@ const RELAY_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Settings of a dev management service.
 #[derive(Clone, Debug)]
 pub struct ManagementSettings {
-    pub setup_key: String,
     pub domain: String,
     /// What peers are told: the signal server's `host:port`.
     pub signal_uri: String,
-    /// Relay URLs (`rel://host:port`).
+    /// Relay URLs (`rel://host:port`). Each peer is given one, round-robin by registration,
+    /// so that with several relays peers have different home relays and meet on foreign ones.
     pub relay_urls: Vec<String>,
-    /// Secret shared with the relay for its tokens.
-    pub relay_secret: Vec<u8>,
+    /// Where registrations are saved (`dev-mesh --state`), if anywhere.
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]
@@ -60,6 +61,8 @@ pub struct DevManagement {
 
 struct Inner {
     settings: ManagementSettings,
+    /// Keys, secrets and registrations as of start; `registry` is the live copy.
+    saved: Mutex<DevMeshState>,
     private_key: [u8; 32],
     registry: Mutex<Registry>,
     /// Bumped on every registry change; Sync streams watch it.
@@ -69,15 +72,29 @@ struct Inner {
 }
 
 impl DevManagement {
-    /// A service with a fresh server key.
-    pub fn new(settings: ManagementSettings) -> Self {
-        let private_key: [u8; 32] = rand::random();
+    /// A service with the keys, secrets and peers of `state`.
+    pub fn new(settings: ManagementSettings, state: DevMeshState) -> Self {
         let (changed, _) = watch::channel(0);
+        let registry = Registry {
+            peers: state
+                .peers
+                .iter()
+                .map(|p| PeerRecord {
+                    key: key_string(&p.public_key),
+                    public_key: p.public_key,
+                    ip: p.ip,
+                    fqdn: p.fqdn.clone(),
+                    online: 0,
+                })
+                .collect(),
+            serial: 0,
+        };
         Self {
             inner: Arc::new(Inner {
                 settings,
-                private_key,
-                registry: Mutex::new(Registry::default()),
+                private_key: state.management_key,
+                saved: Mutex::new(state),
+                registry: Mutex::new(registry),
                 changed,
                 streams: Mutex::new(tokio_util::sync::CancellationToken::new()),
             }),
@@ -96,6 +113,10 @@ impl DevManagement {
         key_string(&public_key_of(&self.inner.private_key))
     }
 
+    fn saved(&self) -> std::sync::MutexGuard<'_, DevMeshState> {
+        self.inner.saved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.inner
             .registry
@@ -103,8 +124,24 @@ impl DevManagement {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Bump the serial and wake every Sync stream.
+    /// Save the registrations (when a state file is set), then bump the serial and wake
+    /// every Sync stream.
     fn publish(&self, reg: &mut Registry) {
+        if let Some(path) = &self.inner.settings.state_file {
+            let mut saved = self.inner.saved.lock().unwrap_or_else(|e| e.into_inner());
+            saved.peers = reg
+                .peers
+                .iter()
+                .map(|p| PeerEntry {
+                    public_key: p.public_key,
+                    ip: p.ip,
+                    fqdn: p.fqdn.clone(),
+                })
+                .collect();
+            if let Err(e) = saved.save(path) {
+                tracing::warn!("{e}");
+            }
+        }
         reg.serial += 1;
         let serial = reg.serial;
         self.inner.changed.send_replace(serial);
@@ -129,21 +166,23 @@ impl DevManagement {
         }
     }
 
-    fn netbird_config(&self) -> NetbirdConfig {
+    /// The peer at registry index `me`'s config: signal, and its relay with a fresh token.
+    fn netbird_config(&self, me: usize) -> NetbirdConfig {
         let s = &self.inner.settings;
+        let secret = self.saved().relay_secret;
         let expiry = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs()
             + RELAY_TOKEN_TTL.as_secs();
-        let (token_payload, token_signature) = relay_token::issue(&s.relay_secret, expiry);
+        let (token_payload, token_signature) = relay_token::issue(&secret, expiry);
         NetbirdConfig {
             signal: Some(HostConfig {
                 uri: s.signal_uri.clone(),
                 protocol: 2, // HTTP: plain gRPC on loopback
             }),
             relay: (!s.relay_urls.is_empty()).then(|| RelayConfig {
-                urls: s.relay_urls.clone(),
+                urls: vec![s.relay_urls[me % s.relay_urls.len()].clone()],
                 token_payload,
                 token_signature,
             }),
@@ -165,12 +204,10 @@ impl DevManagement {
         if let Some(i) = reg.peers.iter().position(|p| p.public_key == public_key) {
             return i;
         }
-        let ip = Ipv4Addr::new(
-            100,
-            64,
-            ((reg.peers.len() + 1) / 250) as u8,
-            ((reg.peers.len() + 1) % 250) as u8 + 1,
-        );
+        let ip = (1usize..)
+            .map(|n| Ipv4Addr::new(100, 64, (n / 250) as u8, (n % 250) as u8 + 1))
+            .find(|ip| reg.peers.iter().all(|p| p.ip != *ip))
+            .unwrap_or(Ipv4Addr::new(100, 64, 255, 254));
         let label = dns_label(hostname);
         let mut fqdn = format!("{label}.{}", self.inner.settings.domain);
         let mut n = 2;
@@ -219,7 +256,7 @@ impl DevManagement {
             .collect();
         let peer_config = self.peer_config(&reg.peers[me]);
         SyncResponse {
-            netbird_config: Some(self.netbird_config()),
+            netbird_config: Some(self.netbird_config(me)),
             peer_config: Some(peer_config.clone()),
             network_map: Some(NetworkMap {
                 serial: reg.serial,
@@ -283,14 +320,14 @@ impl ManagementService for DevManagement {
             }
             None if !login
                 .setup_key
-                .eq_ignore_ascii_case(&self.inner.settings.setup_key) =>
+                .eq_ignore_ascii_case(&self.saved().setup_key) =>
             {
                 return Err(Status::permission_denied("invalid setup key"));
             }
             None => self.register(&mut reg, peer, &meta.hostname),
         };
         let resp = LoginResponse {
-            netbird_config: Some(self.netbird_config()),
+            netbird_config: Some(self.netbird_config(idx)),
             peer_config: Some(self.peer_config(&reg.peers[idx])),
             ..Default::default()
         };
@@ -402,16 +439,19 @@ mod tests {
     use crate::control::management::management_service_server::ManagementServiceServer;
     use crate::control::management_client::{ManagementClient, ManagementError, system_meta};
     use crate::control::mesh::{Change, MeshState};
+    use crate::devmesh::state::DevMeshState;
     use tokio_util::sync::CancellationToken;
 
     async fn serve() -> (String, CancellationToken) {
-        let svc = DevManagement::new(ManagementSettings {
-            setup_key: "A1B2C3D4-0000-4000-8000-000000000001".into(),
-            domain: "mesh.test".into(),
-            signal_uri: "127.0.0.1:1".into(),
-            relay_urls: vec!["rel://127.0.0.1:2".into()],
-            relay_secret: b"secret".to_vec(),
-        });
+        let svc = DevManagement::new(
+            ManagementSettings {
+                domain: "mesh.test".into(),
+                signal_uri: "127.0.0.1:1".into(),
+                relay_urls: vec!["rel://127.0.0.1:2".into()],
+                state_file: None,
+            },
+            DevMeshState::new("A1B2C3D4-0000-4000-8000-000000000001".into()),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let cancel = CancellationToken::new();

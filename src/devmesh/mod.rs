@@ -1,13 +1,18 @@
-//! A local NetBird control plane for tests and demos: management and signal (relay next)
-//! served on loopback from memory, wire-compatible with the real services, every peer seeing
-//! every other.
+//! A local NetBird control plane for tests and demos: management, signal and one or more relays
+//! served on loopback, wire-compatible with the real services, every peer seeing every other.
+//!
+//! Ports follow `--listen`'s: management on PORT, signal on PORT+1, relay *i* on PORT+2+*i*.
+//! Each service can run in its own process (`Services`), sharing a state file for keys, the
+//! relay secret and registrations, so tests can kill and restart one service for real.
 
 pub mod management;
 pub mod relay;
 pub mod relay_token;
 pub mod signal;
+pub mod state;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -20,163 +25,220 @@ use crate::control::signal::signal_exchange_server::SignalExchangeServer;
 use management::{DevManagement, ManagementSettings};
 use relay::DevRelay;
 use signal::DevSignal;
+use state::{DevMeshState, StateError};
+
+/// Which services this process serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Services {
+    pub management: bool,
+    pub signal: bool,
+    pub relay: bool,
+}
+
+impl Default for Services {
+    fn default() -> Self {
+        Self {
+            management: true,
+            signal: true,
+            relay: true,
+        }
+    }
+}
 
 /// Settings of a dev mesh.
 #[derive(Clone, Debug)]
 pub struct DevMeshConfig {
-    /// Management's address; signal listens on the next port and the relay on the one after
-    /// (all ephemeral with port 0).
+    /// Management's address; the other services take the following ports (all ephemeral with
+    /// port 0, which needs every service in this process).
     pub listen: SocketAddr,
-    pub setup_key: String,
+    /// The setup key (default: the state file's, else a random one).
+    pub setup_key: Option<String>,
     pub domain: String,
     /// Where peers are told signal is, when it is not ours (tests point it at a silent server).
     pub signal_override: Option<String>,
+    /// How many relays (at least 1); peers get one each, round-robin.
+    pub relays: usize,
+    pub services: Services,
+    /// Keys, secrets and registrations survive restarts here.
+    pub state: Option<PathBuf>,
 }
 
-/// A running dev mesh.
+impl DevMeshConfig {
+    /// Everything in this process on ephemeral loopback ports, one relay, nothing saved.
+    pub fn local(setup_key: &str, domain: &str) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            setup_key: Some(setup_key.into()),
+            domain: domain.into(),
+            signal_override: None,
+            relays: 1,
+            services: Services::default(),
+            state: None,
+        }
+    }
+}
+
+/// Why a dev mesh cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum DevMeshError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "serving only some services needs a fixed --listen port (the others are found from it)"
+    )]
+    SplitNeedsPort,
+    #[error("no port {0} after --listen's for all services")]
+    PortRange(u16),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// A running dev mesh (the services this process serves).
 pub struct DevMesh {
-    relay_addr: SocketAddr,
-    relay_secret: Vec<u8>,
-    relay_stop: CancellationToken,
-    relay_task: Option<tokio::task::JoinHandle<()>>,
-    management: DevManagement,
-    management_addr: SocketAddr,
-    management_stop: CancellationToken,
-    management_task: Option<tokio::task::JoinHandle<()>>,
+    /// Management's URL (served here or not).
     pub management_url: String,
     pub signal_addr: SocketAddr,
-    pub relay_url: String,
+    pub relay_urls: Vec<String>,
     pub setup_key: String,
+    management: Option<DevManagement>,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
 }
 
+async fn bind(addr: SocketAddr) -> Result<TcpListener, DevMeshError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| DevMeshError::Bind { addr, source })
+}
+
 impl DevMesh {
-    /// Bind and serve management and signal.
-    pub async fn start(config: DevMeshConfig) -> std::io::Result<Self> {
-        let management = TcpListener::bind(config.listen).await?;
-        let management_addr = management.local_addr()?;
-        let signal_port = if config.listen.port() == 0 {
-            0
-        } else {
-            config.listen.port().checked_add(1).ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "no port after --listen's")
-            })?
+    /// Bind and serve this process's services.
+    pub async fn start(config: DevMeshConfig) -> Result<Self, DevMeshError> {
+        let relays = config.relays.max(1);
+        let ip = config.listen.ip();
+        let fixed = config.listen.port() != 0;
+        if !fixed && config.services != Services::default() {
+            return Err(DevMeshError::SplitNeedsPort);
+        }
+        let port = |offset: usize| -> Result<u16, DevMeshError> {
+            if !fixed {
+                return Ok(0);
+            }
+            let p = usize::from(config.listen.port()) + offset;
+            u16::try_from(p).map_err(|_| DevMeshError::PortRange(p as u16))
         };
-        let signal = TcpListener::bind(SocketAddr::new(config.listen.ip(), signal_port)).await?;
-        let signal_addr = signal.local_addr()?;
-        let relay_port = if signal_port == 0 {
-            0
-        } else {
-            signal_port.saturating_add(1)
+
+        let fresh = DevMeshState::new(config.setup_key.clone().unwrap_or_else(random_setup_key));
+        let mut state = match &config.state {
+            Some(path) => DevMeshState::load_or_create(path, fresh)?,
+            None => fresh,
         };
-        let relay = TcpListener::bind(SocketAddr::new(config.listen.ip(), relay_port)).await?;
-        let relay_url = format!("rel://{}", relay.local_addr()?);
-        let relay_secret = rand::random::<[u8; 32]>().to_vec();
-        let service = DevManagement::new(ManagementSettings {
-            setup_key: config.setup_key.clone(),
-            domain: config.domain.clone(),
-            signal_uri: config
-                .signal_override
-                .clone()
-                .unwrap_or_else(|| signal_addr.to_string()),
-            relay_urls: vec![relay_url.clone()],
-            relay_secret: relay_secret.clone(),
-        });
+        if let Some(key) = &config.setup_key {
+            state.setup_key = key.clone();
+        }
+
+        // Bind everything first: with ephemeral ports the URLs come from the listeners.
+        let management = if config.services.management {
+            Some(bind(SocketAddr::new(ip, port(0)?)).await?)
+        } else {
+            None
+        };
+        let management_addr = match &management {
+            Some(l) => l.local_addr().map_err(|source| DevMeshError::Bind {
+                addr: config.listen,
+                source,
+            })?,
+            None => config.listen,
+        };
+        let signal_at = SocketAddr::new(ip, port(1)?);
+        let signal = if config.services.signal {
+            Some(bind(signal_at).await?)
+        } else {
+            None
+        };
+        let signal_addr = match &signal {
+            Some(l) => l.local_addr().unwrap_or(signal_at),
+            None => signal_at,
+        };
+        let mut relay_listeners = Vec::new();
+        let mut relay_urls = Vec::new();
+        for i in 0..relays {
+            let at = SocketAddr::new(ip, port(2 + i)?);
+            if config.services.relay {
+                let l = bind(at).await?;
+                relay_urls.push(format!("rel://{}", l.local_addr().unwrap_or(at)));
+                relay_listeners.push(l);
+            } else {
+                relay_urls.push(format!("rel://{at}"));
+            }
+        }
+
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let management_stop = cancel.child_token();
-        let management_task = tokio::spawn(serve_management(
-            service.clone(),
-            management,
-            management_stop.clone(),
-        ));
-        let stop = cancel.clone();
-        tasks.spawn(async move {
-            let _ = Server::builder()
-                .serve_with_incoming_shutdown(
-                    SignalExchangeServer::new(DevSignal::default()),
-                    TcpIncoming::from(signal),
-                    stop.cancelled_owned(),
-                )
-                .await;
-        });
-        let relay_addr = relay.local_addr()?;
-        let relay_stop = cancel.child_token();
-        let relay_task = tokio::spawn(
-            DevRelay::new(relay_secret.clone(), relay_url.clone()).serve(relay, relay_stop.clone()),
-        );
+        let mut service = None;
+        if let Some(listener) = management {
+            let svc = DevManagement::new(
+                ManagementSettings {
+                    domain: config.domain.clone(),
+                    signal_uri: config
+                        .signal_override
+                        .clone()
+                        .unwrap_or_else(|| signal_addr.to_string()),
+                    relay_urls: relay_urls.clone(),
+                    state_file: config.state.clone(),
+                },
+                state.clone(),
+            );
+            let stop = cancel.clone();
+            let server = svc.clone();
+            tasks.spawn(async move {
+                let _ = Server::builder()
+                    .serve_with_incoming_shutdown(
+                        ManagementServiceServer::new(server),
+                        TcpIncoming::from(listener),
+                        stop.cancelled_owned(),
+                    )
+                    .await;
+            });
+            service = Some(svc);
+        }
+        if let Some(listener) = signal {
+            let stop = cancel.clone();
+            tasks.spawn(async move {
+                let _ = Server::builder()
+                    .serve_with_incoming_shutdown(
+                        SignalExchangeServer::new(DevSignal::default()),
+                        TcpIncoming::from(listener),
+                        stop.cancelled_owned(),
+                    )
+                    .await;
+            });
+        }
+        for (listener, url) in relay_listeners.into_iter().zip(&relay_urls) {
+            let relay = DevRelay::new(state.relay_secret.to_vec(), url.clone());
+            tasks.spawn(relay.serve(listener, cancel.clone()));
+        }
         Ok(Self {
-            relay_addr,
-            relay_secret,
-            relay_stop,
-            relay_task: Some(relay_task),
-            management: service,
-            management_addr,
-            management_stop,
-            management_task: Some(management_task),
             management_url: format!("http://{management_addr}"),
             signal_addr,
-            relay_url,
-            setup_key: config.setup_key,
+            relay_urls,
+            setup_key: state.setup_key,
+            management: service,
             cancel,
             tasks,
         })
     }
 
-    /// Take management down (its Sync streams end, its port closes); signal and the relay stay.
-    pub async fn stop_management(&mut self) {
-        self.management.end_streams();
-        self.management_stop.cancel();
-        if let Some(task) = self.management_task.take()
-            && tokio::time::timeout(std::time::Duration::from_secs(2), task)
-                .await
-                .is_err()
-        {
-            tracing::warn!("dev management did not stop in time");
-        }
-    }
-
-    /// Bring management back on the same address, with the same registrations.
-    pub async fn start_management(&mut self) -> std::io::Result<()> {
-        let listener = TcpListener::bind(self.management_addr).await?;
-        self.management_stop = self.cancel.child_token();
-        self.management_task = Some(tokio::spawn(serve_management(
-            self.management.clone(),
-            listener,
-            self.management_stop.clone(),
-        )));
-        Ok(())
-    }
-
-    /// Take the relay down: every relay connection ends and its port closes.
-    pub async fn stop_relay(&mut self) {
-        self.relay_stop.cancel();
-        if let Some(task) = self.relay_task.take() {
-            let _ = task.await;
-        }
-    }
-
-    /// Bring a fresh relay back on the same address (peers must reconnect to it).
-    pub async fn start_relay(&mut self) -> std::io::Result<()> {
-        let listener = TcpListener::bind(self.relay_addr).await?;
-        self.relay_stop = self.cancel.child_token();
-        let relay = DevRelay::new(self.relay_secret.clone(), self.relay_url.clone());
-        self.relay_task = Some(tokio::spawn(relay.serve(listener, self.relay_stop.clone())));
-        Ok(())
-    }
-
     /// Stop serving. Open streams get a moment to close gracefully, then the servers are
     /// aborted: a dev mesh going away must not wait for its clients.
     pub async fn stop(mut self) {
-        self.management.end_streams();
+        if let Some(m) = &self.management {
+            m.end_streams();
+        }
         self.cancel.cancel();
-        if let Some(task) = self.management_task.take() {
-            task.abort();
-        }
-        if let Some(task) = self.relay_task.take() {
-            task.abort();
-        }
         let graceful = async { while self.tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(std::time::Duration::from_millis(500), graceful)
             .await
@@ -188,12 +250,16 @@ impl DevMesh {
     }
 }
 
-async fn serve_management(service: DevManagement, listener: TcpListener, stop: CancellationToken) {
-    let _ = Server::builder()
-        .serve_with_incoming_shutdown(
-            ManagementServiceServer::new(service),
-            TcpIncoming::from(listener),
-            stop.cancelled_owned(),
-        )
-        .await;
+/// A setup key in NetBird's format (an upper-case UUID).
+pub fn random_setup_key() -> String {
+    let b: [u8; 16] = rand::random();
+    let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02X}")).collect::<String>();
+    format!(
+        "{}-{}-{}-{}-{}",
+        h(0..4),
+        h(4..6),
+        h(6..8),
+        h(8..10),
+        h(10..16)
+    )
 }

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+pub mod mesh;
+
 pub const PEER_IP: &str = "100.64.0.2";
 pub const PROXY_IP: &str = "100.64.0.1";
 pub const PEER_IP6: &str = "fd64::2";
