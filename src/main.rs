@@ -62,6 +62,7 @@ async fn run(cli: Cli) -> ExitCode {
             relays: usize::from(relays),
             services,
             state,
+            refuse_sync: false,
         })
         .await;
     }

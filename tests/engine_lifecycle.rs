@@ -143,25 +143,6 @@ async fn stop_releases_a_start_waiting_on_a_silent_signal_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_start_leaves_no_task_socket_or_listener() {
-    let mesh = mesh(None).await;
-    // The SOCKS port is taken, so the start fails after WireGuard and the netstack are up.
-    let taken = StdTcpListener::bind("127.0.0.1:0").unwrap();
-    let wg_port = free_udp_port();
-    let cycle = CancellationToken::new();
-    let mut cfg = config(&mesh.management_url, loopback0(), wg_port);
-    cfg.proxy.http = vec![loopback0()];
-    cfg.proxy.socks = vec![taken.local_addr().unwrap()];
-    let engine = Engine::new(cfg, &cycle);
-    let r = engine.start(|_| {}).await;
-    assert!(matches!(&r, Err(EngineError::DataPath(_))), "{r:?}");
-    assert!(r.unwrap_err().is_permanent());
-    assert_eq!(engine.task_count().await, 0, "no task left");
-    UdpSocket::bind(("0.0.0.0", wg_port)).expect("WireGuard UDP port freed");
-    mesh.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn supervisor_stop_interrupts_the_backoff() {
     // Management is unreachable: every start fails and the loop backs off.
     let closed = StdTcpListener::bind("127.0.0.1:0").unwrap();

@@ -35,6 +35,9 @@ pub struct ManagementSettings {
     pub relay_urls: Vec<String>,
     /// Where registrations are saved (`dev-mesh --state`), if anywhere.
     pub state_file: Option<std::path::PathBuf>,
+    /// Fault injection: answer logins but refuse every Sync (as a management that is going
+    /// down between the two would), so tests can fail an engine start at its last step.
+    pub refuse_sync: bool,
 }
 
 #[derive(Debug)]
@@ -341,6 +344,9 @@ impl ManagementService for DevManagement {
         request: Request<EncryptedMessage>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let (_, peer): (SyncRequest, _) = self.open(request.get_ref())?;
+        if self.inner.settings.refuse_sync {
+            return Err(Status::unavailable("sync refused (dev mesh fault injection)"));
+        }
         {
             let mut reg = self.registry();
             let Some(rec) = reg.peers.iter_mut().find(|p| p.public_key == peer) else {
@@ -449,6 +455,7 @@ mod tests {
                 signal_uri: "127.0.0.1:1".into(),
                 relay_urls: vec!["rel://127.0.0.1:2".into()],
                 state_file: None,
+            refuse_sync: false,
             },
             DevMeshState::new("A1B2C3D4-0000-4000-8000-000000000001".into()),
         );

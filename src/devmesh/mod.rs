@@ -61,6 +61,8 @@ pub struct DevMeshConfig {
     pub services: Services,
     /// Keys, secrets and registrations survive restarts here.
     pub state: Option<PathBuf>,
+    /// Fault injection for tests: logins succeed, every Sync is refused (`Unavailable`).
+    pub refuse_sync: bool,
 }
 
 impl DevMeshConfig {
@@ -74,6 +76,7 @@ impl DevMeshConfig {
             relays: 1,
             services: Services::default(),
             state: None,
+            refuse_sync: false,
         }
     }
 }
@@ -189,6 +192,7 @@ impl DevMesh {
                         .unwrap_or_else(|| signal_addr.to_string()),
                     relay_urls: relay_urls.clone(),
                     state_file: config.state.clone(),
+                    refuse_sync: config.refuse_sync,
                 },
                 state.clone(),
             );
