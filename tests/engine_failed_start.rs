@@ -163,7 +163,10 @@ async fn a_failing_start_leaves_no_task_socket_or_listener() {
     );
     let r = engine.start(|_| {}).await;
     let e = r.expect_err("sync refused");
-    assert!(!e.is_permanent(), "an unavailable management is retried: {e}");
+    assert!(
+        !e.is_permanent(),
+        "an unavailable management is retried: {e}"
+    );
     assert!(e.to_string().contains("sync refused"), "{e}");
     assert_eq!(engine.task_count().await, 0, "no engine task left");
     drop(engine);

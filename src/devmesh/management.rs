@@ -345,7 +345,9 @@ impl ManagementService for DevManagement {
     ) -> Result<Response<Self::SyncStream>, Status> {
         let (_, peer): (SyncRequest, _) = self.open(request.get_ref())?;
         if self.inner.settings.refuse_sync {
-            return Err(Status::unavailable("sync refused (dev mesh fault injection)"));
+            return Err(Status::unavailable(
+                "sync refused (dev mesh fault injection)",
+            ));
         }
         {
             let mut reg = self.registry();
@@ -455,7 +457,7 @@ mod tests {
                 signal_uri: "127.0.0.1:1".into(),
                 relay_urls: vec!["rel://127.0.0.1:2".into()],
                 state_file: None,
-            refuse_sync: false,
+                refuse_sync: false,
             },
             DevMeshState::new("A1B2C3D4-0000-4000-8000-000000000001".into()),
         );

@@ -4,7 +4,9 @@
 //! as a foreign relay when it is not its own; the WireGuard peer's endpoint becomes that relay
 //! connection once the relay reports the peer online. Offers repeat with backoff until the peer
 //! is connected, because Go peers drop offers that arrive before they listen; a connected peer
-//! whose relay connection ends or reports it offline is set up again.
+//! whose relay connection ends or reports it offline is set up again. A peer that says GO_IDLE
+//! (a lazy Go peer closing its side) is left idle, without offers, until we have traffic for it
+//! or it speaks again (netbird-protocol.md §7.5).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -47,6 +49,8 @@ struct PeerState {
     /// The relay instance in use or being opened.
     relay_url: Option<String>,
     connecting: bool,
+    /// The remote went idle: no offers until traffic for it or a message from it.
+    idle: bool,
     /// Numbers setup attempts, so the outcome of one abandoned by `reset` is ignored.
     attempt: u64,
     next_offer: Instant,
@@ -61,6 +65,7 @@ impl PeerState {
             via: None,
             relay_url: None,
             connecting: false,
+            idle: false,
             attempt: 0,
             next_offer: Instant::now(),
             retry: FIRST_RETRY,
@@ -103,6 +108,7 @@ impl Negotiator {
         self,
         mut events: mpsc::Receiver<PeerEvent>,
         mut inbox: mpsc::Receiver<Incoming>,
+        mut wanted: mpsc::Receiver<[u8; 32]>,
         cancel: CancellationToken,
     ) {
         let mut peers: HashMap<String, PeerState> = HashMap::new();
@@ -141,6 +147,21 @@ impl Negotiator {
                     }
                     st.via = a.via;
                 },
+                w = wanted.recv() => {
+                    let Some(public_key) = w else { return };
+                    let key = crate::control::envelope::key_string(&public_key);
+                    if let Some(st) = peers.get_mut(&key)
+                        && st.idle
+                    {
+                        info!(peer = %st.peer.fqdn, "traffic for an idle peer; waking it");
+                        st.idle = false;
+                        st.reset();
+                        self.offer(&key, body::Type::Offer).await;
+                        if let Some(st) = peers.get_mut(&key) {
+                            st.next_offer = Instant::now() + st.retry;
+                        }
+                    }
+                }
                 r = home.changed() => {
                     if r.is_err() {
                         return;
@@ -169,7 +190,9 @@ impl Negotiator {
                     let now = Instant::now();
                     let due: Vec<String> = peers
                         .iter()
-                        .filter(|(_, s)| !s.connected() && !s.connecting && s.next_offer <= now)
+                        .filter(|(_, s)| {
+                            !s.connected() && !s.connecting && !s.idle && s.next_offer <= now
+                        })
                         .map(|(k, _)| k.clone())
                         .collect();
                     for key in due {
@@ -198,8 +221,9 @@ impl Negotiator {
             rosenpass_config: Some(Default::default()),
             ..Default::default()
         };
-        if let Err(e) = self.signal.send(to, body).await {
-            debug!(peer = %to, "signal send: {e}");
+        match self.signal.send(to, body).await {
+            Ok(()) => debug!(peer = %to, kind = kind.as_str_name(), "signal message sent"),
+            Err(e) => debug!(peer = %to, "signal send: {e}"),
         }
     }
 
@@ -215,13 +239,20 @@ impl Negotiator {
             return;
         };
         let kind = body::Type::try_from(m.body.r#type).ok();
+        if matches!(kind, Some(body::Type::Offer | body::Type::Answer)) {
+            // Any message but GO_IDLE wakes an idle peer.
+            st.idle = false;
+        }
         match kind {
             Some(body::Type::Offer) => {
                 self.offer(&m.from, body::Type::Answer).await;
             }
             Some(body::Type::Answer) => {}
             Some(body::Type::GoIdle) => {
+                info!(peer = %st.peer.fqdn, "peer went idle; it is woken when there is traffic for it");
                 st.reset();
+                st.idle = true;
+                self.wg.clear_peer_endpoint(&st.peer.public_key);
                 return;
             }
             _ => return,

@@ -318,9 +318,11 @@ impl Engine {
             relays,
             wg_port: datapath.ready.wireguard.port(),
         };
+        let (wanted_tx, wanted_rx) = mpsc::channel(64);
+        datapath.wg.report_wanted_peers(wanted_tx);
         state
             .tasks
-            .spawn(negotiator.run(events_rx, inbox_rx, self.cancel.clone()));
+            .spawn(negotiator.run(events_rx, inbox_rx, wanted_rx, self.cancel.clone()));
         Ok(datapath.ready)
     }
 }

@@ -174,6 +174,10 @@ impl Dialer {
             // A peer still being set up (relay negotiation) gets the connect timeout to
             // become reachable, so a first request right after start-up does not fail.
             let deadline = Instant::now() + timeout;
+            if peer.endpoint().is_none() {
+                // An idle peer is woken by the wish to reach it.
+                self.wg.want(&peer);
+            }
             while peer.endpoint().is_none() && Instant::now() < deadline {
                 tokio::time::sleep(ENDPOINT_POLL).await;
             }

@@ -193,6 +193,9 @@ pub struct WgDevice {
     rate_limiter: Arc<RateLimiter>,
     pool: Arc<PacketPool>,
     pub counters: DeviceCounters,
+    /// Told the public key of a peer that has traffic but no endpoint (an idle mesh peer to
+    /// wake); a hint, so a full channel drops it.
+    wanted: std::sync::OnceLock<mpsc::Sender<[u8; 32]>>,
 }
 
 impl WgDevice {
@@ -216,6 +219,7 @@ impl WgDevice {
             rate_limiter,
             pool,
             counters: DeviceCounters::default(),
+            wanted: std::sync::OnceLock::new(),
         };
         for spec in peers {
             device.add_peer(spec);
@@ -486,6 +490,7 @@ impl WgDevice {
         };
         let Some(endpoint) = peer.endpoint() else {
             self.counters.tx_no_endpoint.fetch_add(1, Ordering::Relaxed);
+            self.want(&peer);
             return None;
         };
         peer.counters
@@ -541,6 +546,31 @@ impl WgDevice {
         };
         if !sent {
             self.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Where to report peers that have traffic but no endpoint (set once, by the engine).
+    pub fn report_wanted_peers(&self, to: mpsc::Sender<[u8; 32]>) {
+        let _ = self.wanted.set(to);
+    }
+
+    /// Report that `peer` has traffic waiting but no endpoint (see `report_wanted_peers`).
+    pub fn want(&self, peer: &Peer) {
+        if let Some(wanted) = self.wanted.get() {
+            let _ = wanted.try_send(peer.public_key.to_bytes());
+        }
+    }
+
+    /// Forget a peer's endpoint (the remote went idle); its traffic is then reported wanted.
+    pub fn clear_peer_endpoint(&self, public_key: &[u8; 32]) {
+        let table = self.table();
+        if let Some(peer) = table
+            .by_key
+            .get(public_key)
+            .and_then(|i| table.by_index.get(i))
+        {
+            debug!(peer = %short_key(&peer.public_key), "peer endpoint cleared");
+            *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
 
