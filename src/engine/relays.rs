@@ -234,3 +234,118 @@ async fn guard_home(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devmesh::relay::DevRelay;
+    use crate::devmesh::relay_token;
+
+    const SECRET: &[u8] = b"relays-test-secret";
+
+    /// A dev relay on loopback; returns its URL.
+    async fn relay(cancel: &CancellationToken) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("rel://{}", listener.local_addr().unwrap());
+        tokio::spawn(DevRelay::new(SECRET.to_vec(), url.clone()).serve(listener, cancel.clone()));
+        url
+    }
+
+    fn settings(urls: &[&str], expiry: u64) -> RelaySettings {
+        let (token_payload, token_signature) = relay_token::issue(SECRET, expiry);
+        RelaySettings {
+            urls: urls.iter().map(|u| u.to_string()).collect(),
+            token_payload,
+            token_signature,
+        }
+    }
+
+    async fn next_home(
+        rx: &mut watch::Receiver<Option<Arc<RelayClient>>>,
+    ) -> Option<Arc<RelayClient>> {
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("home relay change")
+            .unwrap();
+        rx.borrow_and_update().clone()
+    }
+
+    #[tokio::test]
+    async fn home_relay_follows_the_settings() {
+        let cancel = CancellationToken::new();
+        let (r1, r2) = (relay(&cancel).await, relay(&cancel).await);
+        let far = u64::MAX / 4;
+        let (settings_tx, settings_rx) = watch::channel(Some(settings(&[&r1], far)));
+        let (inbound, _rx) = mpsc::channel(8);
+        let mut tasks = tokio::task::JoinSet::new();
+        let relays = Relays::start(
+            "key-a".into(),
+            settings_rx,
+            inbound,
+            cancel.clone(),
+            &mut tasks,
+        );
+        let mut home = relays.home_changes();
+        let first = next_home(&mut home).await.expect("connected");
+        assert_eq!(first.instance_url(), r1);
+
+        // A refreshed token keeps the live connection.
+        settings_tx.send_replace(Some(settings(&[&r1], far - 1)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!first.is_closed());
+        assert!(Arc::ptr_eq(&relays.home().unwrap(), &first));
+
+        // Relay disabled: the connection closes and there is no home.
+        settings_tx.send_replace(None);
+        assert!(next_home(&mut home).await.is_none());
+        assert!(first.is_closed());
+
+        // New URLs: home moves there.
+        settings_tx.send_replace(Some(settings(&[&r2], far)));
+        let moved = next_home(&mut home).await.expect("reconnected");
+        assert_eq!(moved.instance_url(), r2);
+        cancel.cancel();
+        while tasks.join_next().await.is_some() {}
+    }
+
+    #[tokio::test]
+    async fn foreign_relays_open_once_and_close_when_unused() {
+        let cancel = CancellationToken::new();
+        let (r1, r2) = (relay(&cancel).await, relay(&cancel).await);
+        let (_settings_tx, settings_rx) = watch::channel(Some(settings(&[&r1], u64::MAX / 4)));
+        let (inbound, _rx) = mpsc::channel(8);
+        let mut tasks = tokio::task::JoinSet::new();
+        let relays = Relays::start(
+            "key-a".into(),
+            settings_rx,
+            inbound,
+            cancel.clone(),
+            &mut tasks,
+        );
+        let home = next_home(&mut relays.home_changes()).await.unwrap();
+
+        // Our home instance is not opened again; another one is, once, however many ask.
+        assert!(Arc::ptr_eq(&relays.open(&r1).await.unwrap(), &home));
+        let (a, b) = tokio::join!(relays.open(&r2), relays.open(&r2));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.instance_url(), r2);
+        assert_eq!(relays.foreign_count(), 1);
+
+        // In use: kept. Unused: closed and forgotten.
+        relays.close_unused(&HashSet::from([r2.clone()]));
+        assert!(!a.is_closed());
+        relays.close_unused(&HashSet::new());
+        assert!(a.is_closed());
+        assert_eq!(relays.foreign_count(), 0);
+        assert!(
+            !home.is_closed(),
+            "the home relay is never closed as unused"
+        );
+
+        // An unreachable relay is an error, not a hang.
+        assert!(relays.open("rel://127.0.0.1:1").await.is_err());
+        cancel.cancel();
+        while tasks.join_next().await.is_some() {}
+    }
+}
