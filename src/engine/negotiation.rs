@@ -212,12 +212,17 @@ impl Negotiator {
     }
 
     async fn offer(&self, to: &str, kind: body::Type) {
+        let home = self.relays.home();
         let body = Body {
             r#type: kind as i32,
             // Relay-only: empty ICE credentials.
             payload: ":".into(),
             wg_listen_port: u32::from(self.wg_port),
-            relay_server_address: self.relays.home().map(|r| r.instance_url().to_string()),
+            relay_server_address: home.as_ref().map(|r| r.instance_url().to_string()),
+            relay_server_ip: home.as_ref().map(|r| match r.server_ip() {
+                std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+                std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+            }),
             rosenpass_config: Some(Default::default()),
             ..Default::default()
         };
@@ -259,13 +264,19 @@ impl Negotiator {
         }
         let controller = self.is_controller(&m.from);
         // The relay both sides use: our home if we control, else the one the remote names.
-        let url = if controller {
-            self.relays.home().map(|r| r.instance_url().to_string())
+        let (url, ip) = if controller {
+            (
+                self.relays.home().map(|r| r.instance_url().to_string()),
+                None,
+            )
         } else {
-            m.body
-                .relay_server_address
-                .clone()
-                .filter(|u| !u.is_empty())
+            (
+                m.body
+                    .relay_server_address
+                    .clone()
+                    .filter(|u| !u.is_empty()),
+                m.body.relay_server_ip.as_deref().and_then(ip_from_bytes),
+            )
         };
         let Some(url) = url else {
             debug!(peer = %st.peer.fqdn, controller, "no relay to meet this peer on yet");
@@ -292,7 +303,7 @@ impl Negotiator {
         let cancel = cancel.clone();
         tokio::spawn(async move {
             let setup = async {
-                let relay = relays.open(&url).await?;
+                let relay = relays.open(&url, ip).await?;
                 relay.wait_online(&id, ONLINE_WAIT, &cancel).await?;
                 Ok::<_, crate::relay::client::RelayError>(relay)
             };
@@ -311,5 +322,31 @@ impl Negotiator {
             };
             let _ = attached.send(Attached { key, attempt, via }).await;
         });
+    }
+}
+
+/// `relayServerIP`: 4 or 16 bytes.
+fn ip_from_bytes(b: &[u8]) -> Option<std::net::IpAddr> {
+    match b.len() {
+        4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
+        16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_server_ip_is_4_or_16_bytes() {
+        assert_eq!(
+            ip_from_bytes(&[198, 18, 0, 1]),
+            Some(std::net::IpAddr::from([198, 18, 0, 1]))
+        );
+        let v6 = std::net::Ipv6Addr::LOCALHOST;
+        assert_eq!(ip_from_bytes(&v6.octets()), Some(v6.into()));
+        assert_eq!(ip_from_bytes(&[]), None);
+        assert_eq!(ip_from_bytes(&[1, 2, 3]), None);
     }
 }

@@ -71,8 +71,13 @@ impl Relays {
     }
 
     /// A connection to the relay instance `url`: the home relay if that is it, else a foreign
-    /// relay connection, opened now with the current token if none is up.
-    pub async fn open(&self, url: &str) -> Result<Arc<RelayClient>, RelayError> {
+    /// relay connection, opened now with the current token if none is up. `ip` is the address
+    /// the remote said it is connected to, dialled when the URL does not connect.
+    pub async fn open(
+        &self,
+        url: &str,
+        ip: Option<std::net::IpAddr>,
+    ) -> Result<Arc<RelayClient>, RelayError> {
         if let Some(home) = self.home()
             && home.instance_url() == url
         {
@@ -88,15 +93,25 @@ impl Relays {
             return Ok(c.clone());
         }
         let settings = self.settings.borrow().clone().ok_or(RelayError::Closed)?;
-        let client = RelayClient::connect(
-            url,
-            &self.own_key,
-            &settings.token_payload,
-            &settings.token_signature,
-            self.inbound.clone(),
-            self.cancel.child_token(),
-        )
-        .await?;
+        let connect = |dial_ip| {
+            RelayClient::connect(
+                url,
+                dial_ip,
+                &self.own_key,
+                &settings.token_payload,
+                &settings.token_signature,
+                self.inbound.clone(),
+                self.cancel.child_token(),
+            )
+        };
+        let client = match (connect(None).await, ip) {
+            (Ok(c), _) => c,
+            (Err(RelayError::Connect { reason, .. }), Some(ip)) => {
+                warn!(relay = %url, %ip, "{reason}; trying the address the peer advertised");
+                connect(Some(ip)).await?
+            }
+            (Err(e), _) => return Err(e),
+        };
         if client.instance_url() != url {
             // The advertised instance is what the remote connected to; a relay answering with
             // another instance URL is a different instance and cannot reach that peer.
@@ -154,6 +169,7 @@ async fn connect_first(
     let attempts = settings.urls.iter().map(|url| {
         Box::pin(RelayClient::connect(
             url,
+            None,
             own_key,
             &settings.token_payload,
             &settings.token_signature,
@@ -325,8 +341,8 @@ mod tests {
         let home = next_home(&mut relays.home_changes()).await.unwrap();
 
         // Our home instance is not opened again; another one is, once, however many ask.
-        assert!(Arc::ptr_eq(&relays.open(&r1).await.unwrap(), &home));
-        let (a, b) = tokio::join!(relays.open(&r2), relays.open(&r2));
+        assert!(Arc::ptr_eq(&relays.open(&r1, None).await.unwrap(), &home));
+        let (a, b) = tokio::join!(relays.open(&r2, None), relays.open(&r2, None));
         let (a, b) = (a.unwrap(), b.unwrap());
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(a.instance_url(), r2);
@@ -344,7 +360,26 @@ mod tests {
         );
 
         // An unreachable relay is an error, not a hang.
-        assert!(relays.open("rel://127.0.0.1:1").await.is_err());
+        assert!(relays.open("rel://127.0.0.1:1", None).await.is_err());
+
+        // A URL that does not connect from here is reached through the IP the peer advertised
+        // (a relay on 127.0.0.2; the URL names 127.0.0.3, where nothing listens).
+        let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let r3 = format!("rel://127.0.0.2:{port}");
+        tokio::spawn(DevRelay::new(SECRET.to_vec(), r3.clone()).serve(listener, cancel.clone()));
+        let elsewhere = format!("rel://127.0.0.3:{port}");
+        assert!(relays.open(&elsewhere, None).await.is_err());
+        let via_ip = relays
+            .open(&elsewhere, Some([127, 0, 0, 2].into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            via_ip.instance_url(),
+            r3,
+            "the relay behind that IP answered"
+        );
+        assert_eq!(via_ip.server_ip(), std::net::IpAddr::from([127, 0, 0, 2]));
         cancel.cancel();
         while tasks.join_next().await.is_some() {}
     }

@@ -52,6 +52,8 @@ pub struct Relayed {
 /// A connection to one relay server.
 pub struct RelayClient {
     instance_url: String,
+    /// The server address we are connected to (offers advertise it as `relayServerIP`).
+    server_ip: std::net::IpAddr,
     out: mpsc::Sender<Vec<u8>>,
     online: watch::Sender<HashSet<PeerId>>,
     /// Cancelled when the connection ends (or the owner cancels).
@@ -82,9 +84,13 @@ pub fn websocket_url(url: &str) -> Result<String, RelayError> {
 }
 
 impl RelayClient {
-    /// Connect and authenticate as `key_string`; relayed datagrams go to `inbound`.
+    /// Connect and authenticate as `key_string`; relayed datagrams go to `inbound`. With
+    /// `dial_ip`, the TCP connection goes to that address instead of resolving the URL's host
+    /// (which still names the server for TLS): the fallback when a peer's relay URL does not
+    /// resolve or answer from here but its advertised IP does.
     pub async fn connect(
         url: &str,
+        dial_ip: Option<std::net::IpAddr>,
         key_string: &str,
         token_payload: &str,
         token_signature: &str,
@@ -97,12 +103,43 @@ impl RelayClient {
             .ok()
             .and_then(|v| v.try_into().ok())
             .ok_or(RelayError::BadToken)?;
-        let connect = tokio_tungstenite::connect_async(ws_url.as_str());
-        let (ws, _) = tokio::select! {
+        let connect = async {
+            let authority = ws_url
+                .split_once("://")
+                .and_then(|(_, rest)| rest.split('/').next())
+                .unwrap_or_default();
+            let tcp = match dial_ip {
+                Some(ip) => {
+                    let port = authority
+                        .rsplit_once(':')
+                        .and_then(|(_, p)| p.parse::<u16>().ok())
+                        .ok_or_else(|| RelayError::BadUrl(url.into()))?;
+                    tokio::net::TcpStream::connect((ip, port)).await
+                }
+                None => tokio::net::TcpStream::connect(authority).await,
+            }
+            .map_err(|e| RelayError::Connect {
+                url: url.into(),
+                reason: e.to_string(),
+            })?;
+            let _ = tcp.set_nodelay(true);
+            let server_ip = tcp.peer_addr().map_err(|e| RelayError::Connect {
+                url: url.into(),
+                reason: e.to_string(),
+            })?;
+            let (ws, _) = tokio_tungstenite::client_async_tls(ws_url.as_str(), tcp)
+                .await
+                .map_err(|e| RelayError::Connect {
+                    url: url.into(),
+                    reason: e.to_string(),
+                })?;
+            Ok::<_, RelayError>((ws, server_ip.ip()))
+        };
+        let (ws, server_ip) = tokio::select! {
             _ = cancel.cancelled() => return Err(RelayError::Cancelled),
             r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => match r {
                 Err(_) => return Err(RelayError::Connect { url: url.into(), reason: "timed out".into() }),
-                Ok(Err(e)) => return Err(RelayError::Connect { url: url.into(), reason: e.to_string() }),
+                Ok(Err(e)) => return Err(e),
                 Ok(Ok(ws)) => ws,
             },
         };
@@ -128,6 +165,7 @@ impl RelayClient {
         let closed = cancel.child_token();
         let client = Arc::new(Self {
             instance_url,
+            server_ip,
             out,
             online,
             closed: closed.clone(),
@@ -195,6 +233,11 @@ impl RelayClient {
     /// The relay instance URL the server announced (what offers advertise).
     pub fn instance_url(&self) -> &str {
         &self.instance_url
+    }
+
+    /// The relay server's address, as connected.
+    pub fn server_ip(&self) -> std::net::IpAddr {
+        self.server_ip
     }
 
     /// Whether the connection has ended.
@@ -278,7 +321,7 @@ mod tests {
 
         let (a_in, mut a_rx) = mpsc::channel(8);
         let (b_in, mut b_rx) = mpsc::channel(8);
-        let a = RelayClient::connect(&url, "key-a", &payload, &sig, a_in, cancel.clone())
+        let a = RelayClient::connect(&url, None, "key-a", &payload, &sig, a_in, cancel.clone())
             .await
             .unwrap();
         assert_eq!(a.instance_url(), url);
@@ -289,7 +332,7 @@ mod tests {
                 .await,
             Err(RelayError::PeerOffline(_))
         ));
-        let b = RelayClient::connect(&url, "key-b", &payload, &sig, b_in, cancel.clone())
+        let b = RelayClient::connect(&url, None, "key-b", &payload, &sig, b_in, cancel.clone())
             .await
             .unwrap();
         a.wait_online(&b_id, Duration::from_secs(5), &cancel)
@@ -312,7 +355,7 @@ mod tests {
             .unwrap();
         // A wrong token is refused.
         let (bad_in, _) = mpsc::channel(1);
-        let e = RelayClient::connect(&url, "key-c", "1", &sig, bad_in, cancel.clone())
+        let e = RelayClient::connect(&url, None, "key-c", "1", &sig, bad_in, cancel.clone())
             .await
             .unwrap_err();
         assert!(matches!(e, RelayError::AuthFailed(_)), "{e}");
