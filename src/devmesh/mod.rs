@@ -94,7 +94,7 @@ pub enum DevMeshError {
     )]
     SplitNeedsPort,
     #[error("no port {0} after --listen's for all services")]
-    PortRange(u16),
+    PortRange(usize),
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -131,7 +131,7 @@ impl DevMesh {
                 return Ok(0);
             }
             let p = usize::from(config.listen.port()) + offset;
-            u16::try_from(p).map_err(|_| DevMeshError::PortRange(p as u16))
+            u16::try_from(p).map_err(|_| DevMeshError::PortRange(p))
         };
 
         let fresh = DevMeshState::new(config.setup_key.clone().unwrap_or_else(random_setup_key));

@@ -51,7 +51,8 @@ struct PeerState {
     connecting: bool,
     /// The remote went idle: no offers until traffic for it or a message from it.
     idle: bool,
-    /// Numbers setup attempts, so the outcome of one abandoned by `reset` is ignored.
+    /// The setup attempt in flight (numbered by the negotiator, never reused; 0: none), so
+    /// the outcome of one abandoned by `reset` or a peer change is ignored.
     attempt: u64,
     next_offer: Instant,
     retry: Duration,
@@ -81,7 +82,7 @@ impl PeerState {
         self.via = None;
         self.relay_url = None;
         self.connecting = false;
-        self.attempt += 1;
+        self.attempt = 0;
         self.retry = FIRST_RETRY;
         self.next_offer = Instant::now();
     }
@@ -116,32 +117,51 @@ impl Negotiator {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut sweep = tokio::time::interval(RELAY_SWEEP);
         let mut home = self.relays.home_changes();
+        let mut attempts: u64 = 0;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 e = events.recv() => match e {
                     Some(PeerEvent::Added(peer)) => {
+                        // New, or changed (WireGuard replaced the peer: set it up again, but
+                        // an idle peer stays idle).
                         let key = peer.key.clone();
-                        peers.insert(key.clone(), PeerState::new(peer));
-                        self.offer(&key, body::Type::Offer).await;
-                        if let Some(st) = peers.get_mut(&key) {
-                            st.next_offer = Instant::now() + st.retry;
+                        let idle = peers.get(&key).is_some_and(|s| s.idle);
+                        let mut st = PeerState::new(peer);
+                        st.idle = idle;
+                        peers.insert(key.clone(), st);
+                        if !idle {
+                            self.offer(&key, body::Type::Offer).await;
+                            if let Some(st) = peers.get_mut(&key) {
+                                st.next_offer = Instant::now() + st.retry;
+                            }
                         }
                     }
                     Some(PeerEvent::Removed(key)) => { peers.remove(&key); }
                     None => return,
                 },
                 m = inbox.recv() => match m {
-                    Some(m) => self.on_message(m, &mut peers, &attached_tx, &cancel).await,
+                    Some(m) => {
+                        self.on_message(m, &mut peers, &mut attempts, &attached_tx, &cancel)
+                            .await
+                    }
                     None => return,
                 },
                 a = attached_rx.recv() => if let Some(a) = a
                     && let Some(st) = peers.get_mut(&a.key)
                     && st.attempt == a.attempt
                 {
+                    // Only the current attempt touches the data path: a late outcome of an
+                    // abandoned one must not repoint the peer.
                     st.connecting = false;
+                    st.attempt = 0;
                     if let Some(via) = &a.via {
                         info!(peer = %st.peer.fqdn, relay = %via.instance_url(), "peer connected through the relay");
+                        let endpoint = PeerEndpoint::Relay(via.clone(), st.id);
+                        self.wg.set_peer_endpoint(&st.peer.public_key, endpoint);
+                        if self.is_controller(&a.key) {
+                            self.wg.initiate_handshake(&st.peer.public_key).await;
+                        }
                     } else {
                         st.relay_url = None;
                     }
@@ -166,10 +186,15 @@ impl Negotiator {
                     if r.is_err() {
                         return;
                     }
-                    // A new home relay (or none): every peer is set up again, at once. Peers
-                    // on foreign relays too: the offers they saw named the old home.
-                    for st in peers.values_mut() {
-                        st.reset();
+                    // A new home relay (or none): peers that met us on the old one are set up
+                    // again, at once — those we control, and those whose relay connection is
+                    // gone. Peers on open foreign relays keep flowing.
+                    self.relays.close_foreign_home();
+                    for (key, st) in peers.iter_mut() {
+                        let lost = st.via.as_ref().is_none_or(|v| v.is_closed());
+                        if self.is_controller(key) || lost {
+                            st.reset();
+                        }
                     }
                 }
                 _ = sweep.tick() => {
@@ -236,6 +261,7 @@ impl Negotiator {
         &self,
         m: Incoming,
         peers: &mut HashMap<String, PeerState>,
+        attempts: &mut u64,
         attached: &mpsc::Sender<Attached>,
         cancel: &CancellationToken,
     ) {
@@ -245,7 +271,7 @@ impl Negotiator {
         };
         let kind = body::Type::try_from(m.body.r#type).ok();
         if matches!(kind, Some(body::Type::Offer | body::Type::Answer)) {
-            // Any message but GO_IDLE wakes an idle peer.
+            // An OFFER or ANSWER wakes an idle peer (GO_IDLE idles it; others are ignored).
             st.idle = false;
         }
         match kind {
@@ -291,14 +317,13 @@ impl Negotiator {
             return;
         }
         st.connecting = true;
-        st.attempt += 1;
+        *attempts += 1;
+        st.attempt = *attempts;
         let attempt = st.attempt;
         st.relay_url = Some(url.clone());
         let key = m.from.clone();
         let id = st.id;
-        let public_key = st.peer.public_key;
         let relays = self.relays.clone();
-        let wg = self.wg.clone();
         let attached = attached.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
@@ -308,13 +333,7 @@ impl Negotiator {
                 Ok::<_, crate::relay::client::RelayError>(relay)
             };
             let via = match setup.await {
-                Ok(relay) => {
-                    wg.set_peer_endpoint(&public_key, PeerEndpoint::Relay(relay.clone(), id));
-                    if controller {
-                        wg.initiate_handshake(&public_key).await;
-                    }
-                    Some(relay)
-                }
+                Ok(relay) => Some(relay),
                 Err(e) => {
                     debug!(peer = %key, relay = %url, "relay: {e}");
                     None
@@ -329,7 +348,8 @@ impl Negotiator {
 fn ip_from_bytes(b: &[u8]) -> Option<std::net::IpAddr> {
     match b.len() {
         4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
-        16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
+        // An IPv4-mapped IPv6 address is dialled as IPv4.
+        16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(b).ok()?).to_canonical()),
         _ => None,
     }
 }

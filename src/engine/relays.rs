@@ -92,6 +92,16 @@ impl Relays {
         if let Some(c) = conn.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
+        // `close_unused` may have dropped the slot while we waited for it: put it back, so the
+        // connection made below stays visible to the sweep.
+        self.lock_foreign()
+            .entry(url.to_string())
+            .and_modify(|s| {
+                if !Arc::ptr_eq(s, &slot) {
+                    *s = slot.clone();
+                }
+            })
+            .or_insert_with(|| slot.clone());
         let settings = self.settings.borrow().clone().ok_or(RelayError::Closed)?;
         let connect = |dial_ip| {
             RelayClient::connect(
@@ -140,6 +150,18 @@ impl Relays {
             }
             false
         });
+    }
+
+    /// Close a foreign connection to what is now our home instance: one peer ID should have
+    /// one connection per relay, and the peers using it are set up again through the home.
+    pub fn close_foreign_home(&self) {
+        let Some(home) = self.home() else { return };
+        if let Some(slot) = self.lock_foreign().remove(home.instance_url())
+            && let Ok(conn) = slot.try_lock()
+            && let Some(c) = conn.as_ref()
+        {
+            c.close();
+        }
     }
 
     /// Open foreign relay connections (for status and tests).

@@ -174,15 +174,15 @@ impl Dialer {
             // A peer still being set up (relay negotiation) gets the connect timeout to
             // become reachable, so a first request right after start-up does not fail.
             let deadline = Instant::now() + timeout;
-            if peer.endpoint().is_none() {
-                // An idle peer is woken by the wish to reach it.
+            let usable = || peer.endpoint().is_some_and(|e| e.is_usable());
+            while !usable() && Instant::now() < deadline {
+                // An idle peer is woken by the wish to reach it (said again each round: the
+                // hint channel may be full).
                 self.wg.want(&peer);
-            }
-            while peer.endpoint().is_none() && Instant::now() < deadline {
                 tokio::time::sleep(ENDPOINT_POLL).await;
             }
             let timeout = deadline.saturating_duration_since(Instant::now());
-            match peer.endpoint() {
+            match peer.endpoint().filter(|e| e.is_usable()) {
                 None => {
                     return Err(DialError::NetworkUnreachable(format!(
                         "{addr}: its peer has no known endpoint"

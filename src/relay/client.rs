@@ -80,7 +80,18 @@ pub fn websocket_url(url: &str) -> Result<String, RelayError> {
     if host.is_empty() || host.contains('/') {
         return Err(RelayError::BadUrl(url.into()));
     }
-    Ok(format!("{ws}://{host}/relay"))
+    // Without a port, the scheme's (as the Go client does): the TCP dial needs one.
+    let has_port = host.rsplit_once(':').is_some_and(|(h, p)| {
+        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':')
+    });
+    let port = if has_port {
+        ""
+    } else if ws == "wss" {
+        ":443"
+    } else {
+        ":80"
+    };
+    Ok(format!("{ws}://{host}{port}/relay"))
 }
 
 impl RelayClient {
@@ -305,6 +316,15 @@ mod tests {
         assert_eq!(
             websocket_url("rels://r.example:443").unwrap(),
             "wss://r.example:443/relay"
+        );
+        assert_eq!(
+            websocket_url("rels://r.example").unwrap(),
+            "wss://r.example:443/relay"
+        );
+        assert_eq!(websocket_url("rel://[::1]").unwrap(), "ws://[::1]:80/relay");
+        assert_eq!(
+            websocket_url("rel://[::1]:9").unwrap(),
+            "ws://[::1]:9/relay"
         );
         assert!(websocket_url("http://x:1").is_err());
         assert!(websocket_url("rel://").is_err());

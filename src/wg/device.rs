@@ -79,6 +79,14 @@ impl std::fmt::Display for PeerEndpoint {
 }
 
 impl PeerEndpoint {
+    /// Whether datagrams can go there: not through a relay connection that has ended.
+    pub fn is_usable(&self) -> bool {
+        match self {
+            PeerEndpoint::Udp(_) => true,
+            PeerEndpoint::Relay(c, _) => !c.is_closed(),
+        }
+    }
+
     /// The address the rate limiter keys cookies on (none through a relay).
     fn ip(&self) -> Option<IpAddr> {
         match self {
@@ -488,7 +496,7 @@ impl WgDevice {
             // Queued until the handshake completes (boringtun bounds that queue).
             _ => return None,
         };
-        let Some(endpoint) = peer.endpoint() else {
+        let Some(endpoint) = peer.endpoint().filter(PeerEndpoint::is_usable) else {
             self.counters.tx_no_endpoint.fetch_add(1, Ordering::Relaxed);
             self.want(&peer);
             return None;

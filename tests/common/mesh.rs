@@ -87,7 +87,9 @@ impl Drop for DevMeshProcess {
 /// processes, which find each other by port).
 pub fn free_port_block(count: u16) -> u16 {
     for _ in 0..200 {
-        let base = 20000 + (rand_u16() % 30000);
+        // Below Linux's ephemeral range (32768-60999), so no outgoing connection takes one
+        // between this check and the bind.
+        let base = 20000 + (rand_u16() % 12000);
         let held: Vec<_> = (0..count)
             .map_while(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).ok())
             .collect();
