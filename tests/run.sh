@@ -37,7 +37,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
 # Bounded: a hung test fails the run instead of eating CI's time.
-timeout --kill-after=30 2400 cargo test --locked -- --test-threads "${TEST_THREADS:-4}" 2>&1 | tee "$log"
+timeout --kill-after=30 2400 cargo test --locked --no-fail-fast -- --test-threads "${TEST_THREADS:-4}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run, summed over every test binary.
