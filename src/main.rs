@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         eprintln!("netbird-proxy: {e}");
         return ExitCode::from(2);
     }
+    raise_fd_limit();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -281,6 +282,23 @@ async fn demo_page() -> std::io::Result<std::net::SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+/// Every proxied connection holds a descriptor: lift the soft limit to the hard one (as Go
+/// programs do at start), so a thousand clients do not hit the usual 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read/write the rlimit struct we pass by pointer,
+    // which lives on this stack frame for the duration of each call.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 fn host_name() -> String {

@@ -1,0 +1,1003 @@
+//! End-to-end benchmark: netbird-proxy against the kernel's TCP over WireGuard, side by side in
+//! one run. `cargo bench --bench e2e` (as root; it installs what it needs with tests/deps.sh).
+//!
+//! Topology (all made here, all removed at the end):
+//!
+//! ```text
+//!   root namespace                      peer namespace P                kernel namespace K
+//!   netbird-proxy (release) ──UDP──▶  wireguard-go 100.64.0.2  ◀──UDP── wireguard-go 100.64.0.3
+//!   clients (this binary)              bench server :5201               client (this binary)
+//!        198.19.250.1/30 ─── veth ─── .2/30      .6/30 ─── veth ─── 198.19.250.5/30
+//! ```
+//!
+//! The kernel baseline is K's client over K's wireguard-go and kernel TCP to the same server in
+//! P. Every client is this binary re-executed (`e2e client ...`), so all paths are driven the
+//! same way. Medians over several runs.
+//!
+//! Impaired rows: 10 ms delay and 0.5 % loss each way (20 ms more RTT). This kernel has no
+//! `sch_netem` (CONFIG_NET_SCH_NETEM is not set), so the impairment is a UDP relay on the
+//! WireGuard underlay (`e2e impair ...`, this binary again), put in front of the peer for both
+//! paths alike: the proxy's endpoint and K's endpoint point at their own relay.
+//!
+//! Proxy-to-proxy runs iperf3 through two netbird-proxy processes with static configs on
+//! loopback (one exposes the iperf3 server, the other forwards to it).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SERVER_PORT: u16 = 5201;
+const PEER_IP: &str = "100.64.0.2";
+const RUNS: usize = 3;
+const SECS: u64 = 4;
+const CHUNK: usize = 128 * 1024;
+const PEER_UNDERLAY: &str = "198.19.250.2:51820";
+const PEER_UNDERLAY_K: &str = "198.19.250.6:51820";
+const IMPAIR_DELAY_MS: &str = "10";
+const IMPAIR_LOSS_PERCENT: &str = "0.5";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("serve") => serve(&args[2]),
+        Some("client") => client(&args[2..]),
+        Some("impair") => impair(&args[2..]),
+        _ => orchestrate(),
+    }
+}
+
+// ---------------------------------------------------------------- server (in the peer netns)
+
+/// One byte picks the exchange: U(pload) sink and report the count, D(ownload) for N ms,
+/// E(cho) 64-byte messages, R(equest) one 64-byte request and answer then close, H(old) open.
+fn serve(addr: &str) {
+    raise_fd_limit();
+    let listener = TcpListener::bind(addr).expect("bind bench server");
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let _ = std::thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                let _ = handle(conn);
+            });
+    }
+}
+
+fn handle(mut s: TcpStream) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut cmd = [0u8; 1];
+    s.read_exact(&mut cmd)?;
+    match cmd[0] {
+        b'U' => {
+            let mut buf = vec![0u8; CHUNK];
+            let mut total: u64 = 0;
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            s.write_all(&total.to_be_bytes())?;
+        }
+        b'D' => {
+            let mut ms = [0u8; 4];
+            s.read_exact(&mut ms)?;
+            let until = Instant::now() + Duration::from_millis(u32::from_be_bytes(ms).into());
+            let buf = vec![0x5au8; CHUNK];
+            while Instant::now() < until {
+                s.write_all(&buf)?;
+            }
+            s.shutdown(Shutdown::Write)?;
+        }
+        b'E' => {
+            let mut msg = [0u8; 64];
+            while s.read_exact(&mut msg).is_ok() {
+                s.write_all(&msg)?;
+            }
+        }
+        b'R' => {
+            let mut msg = [0u8; 64];
+            s.read_exact(&mut msg)?;
+            s.write_all(&msg)?;
+        }
+        b'H' => {
+            let mut buf = [0u8; 64];
+            while s.read(&mut buf)? > 0 {}
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- underlay impairment
+
+/// `impair LISTEN UPSTREAM DELAY_MS LOSS_PERCENT`: relay UDP datagrams between the first
+/// client that sends to LISTEN and UPSTREAM, each way delayed by DELAY_MS and dropped with
+/// probability LOSS_PERCENT (a constant delay keeps order).
+fn impair(args: &[String]) {
+    use std::net::UdpSocket;
+    use std::sync::{Arc, Mutex, mpsc};
+    let listen: SocketAddr = args[0].parse().unwrap();
+    let upstream: SocketAddr = args[1].parse().unwrap();
+    let delay = Duration::from_millis(args[2].parse().unwrap());
+    let loss: f64 = args[3].parse::<f64>().unwrap() / 100.0;
+    let big = |s: &UdpSocket| {
+        let s = socket2::SockRef::from(s);
+        let _ = s.set_recv_buffer_size(8 << 20);
+        let _ = s.set_send_buffer_size(8 << 20);
+    };
+    let front = Arc::new(UdpSocket::bind(listen).expect("impair bind"));
+    let back = Arc::new(UdpSocket::bind("0.0.0.0:0").unwrap());
+    back.connect(upstream).unwrap();
+    big(&front);
+    big(&back);
+    let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+
+    // One direction: receive, stamp, queue; a second thread sends when due.
+    type Recv = Box<dyn Fn(&mut [u8]) -> Option<usize> + Send>;
+    type Sender = Box<dyn Fn(&[u8]) + Send>;
+    let pump = |recv: Recv, send: Sender, seed: u64| {
+        let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+        std::thread::spawn(move || {
+            let mut rng = seed;
+            let mut buf = vec![0u8; 65536];
+            while let Some(n) = recv(&mut buf) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                if (rng % 1_000_000) as f64 / 1e6 < loss {
+                    continue;
+                }
+                if tx
+                    .send((Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            for (due, pkt) in rx {
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                send(&pkt);
+            }
+        });
+    };
+    let (f1, c1, b1) = (front.clone(), client.clone(), back.clone());
+    pump(
+        Box::new(move |buf| {
+            let (n, from) = f1.recv_from(buf).ok()?;
+            *c1.lock().unwrap() = Some(from);
+            Some(n)
+        }),
+        Box::new(move |pkt| {
+            let _ = b1.send(pkt);
+        }),
+        0x9e3779b97f4a7c15,
+    );
+    let (b2, c2, f2) = (back.clone(), client.clone(), front.clone());
+    pump(
+        Box::new(move |buf| b2.recv(buf).ok()),
+        Box::new(move |pkt| {
+            if let Some(to) = *c2.lock().unwrap() {
+                let _ = f2.send_to(pkt, to);
+            }
+        }),
+        0x2545f4914f6cdd1d,
+    );
+    loop {
+        std::thread::park();
+    }
+}
+
+// ---------------------------------------------------------------- clients
+
+/// `client KIND TARGET VIA ARG`: VIA is `direct` or `socks:ADDR`. Prints `RESULT ...`.
+fn client(args: &[String]) {
+    raise_fd_limit();
+    let (kind, target, via, arg) = (&args[0], &args[1], &args[2], &args[3]);
+    let target: SocketAddr = target.parse().expect("target");
+    let n: u64 = arg.parse().expect("number");
+    let connect = || open(target, via);
+    match kind.as_str() {
+        "up" => {
+            let mut s = connect();
+            s.write_all(b"U").unwrap();
+            let buf = vec![0xa5u8; CHUNK];
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(n) {
+                s.write_all(&buf).unwrap();
+            }
+            s.shutdown(Shutdown::Write).unwrap();
+            let mut count = [0u8; 8];
+            s.read_exact(&mut count).unwrap();
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "RESULT {:.1}",
+                u64::from_be_bytes(count) as f64 * 8.0 / secs / 1e6
+            );
+        }
+        "down" => {
+            let mut s = connect();
+            s.write_all(b"D").unwrap();
+            s.write_all(&((n * 1000) as u32).to_be_bytes()).unwrap();
+            let mut buf = vec![0u8; CHUNK];
+            let start = Instant::now();
+            let mut total = 0u64;
+            loop {
+                let got = s.read(&mut buf).unwrap();
+                if got == 0 {
+                    break;
+                }
+                total += got as u64;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!("RESULT {:.1}", total as f64 * 8.0 / secs / 1e6);
+        }
+        "rtt" => {
+            let mut s = connect();
+            s.write_all(b"E").unwrap();
+            let mut msg = [7u8; 64];
+            let mut samples = Vec::with_capacity(n as usize);
+            for i in 0..(n + 200) {
+                let t = Instant::now();
+                s.write_all(&msg).unwrap();
+                s.read_exact(&mut msg).unwrap();
+                if i >= 200 {
+                    samples.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+            samples.sort_by(f64::total_cmp);
+            let p = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
+            println!("RESULT {:.0} {:.0}", p(0.5), p(0.99));
+        }
+        "cps" => {
+            let start = Instant::now();
+            let mut done = 0u64;
+            while start.elapsed() < Duration::from_secs(n) {
+                let mut s = connect();
+                s.write_all(b"R").unwrap();
+                let mut msg = [1u8; 64];
+                s.write_all(&msg).unwrap();
+                s.read_exact(&mut msg).unwrap();
+                done += 1;
+            }
+            println!("RESULT {:.0}", done as f64 / start.elapsed().as_secs_f64());
+        }
+        "hold" => {
+            let mut held = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                let mut s = connect();
+                s.write_all(b"H").unwrap();
+                held.push(s);
+            }
+            println!("READY {}", held.len());
+            std::io::stdout().flush().unwrap();
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+        }
+        other => panic!("unknown client kind {other}"),
+    }
+}
+
+/// Connect to `target` directly or through a SOCKS5 proxy (`socks:ADDR`).
+fn open(target: SocketAddr, via: &str) -> TcpStream {
+    let s = match via.strip_prefix("socks:") {
+        None => TcpStream::connect(target).expect("connect"),
+        Some(proxy) => {
+            let mut s = TcpStream::connect(proxy).expect("connect to SOCKS5");
+            s.write_all(&[5, 1, 0]).unwrap();
+            let mut sel = [0u8; 2];
+            s.read_exact(&mut sel).unwrap();
+            assert_eq!(sel, [5, 0]);
+            let SocketAddr::V4(v4) = target else {
+                panic!("IPv4 targets only")
+            };
+            let mut req = vec![5, 1, 0, 1];
+            req.extend(v4.ip().octets());
+            req.extend(v4.port().to_be_bytes());
+            s.write_all(&req).unwrap();
+            let mut reply = [0u8; 10];
+            s.read_exact(&mut reply).unwrap();
+            assert_eq!(reply[1], 0, "SOCKS5 reply {}", reply[1]);
+            s
+        }
+    };
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass, which lives on our
+    // stack for the duration of each call.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- orchestration
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sh_quiet(args: &[&str]) {
+    let _ = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn output(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn key_pair(dir: &Path, name: &str) -> (String, String, PathBuf) {
+    let private = output(&["wg", "genkey"]);
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(private.as_bytes())
+        .unwrap();
+    let public = String::from_utf8(child.wait_with_output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let path = dir.join(format!("{name}.key"));
+    write_private(&path, &private);
+    (private, public, path)
+}
+
+fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+}
+
+/// Everything the benchmark made; dropping it removes it all.
+struct Bed {
+    tag: String,
+    dir: PathBuf,
+    children: Vec<Child>,
+    proxy_private: String,
+    peer_public: String,
+}
+
+impl Bed {
+    fn ns(&self, which: &str) -> String {
+        format!("nbe{which}{}", self.tag)
+    }
+
+    fn new() -> Self {
+        let tag = (std::process::id() % 100000).to_string();
+        let dir = std::env::temp_dir().join(format!("netbird-proxy-e2e-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut bed = Bed {
+            tag,
+            dir,
+            children: Vec::new(),
+            proxy_private: String::new(),
+            peer_public: String::new(),
+        };
+        let (p, k) = (bed.ns("p"), bed.ns("k"));
+        for ns in [&p, &k] {
+            sh(&["ip", "netns", "add", ns]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        // root <-> P
+        let (vr, vrp) = (format!("nbeR{}", bed.tag), format!("nbeRp{}", bed.tag));
+        sh(&[
+            "ip", "link", "add", &vr, "type", "veth", "peer", "name", &vrp,
+        ]);
+        sh(&["ip", "link", "set", &vrp, "netns", &p]);
+        sh(&["ip", "addr", "add", "198.19.250.1/30", "dev", &vr]);
+        sh(&["ip", "link", "set", &vr, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &p,
+            "addr",
+            "add",
+            "198.19.250.2/30",
+            "dev",
+            &vrp,
+        ]);
+        sh(&["ip", "-n", &p, "link", "set", &vrp, "up"]);
+        // K <-> P
+        let (vk, vkp) = (format!("nbeK{}", bed.tag), format!("nbeKp{}", bed.tag));
+        sh(&[
+            "ip", "-n", &k, "link", "add", &vk, "type", "veth", "peer", "name", &vkp,
+        ]);
+        sh(&["ip", "-n", &k, "link", "set", &vkp, "netns", &p]);
+        sh(&["ip", "-n", &k, "addr", "add", "198.19.250.5/30", "dev", &vk]);
+        sh(&["ip", "-n", &k, "link", "set", &vk, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &p,
+            "addr",
+            "add",
+            "198.19.250.6/30",
+            "dev",
+            &vkp,
+        ]);
+        sh(&["ip", "-n", &p, "link", "set", &vkp, "up"]);
+
+        let (_, peer_pub, peer_key) = key_pair(&bed.dir, "peer");
+        let (_, kern_pub, kern_key) = key_pair(&bed.dir, "kernel");
+        let (proxy_priv, proxy_pub, _) = key_pair(&bed.dir, "proxy");
+        bed.proxy_private = proxy_priv;
+        bed.peer_public = peer_pub.clone();
+        let (wp, wk) = (format!("nbewp{}", bed.tag), format!("nbewk{}", bed.tag));
+        bed.wireguard(&p, &wp);
+        bed.wireguard(&k, &wk);
+        let pk = peer_key.to_str().unwrap();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &p,
+            "wg",
+            "set",
+            &wp,
+            "listen-port",
+            "51820",
+            "private-key",
+            pk,
+            "peer",
+            &proxy_pub,
+            "allowed-ips",
+            "100.64.0.1/32",
+            "peer",
+            &kern_pub,
+            "allowed-ips",
+            "100.64.0.3/32",
+        ]);
+        let kk = kern_key.to_str().unwrap();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &k,
+            "wg",
+            "set",
+            &wk,
+            "private-key",
+            kk,
+            "peer",
+            &peer_pub,
+            "endpoint",
+            "198.19.250.6:51820",
+            "allowed-ips",
+            "100.64.0.2/32",
+            "persistent-keepalive",
+            "25",
+        ]);
+        for (ns, ifname, addr) in [(&p, &wp, "100.64.0.2/16"), (&k, &wk, "100.64.0.3/16")] {
+            sh(&["ip", "-n", ns, "link", "set", ifname, "mtu", "1420", "up"]);
+            sh(&["ip", "-n", ns, "addr", "add", addr, "dev", ifname]);
+        }
+        let me = std::env::current_exe().unwrap();
+        let server = Command::new("ip")
+            .args(["netns", "exec", &p])
+            .arg(&me)
+            .args(["serve", &format!("{PEER_IP}:{SERVER_PORT}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        bed.children.push(server);
+        std::thread::sleep(Duration::from_millis(300));
+        bed
+    }
+
+    fn wireguard(&mut self, ns: &str, ifname: &str) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "wireguard-go", "-f", ifname])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("wireguard-go");
+        self.children.push(child);
+        let sock = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "wireguard-go {ifname}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Start an impairment relay (`e2e impair`) in `ns` (None: here) listening on `listen`.
+    fn impairment(&mut self, ns: Option<&str>, listen: &str, upstream: &str) {
+        let me = std::env::current_exe().unwrap();
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&me);
+                c
+            }
+            None => Command::new(&me),
+        };
+        let mut child = cmd
+            .args([
+                "impair",
+                listen,
+                upstream,
+                IMPAIR_DELAY_MS,
+                IMPAIR_LOSS_PERCENT,
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "READY", "impairment relay");
+        self.children.push(child);
+    }
+
+    /// Point K's WireGuard at the peer directly or through its impairment relay.
+    fn kernel_endpoint(&self, endpoint: &str) {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns("k"),
+            "wg",
+            "set",
+            &format!("nbewk{}", self.tag),
+            "peer",
+            &self.peer_public,
+            "endpoint",
+            endpoint,
+        ]);
+    }
+
+    /// The proxy's config, with its peer at `endpoint`.
+    fn proxy_config(&self, name: &str, endpoint: &str) -> PathBuf {
+        let text = format!(
+            "[Interface]\nPrivateKey = {}\nAddress = 100.64.0.1/16\n\n[Peer]\nPublicKey = {}\n\
+             Endpoint = {endpoint}\nAllowedIPs = 100.64.0.2/32\n",
+            self.proxy_private, self.peer_public
+        );
+        let path = self.dir.join(format!("{name}.conf"));
+        write_private(&path, &text);
+        path
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for which in ["p", "k"] {
+            let ns = self.ns(which);
+            if let Ok(o) = Command::new("ip").args(["netns", "pids", &ns]).output() {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    sh_quiet(&["kill", "-9", pid]);
+                }
+            }
+            sh_quiet(&["ip", "netns", "del", &ns]);
+        }
+        sh_quiet(&["ip", "link", "del", &format!("nbeR{}", self.tag)]);
+        for w in ["p", "k"] {
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/nbew{w}{}.sock", self.tag));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running netbird-proxy and what its ready line says.
+struct Proxy {
+    child: Child,
+    socks: Option<SocketAddr>,
+    forwards: Vec<SocketAddr>,
+}
+
+impl Proxy {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_netbird-proxy"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("netbird-proxy");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let ready = loop {
+            let line = lines.next().expect("proxy exited").unwrap();
+            if let Some(r) = line.strip_prefix("netbird-proxy ready: ") {
+                break r.to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        let mut p = Proxy {
+            child,
+            socks: None,
+            forwards: Vec::new(),
+        };
+        for part in ready.split("; ") {
+            let mut w = part.split_whitespace();
+            match (w.next(), w.next().and_then(|a| a.split("->").next())) {
+                (Some("socks5"), Some(a)) => p.socks = a.parse().ok(),
+                (Some("forward"), Some(a)) => p.forwards.extend(a.parse::<SocketAddr>().ok()),
+                _ => {}
+            }
+        }
+        p
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// (VmRSS, VmHWM) in MiB.
+    fn memory(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1024.0
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How a client reaches the server.
+#[derive(Clone)]
+enum Path3 {
+    Kernel(String),
+    Forward(SocketAddr),
+    Socks(SocketAddr),
+}
+
+impl Path3 {
+    fn name(&self) -> &'static str {
+        match self {
+            Path3::Kernel(_) => "kernel",
+            Path3::Forward(_) => "--forward",
+            Path3::Socks(_) => "SOCKS5",
+        }
+    }
+}
+
+/// Run one client measurement; returns the numbers after RESULT.
+fn run_client(path: &Path3, kind: &str, arg: u64) -> Vec<f64> {
+    let me = std::env::current_exe().unwrap();
+    let server = format!("{PEER_IP}:{SERVER_PORT}");
+    let mut cmd = match path {
+        Path3::Kernel(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&me);
+            c
+        }
+        _ => Command::new(&me),
+    };
+    let (target, via) = match path {
+        Path3::Kernel(_) => (server, "direct".to_string()),
+        Path3::Forward(a) => (a.to_string(), "direct".to_string()),
+        Path3::Socks(a) => (server, format!("socks:{a}")),
+    };
+    let out = cmd
+        .args(["client", kind, &target, &via, &arg.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(line) = text.lines().find_map(|l| l.strip_prefix("RESULT ")) else {
+        panic!(
+            "{} {kind} failed: {}",
+            path.name(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    line.split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn orchestrate() {
+    assert!(
+        output(&["id", "-u"]) == "0",
+        "the e2e benchmark makes network namespaces: run it as root"
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    sh(&["bash", root.join("tests/deps.sh").to_str().unwrap()]);
+    raise_fd_limit();
+    let mut bed = Bed::new();
+    let config = bed.proxy_config("proxy", PEER_UNDERLAY);
+    let kernel_ns = bed.ns("k");
+    let start_proxy = |config: &Path| {
+        let proxy = Proxy::start(&[
+            "--wg-config",
+            config.to_str().unwrap(),
+            "--socks",
+            "127.0.0.1:0",
+            "--forward",
+            &format!("127.0.0.1:0:{PEER_IP}:{SERVER_PORT}"),
+        ]);
+        let paths = [
+            Path3::Kernel(kernel_ns.clone()),
+            Path3::Forward(proxy.forwards[0]),
+            Path3::Socks(proxy.socks.unwrap()),
+        ];
+        // Warm up every path (handshakes) before measuring.
+        for p in &paths {
+            run_client(p, "rtt", 10);
+        }
+        (proxy, paths)
+    };
+    let (proxy, paths) = start_proxy(&config);
+    let mut table = throughput_rows(&paths, "clean");
+    let mut p50 = Vec::new();
+    let mut p99 = Vec::new();
+    for p in &paths {
+        let r = run_client(p, "rtt", 5000);
+        p50.push(r[0]);
+        p99.push(r[1]);
+    }
+    table.push(row("64 B round trip p50, µs", &p50, |v, b| {
+        format!("{v:.0} ({:.2}×)", v / b)
+    }));
+    table.push(row("64 B round trip p99, µs", &p99, |v, b| {
+        format!("{v:.0} ({:.2}×)", v / b)
+    }));
+    let cps: Vec<f64> = paths.iter().map(|p| run_client(p, "cps", 3)[0]).collect();
+    table.push(row(
+        "new connections/s (connect, 64 B, close)",
+        &cps,
+        |v, b| format!("{v:.0} ({:.2}×)", v / b),
+    ));
+    let (rss_after, hwm_after) = proxy.memory();
+    drop(proxy);
+
+    // Impaired underlay: both paths through their own relay (10 ms, 0.5 % loss each way).
+    bed.impairment(None, "127.0.0.1:51900", PEER_UNDERLAY);
+    bed.impairment(Some(&kernel_ns), "127.0.0.1:51901", PEER_UNDERLAY_K);
+    bed.kernel_endpoint("127.0.0.1:51901");
+    let impaired = bed.proxy_config("impaired", "127.0.0.1:51900");
+    let (proxy, paths) = start_proxy(&impaired);
+    table.extend(throughput_rows(&paths, "10 ms + 0.5 % loss each way"));
+    drop(proxy);
+    bed.kernel_endpoint(PEER_UNDERLAY_K);
+
+    // Memory on a fresh proxy: idle, then 1000 idle SOCKS5 connections held open.
+    let fresh = Proxy::start(&[
+        "--wg-config",
+        config.to_str().unwrap(),
+        "--socks",
+        "127.0.0.1:0",
+    ]);
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = fresh.memory();
+    let me = std::env::current_exe().unwrap();
+    let mut holder = Command::new(&me)
+        .args(["client", "hold", &format!("{PEER_IP}:{SERVER_PORT}")])
+        .arg(format!("socks:{}", fresh.socks.unwrap()))
+        .arg("1000")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("READY 1000"), "hold: {line}");
+    std::thread::sleep(Duration::from_secs(2));
+    let held = fresh.memory();
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+    drop(fresh);
+
+    let p2p = proxy_to_proxy(&bed);
+
+    println!();
+    println!(
+        "netbird-proxy end-to-end benchmark — medians of {RUNS} runs of {SECS} s, single stream"
+    );
+    println!();
+    println!(
+        "| measurement | kernel WG (wireguard-go + kernel TCP) | netbird-proxy --forward | netbird-proxy SOCKS5 |"
+    );
+    println!("|---|---|---|---|");
+    for r in &table {
+        println!("{r}");
+    }
+    println!();
+    println!("| memory (netbird-proxy) | MiB |");
+    println!("|---|---|");
+    println!("| idle: RSS / peak | {:.1} / {:.1} |", idle.0, idle.1);
+    println!(
+        "| 1000 idle SOCKS5 connections: RSS / peak | {:.1} / {:.1} |",
+        held.0, held.1
+    );
+    println!("| after the throughput runs: RSS / peak | {rss_after:.1} / {hwm_after:.1} |");
+    println!();
+    println!(
+        "proxy-to-proxy (iperf3 through two netbird-proxy processes on loopback): \
+         upload {:.0} Mbit/s, download {:.0} Mbit/s",
+        p2p.0, p2p.1
+    );
+}
+
+/// Upload and download rows: medians of interleaved runs over every path.
+fn throughput_rows(paths: &[Path3], cond: &str) -> Vec<String> {
+    let mut rows = Vec::new();
+    for kind in ["up", "down"] {
+        let mut runs: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+        for _ in 0..RUNS {
+            for (i, p) in paths.iter().enumerate() {
+                runs[i].push(run_client(p, kind, SECS)[0]);
+            }
+        }
+        let meds: Vec<f64> = runs.into_iter().map(median).collect();
+        let dir = if kind == "up" { "upload" } else { "download" };
+        rows.push(row(
+            &format!("TCP {dir}, Mbit/s ({cond})"),
+            &meds,
+            |v, base| format!("{v:.0} ({:.2}×)", v / base),
+        ));
+    }
+    rows
+}
+
+/// A table row: kernel value, then each proxy path with its ratio to the kernel.
+fn row(name: &str, v: &[f64], fmt: impl Fn(f64, f64) -> String) -> String {
+    format!(
+        "| {name} | {:.0} | {} | {} |",
+        v[0],
+        fmt(v[1], v[0]),
+        fmt(v[2], v[0])
+    )
+}
+
+/// Two netbird-proxy processes peered on loopback: B exposes a local iperf3 server on its mesh
+/// address, A forwards a local port to it. Returns median (upload, download) in Mbit/s.
+fn proxy_to_proxy(bed: &Bed) -> (f64, f64) {
+    let (a_priv, a_pub, _) = key_pair(&bed.dir, "p2p-a");
+    let (b_priv, b_pub, _) = key_pair(&bed.dir, "p2p-b");
+    let free = || {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (pa, pb) = (free(), free());
+    let iperf_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = |name: &str,
+                private: &str,
+                addr: &str,
+                port: u16,
+                peer: &str,
+                peer_port: u16,
+                peer_ip: &str| {
+        let path = bed.dir.join(format!("{name}.conf"));
+        write_private(
+            &path,
+            &format!(
+                "[Interface]\nPrivateKey = {private}\nAddress = {addr}/24\nListenPort = {port}\n\n\
+                 [Peer]\nPublicKey = {peer}\nEndpoint = 127.0.0.1:{peer_port}\nAllowedIPs = {peer_ip}/32\n"
+            ),
+        );
+        path
+    };
+    let ca = conf("p2p-a", &a_priv, "100.64.1.1", pa, &b_pub, pb, "100.64.1.2");
+    let cb = conf("p2p-b", &b_priv, "100.64.1.2", pb, &a_pub, pa, "100.64.1.1");
+    let mut iperf = Command::new("iperf3")
+        .args(["-s", "-B", "127.0.0.1", "-p", &iperf_port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3");
+    let _b = Proxy::start(&[
+        "--wg-config",
+        cb.to_str().unwrap(),
+        "--expose",
+        &format!("5201=127.0.0.1:{iperf_port}"),
+    ]);
+    let a = Proxy::start(&[
+        "--wg-config",
+        ca.to_str().unwrap(),
+        "--forward",
+        "127.0.0.1:0:100.64.1.2:5201",
+    ]);
+    std::thread::sleep(Duration::from_millis(300));
+    let fwd = a.forwards[0];
+    let measure = |reverse: bool| {
+        let mut args = vec![
+            "-c".to_string(),
+            fwd.ip().to_string(),
+            "-p".into(),
+            fwd.port().to_string(),
+            "-t".into(),
+            SECS.to_string(),
+            "-J".into(),
+        ];
+        if reverse {
+            args.push("-R".into());
+        }
+        let out = Command::new("iperf3").args(&args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        // end.sum_received.bits_per_second, without a JSON dependency.
+        let at = text.find("\"sum_received\"").expect("iperf3 JSON");
+        let bps = text[at..]
+            .split("\"bits_per_second\":")
+            .nth(1)
+            .and_then(|s| s.split([',', '}']).next())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .expect("bits_per_second");
+        bps / 1e6
+    };
+    let up = median((0..RUNS).map(|_| measure(false)).collect());
+    let down = median((0..RUNS).map(|_| measure(true)).collect());
+    let _ = iperf.kill();
+    let _ = iperf.wait();
+    (up, down)
+}

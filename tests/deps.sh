@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what the integration tests and the end-to-end benchmark need, when it is missing (as
+# root, with apt-get): wireguard-go and tools, iproute2 (namespaces, tc netem), curl, dnsmasq,
+# ping, python3 with PyNaCl, iperf3.
+set -euo pipefail
+
+need=()
+for pair in wireguard-go:wireguard-go wg:wireguard-tools ip:iproute2 curl:curl \
+            dnsmasq:dnsmasq-base ping:iputils-ping python3:python3 iperf3:iperf3; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+done
+if ((${#need[@]})); then
+    echo "== installing: ${need[*]}"
+    if [ "$(id -u)" != 0 ]; then
+        echo "tests/deps.sh: missing ${need[*]} and not root; install them or run as root" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# PyNaCl: the independent NaCl implementation the envelope test checks compatibility against.
+if ! python3 -c 'import nacl' >/dev/null 2>&1; then
+    echo "== installing PyNaCl"
+    python3 -m pip install --quiet pynacl
+fi
