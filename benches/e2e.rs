@@ -789,10 +789,40 @@ fn orchestrate() {
         (proxy, paths)
     };
     let (proxy, paths) = start_proxy(&config);
-    let mut table = throughput_rows(&paths, "clean");
+    let mut table = Vec::new();
+    if wanted("clean") {
+        table.extend(throughput_rows(&paths, &bed.ns("p"), "clean"));
+    }
+    if wanted("rtt") {
+        rtt_rows(&paths, &mut table);
+    }
+    if wanted("cps") {
+        let cps: Vec<f64> = paths.iter().map(|p| run_client(p, "cps", 3)[0]).collect();
+        table.push(row(
+            "new connections/s (connect, 64 B, close)",
+            &cps,
+            |v, b| format!("{v:.0} ({:.2}×)", v / b),
+        ));
+    }
+    let (rss_after, hwm_after) = proxy.memory();
+    drop(proxy);
+    if wanted("impaired") {
+        impaired_rows(&mut bed, &start_proxy, &kernel_ns, &mut table);
+    }
+    let memory = wanted("memory").then(|| memory_rows(&config));
+    let p2p = wanted("p2p").then(|| proxy_to_proxy(&bed));
+    print_report(&table, memory, (rss_after, hwm_after), p2p);
+}
+
+/// `E2E_ONLY=clean,rtt,cps,impaired,memory,p2p` runs a subset (default: all).
+fn wanted(part: &str) -> bool {
+    std::env::var("E2E_ONLY").map_or(true, |v| v.split(',').any(|p| p.trim() == part))
+}
+
+fn rtt_rows(paths: &[Path3], table: &mut Vec<String>) {
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
-    for p in &paths {
+    for p in paths {
         let r = run_client(p, "rtt", 5000);
         p50.push(r[0]);
         p99.push(r[1]);
@@ -803,26 +833,32 @@ fn orchestrate() {
     table.push(row("64 B round trip p99, µs", &p99, |v, b| {
         format!("{v:.0} ({:.2}×)", v / b)
     }));
-    let cps: Vec<f64> = paths.iter().map(|p| run_client(p, "cps", 3)[0]).collect();
-    table.push(row(
-        "new connections/s (connect, 64 B, close)",
-        &cps,
-        |v, b| format!("{v:.0} ({:.2}×)", v / b),
-    ));
-    let (rss_after, hwm_after) = proxy.memory();
-    drop(proxy);
+}
 
-    // Impaired underlay: both paths through their own relay (10 ms, 0.5 % loss each way).
+/// Impaired underlay: both paths through their own relay (10 ms, 0.5 % loss each way).
+fn impaired_rows(
+    bed: &mut Bed,
+    start_proxy: &dyn Fn(&Path) -> (Proxy, [Path3; 3]),
+    kernel_ns: &str,
+    table: &mut Vec<String>,
+) {
     bed.impairment(None, "127.0.0.1:51900", PEER_UNDERLAY);
-    bed.impairment(Some(&kernel_ns), "127.0.0.1:51901", PEER_UNDERLAY_K);
+    bed.impairment(Some(kernel_ns), "127.0.0.1:51901", PEER_UNDERLAY_K);
     bed.kernel_endpoint("127.0.0.1:51901");
     let impaired = bed.proxy_config("impaired", "127.0.0.1:51900");
     let (proxy, paths) = start_proxy(&impaired);
-    table.extend(throughput_rows(&paths, "10 ms + 0.5 % loss each way"));
+    let peer_ns = bed.ns("p");
+    table.extend(throughput_rows(
+        &paths,
+        &peer_ns,
+        "10 ms + 0.5 % loss each way",
+    ));
     drop(proxy);
     bed.kernel_endpoint(PEER_UNDERLAY_K);
+}
 
-    // Memory on a fresh proxy: idle, then 1000 idle SOCKS5 connections held open.
+/// RSS of a fresh proxy: idle, then with 1000 idle SOCKS5 connections held open.
+fn memory_rows(config: &Path) -> Memory {
     let fresh = Proxy::start(&[
         "--wg-config",
         config.to_str().unwrap(),
@@ -850,9 +886,17 @@ fn orchestrate() {
     drop(holder.stdin.take());
     let _ = holder.wait();
     drop(fresh);
+    (idle, held)
+}
 
-    let p2p = proxy_to_proxy(&bed);
+type Memory = ((f64, f64), (f64, f64));
 
+fn print_report(
+    table: &[String],
+    memory: Option<Memory>,
+    after: (f64, f64),
+    p2p: Option<(f64, f64)>,
+) {
     println!();
     println!(
         "netbird-proxy end-to-end benchmark — medians of {RUNS} runs of {SECS} s, single stream"
@@ -862,36 +906,63 @@ fn orchestrate() {
         "| measurement | kernel WG (wireguard-go + kernel TCP) | netbird-proxy --forward | netbird-proxy SOCKS5 |"
     );
     println!("|---|---|---|---|");
-    for r in &table {
+    for r in table {
         println!("{r}");
     }
     println!();
     println!("| memory (netbird-proxy) | MiB |");
     println!("|---|---|");
-    println!("| idle: RSS / peak | {:.1} / {:.1} |", idle.0, idle.1);
+    if let Some((idle, held)) = memory {
+        println!("| idle: RSS / peak | {:.1} / {:.1} |", idle.0, idle.1);
+        println!(
+            "| 1000 idle SOCKS5 connections: RSS / peak | {:.1} / {:.1} |",
+            held.0, held.1
+        );
+    }
     println!(
-        "| 1000 idle SOCKS5 connections: RSS / peak | {:.1} / {:.1} |",
-        held.0, held.1
+        "| after the measurements above: RSS / peak | {:.1} / {:.1} |",
+        after.0, after.1
     );
-    println!("| after the throughput runs: RSS / peak | {rss_after:.1} / {hwm_after:.1} |");
-    println!();
-    println!(
-        "proxy-to-proxy (iperf3 through two netbird-proxy processes on loopback): \
-         upload {:.0} Mbit/s, download {:.0} Mbit/s",
-        p2p.0, p2p.1
-    );
+    if let Some((up, down)) = p2p {
+        println!();
+        println!(
+            "proxy-to-proxy (iperf3 through two netbird-proxy processes on loopback): \
+             upload {up:.0} Mbit/s, download {down:.0} Mbit/s"
+        );
+    }
+}
+
+/// UDP datagrams the peer namespace dropped for a full receive buffer (wireguard-go's socket).
+fn peer_udp_drops(peer_ns: &str) -> u64 {
+    let snmp = output(&["ip", "netns", "exec", peer_ns, "cat", "/proc/net/snmp"]);
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Upload and download rows: medians of interleaved runs over every path.
-fn throughput_rows(paths: &[Path3], cond: &str) -> Vec<String> {
+fn throughput_rows(paths: &[Path3], peer_ns: &str, cond: &str) -> Vec<String> {
     let mut rows = Vec::new();
     for kind in ["up", "down"] {
         let mut runs: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+        let mut drops = vec![0u64; paths.len()];
         for _ in 0..RUNS {
             for (i, p) in paths.iter().enumerate() {
+                let before = peer_udp_drops(peer_ns);
                 runs[i].push(run_client(p, kind, SECS)[0]);
+                drops[i] += peer_udp_drops(peer_ns) - before;
             }
         }
+        eprintln!(
+            "{kind} ({cond}): runs {runs:?}; peer UDP receive-buffer drops per path {drops:?}"
+        );
         let meds: Vec<f64> = runs.into_iter().map(median).collect();
         let dir = if kind == "up" { "upload" } else { "download" };
         rows.push(row(
