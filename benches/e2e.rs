@@ -561,13 +561,8 @@ impl Bed {
             None => Command::new(&me),
         };
         let mut child = cmd
-            .args([
-                "impair",
-                listen,
-                upstream,
-                IMPAIR_DELAY_MS,
-                IMPAIR_LOSS_PERCENT,
-            ])
+            .args(["impair", listen, upstream])
+            .args(impairment_params())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -641,9 +636,11 @@ struct Proxy {
 
 impl Proxy {
     fn start(args: &[&str]) -> Self {
+        // E2E_PROXY_LOG=FILTER: the proxies log at that level to /tmp/netbird-proxy-e2e-*.log.
+        let log_filter = std::env::var("E2E_PROXY_LOG").ok();
         let mut child = Command::new(env!("CARGO_BIN_EXE_netbird-proxy"))
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("NB_LOG_LEVEL", log_filter.as_deref().unwrap_or("warn"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -656,7 +653,17 @@ impl Proxy {
                 break r.to_string();
             }
         };
-        std::thread::spawn(move || for _ in lines {});
+        let pid = child.id();
+        std::thread::spawn(move || {
+            let mut file = log_filter.map(|_| {
+                std::fs::File::create(format!("/tmp/netbird-proxy-e2e-{pid}.log")).unwrap()
+            });
+            for line in lines.map_while(Result::ok) {
+                if let Some(f) = file.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
+            }
+        });
         let mut p = Proxy {
             child,
             socks: None,
@@ -848,11 +855,9 @@ fn impaired_rows(
     let impaired = bed.proxy_config("impaired", "127.0.0.1:51900");
     let (proxy, paths) = start_proxy(&impaired);
     let peer_ns = bed.ns("p");
-    table.extend(throughput_rows(
-        &paths,
-        &peer_ns,
-        "10 ms + 0.5 % loss each way",
-    ));
+    let [ms, loss] = impairment_params();
+    let cond = format!("{ms} ms + {loss} % loss each way");
+    table.extend(throughput_rows(&paths, &peer_ns, &cond));
     drop(proxy);
     bed.kernel_endpoint(PEER_UNDERLAY_K);
 }
@@ -929,6 +934,17 @@ fn print_report(
             "proxy-to-proxy (iperf3 through two netbird-proxy processes on loopback): \
              upload {up:.0} Mbit/s, download {down:.0} Mbit/s"
         );
+    }
+}
+
+/// Delay (ms, each way) and loss (%, each way) of the impaired rows; `E2E_IMPAIR="MS LOSS"`
+/// overrides them.
+fn impairment_params() -> [String; 2] {
+    let custom = std::env::var("E2E_IMPAIR").ok();
+    let mut it = custom.as_deref().unwrap_or("").split_whitespace();
+    match (it.next(), it.next()) {
+        (Some(ms), Some(loss)) => [ms.into(), loss.into()],
+        _ => [IMPAIR_DELAY_MS.into(), IMPAIR_LOSS_PERCENT.into()],
     }
 }
 

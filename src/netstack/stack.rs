@@ -790,10 +790,10 @@ mod tests {
             let mut held: Option<Vec<u8>> = None;
             while let Some(p) = from.recv().await {
                 n += 1;
-                if n % drop_every == 0 {
+                if n.is_multiple_of(drop_every) {
                     continue;
                 }
-                if n % swap_every == 0 && held.is_none() {
+                if n.is_multiple_of(swap_every) && held.is_none() {
                     held = Some(p);
                     continue;
                 }

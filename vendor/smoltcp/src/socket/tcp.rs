@@ -174,6 +174,9 @@ struct RttEstimator {
     timestamp: Option<(Instant, TcpSeqNumber)>,
     max_seq_sent: Option<TcpSeqNumber>,
     rto_count: u8,
+    /// The latest RTT sample in microseconds (netbird-proxy patch: the millisecond `srtt` is
+    /// too coarse for the model-based controller on sub-millisecond paths).
+    latest_us: Option<u64>,
 }
 
 impl Default for RttEstimator {
@@ -186,6 +189,7 @@ impl Default for RttEstimator {
             timestamp: None,
             max_seq_sent: None,
             rto_count: 0,
+            latest_us: None,
         }
     }
 }
@@ -198,6 +202,11 @@ impl RttEstimator {
     #[cfg(feature = "socket-tcp-cubic")]
     fn smoothed_rtt(&self) -> u32 {
         if self.have_measurement { self.srtt } else { 0 }
+    }
+
+    #[cfg(feature = "socket-tcp-bbr")]
+    fn latest_sample_us(&self) -> Option<u64> {
+        self.latest_us
     }
 
     fn sample(&mut self, new_rtt: u32) {
@@ -246,7 +255,9 @@ impl RttEstimator {
         if let Some((sent_timestamp, sent_seq)) = self.timestamp
             && seq >= sent_seq
         {
-            self.sample((timestamp - sent_timestamp).total_millis() as u32);
+            let elapsed = timestamp - sent_timestamp;
+            self.latest_us = Some(elapsed.total_micros());
+            self.sample(elapsed.total_millis() as u32);
             self.timestamp = None;
         }
     }
@@ -459,6 +470,10 @@ pub enum CongestionControl {
 
     #[cfg(feature = "socket-tcp-cubic")]
     Cubic,
+
+    /// Model-based (netbird-proxy patch): see `congestion/bbr.rs`.
+    #[cfg(feature = "socket-tcp-bbr")]
+    Bbr,
 }
 
 /// A Transmission Control Protocol socket.
@@ -678,6 +693,9 @@ impl<'a> Socket<'a> {
 
             #[cfg(feature = "socket-tcp-cubic")]
             CongestionControl::Cubic => AnyController::Cubic(cubic::Cubic::new()),
+
+            #[cfg(feature = "socket-tcp-bbr")]
+            CongestionControl::Bbr => AnyController::Bbr(bbr::Bbr::new()),
         }
     }
 
@@ -693,6 +711,9 @@ impl<'a> Socket<'a> {
 
             #[cfg(feature = "socket-tcp-cubic")]
             AnyController::Cubic(_) => CongestionControl::Cubic,
+
+            #[cfg(feature = "socket-tcp-bbr")]
+            AnyController::Bbr(_) => CongestionControl::Bbr,
         }
     }
 
