@@ -47,7 +47,7 @@ impl NetstackConfig {
         Self {
             addresses,
             mtu,
-            tcp_buffer: 512 * 1024,
+            tcp_buffer: 4 * 1024 * 1024,
             ring: 64 * 1024,
             linger: Duration::from_secs(30),
             backlog: 8,
@@ -835,7 +835,7 @@ mod tests {
     async fn bytes_survive_loss_and_reordering_both_ways() {
         let (a, b, cancel) = lossy_pair(50, 17);
         let mut listener = b.listen(90).await.unwrap();
-        const LEN: usize = 8 << 20;
+        const LEN: usize = 2 << 20;
         let data: Vec<u8> = (0..LEN as u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();

@@ -542,6 +542,10 @@ pub struct Socket<'a> {
     pending_retransmit: Option<(TcpSeqNumber, usize)>,
     /// SACK scoreboard and recovery episode (netbird-proxy patch).
     recovery: recovery::Recovery,
+    /// Bytes that may still be retransmitted in this recovery episode: each ACK adds what it
+    /// newly delivered (acknowledged or SACKed), so retransmissions keep pace with deliveries
+    /// (as proportional rate reduction does) instead of one segment per ACK.
+    recovery_budget: usize,
 
     /// Duration for Delayed ACK. If None no ACKs will be delayed.
     ack_delay: Option<Duration>,
@@ -634,6 +638,7 @@ impl<'a> Socket<'a> {
             local_rx_dup_acks: 0,
             pending_retransmit: None,
             recovery: recovery::Recovery::default(),
+            recovery_budget: 0,
             ack_delay: Some(ACK_DELAY_DEFAULT),
             ack_delay_timer: AckDelayTimer::Idle,
             challenge_ack_timer: Instant::from_secs(0),
@@ -955,6 +960,7 @@ impl<'a> Socket<'a> {
         self.local_rx_dup_acks = 0;
         self.pending_retransmit = None;
         self.recovery.clear();
+        self.recovery_budget = 0;
 
         #[cfg(feature = "async")]
         {
@@ -2196,14 +2202,22 @@ impl<'a> Socket<'a> {
             // netbird-proxy patch: SACK-aware recovery. Each ACK during a recovery episode
             // releases the retransmission of the next hole; SACKed data beyond a hole is
             // taken as loss even when the duplicate ACKs were not counted as such.
+            let sacked_before = self.recovery.sacked_bytes();
             self.recovery.on_ack(ack_number, &repr.sack_ranges);
             if self.recovery.in_recovery() {
-                if !self.recovery.exit_if_done(ack_number) && self.pending_retransmit.is_none() {
-                    self.pending_retransmit = self.recovery.next_hole(
-                        self.local_seq_no,
-                        self.remote_mss,
-                        ack_len > 0,
-                    );
+                if self.recovery.exit_if_done(ack_number) {
+                    self.recovery_budget = 0;
+                } else {
+                    let delivered =
+                        ack_len + self.recovery.sacked_bytes().saturating_sub(sacked_before);
+                    self.recovery_budget += delivered.max(self.remote_mss);
+                    if self.pending_retransmit.is_none() {
+                        self.pending_retransmit = self.recovery.next_hole(
+                            self.local_seq_no,
+                            self.remote_mss,
+                            ack_len > 0,
+                        );
+                    }
                 }
             } else if self.recovery.sacked_bytes() >= 3 * self.remote_mss
                 && !matches!(self.timer, Timer::FastRetransmit)
@@ -2536,6 +2550,7 @@ impl<'a> Socket<'a> {
                 self.remote_last_seq = self.local_seq_no;
                 self.recovery.clear();
                 self.pending_retransmit = None;
+                self.recovery_budget = 0;
 
                 // Inform RTTE, so that it can can handle RTO backoff
                 self.rtte.on_rto();
@@ -2551,6 +2566,7 @@ impl<'a> Socket<'a> {
                         .inner_mut()
                         .on_loss(cx.now(), in_flight);
                     self.recovery.enter(self.local_seq_no, self.remote_last_seq);
+                    self.recovery_budget = self.remote_mss;
                 }
                 if self.pending_retransmit.is_none() {
                     self.pending_retransmit = self
@@ -2702,6 +2718,14 @@ impl<'a> Socket<'a> {
                     repr.seq_number = start;
                     repr.payload = self.tx_buffer.get_allocated(offset, size);
                     self.recovery.retransmitted(start + repr.payload.len());
+                    // More holes while the budget lasts: the interface polls us again at once.
+                    self.recovery_budget =
+                        self.recovery_budget.saturating_sub(repr.payload.len());
+                    if self.recovery_budget > 0 && !repr.payload.is_empty() {
+                        self.pending_retransmit =
+                            self.recovery
+                                .next_hole(self.local_seq_no, self.remote_mss, false);
+                    }
 
                     offset
                 } else {
