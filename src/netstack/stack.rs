@@ -393,6 +393,9 @@ impl Stack {
             tcp::SocketBuffer::new(vec![0; size]),
         );
         sock.set_congestion_control(tcp::CongestionControl::Cubic);
+        // Spread each window over the round trip (our smoltcp patch) instead of bursting it
+        // into the peer's socket buffer.
+        sock.set_pacing(true);
         sock.set_nagle_enabled(false);
         // Keep-alives probe an idle connection; the timeout aborts it when the remote stays
         // silent (a vanished peer), which keep-alives alone never do.

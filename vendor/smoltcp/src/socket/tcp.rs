@@ -177,6 +177,8 @@ struct RttEstimator {
     /// The latest RTT sample in microseconds (netbird-proxy patch: the millisecond `srtt` is
     /// too coarse for the model-based controller on sub-millisecond paths).
     latest_us: Option<u64>,
+    /// Smoothed RTT in microseconds (same EWMA as `srtt`), for pacing.
+    srtt_us: Option<u64>,
 }
 
 impl Default for RttEstimator {
@@ -190,6 +192,7 @@ impl Default for RttEstimator {
             max_seq_sent: None,
             rto_count: 0,
             latest_us: None,
+            srtt_us: None,
         }
     }
 }
@@ -256,7 +259,9 @@ impl RttEstimator {
             && seq >= sent_seq
         {
             let elapsed = timestamp - sent_timestamp;
-            self.latest_us = Some(elapsed.total_micros());
+            let us = elapsed.total_micros();
+            self.latest_us = Some(us);
+            self.srtt_us = Some(self.srtt_us.map_or(us, |s| (s * 7 + us) / 8));
             self.sample(elapsed.total_millis() as u32);
             self.timestamp = None;
         }
@@ -546,6 +551,12 @@ pub struct Socket<'a> {
     /// newly delivered (acknowledged or SACKed), so retransmissions keep pace with deliveries
     /// (as proportional rate reduction does) instead of one segment per ACK.
     recovery_budget: usize,
+    /// Pacing (netbird-proxy patch): new data leaves at twice cwnd per smoothed RTT, from a
+    /// token bucket holding at most one millisecond of it (the granularity of host timers),
+    /// instead of a whole window at once that overflows the receiver's socket on long paths.
+    pacing: bool,
+    pacing_credit: f64,
+    pacing_at: Instant,
 
     /// Duration for Delayed ACK. If None no ACKs will be delayed.
     ack_delay: Option<Duration>,
@@ -639,6 +650,9 @@ impl<'a> Socket<'a> {
             pending_retransmit: None,
             recovery: recovery::Recovery::default(),
             recovery_budget: 0,
+            pacing: false,
+            pacing_credit: 0.0,
+            pacing_at: Instant::from_secs(0),
             ack_delay: Some(ACK_DELAY_DEFAULT),
             ack_delay_timer: AckDelayTimer::Idle,
             challenge_ack_timer: Instant::from_secs(0),
@@ -702,6 +716,11 @@ impl<'a> Socket<'a> {
             #[cfg(feature = "socket-tcp-bbr")]
             CongestionControl::Bbr => AnyController::Bbr(bbr::Bbr::new()),
         }
+    }
+
+    /// Pace new data (netbird-proxy patch): see the `pacing` field. Off by default.
+    pub fn set_pacing(&mut self, enabled: bool) {
+        self.pacing = enabled;
     }
 
     /// Return the current congestion control algorithm.
@@ -2358,7 +2377,49 @@ impl<'a> Socket<'a> {
         }
     }
 
+    /// Pacing rate in bytes per microsecond, when pacing applies (on, and a path of at least
+    /// a millisecond: below that, timers cannot spread anything).
+    fn pacing_rate(&self) -> Option<f64> {
+        const PACING_GAIN: f64 = 2.0;
+        let srtt = self.rtte.srtt_us.filter(|_| self.pacing)?;
+        if srtt < 1000 {
+            return None;
+        }
+        let cwnd = self.congestion_controller.inner().window();
+        Some(PACING_GAIN * cwnd as f64 / srtt as f64)
+    }
+
+    /// Bytes the pacer lets out at `now`.
+    fn pacing_credit_at(&self, now: Instant) -> f64 {
+        let Some(rate) = self.pacing_rate() else {
+            return f64::INFINITY;
+        };
+        let cap = (rate * 1000.0).max(2.0 * self.remote_mss as f64);
+        let elapsed = if now > self.pacing_at {
+            (now - self.pacing_at).total_micros() as f64
+        } else {
+            0.0
+        };
+        (self.pacing_credit + rate * elapsed).min(cap)
+    }
+
+    /// When the pacer will let a full segment out.
+    fn pacing_ready_at(&self, now: Instant) -> Instant {
+        let (Some(rate), credit) = (self.pacing_rate(), self.pacing_credit_at(now)) else {
+            return now;
+        };
+        let missing = self.remote_mss as f64 - credit;
+        if missing <= 0.0 {
+            return now;
+        }
+        now + Duration::from_micros((missing / rate) as u64 + 1)
+    }
+
     fn seq_to_transmit(&self, cx: &mut Context) -> bool {
+        self.seq_to_transmit_paced(cx, true)
+    }
+
+    fn seq_to_transmit_paced(&self, cx: &mut Context, paced: bool) -> bool {
         // Fast retransmits should always send, even if later congestion checks would disallow
         if self.pending_retransmit.is_some() && !self.tx_buffer.is_empty() {
             return true;
@@ -2422,6 +2483,14 @@ impl<'a> Socket<'a> {
         // * We can send a full packet
         // * We have all the data we'll ever send (we're closing send)
         if self.nagle && data_in_flight && !can_send_full && !want_fin {
+            can_send = false;
+        }
+
+        // New data waits for the pacer (a short final segment needs only its own size).
+        if can_send
+            && paced
+            && self.pacing_credit_at(cx.now()) < max_send.min(effective_mss) as f64
+        {
             can_send = false;
         }
 
@@ -2590,6 +2659,9 @@ impl<'a> Socket<'a> {
         if matches!(self.state, State::SynReceived) && self.synack_paused {
             return Ok(());
         }
+
+        // New data bytes in this segment, charged to the pacer once sent.
+        let mut paced_len = 0usize;
 
         // Decide whether we're sending a packet.
         if self.seq_to_transmit(cx) {
@@ -2796,6 +2868,7 @@ impl<'a> Socket<'a> {
 
                     let offset = self.flight_size();
                     repr.payload = self.tx_buffer.get_allocated(offset, size);
+                    paced_len = repr.payload.len();
 
                     #[cfg(feature = "segmentation-offload")]
                     if repr.payload.len() > effective_mss {
@@ -2907,6 +2980,11 @@ impl<'a> Socket<'a> {
             return Ok(());
         }
 
+        if paced_len > 0 && self.pacing_rate().is_some() {
+            self.pacing_credit = self.pacing_credit_at(cx.now()) - paced_len as f64;
+            self.pacing_at = cx.now();
+        }
+
         // We've sent a packet successfully, so we can update the internal state now.
         // Use max() so a fast-retransmit segment (whose seq_number is local_seq_no, well
         // behind the current frontier) doesn't rewind the tracked "highest sent" sequence.
@@ -2981,11 +3059,23 @@ impl<'a> Socket<'a> {
                 (_, _) => PollAt::Ingress,
             };
 
+            // Data held back by the pacer goes when it has credit for a segment.
+            let pacing_poll_at = if self.seq_to_transmit_paced(cx, false) {
+                PollAt::Time(self.pacing_ready_at(cx.now()))
+            } else {
+                PollAt::Ingress
+            };
+
             // We wait for the earliest of our timers to fire.
-            *[self.timer.poll_at(), timeout_poll_at, delayed_ack_poll_at]
-                .iter()
-                .min()
-                .unwrap_or(&PollAt::Ingress)
+            *[
+                self.timer.poll_at(),
+                timeout_poll_at,
+                delayed_ack_poll_at,
+                pacing_poll_at,
+            ]
+            .iter()
+            .min()
+            .unwrap_or(&PollAt::Ingress)
         }
     }
 }
