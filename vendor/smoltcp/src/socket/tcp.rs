@@ -226,7 +226,9 @@ impl RttEstimator {
         }
 
         // RFC 6298 (2.2), (2.3)
-        let margin = RTTE_MIN_MARGIN.max(self.rttvar * RTTE_K);
+        // netbird-proxy patch: the minimum applies to the variance term, as in Linux, so a
+        // long path's RTO is at least srtt + 200 ms (fewer spurious go-back-N timeouts).
+        let margin = RTTE_MIN_MARGIN.max(RTTE_MIN_RTO).max(self.rttvar * RTTE_K);
         self.rto = (self.srtt + margin).clamp(RTTE_MIN_RTO, RTTE_MAX_RTO);
 
         self.rto_count = 0;
@@ -980,6 +982,8 @@ impl<'a> Socket<'a> {
         self.pending_retransmit = None;
         self.recovery.clear();
         self.recovery_budget = 0;
+        self.pacing_credit = 0.0;
+        self.pacing_at = Instant::from_secs(0);
 
         #[cfg(feature = "async")]
         {
@@ -2142,6 +2146,8 @@ impl<'a> Socket<'a> {
             self.tx_waker.wake();
         }
 
+        // SACK-detected loss (netbird-proxy patch), acted on after the timer update below.
+        let mut sack_loss = false;
         if let Some(ack_number) = repr.ack_number {
             // TODO: When flow control is implemented,
             // refractor the following block within that implementation
@@ -2222,14 +2228,18 @@ impl<'a> Socket<'a> {
             // releases the retransmission of the next hole; SACKed data beyond a hole is
             // taken as loss even when the duplicate ACKs were not counted as such.
             let sacked_before = self.recovery.sacked_bytes();
-            self.recovery.on_ack(ack_number, &repr.sack_ranges);
+            self.recovery
+                .on_ack(ack_number, self.remote_last_seq, &repr.sack_ranges);
             if self.recovery.in_recovery() {
                 if self.recovery.exit_if_done(ack_number) {
                     self.recovery_budget = 0;
                 } else {
-                    let delivered =
-                        ack_len + self.recovery.sacked_bytes().saturating_sub(sacked_before);
-                    self.recovery_budget += delivered.max(self.remote_mss);
+                    // Newly delivered: acknowledged plus newly SACKed, minus SACKed bytes the
+                    // cumulative ACK now covers (counted once). The budget never exceeds cwnd.
+                    let delivered = (ack_len + self.recovery.sacked_bytes())
+                        .saturating_sub(sacked_before);
+                    let cwnd = self.congestion_controller.inner().window();
+                    self.recovery_budget = (self.recovery_budget + delivered).min(cwnd);
                     if self.pending_retransmit.is_none() {
                         self.pending_retransmit = self.recovery.next_hole(
                             self.local_seq_no,
@@ -2239,10 +2249,10 @@ impl<'a> Socket<'a> {
                     }
                 }
             } else if self.recovery.sacked_bytes() >= 3 * self.remote_mss
-                && !matches!(self.timer, Timer::FastRetransmit)
+                && self.recovery.may_enter(ack_number)
                 && self.local_seq_no < self.remote_last_seq
             {
-                self.timer.set_for_fast_retransmit();
+                sack_loss = true;
             }
         }
 
@@ -2268,6 +2278,10 @@ impl<'a> Socket<'a> {
                 self.timer.set_for_idle(cx.now(), self.keep_alive);
             }
             _ => {}
+        }
+
+        if sack_loss && !matches!(self.timer, Timer::FastRetransmit) {
+            self.timer.set_for_fast_retransmit();
         }
 
         // start/stop the Zero Window Probe timer.
@@ -2421,7 +2435,10 @@ impl<'a> Socket<'a> {
 
     fn seq_to_transmit_paced(&self, cx: &mut Context, paced: bool) -> bool {
         // Fast retransmits should always send, even if later congestion checks would disallow
-        if self.pending_retransmit.is_some() && !self.tx_buffer.is_empty() {
+        if let Some((start, _)) = self.pending_retransmit
+            && !self.tx_buffer.is_empty()
+            && start.max(self.local_seq_no) < self.remote_last_seq
+        {
             return true;
         }
 
@@ -2616,8 +2633,10 @@ impl<'a> Socket<'a> {
                 // Rewind "last sequence number sent", as if we never
                 // had sent them. This will cause all data in the queue
                 // to be sent again.
+                let sent_before = self.remote_last_seq;
                 self.remote_last_seq = self.local_seq_no;
                 self.recovery.clear();
+                self.recovery.after_rto(sent_before);
                 self.pending_retransmit = None;
                 self.recovery_budget = 0;
 
@@ -2662,6 +2681,8 @@ impl<'a> Socket<'a> {
 
         // New data bytes in this segment, charged to the pacer once sent.
         let mut paced_len = 0usize;
+        // A retransmission in this segment (start, length), booked once sent.
+        let mut retransmitted: Option<(TcpSeqNumber, usize)> = None;
 
         // Decide whether we're sending a packet.
         if self.seq_to_transmit(cx) {
@@ -2777,9 +2798,10 @@ impl<'a> Socket<'a> {
                 let local_mss = cx.ip_mtu() - ip_repr.header_len() - TCP_HEADER_LEN;
                 let effective_mss = local_mss.min(self.remote_mss).saturating_sub(options_len);
 
-                let offset = if let Some((start, len)) = self.pending_retransmit.take() {
-                    // A retransmission of already-sent data, wherever the hole is (an ACK
-                    // may have covered part of it since it was chosen).
+                // A retransmission of already-sent data, wherever the hole is (an ACK may have
+                // covered part of it since it was chosen). Nothing left to resend there: the
+                // normal path below sends new data instead.
+                let retransmission = self.pending_retransmit.and_then(|(start, len)| {
                     let start = start.max(self.local_seq_no);
                     let offset = start - self.local_seq_no;
                     let sent = self.remote_last_seq.max(start) - start;
@@ -2787,17 +2809,15 @@ impl<'a> Socket<'a> {
                         .min(len)
                         .min(sent)
                         .min(self.tx_buffer.len().saturating_sub(offset));
+                    (size > 0).then_some((start, offset, size))
+                });
+                if retransmission.is_none() {
+                    self.pending_retransmit = None;
+                }
+                let offset = if let Some((start, offset, size)) = retransmission {
                     repr.seq_number = start;
                     repr.payload = self.tx_buffer.get_allocated(offset, size);
-                    self.recovery.retransmitted(start + repr.payload.len());
-                    // More holes while the budget lasts: the interface polls us again at once.
-                    self.recovery_budget =
-                        self.recovery_budget.saturating_sub(repr.payload.len());
-                    if self.recovery_budget > 0 && !repr.payload.is_empty() {
-                        self.pending_retransmit =
-                            self.recovery
-                                .next_hole(self.local_seq_no, self.remote_mss, false);
-                    }
+                    retransmitted = Some((start, repr.payload.len()));
 
                     offset
                 } else {
@@ -2978,6 +2998,18 @@ impl<'a> Socket<'a> {
         // carry a fake segment.
         if is_keep_alive {
             return Ok(());
+        }
+
+        if let Some((start, len)) = retransmitted {
+            self.pending_retransmit = None;
+            self.recovery.retransmitted(start + len);
+            // More holes while the budget lasts: the interface polls us again at once.
+            self.recovery_budget = self.recovery_budget.saturating_sub(len);
+            if self.recovery_budget > 0 {
+                self.pending_retransmit =
+                    self.recovery
+                        .next_hole(self.local_seq_no, self.remote_mss, false);
+            }
         }
 
         if paced_len > 0 && self.pacing_rate().is_some() {

@@ -22,6 +22,9 @@ pub(super) struct Recovery {
     point: Option<TcpSeqNumber>,
     /// Holes below this were already retransmitted in this recovery.
     next: TcpSeqNumber,
+    /// After a timeout, SACK may not start a recovery until the cumulative ACK passes what was
+    /// sent before it (go-back-N is resending all of that; RFC 6582's "recover").
+    no_entry_below: Option<TcpSeqNumber>,
 }
 
 impl Recovery {
@@ -34,8 +37,30 @@ impl Recovery {
         self.point.is_some()
     }
 
-    /// Record an ACK: drop what it covers and merge its SACK blocks.
-    pub(super) fn on_ack(&mut self, ack: TcpSeqNumber, sacks: &[Option<(u32, u32)>; 3]) {
+    /// After a timeout that resent everything from the cumulative ACK up to `sent_before`.
+    pub(super) fn after_rto(&mut self, sent_before: TcpSeqNumber) {
+        self.no_entry_below = Some(sent_before);
+    }
+
+    /// Whether SACK information may start a recovery episode at this ACK.
+    pub(super) fn may_enter(&mut self, ack: TcpSeqNumber) -> bool {
+        match self.no_entry_below {
+            Some(limit) if ack < limit => false,
+            _ => {
+                self.no_entry_below = None;
+                true
+            }
+        }
+    }
+
+    /// Record an ACK: drop what it covers and merge its SACK blocks, clipped to what was sent
+    /// (`snd_max`): blocks outside `[ack, snd_max)` are a confused or hostile receiver's.
+    pub(super) fn on_ack(
+        &mut self,
+        ack: TcpSeqNumber,
+        snd_max: TcpSeqNumber,
+        sacks: &[Option<(u32, u32)>; 3],
+    ) {
         let mut kept = 0;
         for i in 0..self.len {
             let (start, end) = self.blocks[i];
@@ -47,8 +72,9 @@ impl Recovery {
         self.len = kept;
         for &(left, right) in sacks.iter().flatten() {
             let (start, end) = (TcpSeqNumber(left as i32), TcpSeqNumber(right as i32));
-            if end > start && end > ack {
-                self.insert(start.max(ack), end);
+            let (start, end) = (start.max(ack), end.min(snd_max));
+            if end > start {
+                self.insert(start, end);
             }
         }
     }
@@ -143,7 +169,11 @@ mod tests {
     #[test]
     fn holes_between_sack_blocks_are_found_once_each() {
         let mut r = Recovery::default();
-        r.on_ack(seq(1000), &[Some((3000, 4000)), Some((6000, 7000)), None]);
+        r.on_ack(
+            seq(1000),
+            seq(9000),
+            &[Some((3000, 4000)), Some((6000, 7000)), None],
+        );
         assert_eq!(r.sacked_bytes(), 2000);
         r.enter(seq(1000), seq(9000));
         assert_eq!(r.next_hole(seq(1000), 1400, false), Some((seq(1000), 1400)));
@@ -157,7 +187,7 @@ mod tests {
             None,
             "nothing known above"
         );
-        r.on_ack(seq(7000), &[None, None, None]);
+        r.on_ack(seq(7000), seq(9000), &[None, None, None]);
         assert_eq!(r.sacked_bytes(), 0);
         assert!(!r.exit_if_done(seq(8999)));
         assert!(r.exit_if_done(seq(9000)));
@@ -168,17 +198,46 @@ mod tests {
     fn blocks_merge_and_wrap() {
         let mut r = Recovery::default();
         let base = i32::MAX - 500;
+        let snd_max = seq(base.wrapping_add(5000));
         r.on_ack(
             seq(base),
+            snd_max,
             &[Some(((base + 100) as u32, (base + 200) as u32)), None, None],
         );
         let wrapped = base.wrapping_add(1000);
         r.on_ack(
             seq(base),
+            snd_max,
             &[Some(((base + 200) as u32, wrapped as u32)), None, None],
         );
         assert_eq!(r.len, 1);
         assert_eq!(r.sacked_bytes(), 900);
+    }
+
+    #[test]
+    fn sack_blocks_beyond_what_was_sent_are_clipped() {
+        let mut r = Recovery::default();
+        r.on_ack(
+            seq(1000),
+            seq(5000),
+            &[Some((1000, 1_000_000)), Some((6000, 7000)), None],
+        );
+        assert_eq!(r.sacked_bytes(), 4000, "only [1000, 5000) can be SACKed");
+        r.enter(seq(1000), seq(5000));
+        assert_eq!(
+            r.next_hole(seq(1000), 1400, false),
+            None,
+            "no hole beyond snd_max"
+        );
+    }
+
+    #[test]
+    fn after_a_timeout_sack_waits_for_the_resent_data() {
+        let mut r = Recovery::default();
+        r.after_rto(seq(9000));
+        assert!(!r.may_enter(seq(4000)));
+        assert!(r.may_enter(seq(9000)));
+        assert!(r.may_enter(seq(9500)));
     }
 
     #[test]
@@ -196,7 +255,11 @@ mod tests {
         let mut r = Recovery::default();
         for i in (0..20).rev() {
             let s = 10_000 + i * 1000;
-            r.on_ack(seq(0), &[Some((s as u32, (s + 500) as u32)), None, None]);
+            r.on_ack(
+                seq(0),
+                seq(1 << 20),
+                &[Some((s as u32, (s + 500) as u32)), None, None],
+            );
         }
         assert_eq!(r.len, MAX_BLOCKS);
         assert_eq!(r.blocks[0], (seq(10_000), seq(10_500)));
