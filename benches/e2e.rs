@@ -28,6 +28,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{sh, sh_quiet, wg_key_pair, write_private};
+
 const SERVER_PORT: u16 = 5201;
 const PEER_IP: &str = "100.64.0.2";
 const RUNS: usize = 3;
@@ -332,65 +336,38 @@ fn raise_fd_limit() {
 
 // ---------------------------------------------------------------- orchestration
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn sh_quiet(args: &[&str]) {
-    let _ = Command::new(args[0])
-        .args(&args[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
 fn output(args: &[&str]) -> String {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A key pair from the test bed's helper, with the path of the private key file.
 fn key_pair(dir: &Path, name: &str) -> (String, String, PathBuf) {
-    let private = output(&["wg", "genkey"]);
-    let mut child = Command::new("wg")
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(private.as_bytes())
-        .unwrap();
-    let public = String::from_utf8(child.wait_with_output().unwrap().stdout)
-        .unwrap()
-        .trim()
-        .to_string();
-    let path = dir.join(format!("{name}.key"));
-    write_private(&path, &private);
-    (private, public, path)
+    let (private, public) = wg_key_pair(dir, name);
+    (private, public, dir.join(format!("{name}.key")))
 }
 
-fn write_private(path: &Path, text: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap()
-        .write_all(text.as_bytes())
+/// This benchmark binary, to run in `ns` (None: here) as a server, client or relay.
+fn self_command(ns: Option<&str>) -> Command {
+    let me = std::env::current_exe().unwrap();
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&me);
+            c
+        }
+        None => Command::new(&me),
+    }
+}
+
+/// Spawn `cmd` with a piped stdout and return it once it printed its first line.
+fn spawn_until_line(cmd: &mut Command) -> (Child, String) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
         .unwrap();
+    (child, line)
 }
 
 /// Everything the benchmark made; dropping it removes it all.
@@ -517,10 +494,7 @@ impl Bed {
             sh(&["ip", "-n", ns, "link", "set", ifname, "mtu", "1420", "up"]);
             sh(&["ip", "-n", ns, "addr", "add", addr, "dev", ifname]);
         }
-        let me = std::env::current_exe().unwrap();
-        let server = Command::new("ip")
-            .args(["netns", "exec", &p])
-            .arg(&me)
+        let server = self_command(Some(&p))
             .args(["serve", &format!("{PEER_IP}:{SERVER_PORT}")])
             .stdout(Stdio::null())
             .spawn()
@@ -551,25 +525,11 @@ impl Bed {
 
     /// Start an impairment relay (`e2e impair`) in `ns` (None: here) listening on `listen`.
     fn impairment(&mut self, ns: Option<&str>, listen: &str, upstream: &str) {
-        let me = std::env::current_exe().unwrap();
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&me);
-                c
-            }
-            None => Command::new(&me),
-        };
-        let mut child = cmd
-            .args(["impair", listen, upstream])
-            .args(impairment_params())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (child, line) = spawn_until_line(
+            self_command(ns)
+                .args(["impair", listen, upstream])
+                .args(impairment_params()),
+        );
         assert_eq!(line.trim(), "READY", "impairment relay");
         self.children.push(child);
     }
@@ -727,15 +687,10 @@ impl Path3 {
 
 /// Run one client measurement; returns the numbers after RESULT.
 fn run_client(path: &Path3, kind: &str, arg: u64) -> Vec<f64> {
-    let me = std::env::current_exe().unwrap();
     let server = format!("{PEER_IP}:{SERVER_PORT}");
     let mut cmd = match path {
-        Path3::Kernel(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(&me);
-            c
-        }
-        _ => Command::new(&me),
+        Path3::Kernel(ns) => self_command(Some(ns)),
+        _ => self_command(None),
     };
     let (target, via) = match path {
         Path3::Kernel(_) => (server, "direct".to_string()),
@@ -872,19 +827,13 @@ fn memory_rows(config: &Path) -> Memory {
     ]);
     std::thread::sleep(Duration::from_secs(2));
     let idle = fresh.memory();
-    let me = std::env::current_exe().unwrap();
-    let mut holder = Command::new(&me)
-        .args(["client", "hold", &format!("{PEER_IP}:{SERVER_PORT}")])
-        .arg(format!("socks:{}", fresh.socks.unwrap()))
-        .arg("1000")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(holder.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (mut holder, line) = spawn_until_line(
+        self_command(None)
+            .args(["client", "hold", &format!("{PEER_IP}:{SERVER_PORT}")])
+            .arg(format!("socks:{}", fresh.socks.unwrap()))
+            .arg("1000")
+            .stdin(Stdio::piped()),
+    );
     assert!(line.starts_with("READY 1000"), "hold: {line}");
     std::thread::sleep(Duration::from_secs(2));
     let held = fresh.memory();

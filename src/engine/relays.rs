@@ -298,6 +298,27 @@ mod tests {
         }
     }
 
+    /// Relays for key-a, with their tasks and the receiver of relayed datagrams (kept open).
+    fn start(
+        settings: watch::Receiver<Option<RelaySettings>>,
+        cancel: &CancellationToken,
+    ) -> (
+        Arc<Relays>,
+        tokio::task::JoinSet<()>,
+        mpsc::Receiver<Relayed>,
+    ) {
+        let (inbound, received) = mpsc::channel(8);
+        let mut tasks = tokio::task::JoinSet::new();
+        let relays = Relays::start(
+            "key-a".into(),
+            settings,
+            inbound,
+            cancel.clone(),
+            &mut tasks,
+        );
+        (relays, tasks, received)
+    }
+
     async fn next_home(
         rx: &mut watch::Receiver<Option<Arc<RelayClient>>>,
     ) -> Option<Arc<RelayClient>> {
@@ -314,15 +335,7 @@ mod tests {
         let (r1, r2) = (relay(&cancel).await, relay(&cancel).await);
         let far = u64::MAX / 4;
         let (settings_tx, settings_rx) = watch::channel(Some(settings(&[&r1], far)));
-        let (inbound, _rx) = mpsc::channel(8);
-        let mut tasks = tokio::task::JoinSet::new();
-        let relays = Relays::start(
-            "key-a".into(),
-            settings_rx,
-            inbound,
-            cancel.clone(),
-            &mut tasks,
-        );
+        let (relays, mut tasks, _received) = start(settings_rx, &cancel);
         let mut home = relays.home_changes();
         let first = next_home(&mut home).await.expect("connected");
         assert_eq!(first.instance_url(), r1);
@@ -351,15 +364,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let (r1, r2) = (relay(&cancel).await, relay(&cancel).await);
         let (_settings_tx, settings_rx) = watch::channel(Some(settings(&[&r1], u64::MAX / 4)));
-        let (inbound, _rx) = mpsc::channel(8);
-        let mut tasks = tokio::task::JoinSet::new();
-        let relays = Relays::start(
-            "key-a".into(),
-            settings_rx,
-            inbound,
-            cancel.clone(),
-            &mut tasks,
-        );
+        let (relays, mut tasks, _received) = start(settings_rx, &cancel);
         let home = next_home(&mut relays.home_changes()).await.unwrap();
 
         // Our home instance is not opened again; another one is, once, however many ask.

@@ -28,7 +28,7 @@ pub const DEAD_PEER_NET: &str = "100.99.0.0/16";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-fn sh(args: &[&str]) {
+pub fn sh(args: &[&str]) {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -41,7 +41,7 @@ fn sh(args: &[&str]) {
     );
 }
 
-fn sh_quiet(args: &[&str]) {
+pub fn sh_quiet(args: &[&str]) {
     let _ = Command::new(args[0])
         .args(&args[1..])
         .stdout(Stdio::null())
@@ -49,7 +49,8 @@ fn sh_quiet(args: &[&str]) {
         .status();
 }
 
-fn wg_key_pair(dir: &Path, name: &str) -> (String, String) {
+/// A WireGuard key pair; the private key is also written to DIR/NAME.key (0600).
+pub fn wg_key_pair(dir: &Path, name: &str) -> (String, String) {
     let out = Command::new("wg")
         .arg("genkey")
         .output()
@@ -73,7 +74,7 @@ fn wg_key_pair(dir: &Path, name: &str) -> (String, String) {
     (private, public)
 }
 
-fn write_private(path: &Path, content: &str) {
+pub fn write_private(path: &Path, content: &str) {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
