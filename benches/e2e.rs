@@ -35,6 +35,15 @@ use common::{sh, sh_quiet, wg_key_pair, write_private};
 const SERVER_PORT: u16 = 5201;
 const PEER_IP: &str = "100.64.0.2";
 const RUNS: usize = 3;
+
+/// Runs per measurement: `E2E_RUNS=N` (default `RUNS`), e.g. 1 for a quick look.
+fn run_count() -> usize {
+    std::env::var("E2E_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(RUNS)
+}
 const SECS: u64 = 4;
 const CHUNK: usize = 128 * 1024;
 const PEER_UNDERLAY: &str = "198.19.250.2:51820";
@@ -853,7 +862,8 @@ fn print_report(
 ) {
     println!();
     println!(
-        "netbird-proxy end-to-end benchmark — medians of {RUNS} runs of {SECS} s, single stream"
+        "netbird-proxy end-to-end benchmark — medians of {} runs of {SECS} s, single stream",
+        run_count()
     );
     println!();
     println!(
@@ -899,15 +909,26 @@ fn impairment_params() -> [String; 2] {
 
 /// UDP datagrams the peer namespace dropped for a full receive buffer (wireguard-go's socket).
 fn peer_udp_drops(peer_ns: &str) -> u64 {
-    let snmp = output(&["ip", "netns", "exec", peer_ns, "cat", "/proc/net/snmp"]);
-    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
-    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+    peer_counter(peer_ns, "/proc/net/snmp", "Udp: ", "RcvbufErrors")
+}
+
+/// Out-of-order data the peer's TCP receiver threw away for lack of memory (a receiver that
+/// prunes its out-of-order queue reneges on what it SACKed).
+fn peer_ofo_pruned(peer_ns: &str) -> u64 {
+    peer_counter(peer_ns, "/proc/net/netstat", "TcpExt: ", "OfoPruned")
+}
+
+/// A counter from a `/proc/net` table (name line, value line) in the peer namespace.
+fn peer_counter(peer_ns: &str, file: &str, prefix: &str, name: &str) -> u64 {
+    let table = output(&["ip", "netns", "exec", peer_ns, "cat", file]);
+    let mut lines = table.lines().filter(|l| l.starts_with(prefix));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
         return 0;
     };
     names
         .split_whitespace()
         .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "RcvbufErrors")
+        .find(|(n, _)| *n == name)
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0)
 }
@@ -918,15 +939,18 @@ fn throughput_rows(paths: &[Path3], peer_ns: &str, cond: &str) -> Vec<String> {
     for kind in ["up", "down"] {
         let mut runs: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
         let mut drops = vec![0u64; paths.len()];
-        for _ in 0..RUNS {
+        let mut pruned = vec![0u64; paths.len()];
+        for _ in 0..run_count() {
             for (i, p) in paths.iter().enumerate() {
-                let before = peer_udp_drops(peer_ns);
+                let (udp, ofo) = (peer_udp_drops(peer_ns), peer_ofo_pruned(peer_ns));
                 runs[i].push(run_client(p, kind, SECS)[0]);
-                drops[i] += peer_udp_drops(peer_ns) - before;
+                drops[i] += peer_udp_drops(peer_ns) - udp;
+                pruned[i] += peer_ofo_pruned(peer_ns) - ofo;
             }
         }
         eprintln!(
-            "{kind} ({cond}): runs {runs:?}; peer UDP receive-buffer drops per path {drops:?}"
+            "{kind} ({cond}): runs {runs:?}; peer UDP receive-buffer drops per path {drops:?}; \
+             peer TCP out-of-order segments pruned per path {pruned:?}"
         );
         let meds: Vec<f64> = runs.into_iter().map(median).collect();
         let dir = if kind == "up" { "upload" } else { "download" };
@@ -1031,8 +1055,8 @@ fn proxy_to_proxy(bed: &Bed) -> (f64, f64) {
             .expect("bits_per_second");
         bps / 1e6
     };
-    let up = median((0..RUNS).map(|_| measure(false)).collect());
-    let down = median((0..RUNS).map(|_| measure(true)).collect());
+    let up = median((0..run_count()).map(|_| measure(false)).collect());
+    let down = median((0..run_count()).map(|_| measure(true)).collect());
     let _ = iperf.kill();
     let _ = iperf.wait();
     (up, down)

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::devmesh::Services;
+use crate::netstack::Congestion;
 use crate::proxy::Credentials;
 use crate::proxy::dial::Target;
 
@@ -89,6 +90,16 @@ pub struct Cli {
     /// How long a connection attempt may take (e.g. 10s, 500ms).
     #[arg(long, env = "NB_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+
+    /// TCP congestion control for connections into the mesh: bbr (paces at the measured rate,
+    /// keeps its speed on lossy paths) or cubic (loss-based).
+    #[arg(
+        long,
+        env = "NB_TCP_CONGESTION",
+        value_name = "bbr|cubic",
+        default_value = "bbr"
+    )]
+    pub tcp_congestion: Congestion,
 
     /// Log level or tracing filter (error, warn, info, debug, trace, or e.g. netbird_proxy=debug).
     #[arg(

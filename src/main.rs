@@ -88,6 +88,7 @@ async fn run(cli: Cli) -> ExitCode {
         http_auth: cli.http_auth,
         allow_direct: !cli.no_direct,
         connect_timeout: cli.connect_timeout,
+        congestion: cli.tcp_congestion,
     };
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone());

@@ -4,6 +4,11 @@
 
 #![allow(dead_code)]
 
+/// What `crate::time` means inside the patched module.
+mod time {
+    pub use smoltcp::time::{Duration, Instant};
+}
+
 /// What `crate::wire` means inside the patched module.
 mod wire {
     pub use smoltcp::wire::TcpSeqNumber;

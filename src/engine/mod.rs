@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::cli::{Expose, Forward};
-use crate::netstack::{Netstack, NetstackConfig};
+use crate::netstack::{Congestion, Netstack, NetstackConfig};
 use crate::packet::PacketPool;
 use crate::proxy::dial::Dialer;
 use crate::proxy::dns::{MeshNames, Resolver};
@@ -49,6 +49,8 @@ pub struct ProxyOptions {
     pub http_auth: Option<Credentials>,
     pub allow_direct: bool,
     pub connect_timeout: Duration,
+    /// Congestion control of the mesh-side TCP connections.
+    pub congestion: Congestion,
 }
 
 /// Why the engine could not start.
@@ -199,7 +201,10 @@ pub async fn start_datapath(
     let (to_stack, from_wg) = mpsc::channel(PACKET_CHANNEL);
     let (to_wg, from_stack) = mpsc::channel(PACKET_CHANNEL);
     let (netstack, stack_task) = Netstack::new(
-        NetstackConfig::new(spec.addresses.clone(), mtu),
+        NetstackConfig {
+            congestion: options.congestion,
+            ..NetstackConfig::new(spec.addresses.clone(), mtu)
+        },
         from_wg,
         to_wg,
         pool,

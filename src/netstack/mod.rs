@@ -9,6 +9,6 @@ mod stack;
 mod tcp;
 mod udp;
 
-pub use stack::{ConnectError, Netstack, NetstackConfig};
+pub use stack::{Congestion, ConnectError, Netstack, NetstackConfig};
 pub use tcp::{TcpListener, TcpStream};
 pub use udp::UdpSocket;

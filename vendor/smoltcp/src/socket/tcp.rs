@@ -1456,11 +1456,29 @@ impl<'a> Socket<'a> {
         self.remote_last_seq - self.local_seq_no
     }
 
+    /// How long a retransmission may go unacknowledged before it counts as lost
+    /// (netbird-proxy patch): a smoothed RTT plus a quarter for reordering and 2 ms of timer
+    /// slack; the retransmission timeout before any RTT is known.
+    fn retransmission_lost_after(&self) -> Duration {
+        match self.rtte.srtt_us {
+            Some(srtt) => Duration::from_micros(srtt + srtt / 4 + 2000),
+            None => self.rtte.retransmission_timeout(),
+        }
+    }
+
+    /// Bytes in the network (netbird-proxy patch, RFC 6675's "pipe" without loss marking): sent
+    /// and neither acknowledged nor SACKed. SACKed bytes have left the network; counting them
+    /// would stall new data for as long as a hole below them is being repaired.
+    fn pipe(&self) -> usize {
+        self.flight_size()
+            .saturating_sub(self.recovery.sacked_bytes())
+    }
+
     fn cwnd_remaining(&self) -> usize {
         self.congestion_controller
             .inner()
             .window()
-            .saturating_sub(self.flight_size())
+            .saturating_sub(self.pipe())
     }
 
     /// Return the amount of octets queued in the receive buffer. This value can be larger than
@@ -2245,6 +2263,8 @@ impl<'a> Socket<'a> {
                             self.local_seq_no,
                             self.remote_mss,
                             ack_len > 0,
+                            cx.now(),
+                            self.retransmission_lost_after(),
                         );
                     }
                 }
@@ -2254,6 +2274,23 @@ impl<'a> Socket<'a> {
             {
                 sack_loss = true;
             }
+
+            // Delivery for rate-based control: acknowledged plus newly SACKed, each byte once.
+            let delivered = (ack_len + self.recovery.sacked_bytes()).saturating_sub(sacked_before);
+            // Application-limited: everything queued was sent (a sent FIN may sit past the
+            // end) and the application could have queued more, or the receiver's window, not
+            // the path, holds the sender back.
+            let all_sent = self.remote_last_seq >= self.local_seq_no + self.tx_buffer.len();
+            let app_limited = (all_sent && !self.tx_buffer.is_full())
+                || self.remote_last_seq + self.remote_mss
+                    > self.local_seq_no + self.remote_win_len;
+            let pipe = self.pipe();
+            self.congestion_controller.inner_mut().on_delivered(
+                cx.now(),
+                delivered,
+                pipe,
+                app_limited,
+            );
         }
 
         // update last remote tsval
@@ -2394,13 +2431,11 @@ impl<'a> Socket<'a> {
     /// Pacing rate in bytes per microsecond, when pacing applies (on, and a path of at least
     /// a millisecond: below that, timers cannot spread anything).
     fn pacing_rate(&self) -> Option<f64> {
-        const PACING_GAIN: f64 = 2.0;
         let srtt = self.rtte.srtt_us.filter(|_| self.pacing)?;
         if srtt < 1000 {
             return None;
         }
-        let cwnd = self.congestion_controller.inner().window();
-        Some(PACING_GAIN * cwnd as f64 / srtt as f64)
+        Some(self.congestion_controller.inner().pacing_rate(srtt))
     }
 
     /// Bytes the pacer lets out at `now`.
@@ -2622,7 +2657,14 @@ impl<'a> Socket<'a> {
         } else if self.timer.should_retransmit(cx.now()) {
             if let Timer::Retransmit { .. } = self.timer {
                 // If a retransmit timer expired, we should resend data starting at the last ACK.
-                net_debug!("retransmitting after rto");
+                net_debug!(
+                    "retransmitting after rto: una {} flight {} sacked {} recovery {} rto {}",
+                    self.local_seq_no,
+                    self.flight_size(),
+                    self.recovery.sacked_bytes(),
+                    self.recovery.in_recovery(),
+                    self.rtte.retransmission_timeout()
+                );
 
                 // Inform the congestion controller that we're retransmitting and should enter the slow start state
                 let in_flight = self.flight_size();
@@ -2630,15 +2672,19 @@ impl<'a> Socket<'a> {
                     .inner_mut()
                     .on_rto(cx.now(), in_flight);
 
-                // Rewind "last sequence number sent", as if we never
-                // had sent them. This will cause all data in the queue
-                // to be sent again.
-                let sent_before = self.remote_last_seq;
-                self.remote_last_seq = self.local_seq_no;
-                self.recovery.clear();
-                self.recovery.after_rto(sent_before);
                 self.pending_retransmit = None;
                 self.recovery_budget = 0;
+                if self.recovery.on_rto(self.local_seq_no, self.remote_last_seq) {
+                    // netbird-proxy patch: with SACK information, resend only the holes (as
+                    // Linux does); going back N would resend megabytes the receiver holds.
+                    self.recovery_budget = self.remote_mss;
+                    self.pending_retransmit = Some((self.local_seq_no, self.remote_mss));
+                } else {
+                    // Rewind "last sequence number sent", as if we never
+                    // had sent them. This will cause all data in the queue
+                    // to be sent again.
+                    self.remote_last_seq = self.local_seq_no;
+                }
 
                 // Inform RTTE, so that it can can handle RTO backoff
                 self.rtte.on_rto();
@@ -2659,7 +2705,13 @@ impl<'a> Socket<'a> {
                 if self.pending_retransmit.is_none() {
                     self.pending_retransmit = self
                         .recovery
-                        .next_hole(self.local_seq_no, self.remote_mss, false)
+                        .next_hole(
+                            self.local_seq_no,
+                            self.remote_mss,
+                            false,
+                            cx.now(),
+                            self.retransmission_lost_after(),
+                        )
                         .or(Some((self.local_seq_no, self.remote_mss)));
                 }
             }
@@ -3001,14 +3053,27 @@ impl<'a> Socket<'a> {
         }
 
         if let Some((start, len)) = retransmitted {
+            self.congestion_controller
+                .inner_mut()
+                .on_retransmit(cx.now(), len);
             self.pending_retransmit = None;
-            self.recovery.retransmitted(start + len);
-            // More holes while the budget lasts: the interface polls us again at once.
+            self.recovery
+                .retransmitted(start, start + len, self.remote_last_seq, cx.now());
+            // More holes while the budget lasts or the window has room once what is lost is
+            // taken out of the pipe (RFC 6675): the interface polls us again at once.
             self.recovery_budget = self.recovery_budget.saturating_sub(len);
-            if self.recovery_budget > 0 {
-                self.pending_retransmit =
-                    self.recovery
-                        .next_hole(self.local_seq_no, self.remote_mss, false);
+            let pipe = self
+                .pipe()
+                .saturating_sub(self.recovery.lost_bytes(self.local_seq_no));
+            let cwnd = self.congestion_controller.inner().window();
+            if self.recovery_budget > 0 || pipe + self.remote_mss <= cwnd {
+                self.pending_retransmit = self.recovery.next_hole(
+                    self.local_seq_no,
+                    self.remote_mss,
+                    false,
+                    cx.now(),
+                    self.retransmission_lost_after(),
+                );
             }
         }
 

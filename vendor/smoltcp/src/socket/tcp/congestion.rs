@@ -34,6 +34,21 @@ pub(super) trait Controller {
 
     fn pre_transmit(&mut self, now: Instant) {}
 
+    /// Fired on every ACK (netbird-proxy patch) with the bytes it newly delivered (cumulatively
+    /// acknowledged or SACKed, each byte counted once), the bytes still in the network after
+    /// it (`pipe`: sent, not acknowledged, not SACKed) and whether the sender had run out of
+    /// data to send (application-limited).
+    fn on_delivered(&mut self, now: Instant, delivered: usize, pipe: usize, app_limited: bool) {}
+
+    /// A retransmission of `len` bytes left (netbird-proxy patch): data taken as lost.
+    fn on_retransmit(&mut self, now: Instant, len: usize) {}
+
+    /// Pacing rate in bytes per microsecond (netbird-proxy patch), given the smoothed RTT:
+    /// by default twice the window per RTT, so pacing only spreads the window out.
+    fn pacing_rate(&self, srtt_us: u64) -> f64 {
+        2.0 * self.window() as f64 / srtt_us.max(1) as f64
+    }
+
     fn post_transmit(&mut self, now: Instant, len: usize) {}
 
     /// Set the maximum segment size.
