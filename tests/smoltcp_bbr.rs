@@ -52,6 +52,13 @@ trait Controller {
     fn set_mss(&mut self, mss: usize) {}
 }
 
+/// smoltcp's trace logging macro (checked, not printed).
+macro_rules! net_trace {
+    ($($arg:expr),*) => {
+        let _ = format_args!($($arg),*);
+    };
+}
+
 /// smoltcp's debug logging macro (checked, not printed).
 macro_rules! net_debug {
     ($($arg:expr),*) => {

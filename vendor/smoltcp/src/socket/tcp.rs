@@ -1571,7 +1571,7 @@ impl<'a> Socket<'a> {
         // If the remote supports selective acknowledgement, add the option to the outgoing
         // segment.
         if self.remote_has_sack {
-            net_debug!("sending sACK option with current assembler ranges");
+            tcp_trace!("sending sACK option with current assembler ranges");
 
             // RFC 2018: The first SACK block (i.e., the one immediately following the kind and
             // length fields in the option) MUST specify the contiguous block of data containing
@@ -2183,7 +2183,7 @@ impl<'a> Socket<'a> {
                     // Increment duplicate ACK count
                     self.local_rx_dup_acks = self.local_rx_dup_acks.saturating_add(1);
 
-                    net_debug!(
+                    tcp_trace!(
                         "received duplicate ACK for seq {} (duplicate nr {}{})",
                         ack_number,
                         self.local_rx_dup_acks,
@@ -2213,7 +2213,7 @@ impl<'a> Socket<'a> {
                 _ => {
                     if self.local_rx_dup_acks > 0 {
                         self.local_rx_dup_acks = 0;
-                        net_debug!("reset duplicate ACK count");
+                        tcp_trace!("reset duplicate ACK count");
                     }
                     self.local_rx_last_ack = Some(ack_number);
 

@@ -713,7 +713,7 @@ impl<'a> TcpOption<'a> {
                             // maximum of 4 blocks.  It is expected that SACK will often be used in
                             // conjunction with the Timestamp option used for RTTM [...] thus a
                             // maximum of 3 SACK blocks will be allowed in this case.
-                            net_debug!("sACK with >3 blocks, truncating to 3");
+                            net_trace!("sACK with >3 blocks, truncating to 3");
                         }
                         let mut sack_ranges: [Option<(u32, u32)>; 3] = [None; 3];
 

@@ -355,6 +355,28 @@ impl Controller for Bbr {
             let bytes = self.delivered - self.round_start_delivered;
             let round_app_limited = self.round_app_limited;
             let rate = bytes * 1_000_000 / micros;
+            net_trace!(
+                "bbr round {}: {} B in {} us ({} B/s), {} B retransmitted{}{}; {:?}, max_bw {}, cwnd {}, pipe {}",
+                self.round,
+                bytes,
+                micros,
+                rate,
+                self.round_lost,
+                if round_app_limited {
+                    ", app-limited"
+                } else {
+                    ""
+                },
+                if self.round_discarded {
+                    ", discarded"
+                } else {
+                    ""
+                },
+                self.mode,
+                self.max_bw(),
+                self.cwnd,
+                pipe
+            );
             if !self.round_discarded {
                 self.record_sample(rate, round_app_limited);
                 let lost = self.round_lost;
