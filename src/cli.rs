@@ -101,6 +101,16 @@ pub struct Cli {
     )]
     pub tcp_congestion: Congestion,
 
+    /// MiB of TCP socket buffers handed out at full size (4 MiB each way per connection);
+    /// connections beyond it get 256 KiB each way. Pages are touched only as data flows.
+    #[arg(
+        long,
+        env = "NB_TCP_BUFFERS_MIB",
+        value_name = "MIB",
+        default_value_t = 1024
+    )]
+    pub tcp_buffers_mib: usize,
+
     /// Log level or tracing filter (error, warn, info, debug, trace, or e.g. netbird_proxy=debug).
     #[arg(
         long,

@@ -89,6 +89,7 @@ async fn run(cli: Cli) -> ExitCode {
         allow_direct: !cli.no_direct,
         connect_timeout: cli.connect_timeout,
         congestion: cli.tcp_congestion,
+        tcp_buffer_budget: Some(cli.tcp_buffers_mib.saturating_mul(1024 * 1024)),
     };
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone());

@@ -51,6 +51,9 @@ pub struct ProxyOptions {
     pub connect_timeout: Duration,
     /// Congestion control of the mesh-side TCP connections.
     pub congestion: Congestion,
+    /// Bytes of full-size TCP socket buffers (see `NetstackConfig::tcp_buffer_budget`); `None`
+    /// keeps the netstack's default.
+    pub tcp_buffer_budget: Option<usize>,
 }
 
 /// Why the engine could not start.
@@ -201,9 +204,15 @@ pub async fn start_datapath(
     let (to_stack, from_wg) = mpsc::channel(PACKET_CHANNEL);
     let (to_wg, from_stack) = mpsc::channel(PACKET_CHANNEL);
     let (netstack, stack_task) = Netstack::new(
-        NetstackConfig {
-            congestion: options.congestion,
-            ..NetstackConfig::new(spec.addresses.clone(), mtu)
+        {
+            let defaults = NetstackConfig::new(spec.addresses.clone(), mtu);
+            NetstackConfig {
+                congestion: options.congestion,
+                tcp_buffer_budget: options
+                    .tcp_buffer_budget
+                    .unwrap_or(defaults.tcp_buffer_budget),
+                ..defaults
+            }
         },
         from_wg,
         to_wg,

@@ -42,6 +42,40 @@ pub struct NetstackConfig {
     pub backlog: usize,
     /// How each TCP connection sizes its window and pace.
     pub congestion: Congestion,
+    /// Bytes of TCP socket buffers (both directions, every socket) allowed at `tcp_buffer`
+    /// size; sockets made beyond it get `TCP_BUFFER_FLOOR` each way.
+    pub tcp_buffer_budget: usize,
+}
+
+/// Each way, for a socket made when the budget is spent: ~100 Mbit/s at a 20 ms RTT.
+pub const TCP_BUFFER_FLOOR: usize = 256 * 1024;
+
+/// The global cap on large TCP buffers. Each socket's buffers are fixed when smoltcp makes it,
+/// and its pages are only touched as data flows, so a budget on what sockets may reserve is
+/// what bounds the worst case: the first connections get full-size buffers (enough for a fast,
+/// long path), later ones the floor, and closing a socket gives its share back.
+#[derive(Debug)]
+struct BufferBudget {
+    limit: usize,
+    reserved: usize,
+}
+
+impl BufferBudget {
+    /// The size of each of a new socket's two buffers, reserved from the budget.
+    fn take(&mut self, full: usize) -> usize {
+        let size = if self.reserved + 2 * full <= self.limit {
+            full
+        } else {
+            TCP_BUFFER_FLOOR.min(full)
+        };
+        self.reserved += 2 * size;
+        size
+    }
+
+    /// A socket with buffers of `size` each way is gone.
+    fn give_back(&mut self, size: usize) {
+        self.reserved = self.reserved.saturating_sub(2 * size);
+    }
 }
 
 /// TCP congestion control for the connections the netstack carries.
@@ -80,6 +114,7 @@ impl NetstackConfig {
             linger: Duration::from_secs(30),
             backlog: 8,
             congestion: Congestion::default(),
+            tcp_buffer_budget: 1024 * 1024 * 1024,
         }
     }
 }
@@ -255,6 +290,7 @@ struct Stack {
     listeners: Vec<Listener>,
     udp: Vec<UdpEntry>,
     ports_in_use: HashSet<u16>,
+    buffers: BufferBudget,
     next_port: u16,
     /// Interface polls so far (see `Conn::aborted_at`).
     polls: u64,
@@ -297,9 +333,14 @@ impl Stack {
             let _ = iface.routes_mut().add_default_ipv6_route(a);
         }
         iface.set_any_ip(true);
+        let buffers = BufferBudget {
+            limit: config.tcp_buffer_budget,
+            reserved: 0,
+        };
         Self {
             config,
             iface,
+            buffers,
             sockets: SocketSet::new(Vec::new()),
             device,
             from_wg,
@@ -415,8 +456,8 @@ impl Stack {
         }
     }
 
-    fn new_tcp_socket(&self) -> tcp::Socket<'static> {
-        let size = self.config.tcp_buffer;
+    fn new_tcp_socket(&mut self) -> tcp::Socket<'static> {
+        let size = self.buffers.take(self.config.tcp_buffer);
         let mut sock = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; size]),
             tcp::SocketBuffer::new(vec![0; size]),
@@ -434,6 +475,13 @@ impl Stack {
         sock.set_keep_alive(Some(SmolDuration::from_secs(KEEPALIVE_SECS)));
         sock.set_timeout(Some(SmolDuration::from_secs(KEEPALIVE_SECS * 4)));
         sock
+    }
+
+    /// Remove a TCP socket and give its buffers back to the budget.
+    fn remove_tcp_socket(&mut self, handle: SocketHandle) {
+        let size = self.sockets.get::<tcp::Socket>(handle).recv_capacity();
+        self.sockets.remove(handle);
+        self.buffers.give_back(size);
     }
 
     fn alloc_port(&mut self) -> Option<u16> {
@@ -468,6 +516,7 @@ impl Stack {
         };
         if let Err(e) = sock.connect(self.iface.context(), to_endpoint(remote), local) {
             self.ports_in_use.remove(&port);
+            self.buffers.give_back(sock.recv_capacity());
             debug!(%remote, "connect: {e:?}");
             return Err(ConnectError::Refused);
         }
@@ -545,7 +594,7 @@ impl Stack {
                 i += 1;
             } else {
                 let conn = self.conns.swap_remove(i);
-                self.sockets.remove(conn.handle);
+                self.remove_tcp_socket(conn.handle);
                 self.ports_in_use.remove(&conn.local.port());
             }
         }
@@ -561,7 +610,7 @@ impl Stack {
         self.listeners = open;
         for l in closed {
             for h in l.sockets {
-                self.sockets.remove(h);
+                self.remove_tcp_socket(h);
             }
         }
     }
@@ -793,13 +842,22 @@ mod tests {
     }
 
     fn pair_with_linger(linger: Duration) -> (Netstack, Netstack, CancellationToken) {
+        pair_with(|c| NetstackConfig { linger, ..c })
+    }
+
+    /// A pair whose configurations `adjust` changes from the defaults.
+    fn pair_with(
+        adjust: impl Fn(NetstackConfig) -> NetstackConfig,
+    ) -> (Netstack, Netstack, CancellationToken) {
         let pool = Arc::new(PacketPool::new(1500, 64));
         let (a_out, b_in) = mpsc::channel(256);
         let (b_out, a_in) = mpsc::channel(256);
         let cancel = CancellationToken::new();
-        let config = |ip: &str| NetstackConfig {
-            linger,
-            ..NetstackConfig::new(vec![format!("{ip}/16").parse().unwrap()], 1420)
+        let config = |ip: &str| {
+            adjust(NetstackConfig::new(
+                vec![format!("{ip}/16").parse().unwrap()],
+                1420,
+            ))
         };
         let (a, task_a) = Netstack::new(config(A), a_in, a_out, pool.clone(), cancel.clone());
         let (b, task_b) = Netstack::new(config(B), b_in, b_out, pool, cancel.clone());
@@ -906,17 +964,58 @@ mod tests {
         cancel.cancel();
     }
 
+    #[test]
+    fn the_buffer_budget_hands_out_full_sizes_then_the_floor_and_takes_them_back() {
+        const FULL: usize = 4 << 20;
+        let mut budget = BufferBudget {
+            limit: 5 * FULL,
+            reserved: 0,
+        };
+        assert_eq!(budget.take(FULL), FULL);
+        assert_eq!(budget.take(FULL), FULL);
+        // Room for half a socket more: the third gets the floor.
+        assert_eq!(budget.take(FULL), TCP_BUFFER_FLOOR);
+        assert_eq!(budget.reserved, 4 * FULL + 2 * TCP_BUFFER_FLOOR);
+        budget.give_back(FULL);
+        budget.give_back(TCP_BUFFER_FLOOR);
+        assert_eq!(
+            budget.take(FULL),
+            FULL,
+            "a closed socket's share is free again"
+        );
+        // A configured size below the floor is never raised.
+        assert_eq!(budget.take(1024), 1024);
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_buffer_budget_still_carry_data() {
+        // No budget at all: every socket, listening ones too, gets the floor.
+        let (a, b, cancel) = pair_with(|c| NetstackConfig {
+            tcp_buffer_budget: 0,
+            ..c
+        });
+        echo_a_reversed_megabyte(&a, &b, 80).await;
+        cancel.cancel();
+    }
+
     #[tokio::test]
     async fn listen_accept_and_move_a_megabyte_each_way_with_half_close() {
         let (a, b, cancel) = pair();
-        let mut listener = b.listen(80).await.unwrap();
+        echo_a_reversed_megabyte(&a, &b, 80).await;
+        cancel.cancel();
+    }
+
+    /// B listens on `port` and echoes what A sends, reversed, after A's FIN (half-close keeps
+    /// the other way open); 1 MiB each way, checked.
+    async fn echo_a_reversed_megabyte(a: &Netstack, b: &Netstack, port: u16) {
+        let mut listener = b.listen(port).await.unwrap();
         assert!(matches!(
-            b.listen(80).await,
-            Err(ConnectError::PortInUse(80))
+            b.listen(port).await,
+            Err(ConnectError::PortInUse(p)) if p == port
         ));
         let server = tokio::spawn(async move {
             let mut s = listener.accept().await.unwrap();
-            assert_eq!(s.local_addr(), addr(B, 80));
+            assert_eq!(s.local_addr(), addr(B, port));
             let mut got = Vec::new();
             s.read_to_end(&mut got).await.unwrap();
             // Echo reversed after the client's FIN: proves half-close keeps the other way open.
@@ -924,8 +1023,8 @@ mod tests {
             s.write_all(&got).await.unwrap();
             s.shutdown().await.unwrap();
         });
-        let mut c = a.connect(addr(B, 80)).await.unwrap();
-        assert_eq!(c.peer_addr(), addr(B, 80));
+        let mut c = a.connect(addr(B, port)).await.unwrap();
+        assert_eq!(c.peer_addr(), addr(B, port));
         let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
         c.write_all(&data).await.unwrap();
         c.shutdown().await.unwrap();
@@ -934,7 +1033,6 @@ mod tests {
         back.reverse();
         assert_eq!(back, data);
         server.await.unwrap();
-        cancel.cancel();
     }
 
     #[tokio::test]
