@@ -381,5 +381,21 @@ mod tests {
         assert!(cli.command.is_none());
         assert!(cli.no_direct);
         assert_eq!(cli.connect_timeout, Duration::from_secs(10));
+        assert_eq!(cli.tcp_congestion, Congestion::Bbr);
+        assert_eq!(cli.tcp_buffers_mib, 1024);
+    }
+
+    #[test]
+    fn tcp_options() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from([&["netbird-proxy", "--wg-config", "x.conf"], args].concat())
+        };
+        let cli = parse(&["--tcp-congestion", "CUBIC", "--tcp-buffers-mib", "64"]).unwrap();
+        assert_eq!(cli.tcp_congestion, Congestion::Cubic);
+        assert_eq!(cli.tcp_buffers_mib, 64);
+        let err = parse(&["--tcp-congestion", "reno"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bbr or cubic"), "{err}");
     }
 }

@@ -25,6 +25,37 @@ macro_rules! tcp_trace {
     ($($arg:expr),*) => (net_log!(trace, $($arg),*));
 }
 
+/// RFC 6528's initial sequence number: `micros / 4` plus a keyed hash (FNV-1a over the
+/// addresses, seeded with `secret`, then a SplitMix64 finaliser) of the address pair
+/// (netbird-proxy patch). Not a cryptographic PRF: over WireGuard, off-path senders cannot
+/// inject segments, so the hash only has to keep address pairs apart.
+pub(crate) fn isn_clock_and_hash(
+    micros: i64,
+    secret: u64,
+    local: IpEndpoint,
+    remote: IpEndpoint,
+) -> u32 {
+    let mut h = secret ^ 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for ep in [local, remote] {
+        match ep.addr {
+            #[cfg(feature = "proto-ipv4")]
+            IpAddress::Ipv4(a) => eat(&a.octets()),
+            #[cfg(feature = "proto-ipv6")]
+            IpAddress::Ipv6(a) => eat(&a.octets()),
+        }
+        eat(&ep.port.to_be_bytes());
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    ((micros / 4) as u32).wrapping_add(h as u32)
+}
+
 /// Error returned by [`Socket::listen`]
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -1118,10 +1149,31 @@ impl<'a> Socket<'a> {
         });
         self.set_state(State::SynSent);
 
-        let seq = Self::random_seq_no(cx);
+        let seq = Self::initial_seq_no(cx, local_endpoint, remote_endpoint);
         self.local_seq_no = seq;
         self.remote_last_seq = seq;
         Ok(())
+    }
+
+    #[cfg(test)]
+    fn initial_seq_no(_cx: &mut Context, _local: IpEndpoint, _remote: IpEndpoint) -> TcpSeqNumber {
+        TcpSeqNumber(10000)
+    }
+
+    /// The initial sequence number of an outgoing connection (netbird-proxy patch): RFC 6528's
+    /// clock of 4 µs ticks plus a keyed hash of the address pair. A connection that reuses an
+    /// address pair the server still holds in TIME-WAIT (it closed first, under a minute ago)
+    /// then starts above where the old one ended, which is what Linux requires to accept the
+    /// SYN; a random number fails about half the time, and each failure costs a SYN timeout
+    /// (a client making thousands of short requests to one server hits this constantly).
+    #[cfg(not(test))]
+    fn initial_seq_no(cx: &mut Context, local: IpEndpoint, remote: IpEndpoint) -> TcpSeqNumber {
+        TcpSeqNumber(isn_clock_and_hash(
+            cx.now().total_micros(),
+            cx.isn_secret(),
+            local,
+            remote,
+        ) as i32)
     }
 
     #[cfg(test)]

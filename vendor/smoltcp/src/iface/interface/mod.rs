@@ -129,6 +129,8 @@ pub struct InterfaceInner {
     caps: DeviceCapabilities,
     now: Instant,
     rand: Rand,
+    /// Key of the initial-sequence-number hash (netbird-proxy patch, see `tcp::Socket::connect`).
+    isn_secret: u64,
 
     #[cfg(any(feature = "medium-ethernet", feature = "medium-ieee802154"))]
     neighbor_cache: NeighborCache,
@@ -225,6 +227,7 @@ impl Interface {
         }
 
         let mut rand = Rand::new(config.random_seed);
+        let isn_secret = ((rand.rand_u32() as u64) << 32) | rand.rand_u32() as u64;
 
         #[cfg(feature = "medium-ieee802154")]
         let mut sequence_no;
@@ -297,6 +300,7 @@ impl Interface {
                 #[cfg(feature = "proto-ipv6-slaac")]
                 slaac_updated: Instant::from_millis(0),
                 rand,
+                isn_secret,
             },
         }
     }
@@ -862,6 +866,11 @@ impl InterfaceInner {
     #[allow(unused)] // unused depending on which sockets are enabled, and in tests
     pub(crate) fn rand(&mut self) -> &mut Rand {
         &mut self.rand
+    }
+
+    #[allow(unused)] // unused depending on which sockets are enabled, and in tests
+    pub(crate) fn isn_secret(&self) -> u64 {
+        self.isn_secret
     }
 
     #[allow(unused)] // unused depending on which sockets are enabled

@@ -419,9 +419,16 @@ impl Controller for Bbr {
 
     fn pacing_rate(&self, srtt_us: u64) -> f64 {
         let gain = self.gains().0;
-        match self.max_bw() {
-            0 => gain * self.cwnd as f64 / srtt_us.max(1) as f64,
-            bw => gain * bw as f64 / 1e6,
+        let model = gain * self.max_bw() as f64 / 1e6;
+        let window = gain * self.cwnd as f64 / srtt_us.max(1) as f64;
+        // Until the pipe is known full, the window paces too (as Linux only ever raises the
+        // pacing rate in Startup): the first samples of a new connection can be a few bytes
+        // of handshake over a round trip, and pacing at that would send one segment in
+        // seconds.
+        if self.full_pipe && self.max_bw() > 0 {
+            model
+        } else {
+            model.max(window)
         }
     }
 
@@ -533,6 +540,25 @@ mod tests {
         large.set_mss(MSS);
         let _ = drive_lossy(&mut large, Instant::from_secs(1), 60, 50_000_000, 20_000, 5);
         assert!(large.full_pipe, "{:?}", large.mode);
+    }
+
+    #[test]
+    fn a_trickle_before_the_bulk_does_not_slow_startup_pacing() {
+        // A connection's first rounds carry a few bytes of application handshake.
+        let mut bbr = Bbr::new();
+        bbr.set_mss(MSS);
+        let mut now = Instant::from_secs(1);
+        for _ in 0..5 {
+            bbr.on_delivered(now, 5, 0, true);
+            now += Duration::from_millis(21);
+        }
+        assert!(bbr.max_bw() < 1000, "{}", bbr.max_bw());
+        let initial = HIGH_GAIN * (INITIAL_CWND_SEGMENTS * MSS) as f64 / 20_000.0;
+        assert!(
+            bbr.pacing_rate(20_000) >= initial,
+            "{}",
+            bbr.pacing_rate(20_000)
+        );
     }
 
     #[test]
