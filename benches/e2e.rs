@@ -777,12 +777,7 @@ fn orchestrate() {
     // wait a SYN timeout (1 s) — a quarter of a 4 s run.
     if wanted("cps") {
         let (proxy, paths) = start_proxy(&config);
-        let mut runs: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
-        for _ in 0..run_count() {
-            for (i, p) in paths.iter().enumerate() {
-                runs[i].push(run_client(p, "cps", 3)[0]);
-            }
-        }
+        let runs = interleaved_runs(&paths, |_, p| run_client(p, "cps", 3)[0]);
         eprintln!("connections/s: runs {runs:?}");
         let cps: Vec<f64> = runs.into_iter().map(median).collect();
         table.push(row(
@@ -945,21 +940,34 @@ fn peer_counter(peer_ns: &str, file: &str, prefix: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `run_count()` rounds of `measure` over every path in turn (so drift hits all paths alike);
+/// the results per path.
+fn interleaved_runs(
+    paths: &[Path3],
+    mut measure: impl FnMut(usize, &Path3) -> f64,
+) -> Vec<Vec<f64>> {
+    let mut runs = vec![Vec::new(); paths.len()];
+    for _ in 0..run_count() {
+        for (i, p) in paths.iter().enumerate() {
+            runs[i].push(measure(i, p));
+        }
+    }
+    runs
+}
+
 /// Upload and download rows: medians of interleaved runs over every path.
 fn throughput_rows(paths: &[Path3], peer_ns: &str, cond: &str) -> Vec<String> {
     let mut rows = Vec::new();
     for kind in ["up", "down"] {
-        let mut runs: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
         let mut drops = vec![0u64; paths.len()];
         let mut pruned = vec![0u64; paths.len()];
-        for _ in 0..run_count() {
-            for (i, p) in paths.iter().enumerate() {
-                let (udp, ofo) = (peer_udp_drops(peer_ns), peer_ofo_pruned(peer_ns));
-                runs[i].push(run_client(p, kind, SECS)[0]);
-                drops[i] += peer_udp_drops(peer_ns) - udp;
-                pruned[i] += peer_ofo_pruned(peer_ns) - ofo;
-            }
-        }
+        let runs = interleaved_runs(paths, |i, p| {
+            let (udp, ofo) = (peer_udp_drops(peer_ns), peer_ofo_pruned(peer_ns));
+            let result = run_client(p, kind, SECS)[0];
+            drops[i] += peer_udp_drops(peer_ns) - udp;
+            pruned[i] += peer_ofo_pruned(peer_ns) - ofo;
+            result
+        });
         eprintln!(
             "{kind} ({cond}): runs {runs:?}; peer UDP receive-buffer drops per path {drops:?}; \
              peer TCP out-of-order segments pruned per path {pruned:?}"

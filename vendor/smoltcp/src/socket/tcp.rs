@@ -2300,14 +2300,14 @@ impl<'a> Socket<'a> {
             let sacked_before = self.recovery.sacked_bytes();
             self.recovery
                 .on_ack(ack_number, self.remote_last_seq, &repr.sack_ranges);
+            // Newly delivered: acknowledged plus newly SACKed, minus SACKed bytes the
+            // cumulative ACK now covers (each byte counted once).
+            let delivered = (ack_len + self.recovery.sacked_bytes()).saturating_sub(sacked_before);
             if self.recovery.in_recovery() {
                 if self.recovery.exit_if_done(ack_number) {
                     self.recovery_budget = 0;
                 } else {
-                    // Newly delivered: acknowledged plus newly SACKed, minus SACKed bytes the
-                    // cumulative ACK now covers (counted once). The budget never exceeds cwnd.
-                    let delivered = (ack_len + self.recovery.sacked_bytes())
-                        .saturating_sub(sacked_before);
+                    // The retransmit budget refills by deliveries and never exceeds cwnd.
                     let cwnd = self.congestion_controller.inner().window();
                     self.recovery_budget = (self.recovery_budget + delivered).min(cwnd);
                     if self.pending_retransmit.is_none() {
@@ -2327,8 +2327,6 @@ impl<'a> Socket<'a> {
                 sack_loss = true;
             }
 
-            // Delivery for rate-based control: acknowledged plus newly SACKed, each byte once.
-            let delivered = (ack_len + self.recovery.sacked_bytes()).saturating_sub(sacked_before);
             // Application-limited: everything queued was sent (a sent FIN may sit past the
             // end) and the application could have queued more, or the receiver's window, not
             // the path, holds the sender back.
