@@ -862,7 +862,14 @@ impl<'a> Socket<'a> {
         let next_ack = self.remote_seq_no + self.rx_buffer.len();
 
         let last_win = (self.remote_last_win as usize) << self.remote_win_shift;
-        let last_win_adjusted = last_ack + last_win - next_ack;
+        // netbird-proxy patch: data may now be accepted beyond the advertised edge (see
+        // `process`), so that edge can lie behind the next ACK; the window left is then zero.
+        let last_edge = last_ack + last_win;
+        let last_win_adjusted = if last_edge > next_ack {
+            last_edge - next_ack
+        } else {
+            0
+        };
 
         Some(u16::try_from(last_win_adjusted >> self.remote_win_shift).unwrap_or(u16::MAX))
     }
@@ -1832,8 +1839,14 @@ impl<'a> Socket<'a> {
         }
 
         let window_start = self.remote_seq_no + self.rx_buffer.len();
-        let window_end = if let Some(last_ack) = self.remote_last_ack {
-            last_ack + ((self.remote_last_win as usize) << self.remote_win_shift)
+        // netbird-proxy patch: accept what the receive buffer can hold, not only up to the
+        // right edge of the last advertised window. A scaled window is rounded down to a
+        // multiple of 2^shift, so that edge moves back by up to 2^shift - 1 bytes whenever
+        // data arrives without being read; a sender that filled the older, larger window then
+        // had its last bytes cut off here (and, with them, a FIN accepted after a gap). The
+        // buffer's own edge never moves back and is always at or beyond any advertised edge.
+        let window_end = if self.remote_last_ack.is_some() {
+            window_start + self.rx_buffer.window()
         } else {
             window_start
         };
@@ -1994,6 +2007,16 @@ impl<'a> Socket<'a> {
 
         // If a FIN is received at the end of the current segment, but
         // we have a hole in the assembler before the current segment, disregard this FIN.
+        // netbird-proxy patch: a FIN after payload that did not fit the window follows bytes
+        // we dropped; accepting it would end the stream early. Disregard it as well.
+        if control == TcpControl::Fin && segment_end > window_end {
+            tcp_trace!(
+                "ignoring FIN beyond the receive window: segment_end={} window_end={}",
+                segment_end,
+                window_end
+            );
+            control = TcpControl::None;
+        }
         if control == TcpControl::Fin && window_start < segment_start {
             tcp_trace!(
                 "ignoring FIN because we don't have full data yet. window_start={} segment_start={}",
