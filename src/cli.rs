@@ -111,6 +111,14 @@ pub struct Cli {
     )]
     pub tcp_buffers_mib: usize,
 
+    /// Serve /healthz, /readyz, /metrics and /status here; a bare PORT binds 127.0.0.1.
+    #[arg(long, env = "NB_STATUS_ADDR", value_name = "[ADDR:]PORT", value_parser = parse_listen)]
+    pub status_addr: Option<SocketAddr>,
+
+    /// /readyz answers 200 once this many peers have a live WireGuard session.
+    #[arg(long, env = "NB_READY_PEERS", value_name = "N", default_value_t = 1)]
+    pub ready_peers: usize,
+
     /// Log level or tracing filter (error, warn, info, debug, trace, or e.g. netbird_proxy=debug).
     #[arg(
         long,
@@ -121,9 +129,38 @@ pub struct Cli {
     pub log_level: String,
 }
 
+/// Where the `status` and `wait` commands find a running proxy.
+#[derive(Debug, clap::Args)]
+pub struct StatusClientArgs {
+    /// The proxy's --status-addr.
+    #[arg(long, env = "NB_STATUS_ADDR", value_name = "[ADDR:]PORT", default_value = "9099", value_parser = parse_listen)]
+    pub status_addr: SocketAddr,
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Show a running proxy's state (from its --status-addr): our peer, the control plane,
+    /// every peer and the listeners.
+    Status {
+        #[command(flatten)]
+        client: StatusClientArgs,
+        /// Print the endpoint's JSON as it is.
+        #[arg(long)]
+        json: bool,
+        /// One block per peer instead of the table.
+        #[arg(long, short = 'd')]
+        detail: bool,
+    },
+    /// Wait until a running proxy is ready (its /readyz answers 200): exit 0, or 1 with the
+    /// reason when the timeout passes first.
+    Wait {
+        #[command(flatten)]
+        client: StatusClientArgs,
+        /// How long to wait (e.g. 30s, 2m).
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// Everything on this machine, no account needed: a dev mesh, a peer `web` serving a small
     /// page on its mesh address, and this proxy joined to the mesh; prints the curl command
     /// that fetches the page through the proxy.

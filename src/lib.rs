@@ -13,4 +13,5 @@ pub mod netstack;
 pub mod packet;
 pub mod proxy;
 pub mod relay;
+pub mod status;
 pub mod wg;

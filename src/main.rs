@@ -14,6 +14,7 @@ use netbird_proxy::devmesh::{DevMesh, DevMeshConfig, random_setup_key};
 use netbird_proxy::engine::netbird::{EngineError, MeshConfig, SetupKey};
 use netbird_proxy::engine::supervisor::Supervisor;
 use netbird_proxy::engine::{self, ProxyOptions};
+use netbird_proxy::status::{self, Mode, StatusHub};
 use netbird_proxy::wg::WgConfig;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -24,6 +25,7 @@ fn main() -> ExitCode {
         Some(Command::DevMesh { log_level, .. }) | Some(Command::Demo { log_level, .. }) => {
             log_level.clone()
         }
+        Some(Command::Status { .. } | Command::Wait { .. }) => "warn".into(),
         None => cli.log_level.clone(),
     };
     if let Err(e) = init_logging(&log_level) {
@@ -71,6 +73,36 @@ async fn run(cli: Cli) -> ExitCode {
     if let Some(Command::Demo { socks, http, .. }) = cli.command {
         return run_demo(socks, http).await;
     }
+    if let Some(Command::Status {
+        client,
+        json,
+        detail,
+    }) = cli.command
+    {
+        return match status::client::snapshot(client.status_addr).await {
+            Ok((_, body)) if json => {
+                print!("{body}");
+                ExitCode::SUCCESS
+            }
+            Ok((snap, _)) => {
+                print!("{}", status::client::render(&snap, detail));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("netbird-proxy status: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    if let Some(Command::Wait { client, timeout }) = cli.command {
+        return match status::client::wait_ready(client.status_addr, timeout).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(reason) => {
+                eprintln!("netbird-proxy wait: {reason}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if cli.socks.is_empty()
         && cli.http.is_empty()
         && cli.forward.is_empty()
@@ -79,6 +111,29 @@ async fn run(cli: Cli) -> ExitCode {
         eprintln!("netbird-proxy: nothing to serve: give --socks, --http, --forward or --expose");
         return ExitCode::from(2);
     }
+    let mode = if cli.wg_config.is_some() {
+        Mode::Static
+    } else {
+        Mode::Netbird
+    };
+    let cancel = CancellationToken::new();
+    let hub = match cli.status_addr {
+        None => None,
+        Some(addr) => {
+            let hub = StatusHub::new(mode, cli.ready_peers);
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    tracing::info!(addr = %l.local_addr().unwrap_or(addr), "status endpoint listening");
+                    tokio::spawn(status::server::serve(l, hub.clone(), cancel.clone()));
+                }
+                Err(e) => {
+                    eprintln!("netbird-proxy: cannot listen on {addr} for --status-addr: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+            Some(hub)
+        }
+    };
     let options = ProxyOptions {
         socks: cli.socks,
         http: cli.http,
@@ -90,8 +145,8 @@ async fn run(cli: Cli) -> ExitCode {
         connect_timeout: cli.connect_timeout,
         congestion: cli.tcp_congestion,
         tcp_buffer_budget: Some(cli.tcp_buffers_mib.saturating_mul(1024 * 1024)),
+        status: hub,
     };
-    let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone());
     if let Some(path) = cli.wg_config {
         let config = match WgConfig::load(&path) {

@@ -23,3 +23,8 @@ if ! python3 -c 'import nacl' >/dev/null 2>&1; then
     echo "== installing PyNaCl"
     python3 -m pip install --quiet pynacl
 fi
+# prometheus_client: the reference parser the status test checks /metrics with.
+if ! python3 -c 'import prometheus_client' >/dev/null 2>&1; then
+    echo "== installing prometheus_client"
+    python3 -m pip install --quiet prometheus_client
+fi

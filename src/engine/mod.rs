@@ -28,6 +28,7 @@ use crate::packet::PacketPool;
 use crate::proxy::dial::Dialer;
 use crate::proxy::dns::{MeshNames, Resolver};
 use crate::proxy::{Credentials, forward, http, socks5};
+use crate::status::{EngineView, ListenerMetrics, StatusHub};
 use crate::wg::config::Endpoint;
 use crate::wg::{PeerSpec, WgConfig, WgDevice};
 
@@ -54,6 +55,8 @@ pub struct ProxyOptions {
     /// Bytes of full-size TCP socket buffers (see `NetstackConfig::tcp_buffer_budget`); `None`
     /// keeps the netstack's default.
     pub tcp_buffer_budget: Option<usize>,
+    /// Where the engine reports its state and the listeners count requests (`--status-addr`).
+    pub status: Option<Arc<StatusHub>>,
 }
 
 /// Why the engine could not start.
@@ -106,12 +109,16 @@ pub async fn run_static(
     on_ready: impl FnOnce(&Ready),
 ) -> Result<(), DataPathError> {
     let mut tasks = JoinSet::new();
+    let options_status = options.status.clone();
     let result = start_static(config, options, &cancel, &mut tasks, on_ready).await;
     if result.is_ok() {
         cancel.cancelled().await;
     }
     // One teardown path, for a failed start and for a stop alike.
     cancel.cancel();
+    if let Some(hub) = &options_status {
+        hub.detach();
+    }
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
         warn!("some tasks did not stop in time; aborting them");
@@ -156,7 +163,17 @@ async fn start_static(
         dns_search: config.interface.dns_search.clone(),
         names: MeshNames::default(),
     };
+    let hub = options.status.clone();
     let datapath = start_datapath(spec, options, cancel, tasks).await?;
+    if let Some(hub) = hub {
+        hub.attach(EngineView {
+            wg: datapath.wg.clone(),
+            mesh: datapath.ready.mesh.clone(),
+            fqdn: String::new(),
+            names: MeshNames::default(),
+            control: None,
+        });
+    }
     on_ready(&datapath.ready);
     Ok(())
 }
@@ -251,15 +268,19 @@ pub async fn start_datapath(
         wireguard: wg_addr,
         listeners: Vec::new(),
     };
+    let metrics = |kind: &'static str, addr: SocketAddr| match &options.status {
+        Some(hub) => hub.listener(kind, addr),
+        None => Arc::new(ListenerMetrics::new(kind, addr)),
+    };
     let socks_auth = options.socks_auth.map(Arc::new);
     let http_auth = options.http_auth.map(Arc::new);
     for addr in &options.socks {
         let l = bind(*addr, "socks5").await?;
-        ready
-            .listeners
-            .push(("socks5", l.local_addr().unwrap_or(*addr), String::new()));
+        let bound = l.local_addr().unwrap_or(*addr);
+        ready.listeners.push(("socks5", bound, String::new()));
         tasks.spawn(socks5::serve(
             l,
+            metrics("socks5", bound),
             dialer.clone(),
             socks_auth.clone(),
             cancel.child_token(),
@@ -267,11 +288,11 @@ pub async fn start_datapath(
     }
     for addr in &options.http {
         let l = bind(*addr, "http").await?;
-        ready
-            .listeners
-            .push(("http", l.local_addr().unwrap_or(*addr), String::new()));
+        let bound = l.local_addr().unwrap_or(*addr);
+        ready.listeners.push(("http", bound, String::new()));
         tasks.spawn(http::serve(
             l,
+            metrics("http", bound),
             dialer.clone(),
             http_auth.clone(),
             cancel.child_token(),
@@ -279,13 +300,13 @@ pub async fn start_datapath(
     }
     for f in &options.forwards {
         let l = bind(f.listen, "forward").await?;
-        ready.listeners.push((
-            "forward",
-            l.local_addr().unwrap_or(f.listen),
-            format!("->{}", f.target),
-        ));
+        let bound = l.local_addr().unwrap_or(f.listen);
+        ready
+            .listeners
+            .push(("forward", bound, format!("->{}", f.target)));
         tasks.spawn(forward::serve(
             l,
+            metrics("forward", bound),
             dialer.clone(),
             f.target.clone(),
             cancel.child_token(),
@@ -305,6 +326,7 @@ pub async fn start_datapath(
             .push(("expose", mesh_addr, format!("->{}", e.local)));
         tasks.spawn(crate::proxy::forward::serve_exposed(
             listener,
+            metrics("expose", mesh_addr),
             e.local,
             cancel.child_token(),
         ));

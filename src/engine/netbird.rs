@@ -206,6 +206,9 @@ impl Engine {
     /// The one teardown path.
     async fn stop_locked(&self, state: &mut State) {
         self.cancel.cancel();
+        if let Some(hub) = &self.config.proxy.status {
+            hub.detach();
+        }
         state.phase = Phase::Stopped;
         let drain = async { while state.tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(STOP_GRACE, drain).await.is_err() {
@@ -291,6 +294,21 @@ impl Engine {
         );
 
         let sync = self.step(management.sync(meta)).await?;
+        let synced = Arc::new(AtomicBool::new(false));
+        if let Some(hub) = &cfg.proxy.status {
+            hub.attach(crate::status::EngineView {
+                wg: datapath.wg.clone(),
+                mesh: datapath.ready.mesh.clone(),
+                fqdn: local.fqdn.clone(),
+                names: names.clone(),
+                control: Some(crate::status::ControlView {
+                    management_url: cfg.management_url.clone(),
+                    management_synced: synced.clone(),
+                    signal: signal.clone(),
+                    relays: relays.clone(),
+                }),
+            });
+        }
         mesh.local = Some(local);
         let (events_tx, events_rx) = mpsc::channel(256);
         let source = SyncSource {
@@ -298,6 +316,7 @@ impl Engine {
             private_key: cfg.private_key,
             hostname: cfg.hostname.clone(),
             stream: sync,
+            synced,
         };
         state.tasks.spawn(follow_sync(
             source,
@@ -344,6 +363,8 @@ struct SyncSource {
     private_key: [u8; 32],
     hostname: String,
     stream: crate::control::management_client::SyncStream,
+    /// Up while a network map has arrived on the open stream (for status).
+    synced: Arc<AtomicBool>,
 }
 
 impl SyncSource {
@@ -420,6 +441,7 @@ async fn follow_sync(
                 // Open connections keep flowing while we reconnect; the first map of a new
                 // stream is a full snapshot, whatever its serial.
                 warn!("management sync: {e}; reconnecting");
+                source.synced.store(false, Ordering::Relaxed);
                 if !source.reconnect(&life).await {
                     break;
                 }
@@ -469,6 +491,7 @@ async fn follow_sync(
             known.push((local.fqdn.clone(), local.address.addr()));
         }
         names.replace(known);
+        source.synced.store(true, Ordering::Relaxed);
     }
     if !life.cancel.is_cancelled() {
         life.request_rebuild();

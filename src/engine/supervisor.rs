@@ -76,9 +76,15 @@ async fn run_loop(
     on_ready: OnReady,
 ) -> Result<(), EngineError> {
     let mut delays = backoff();
+    let mut first = true;
     loop {
         if run.is_cancelled() {
             return Ok(());
+        }
+        if !std::mem::take(&mut first)
+            && let Some(hub) = &config.proxy.status
+        {
+            hub.count_restart();
         }
         let cycle = run.child_token();
         let engine = Engine::new(config.clone(), &cycle);

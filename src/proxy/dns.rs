@@ -90,6 +90,16 @@ impl MeshNames {
             .copied()
     }
 
+    /// The name of the peer at `ip`, if the network map gave one.
+    pub fn name_of(&self, ip: IpAddr) -> Option<String> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(_, a)| **a == ip)
+            .map(|(n, _)| n.clone())
+    }
+
     /// Replace every name at once.
     pub fn replace(&self, names: impl IntoIterator<Item = (String, IpAddr)>) {
         let map = names

@@ -26,6 +26,7 @@ use tracing::{debug, info};
 use super::dial::{DialError, Dialer, Target};
 use super::relay;
 use super::{Credentials, serve_clients};
+use crate::status::ListenerMetrics;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -36,21 +37,26 @@ const REALM: &str = "netbird-proxy";
 /// Serve the HTTP proxy on `listener` until `cancel` fires.
 pub async fn serve(
     listener: TcpListener,
+    metrics: Arc<ListenerMetrics>,
     dialer: Dialer,
     auth: Option<Arc<Credentials>>,
     cancel: CancellationToken,
 ) {
     let tunnels = cancel.clone();
-    serve_clients(listener, cancel, move |client, from| {
+    serve_clients(listener, metrics.clone(), cancel, move |client, from| {
         let dialer = dialer.clone();
         let auth = auth.clone();
         let tunnels = tunnels.clone();
+        let metrics = metrics.clone();
         let service = service_fn(move |req| {
             let dialer = dialer.clone();
             let auth = auth.clone();
             let tunnels = tunnels.clone();
+            let metrics = metrics.clone();
             async move {
-                Ok::<_, Infallible>(handle(req, from, dialer, auth.as_deref(), tunnels).await)
+                let resp = handle(req, from, dialer, auth.as_deref(), tunnels).await;
+                metrics.count(resp.status().as_str());
+                Ok::<_, Infallible>(resp)
             }
         });
         async move {

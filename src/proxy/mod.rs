@@ -11,6 +11,7 @@ pub mod socks5;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use subtle::ConstantTimeEq;
@@ -18,10 +19,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::status::ListenerMetrics;
+
 /// Accept on `listener` until `cancel` fires; each client runs `handle` in a task of its own
 /// that the same cancellation stops, so a shutdown ends every connection of the listener.
+/// `metrics` counts the open client connections.
 pub(crate) async fn serve_clients<F, Fut>(
     listener: TcpListener,
+    metrics: Arc<ListenerMetrics>,
     cancel: CancellationToken,
     handle: F,
 ) where
@@ -44,7 +49,9 @@ pub(crate) async fn serve_clients<F, Fut>(
         let _ = client.set_nodelay(true);
         let work = handle(client, from);
         let cancel = cancel.clone();
+        let open = metrics.open();
         tokio::spawn(async move {
+            let _open = open;
             tokio::select! {
                 _ = cancel.cancelled() => {}
                 _ = work => {}

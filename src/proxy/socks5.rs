@@ -18,6 +18,7 @@ use tracing::{debug, info};
 use super::dial::{DialError, Dialer, Target};
 use super::relay;
 use super::{Credentials, serve_clients};
+use crate::status::ListenerMetrics;
 
 /// A client must finish greeting, authentication and request within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,22 +39,31 @@ pub fn reply_for(err: &DialError) -> ReplyError {
 /// Serve SOCKS5 on `listener` until `cancel` fires.
 pub async fn serve(
     listener: TcpListener,
+    metrics: Arc<ListenerMetrics>,
     dialer: Dialer,
     auth: Option<Arc<Credentials>>,
     cancel: CancellationToken,
 ) {
-    serve_clients(listener, cancel, move |client, from| {
-        handle(client, from, dialer.clone(), auth.clone())
+    serve_clients(listener, metrics.clone(), cancel, move |client, from| {
+        let metrics = metrics.clone();
+        let dialer = dialer.clone();
+        let auth = auth.clone();
+        async move {
+            let result = handle(client, from, dialer, auth).await;
+            metrics.count(&result);
+        }
     })
     .await
 }
 
+/// Serve one client; returns the request's result for the counters (the reply code sent, or
+/// `timeout` / `rejected` for a handshake that never reached a request).
 async fn handle(
     client: TcpStream,
     from: SocketAddr,
     dialer: Dialer,
     auth: Option<Arc<Credentials>>,
-) {
+) -> String {
     let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let proto = match &auth {
             None => Socks5ServerProtocol::accept_no_auth(client).await?,
@@ -71,20 +81,20 @@ async fn handle(
     let (proto, cmd, target) = match negotiated {
         Err(_) => {
             debug!(%from, "socks: handshake timed out");
-            return;
+            return "timeout".into();
         }
         Ok(Err(e)) => {
             // Bad version, no acceptable method, wrong password, bad address type or unknown
             // command: fast-socks5 has already answered where the protocol allows an answer.
             info!(%from, "socks: rejected: {e}");
-            return;
+            return "rejected".into();
         }
         Ok(Ok(r)) => r,
     };
     if !matches!(cmd, Socks5Command::TCPConnect) {
         info!(%from, ?cmd, "socks: command not supported");
         let _ = proto.reply_error(&ReplyError::CommandNotSupported).await;
-        return;
+        return code(&ReplyError::CommandNotSupported);
     }
     let target = match target {
         TargetAddr::Ip(addr) => Target::Addr(addr),
@@ -96,7 +106,7 @@ async fn handle(
             let reply = reply_for(&e);
             info!(%from, %target, "socks: {e} (reply {:#04x})", reply.as_u8());
             let _ = proto.reply_error(&reply).await;
-            return;
+            return code(&reply);
         }
     };
     let bound = upstream
@@ -106,11 +116,16 @@ async fn handle(
         Ok(c) => c,
         Err(e) => {
             debug!(%from, "socks: reply: {e}");
-            return;
+            return "0x00".into();
         }
     };
     debug!(%from, %target, "socks: connected");
     relay::bidirectional(&mut client, &mut upstream).await;
+    "0x00".into()
+}
+
+fn code(reply: &ReplyError) -> String {
+    format!("{:#04x}", reply.as_u8())
 }
 
 #[cfg(test)]

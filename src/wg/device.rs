@@ -113,6 +113,19 @@ pub struct PeerCounters {
     pub tx_bytes: AtomicU64,
     /// Inbound packets whose inner source lies outside this peer's AllowedIPs.
     pub rx_spoofed: AtomicU64,
+    /// When the peer last sent an authenticated packet (handshake, data or keepalive), as
+    /// milliseconds on `monotonic_ms`'s clock plus one; 0 for never. Status reads it to tell a
+    /// peer that went away from one that is merely quiet.
+    pub last_rx_ms: AtomicU64,
+}
+
+/// Milliseconds since the first call, on a monotonic clock.
+fn monotonic_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 /// One WireGuard peer.
@@ -120,6 +133,8 @@ pub struct Peer {
     pub public_key: PublicKey,
     pub allowed_ips: Vec<IpNet>,
     pub counters: PeerCounters,
+    /// Our persistent keepalive towards this peer, in seconds.
+    pub keepalive: Option<u16>,
     tunn: Mutex<Tunn>,
     endpoint: RwLock<Option<PeerEndpoint>>,
 }
@@ -138,6 +153,18 @@ impl Peer {
             debug!(peer = %short_key(&self.public_key), endpoint = %to, "peer endpoint");
             *self.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(to.clone());
         }
+    }
+
+    /// Time since the peer last sent us an authenticated packet, if it ever did.
+    pub fn time_since_rx(&self) -> Option<Duration> {
+        let at = self.counters.last_rx_ms.load(Ordering::Relaxed);
+        (at != 0).then(|| Duration::from_millis(monotonic_ms().saturating_sub(at - 1)))
+    }
+
+    fn mark_rx(&self) {
+        self.counters
+            .last_rx_ms
+            .store(monotonic_ms() + 1, Ordering::Relaxed);
     }
 
     /// Time since the last completed handshake, if there was one.
@@ -261,6 +288,7 @@ impl WgDevice {
             public_key: PublicKey::from(spec.public_key),
             allowed_ips: spec.allowed_ips,
             counters: PeerCounters::default(),
+            keepalive: spec.persistent_keepalive,
             tunn: Mutex::new(tunn),
             endpoint: RwLock::new(spec.endpoint.map(|a| PeerEndpoint::Udp(canonical(a)))),
         });
@@ -432,6 +460,7 @@ impl WgDevice {
                 self.try_send(reply, src);
             }
             TunnResult::WriteToNetwork(reply) => {
+                peer.mark_rx();
                 self.try_send(reply, src);
                 // A completed handshake releases packets queued while it ran.
                 while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], &mut out)
@@ -441,12 +470,17 @@ impl WgDevice {
                 peer.set_endpoint(src);
             }
             TunnResult::WriteToTunnelV4(pkt, from) => {
+                peer.mark_rx();
                 deliver = Some((pkt.len(), IpAddr::V4(from)));
             }
             TunnResult::WriteToTunnelV6(pkt, from) => {
+                peer.mark_rx();
                 deliver = Some((pkt.len(), IpAddr::V6(from)));
             }
-            TunnResult::Done => peer.set_endpoint(src),
+            TunnResult::Done => {
+                peer.mark_rx();
+                peer.set_endpoint(src);
+            }
             TunnResult::Err(WireGuardError::ConnectionExpired) => {}
             TunnResult::Err(e) => {
                 trace!(peer = %short_key(&peer.public_key), "decapsulate: {e:?}");

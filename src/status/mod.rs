@@ -1,0 +1,375 @@
+//! What the proxy is doing, for people and for other programs: readiness, our peer, the other
+//! peers, the control plane and the listeners, as JSON (`/status`), Prometheus text
+//! (`/metrics`) and two probes (`/healthz`, `/readyz`).
+//!
+//! One `StatusHub` lives as long as the process and outlives the engines the supervisor builds,
+//! so counters and the restart count carry over; each engine attaches a view of its live parts
+//! (`EngineView`) when it is up and detaches it when it stops. Snapshots are read on demand —
+//! nothing here sits on the data path except the listeners' counters.
+
+pub mod client;
+mod prometheus;
+pub mod server;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::control::envelope::key_string;
+use crate::control::signal_client::SignalClient;
+use crate::engine::relays::Relays;
+use crate::proxy::dns::MeshNames;
+use crate::wg::WgDevice;
+use crate::wg::device::{Peer, PeerEndpoint};
+
+/// WireGuard drops a session this long after its handshake (REJECT_AFTER_TIME).
+const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+
+/// Process-wide status: the current engine's view, listener counters, restarts.
+pub struct StatusHub {
+    started: Instant,
+    mode: Mode,
+    ready_peers: usize,
+    restarts: AtomicU64,
+    engine: RwLock<Option<EngineView>>,
+    listeners: Mutex<Vec<Arc<ListenerMetrics>>>,
+}
+
+impl std::fmt::Debug for StatusHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusHub")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the peer is configured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A wg-quick file: ready once the data path is up.
+    Static,
+    /// NetBird: ready once management has sent a network map.
+    Netbird,
+}
+
+/// The live parts of a running engine.
+pub struct EngineView {
+    pub wg: Arc<WgDevice>,
+    pub mesh: Vec<IpNet>,
+    pub fqdn: String,
+    pub names: MeshNames,
+    /// Management, signal and relays (NetBird mode only).
+    pub control: Option<ControlView>,
+}
+
+/// The control plane of a NetBird engine.
+pub struct ControlView {
+    pub management_url: String,
+    /// Whether the Sync stream is open (a network map has arrived on it).
+    pub management_synced: Arc<AtomicBool>,
+    pub signal: Arc<SignalClient>,
+    pub relays: Arc<Relays>,
+}
+
+impl StatusHub {
+    /// A hub for a process in `mode` that calls itself ready with `ready_peers` connected peers.
+    pub fn new(mode: Mode, ready_peers: usize) -> Arc<Self> {
+        Arc::new(Self {
+            started: Instant::now(),
+            mode,
+            ready_peers,
+            restarts: AtomicU64::new(0),
+            engine: RwLock::new(None),
+            listeners: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// An engine is up.
+    pub fn attach(&self, view: EngineView) {
+        *self.engine.write().unwrap_or_else(|e| e.into_inner()) = Some(view);
+    }
+
+    /// The engine stopped.
+    pub fn detach(&self) {
+        *self.engine.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The supervisor built a new engine after the first.
+    pub fn count_restart(&self) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters of the listener `kind` on `addr`, the same across engine restarts.
+    pub fn listener(&self, kind: &'static str, addr: SocketAddr) -> Arc<ListenerMetrics> {
+        let mut all = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = all.iter().find(|l| l.kind == kind && l.addr == addr) {
+            return l.clone();
+        }
+        let l = Arc::new(ListenerMetrics::new(kind, addr));
+        all.push(l.clone());
+        l
+    }
+
+    /// Everything, now.
+    pub fn snapshot(&self) -> Snapshot {
+        let engine = self.engine.read().unwrap_or_else(|e| e.into_inner());
+        let mut snap = Snapshot {
+            mode: self.mode,
+            ready: false,
+            reason: None,
+            uptime_seconds: self.started.elapsed().as_secs(),
+            engine_restarts: self.restarts.load(Ordering::Relaxed),
+            ready_peers: self.ready_peers,
+            local: None,
+            management: None,
+            signal: None,
+            relay: None,
+            peers: Vec::new(),
+            listeners: self
+                .listeners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|l| l.status())
+                .collect(),
+        };
+        let Some(view) = engine.as_ref() else {
+            snap.reason = Some("the engine is not running (starting or between retries)".into());
+            return snap;
+        };
+        snap.local = Some(LocalStatus {
+            addresses: view.mesh.iter().map(|n| n.to_string()).collect(),
+            fqdn: view.fqdn.clone(),
+            public_key: key_string(view.wg.public_key().as_bytes()),
+            wireguard_port: view.wg.local_addr().map(|a| a.port()).unwrap_or(0),
+        });
+        if let Some(c) = &view.control {
+            snap.management = Some(ServiceStatus {
+                url: c.management_url.clone(),
+                connected: c.management_synced.load(Ordering::Relaxed),
+            });
+            snap.signal = Some(ServiceStatus {
+                url: String::new(),
+                connected: c.signal.is_connected(),
+            });
+            let home = c.relays.home();
+            snap.relay = Some(ServiceStatus {
+                url: home
+                    .as_ref()
+                    .map(|r| r.instance_url().to_string())
+                    .unwrap_or_default(),
+                connected: home.is_some(),
+            });
+        }
+        snap.peers = view
+            .wg
+            .peers()
+            .iter()
+            .map(|p| peer_status(p, &view.names))
+            .collect();
+        snap.peers
+            .sort_by(|a, b| a.fqdn.cmp(&b.fqdn).then(a.ip.cmp(&b.ip)));
+        let connected = snap
+            .peers
+            .iter()
+            .filter(|p| p.status == "connected")
+            .count();
+        snap.reason = if snap.management.as_ref().is_some_and(|m| !m.connected) {
+            Some("management has not sent a network map on an open Sync stream".into())
+        } else if connected < self.ready_peers {
+            Some(format!(
+                "{connected} of the {} peer(s) needed have a recent handshake ({} known)",
+                self.ready_peers,
+                snap.peers.len()
+            ))
+        } else {
+            None
+        };
+        snap.ready = snap.reason.is_none();
+        snap
+    }
+}
+
+/// How a peer is doing, from WireGuard's point of view. A peer counts as connected when its
+/// session is alive (handshake under 3 minutes old) and, where we keep it alive, it was heard
+/// from within three keepalive intervals plus 10 s (peers that keep each other alive, as
+/// NetBird's do, are never silent longer) — so a peer that went away shows within seconds.
+fn peer_status(peer: &Peer, names: &MeshNames) -> PeerStatus {
+    let handshake = peer.time_since_handshake();
+    let heard = peer.time_since_rx();
+    let alive = handshake.is_some_and(|h| h < SESSION_LIFETIME)
+        && match peer.keepalive.filter(|&k| k > 0) {
+            Some(k) => heard.is_some_and(|h| h < Duration::from_secs(3 * u64::from(k) + 10)),
+            None => true,
+        };
+    let endpoint = peer.endpoint();
+    // A NetBird peer's first AllowedIPs entry is its own address; a static peer may route a
+    // whole network, shown as such.
+    let ip = peer
+        .allowed_ips
+        .first()
+        .map(|n| {
+            if n.prefix_len() == n.max_prefix_len() {
+                n.addr().to_string()
+            } else {
+                n.to_string()
+            }
+        })
+        .unwrap_or_default();
+    let fqdn = peer
+        .allowed_ips
+        .first()
+        .and_then(|n| names.name_of(n.addr()))
+        .unwrap_or_default();
+    PeerStatus {
+        fqdn,
+        ip,
+        public_key: key_string(peer.public_key.as_bytes()),
+        status: if alive {
+            "connected"
+        } else if handshake.is_some() {
+            "disconnected"
+        } else {
+            "connecting"
+        }
+        .into(),
+        connection: match &endpoint {
+            Some(PeerEndpoint::Udp(_)) => "direct",
+            Some(PeerEndpoint::Relay(..)) => "relayed",
+            None => "none",
+        }
+        .into(),
+        endpoint: endpoint.map(|e| e.to_string()),
+        last_handshake_seconds: handshake.map(|d| d.as_secs_f64()),
+        rx_bytes: peer.counters.rx_bytes.load(Ordering::Relaxed),
+        tx_bytes: peer.counters.tx_bytes.load(Ordering::Relaxed),
+        latency_ms: None,
+    }
+}
+
+/// `/status`: everything, as JSON. The `status` command reads the same structure.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub mode: Mode,
+    pub ready: bool,
+    /// Why not ready (absent when ready).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub uptime_seconds: u64,
+    pub engine_restarts: u64,
+    pub ready_peers: usize,
+    pub local: Option<LocalStatus>,
+    pub management: Option<ServiceStatus>,
+    pub signal: Option<ServiceStatus>,
+    pub relay: Option<ServiceStatus>,
+    pub peers: Vec<PeerStatus>,
+    pub listeners: Vec<ListenerStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LocalStatus {
+    pub addresses: Vec<String>,
+    pub fqdn: String,
+    pub public_key: String,
+    pub wireguard_port: u16,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub url: String,
+    pub connected: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub fqdn: String,
+    pub ip: String,
+    pub public_key: String,
+    /// `connected`, `disconnected` (had a session, lost it) or `connecting` (never had one).
+    pub status: String,
+    /// `direct`, `relayed` or `none`.
+    pub connection: String,
+    pub endpoint: Option<String>,
+    pub last_handshake_seconds: Option<f64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Round-trip time, where known (not measured yet).
+    pub latency_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub kind: String,
+    pub addr: String,
+    pub open_connections: i64,
+    /// Requests by result: a SOCKS5 reply code (`0x00` is success), an HTTP status, or for
+    /// forwards and exposed ports `ok` / `error`; `rejected` and `timeout` for handshakes that
+    /// never got as far as a request.
+    pub requests: BTreeMap<String, u64>,
+}
+
+/// Counters of one listener.
+#[derive(Debug)]
+pub struct ListenerMetrics {
+    pub kind: &'static str,
+    pub addr: SocketAddr,
+    open: AtomicI64,
+    results: Mutex<BTreeMap<String, u64>>,
+}
+
+impl ListenerMetrics {
+    /// Counters not registered anywhere (for listeners run without a hub).
+    pub fn new(kind: &'static str, addr: SocketAddr) -> Self {
+        Self {
+            kind,
+            addr,
+            open: AtomicI64::new(0),
+            results: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Count one request that ended in `result`.
+    pub fn count(&self, result: &str) {
+        let mut r = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        match r.get_mut(result) {
+            Some(n) => *n += 1,
+            None => {
+                r.insert(result.to_string(), 1);
+            }
+        }
+    }
+
+    /// A client connection is open until the guard drops.
+    pub fn open(self: &Arc<Self>) -> OpenConnection {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self.clone())
+    }
+
+    fn status(&self) -> ListenerStatus {
+        ListenerStatus {
+            kind: self.kind.to_string(),
+            addr: self.addr.to_string(),
+            open_connections: self.open.load(Ordering::Relaxed),
+            requests: self
+                .results
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+}
+
+/// Keeps a listener's open-connection gauge up while a client is connected.
+pub struct OpenConnection(Arc<ListenerMetrics>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}

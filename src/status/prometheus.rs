@@ -1,0 +1,155 @@
+//! `/metrics`: the snapshot in Prometheus' text exposition format (version 0.0.4).
+
+use std::fmt::Write;
+
+use super::Snapshot;
+
+/// Render `snap` as Prometheus text.
+pub fn render(snap: &Snapshot) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP netbird_proxy_{name} {help}");
+        let _ = writeln!(out, "# TYPE netbird_proxy_{name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "netbird_proxy_{name}{labels} {value}");
+        }
+    };
+    family(
+        "ready",
+        "gauge",
+        "1 when /readyz answers 200.",
+        vec![(String::new(), f64::from(u8::from(snap.ready)))],
+    );
+    family(
+        "uptime_seconds",
+        "gauge",
+        "Seconds since the process started.",
+        vec![(String::new(), snap.uptime_seconds as f64)],
+    );
+    family(
+        "engine_restarts_total",
+        "counter",
+        "Engines built after the first (reconnects to the mesh).",
+        vec![(String::new(), snap.engine_restarts as f64)],
+    );
+    let peer = |p: &super::PeerStatus| {
+        labels(&[
+            ("peer", &p.fqdn),
+            ("ip", &p.ip),
+            ("public_key", &p.public_key),
+        ])
+    };
+    family(
+        "peer_connected",
+        "gauge",
+        "1 when the peer has a live WireGuard session.",
+        snap.peers
+            .iter()
+            .map(|p| (peer(p), f64::from(u8::from(p.status == "connected"))))
+            .collect(),
+    );
+    family(
+        "peer_connection_info",
+        "gauge",
+        "How datagrams reach the peer: direct, relayed or none.",
+        snap.peers
+            .iter()
+            .map(|p| {
+                let l = labels(&[
+                    ("peer", &p.fqdn),
+                    ("ip", &p.ip),
+                    ("public_key", &p.public_key),
+                    ("connection", &p.connection),
+                ]);
+                (l, 1.0)
+            })
+            .collect(),
+    );
+    family(
+        "peer_receive_bytes_total",
+        "counter",
+        "Bytes of IP packets received from the peer.",
+        snap.peers
+            .iter()
+            .map(|p| (peer(p), p.rx_bytes as f64))
+            .collect(),
+    );
+    family(
+        "peer_transmit_bytes_total",
+        "counter",
+        "Bytes of IP packets sent to the peer.",
+        snap.peers
+            .iter()
+            .map(|p| (peer(p), p.tx_bytes as f64))
+            .collect(),
+    );
+    family(
+        "peer_last_handshake_age_seconds",
+        "gauge",
+        "Seconds since the last completed WireGuard handshake (absent: never).",
+        snap.peers
+            .iter()
+            .filter_map(|p| Some((peer(p), p.last_handshake_seconds?)))
+            .collect(),
+    );
+    let listener = |l: &super::ListenerStatus| labels(&[("kind", &l.kind), ("listener", &l.addr)]);
+    family(
+        "open_connections",
+        "gauge",
+        "Client connections open on the listener.",
+        snap.listeners
+            .iter()
+            .map(|l| (listener(l), l.open_connections as f64))
+            .collect(),
+    );
+    family(
+        "proxy_requests_total",
+        "counter",
+        "Requests by listener and result (SOCKS5 reply code, HTTP status, ok/error).",
+        snap.listeners
+            .iter()
+            .flat_map(|l| {
+                l.requests.iter().map(move |(result, n)| {
+                    let l = labels(&[("kind", &l.kind), ("listener", &l.addr), ("result", result)]);
+                    (l, *n as f64)
+                })
+            })
+            .collect(),
+    );
+    out
+}
+
+/// `{a="x",b="y"}` with values escaped as the format requires.
+fn labels(pairs: &[(&str, &str)]) -> String {
+    let mut s = String::from("{");
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{k}=\"");
+        for c in v.chars() {
+            match c {
+                '\\' => s.push_str("\\\\"),
+                '"' => s.push_str("\\\""),
+                '\n' => s.push_str("\\n"),
+                c => s.push(c),
+            }
+        }
+        s.push('"');
+    }
+    s.push('}');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(
+            labels(&[("a", "x\"y\\z\nw"), ("b", "")]),
+            "{a=\"x\\\"y\\\\z\\nw\",b=\"\"}"
+        );
+    }
+}
