@@ -23,6 +23,13 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
 
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// How to join the mesh and what to serve: the options of a plain run and of `exec`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunArgs {
     /// Join NetBird with this setup key (needed the first time; the state file remembers the
     /// peer afterwards).
     #[arg(long, env = "NB_SETUP_KEY", value_name = "KEY", hide_env_values = true)]
@@ -151,6 +158,20 @@ pub enum Command {
         /// One block per peer instead of the table.
         #[arg(long, short = 'd')]
         detail: bool,
+    },
+    /// Join the mesh, wait until ready, and run CMD with ALL_PROXY, HTTP_PROXY, HTTPS_PROXY
+    /// (and lower-case forms) pointing at our listeners and NO_PROXY=localhost,127.0.0.1;
+    /// signals go to CMD, and we exit with its status once the peer has shut down. Without
+    /// --socks/--http, both listen on free loopback ports.
+    Exec {
+        #[command(flatten)]
+        run: Box<RunArgs>,
+        /// How long to wait for readiness; CMD does not run if it does not come.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+        ready_timeout: Duration,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
     },
     /// Wait until a running proxy is ready (its /readyz answers 200): exit 0, or 1 with the
     /// reason when the timeout passes first.
@@ -414,12 +435,12 @@ mod tests {
             "--no-direct",
         ])
         .unwrap();
-        assert_eq!(cli.socks.len(), 2);
+        assert_eq!(cli.run.socks.len(), 2);
         assert!(cli.command.is_none());
-        assert!(cli.no_direct);
-        assert_eq!(cli.connect_timeout, Duration::from_secs(10));
-        assert_eq!(cli.tcp_congestion, Congestion::Bbr);
-        assert_eq!(cli.tcp_buffers_mib, 1024);
+        assert!(cli.run.no_direct);
+        assert_eq!(cli.run.connect_timeout, Duration::from_secs(10));
+        assert_eq!(cli.run.tcp_congestion, Congestion::Bbr);
+        assert_eq!(cli.run.tcp_buffers_mib, 1024);
     }
 
     #[test]
@@ -428,8 +449,8 @@ mod tests {
             Cli::try_parse_from([&["netbird-proxy", "--wg-config", "x.conf"], args].concat())
         };
         let cli = parse(&["--tcp-congestion", "CUBIC", "--tcp-buffers-mib", "64"]).unwrap();
-        assert_eq!(cli.tcp_congestion, Congestion::Cubic);
-        assert_eq!(cli.tcp_buffers_mib, 64);
+        assert_eq!(cli.run.tcp_congestion, Congestion::Cubic);
+        assert_eq!(cli.run.tcp_buffers_mib, 64);
         let err = parse(&["--tcp-congestion", "reno"])
             .unwrap_err()
             .to_string();

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use netbird_proxy::cli::{Cli, Command};
+use netbird_proxy::cli::{Cli, Command, RunArgs};
 use netbird_proxy::control::identity::{Identity, default_state_path};
 use netbird_proxy::control::management_client::ManagementError;
 use netbird_proxy::devmesh::{DevMesh, DevMeshConfig, random_setup_key};
 use netbird_proxy::engine::netbird::{EngineError, MeshConfig, SetupKey};
-use netbird_proxy::engine::supervisor::Supervisor;
+use netbird_proxy::engine::supervisor::{OnReady, Supervisor};
 use netbird_proxy::engine::{self, ProxyOptions};
 use netbird_proxy::status::{self, Mode, StatusHub};
 use netbird_proxy::wg::WgConfig;
@@ -26,7 +26,8 @@ fn main() -> ExitCode {
             log_level.clone()
         }
         Some(Command::Status { .. } | Command::Wait { .. }) => "warn".into(),
-        None => cli.log_level.clone(),
+        Some(Command::Exec { run, .. }) => run.log_level.clone(),
+        None => cli.run.log_level.clone(),
     };
     if let Err(e) = init_logging(&log_level) {
         eprintln!("netbird-proxy: {e}");
@@ -103,52 +104,85 @@ async fn run(cli: Cli) -> ExitCode {
             }
         };
     }
-    if cli.socks.is_empty()
-        && cli.http.is_empty()
-        && cli.forward.is_empty()
-        && cli.expose.is_empty()
+    if let Some(Command::Exec {
+        run,
+        ready_timeout,
+        command,
+    }) = cli.command
+    {
+        return exec::run(*run, ready_timeout, command).await;
+    }
+    let run = cli.run;
+    if run.socks.is_empty()
+        && run.http.is_empty()
+        && run.forward.is_empty()
+        && run.expose.is_empty()
     {
         eprintln!("netbird-proxy: nothing to serve: give --socks, --http, --forward or --expose");
         return ExitCode::from(2);
     }
-    let mode = if cli.wg_config.is_some() {
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone());
+    let hub = match run.status_addr {
+        None => None,
+        Some(addr) => match serve_status(new_hub(&run), addr, &cancel).await {
+            Ok(hub) => Some(hub),
+            Err(code) => return code,
+        },
+    };
+    run_peer(run, hub, cancel, Arc::new(|ready| eprintln!("{ready}"))).await
+}
+
+/// Bind `--status-addr` and serve the status endpoint from a new hub until `cancel` fires.
+async fn serve_status(
+    hub: Arc<StatusHub>,
+    addr: std::net::SocketAddr,
+    cancel: &CancellationToken,
+) -> Result<Arc<StatusHub>, ExitCode> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => {
+            tracing::info!(addr = %l.local_addr().unwrap_or(addr), "status endpoint listening");
+            tokio::spawn(status::server::serve(l, hub.clone(), cancel.clone()));
+            Ok(hub)
+        }
+        Err(e) => {
+            eprintln!("netbird-proxy: cannot listen on {addr} for --status-addr: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn new_hub(run: &RunArgs) -> Arc<StatusHub> {
+    let mode = if run.wg_config.is_some() {
         Mode::Static
     } else {
         Mode::Netbird
     };
-    let cancel = CancellationToken::new();
-    let hub = match cli.status_addr {
-        None => None,
-        Some(addr) => {
-            let hub = StatusHub::new(mode, cli.ready_peers);
-            match tokio::net::TcpListener::bind(addr).await {
-                Ok(l) => {
-                    tracing::info!(addr = %l.local_addr().unwrap_or(addr), "status endpoint listening");
-                    tokio::spawn(status::server::serve(l, hub.clone(), cancel.clone()));
-                }
-                Err(e) => {
-                    eprintln!("netbird-proxy: cannot listen on {addr} for --status-addr: {e}");
-                    return ExitCode::from(2);
-                }
-            }
-            Some(hub)
-        }
-    };
+    StatusHub::new(mode, run.ready_peers)
+}
+
+/// Run the peer (a static configuration or NetBird) until `cancel` fires or it fails for
+/// good; exit status 2 for bad configuration or a refused login, 1 for runtime failures.
+async fn run_peer(
+    run: RunArgs,
+    hub: Option<Arc<StatusHub>>,
+    cancel: CancellationToken,
+    on_ready: OnReady,
+) -> ExitCode {
     let options = ProxyOptions {
-        socks: cli.socks,
-        http: cli.http,
-        forwards: cli.forward,
-        exposes: cli.expose,
-        socks_auth: cli.socks_auth,
-        http_auth: cli.http_auth,
-        allow_direct: !cli.no_direct,
-        connect_timeout: cli.connect_timeout,
-        congestion: cli.tcp_congestion,
-        tcp_buffer_budget: Some(cli.tcp_buffers_mib.saturating_mul(1024 * 1024)),
+        socks: run.socks,
+        http: run.http,
+        forwards: run.forward,
+        exposes: run.expose,
+        socks_auth: run.socks_auth,
+        http_auth: run.http_auth,
+        allow_direct: !run.no_direct,
+        connect_timeout: run.connect_timeout,
+        congestion: run.tcp_congestion,
+        tcp_buffer_budget: Some(run.tcp_buffers_mib.saturating_mul(1024 * 1024)),
         status: hub,
     };
-    spawn_signal_handler(cancel.clone());
-    if let Some(path) = cli.wg_config {
+    if let Some(path) = run.wg_config {
         let config = match WgConfig::load(&path) {
             Ok(c) => c,
             Err(e) => {
@@ -156,8 +190,7 @@ async fn run(cli: Cli) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        return match engine::run_static(config, options, cancel, |ready| eprintln!("{ready}")).await
-        {
+        return match engine::run_static(config, options, cancel, |ready| on_ready(ready)).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("netbird-proxy: {e}");
@@ -166,7 +199,7 @@ async fn run(cli: Cli) -> ExitCode {
         };
     }
 
-    let state = cli.state.unwrap_or_else(default_state_path);
+    let state = run.state.unwrap_or_else(default_state_path);
     let identity = match Identity::load_or_create(&state) {
         Ok(i) => i,
         Err(e) => {
@@ -175,17 +208,15 @@ async fn run(cli: Cli) -> ExitCode {
         }
     };
     let config = MeshConfig {
-        management_url: cli.management_url,
-        setup_key: cli.setup_key.filter(|k| !k.is_empty()).map(SetupKey),
-        hostname: cli.hostname.unwrap_or_else(host_name),
+        management_url: run.management_url,
+        setup_key: run.setup_key.filter(|k| !k.is_empty()).map(SetupKey),
+        hostname: run.hostname.unwrap_or_else(host_name),
         private_key: identity.private_key,
-        wg_port: cli.wg_port,
+        wg_port: run.wg_port,
         proxy: options,
     };
     let supervisor = Supervisor::new();
-    supervisor
-        .spawn(config, Arc::new(|ready| eprintln!("{ready}")))
-        .await;
+    supervisor.spawn(config, on_ready).await;
     let result = tokio::select! {
         _ = cancel.cancelled() => supervisor.stop().await,
         r = supervisor.wait() => r,
@@ -414,4 +445,230 @@ fn spawn_signal_handler(cancel: CancellationToken) {
         tracing::info!("stopping");
         cancel.cancel();
     });
+}
+
+/// `netbird-proxy exec [options] -- CMD ARGS...`: the peer in this process, CMD as a child that
+/// uses it through the usual proxy variables.
+mod exec {
+    use std::net::SocketAddr;
+    use std::process::ExitCode;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use netbird_proxy::cli::RunArgs;
+    use netbird_proxy::control::identity::{Identity, default_state_path};
+    use netbird_proxy::control::management_client::ManagementClient;
+    use netbird_proxy::proxy::Credentials;
+    use tokio::signal::unix::{SignalKind, signal};
+    use tokio_util::sync::CancellationToken;
+    use tracing::{info, warn};
+
+    /// Bound on the goodbye to management after CMD has finished.
+    const LOGOUT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    pub async fn run(mut run: RunArgs, ready_timeout: Duration, command: Vec<String>) -> ExitCode {
+        // Fixed ports, so a rebuilt engine binds the same ones the child was told about.
+        if run.socks.is_empty() && run.http.is_empty() {
+            match (free_loopback_port(), free_loopback_port()) {
+                (Ok(s), Ok(h)) => {
+                    run.socks.push(s);
+                    run.http.push(h);
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("netbird-proxy exec: no free loopback port: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        let env = proxy_env(&run);
+        // A peer this run registers is this run's alone: it logs out when CMD is done.
+        let state = run.state.clone().unwrap_or_else(default_state_path);
+        let ephemeral = run.wg_config.is_none()
+            && run.setup_key.as_deref().is_some_and(|k| !k.is_empty())
+            && !state.exists();
+        let management_url = run.management_url.clone();
+
+        let hub = super::new_hub(&run);
+        let cancel = CancellationToken::new();
+        if let Some(addr) = run.status_addr
+            && let Err(code) = super::serve_status(hub.clone(), addr, &cancel).await
+        {
+            return code;
+        }
+        let ready_line = Arc::new(Mutex::new(None::<String>));
+        let on_ready: super::OnReady = {
+            let line = ready_line.clone();
+            Arc::new(move |ready| {
+                *line.lock().unwrap_or_else(|e| e.into_inner()) = Some(ready.to_string());
+            })
+        };
+        let mut peer = tokio::spawn(super::run_peer(
+            run,
+            Some(hub.clone()),
+            cancel.clone(),
+            on_ready,
+        ));
+
+        let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+            signal(SignalKind::quit()),
+        ) else {
+            eprintln!("netbird-proxy exec: cannot install signal handlers");
+            return ExitCode::from(1);
+        };
+
+        // Ready, or a reason not to run CMD at all.
+        let deadline = Instant::now() + ready_timeout;
+        loop {
+            let snap = hub.snapshot();
+            if snap.ready {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let reason = snap.reason.unwrap_or_default();
+                eprintln!("netbird-proxy exec: not ready after {ready_timeout:?}: {reason}");
+                cancel.cancel();
+                let _ = peer.await;
+                return ExitCode::from(1);
+            }
+            tokio::select! {
+                code = &mut peer => return code.unwrap_or(ExitCode::from(1)),
+                _ = term.recv() => return stop(cancel, peer, 128 + libc::SIGTERM).await,
+                _ = int.recv() => return stop(cancel, peer, 128 + libc::SIGINT).await,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        if let Some(line) = ready_line.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            eprintln!("{line}");
+        }
+
+        let mut child = match tokio::process::Command::new(&command[0])
+            .args(&command[1..])
+            .envs(env)
+            .env_remove("NB_SETUP_KEY")
+            .env_remove("NB_SOCKS_AUTH")
+            .env_remove("NB_HTTP_AUTH")
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("netbird-proxy exec: cannot run `{}`: {e}", command[0]);
+                cancel.cancel();
+                let _ = peer.await;
+                // As shells do: 127 not found, 126 found but not runnable.
+                return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound {
+                    127
+                } else {
+                    126
+                });
+            }
+        };
+        let pid = child.id().map(|p| p as libc::pid_t);
+        let forward = |sig: libc::c_int| {
+            if let Some(pid) = pid {
+                // SAFETY: kill only sends a signal to the child we spawned (still our child:
+                // it is reaped below, after this loop), with a valid signal number.
+                unsafe {
+                    libc::kill(pid, sig);
+                }
+            }
+        };
+        let status = loop {
+            tokio::select! {
+                s = child.wait() => break s,
+                _ = term.recv() => forward(libc::SIGTERM),
+                _ = int.recv() => forward(libc::SIGINT),
+                _ = hup.recv() => forward(libc::SIGHUP),
+                _ = quit.recv() => forward(libc::SIGQUIT),
+            }
+        };
+        let code = match status {
+            Ok(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                s.code()
+                    .or_else(|| s.signal().map(|sig| 128 + sig))
+                    .unwrap_or(1)
+            }
+            Err(e) => {
+                eprintln!("netbird-proxy exec: waiting for `{}`: {e}", command[0]);
+                1
+            }
+        };
+        cancel.cancel();
+        let _ = peer.await;
+        if ephemeral {
+            logout(&management_url, &state).await;
+        }
+        ExitCode::from(u8::try_from(code).unwrap_or(1))
+    }
+
+    async fn stop(
+        cancel: CancellationToken,
+        peer: tokio::task::JoinHandle<ExitCode>,
+        code: i32,
+    ) -> ExitCode {
+        cancel.cancel();
+        let _ = peer.await;
+        ExitCode::from(u8::try_from(code).unwrap_or(1))
+    }
+
+    /// Deregister the peer this run created (bounded; a failure is only logged).
+    async fn logout(url: &str, state: &std::path::Path) {
+        let Ok(identity) = Identity::load_or_create(state) else {
+            return;
+        };
+        let attempt = async {
+            let mut client = ManagementClient::connect(url, identity.private_key).await?;
+            client.logout().await
+        };
+        match tokio::time::timeout(LOGOUT_TIMEOUT, attempt).await {
+            Ok(Ok(())) => info!("logged out of management (this run registered the peer)"),
+            Ok(Err(e)) => warn!("logout: {e}"),
+            Err(_) => warn!("logout: no answer within {LOGOUT_TIMEOUT:?}"),
+        }
+    }
+
+    fn free_loopback_port() -> std::io::Result<SocketAddr> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()
+    }
+
+    /// ALL_PROXY, HTTP_PROXY, HTTPS_PROXY, NO_PROXY and their lower-case forms.
+    fn proxy_env(run: &RunArgs) -> Vec<(String, String)> {
+        let url = |scheme: &str, addr: SocketAddr, auth: Option<&Credentials>| {
+            let ip = if addr.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else if addr.is_ipv6() {
+                format!("[{}]", addr.ip())
+            } else {
+                addr.ip().to_string()
+            };
+            let user = auth
+                .map(|c| format!("{}@", c.url_userinfo()))
+                .unwrap_or_default();
+            format!("{scheme}://{user}{ip}:{}", addr.port())
+        };
+        let socks = run
+            .socks
+            .first()
+            .map(|a| url("socks5h", *a, run.socks_auth.as_ref()));
+        let http = run
+            .http
+            .first()
+            .map(|a| url("http", *a, run.http_auth.as_ref()));
+        let mut env = Vec::new();
+        let mut set = |name: &str, value: &Option<String>| {
+            if let Some(v) = value {
+                env.push((name.to_string(), v.clone()));
+                env.push((name.to_ascii_lowercase(), v.clone()));
+            }
+        };
+        set("ALL_PROXY", &socks.clone().or_else(|| http.clone()));
+        set("HTTP_PROXY", &http.clone().or_else(|| socks.clone()));
+        set("HTTPS_PROXY", &http.or(socks));
+        set("NO_PROXY", &Some("localhost,127.0.0.1".into()));
+        env
+    }
 }

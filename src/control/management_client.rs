@@ -208,6 +208,15 @@ impl ManagementClient {
         })
     }
 
+    /// Deregister this peer (NetBird's `Logout`): the others drop it from their maps, and the
+    /// key needs a setup key again to rejoin.
+    pub async fn logout(&mut self) -> Result<(), ManagementError> {
+        let server = self.server_key().await?;
+        let sealed = self.seal(&Empty {}, &server);
+        self.rpc.logout(sealed).await?;
+        Ok(())
+    }
+
     fn seal<M: prost::Message>(&self, msg: &M, server: &[u8; 32]) -> EncryptedMessage {
         EncryptedMessage {
             wg_pub_key: self.key.clone(),

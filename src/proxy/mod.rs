@@ -95,6 +95,23 @@ impl Credentials {
         })
     }
 
+    /// `user:pass` percent-encoded for a URL's user info (RFC 3986: all but unreserved
+    /// characters escaped).
+    pub fn url_userinfo(&self) -> String {
+        let enc = |b: &[u8]| {
+            b.iter()
+                .map(|&c| {
+                    if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                        (c as char).to_string()
+                    } else {
+                        format!("%{c:02X}")
+                    }
+                })
+                .collect::<String>()
+        };
+        format!("{}:{}", enc(&self.user), enc(&self.pass))
+    }
+
     /// Compare in constant time (for equal lengths), so timing does not leak the password.
     pub fn check(&self, user: &[u8], pass: &[u8]) -> bool {
         let user_ok = self.user.ct_eq(user);
