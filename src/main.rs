@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use netbird_proxy::cli::file::ConfigError;
 use netbird_proxy::cli::{Cli, Command, RunArgs};
 use netbird_proxy::control::identity::{Identity, default_state_path};
 use netbird_proxy::control::management_client::ManagementError;
@@ -20,7 +20,23 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match netbird_proxy::cli::file::parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(ConfigError::Cli(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("netbird-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(run) = netbird_proxy::cli::file::run_args(&cli)
+        && run.print_config
+    {
+        print!("{}", netbird_proxy::cli::file::render(run));
+        return ExitCode::SUCCESS;
+    }
+    let log_format = netbird_proxy::cli::file::run_args(&cli)
+        .map(|r| r.log_format.clone())
+        .unwrap_or_else(|| "text".into());
     let log_level = match &cli.command {
         Some(Command::DevMesh { log_level, .. }) | Some(Command::Demo { log_level, .. }) => {
             log_level.clone()
@@ -29,7 +45,7 @@ fn main() -> ExitCode {
         Some(Command::Exec { run, .. }) => run.log_level.clone(),
         None => cli.run.log_level.clone(),
     };
-    if let Err(e) = init_logging(&log_level) {
+    if let Err(e) = init_logging(&log_level, &log_format) {
         eprintln!("netbird-proxy: {e}");
         return ExitCode::from(2);
     }
@@ -412,7 +428,15 @@ fn host_name() -> String {
         .unwrap_or_else(|| "netbird-proxy".into())
 }
 
-fn init_logging(level: &str) -> Result<(), String> {
+/// Logging to stderr at `level` (RUST_LOG instead when set and the level is the default),
+/// as text or JSON lines.
+fn init_logging(level: &str, format: &str) -> Result<(), String> {
+    let rust_log = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    let level = match rust_log {
+        Some(filter) if level == "info" => filter,
+        _ => level.to_string(),
+    };
+    let level = level.as_str();
     // fast-socks5 logs credentials at debug level: keep it at info whatever the user asks for.
     // smoltcp and boringtun log per packet at debug: a plain level keeps them at info too.
     let quiet = if level.contains('=') {
@@ -422,10 +446,14 @@ fn init_logging(level: &str) -> Result<(), String> {
     };
     let filter = EnvFilter::try_new(format!("{level}{quiet},fast_socks5=info"))
         .map_err(|e| format!("--log-level `{level}`: {e}"))?;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
     Ok(())
 }
 

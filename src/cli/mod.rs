@@ -1,5 +1,9 @@
 //! Command-line interface. Every option also reads an `NB_*` environment variable, so the
-//! program configures the same way in a shell, a container and a CI job.
+//! program configures the same way in a shell, a container and a CI job, and a TOML file
+//! (`--config`, see `file`) can hold the rest: flags win over the environment, which wins over
+//! the file.
+
+pub mod file;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -30,6 +34,15 @@ pub struct Cli {
 /// How to join the mesh and what to serve: the options of a plain run and of `exec`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct RunArgs {
+    /// TOML file with any of these options (keys as the long flags, `-` or `_`); flags and
+    /// NB_* variables win over it.
+    #[arg(long, env = "NB_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Print the effective configuration (secrets redacted) as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
     /// Join NetBird with this setup key (needed the first time; the state file remembers the
     /// peer afterwards).
     #[arg(long, env = "NB_SETUP_KEY", value_name = "KEY", hide_env_values = true)]
@@ -134,6 +147,10 @@ pub struct RunArgs {
         default_value = "info"
     )]
     pub log_level: String,
+
+    /// Log format: text (for people) or json (one object per line, for log collectors).
+    #[arg(long, env = "NB_LOG_FORMAT", value_name = "text|json", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 /// Where the `status` and `wait` commands find a running proxy.

@@ -1,0 +1,173 @@
+//! Configuration from flags, `NB_*` variables and a TOML file (issue "Operations and everyday
+//! use", acceptance 4): precedence, `--print-config` without secrets, bad files, JSON logs.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::mesh::TempDir;
+use common::*;
+
+const FILE_SECRET: &str = "file-setup-key-0123456789";
+const FILE_PASS: &str = "file-proxy-password";
+const ENV_PASS: &str = "env-proxy-password";
+
+/// `netbird-proxy ARGS` with only `env` as NB_* variables: (status, stdout, stderr).
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut c = Command::new(binary());
+    c.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("NB_") || k == "RUST_LOG" {
+            c.env_remove(k);
+        }
+    }
+    c.envs(env.iter().copied());
+    let out = c.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn flags_beat_environment_beat_file_and_print_config_hides_secrets() {
+    let dir = TempDir::new("config");
+    let file = dir.0.join("proxy.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "setup-key = \"{FILE_SECRET}\"\n\
+             socks = [\"1081\", \"0.0.0.0:1082\"]\n\
+             http = [\"3129\"]\n\
+             connect_timeout = \"7s\"\n\
+             tcp-buffers-mib = 64\n\
+             no_direct = true\n\
+             http_auth = \"alice:{FILE_PASS}\"\n\
+             hostname = \"from-file\"\n"
+        ),
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+
+    // The file alone.
+    let (code, out, err) = run(&["--config", path, "--print-config"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let t: toml::Table = out.parse().unwrap();
+    assert_eq!(
+        t["socks"].as_array().unwrap(),
+        &vec![
+            toml::Value::from("127.0.0.1:1081"),
+            toml::Value::from("0.0.0.0:1082")
+        ]
+    );
+    assert_eq!(t["http"][0].as_str(), Some("127.0.0.1:3129"));
+    assert_eq!(t["connect_timeout"].as_str(), Some("7000ms"));
+    assert_eq!(t["tcp_buffers_mib"].as_integer(), Some(64));
+    assert_eq!(t["no_direct"].as_bool(), Some(true));
+    assert_eq!(t["hostname"].as_str(), Some("from-file"));
+    assert_eq!(t["setup_key"].as_str(), Some("<redacted>"));
+    assert_eq!(t["http_auth"].as_str(), Some("<redacted>"));
+    assert!(
+        !out.contains(FILE_SECRET) && !out.contains(FILE_PASS),
+        "{out}"
+    );
+
+    // The environment beats the file; flags beat both; NB_CONFIG names the file.
+    let (code, out, err) = run(
+        &["--connect-timeout", "9s", "--print-config"],
+        &[
+            ("NB_CONFIG", path),
+            ("NB_HTTP", "3130"),
+            ("NB_CONNECT_TIMEOUT", "8s"),
+            ("NB_SOCKS_AUTH", &format!("bob:{ENV_PASS}")),
+            ("NB_HOSTNAME", "from-env"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let t: toml::Table = out.parse().unwrap();
+    assert_eq!(t["http"].as_array().unwrap().len(), 1);
+    assert_eq!(t["http"][0].as_str(), Some("127.0.0.1:3130"));
+    assert_eq!(t["connect_timeout"].as_str(), Some("9000ms"));
+    assert_eq!(t["hostname"].as_str(), Some("from-env"));
+    assert_eq!(t["socks"].as_array().unwrap().len(), 2, "from the file");
+    assert_eq!(t["socks_auth"].as_str(), Some("<redacted>"));
+    for secret in [FILE_SECRET, FILE_PASS, ENV_PASS] {
+        assert!(!out.contains(secret) && !err.contains(secret), "{out}{err}");
+    }
+
+    // exec takes the same file.
+    let (code, out, err) = run(
+        &["exec", "--config", path, "--print-config", "--", "true"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("hostname = \"from-file\""), "{out}");
+
+    // Mistakes: exit 2 naming the file and the problem.
+    let bad = dir.0.join("bad.toml");
+    for (text, says) in [
+        ("sockz = [\"1\"]\n", "unknown option `sockz`"),
+        ("socks = [\n", "TOML parse error at line 1"),
+        ("no_direct = \"yes\"\n", "`no_direct` must be true or false"),
+        ("connect_timeout = \"soon\"\n", "is not a duration"),
+    ] {
+        std::fs::write(&bad, text).unwrap();
+        let (code, _, err) = run(&["--config", bad.to_str().unwrap(), "--print-config"], &[]);
+        assert_eq!(code, 2, "{text}: {err}");
+        assert!(err.contains(says), "{text}: {err}");
+    }
+    let (code, _, err) = run(&["--config", "/nonexistent.toml", "--print-config"], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("cannot read the config file /nonexistent.toml"),
+        "{err}"
+    );
+}
+
+/// `--log-format json`: every log line is one JSON object with a level and a message.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = TempDir::new("config-json");
+    let conf = dir.0.join("wg.conf");
+    // Any 32 bytes make an X25519 key; the endpoint is a closed loopback port.
+    write_private(
+        &conf,
+        "[Interface]\nPrivateKey = AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n\
+         Address = 100.64.0.1/16\nPostUp = true\n\n\
+         [Peer]\nPublicKey = AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\n\
+         Endpoint = 127.0.0.1:9\nAllowedIPs = 100.64.0.0/16\n",
+    );
+    let mut child = Command::new(binary())
+        .args(["--wg-config", conf.to_str().unwrap(), "--socks", "0"])
+        .args(["--log-format", "json", "--log-level", "info"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut json_lines = 0;
+    // The ignored-key warning (PostUp) comes before the ready line.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.starts_with("netbird-proxy ready:") {
+            break;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+        json_lines += 1;
+    }
+    assert!(json_lines >= 1, "no log line before ready");
+    sh(&["kill", "-TERM", &child.id().to_string()]);
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
