@@ -171,3 +171,53 @@ fn json_logs_are_one_object_per_line() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Start-up narrates its stages, and a long wait says what it waits for: here a "management"
+/// that accepts TCP connections and never answers.
+#[test]
+fn a_long_wait_says_what_it_waits_for() {
+    let dir = TempDir::new("config-wait");
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in silent.incoming().take(4) {
+            conns.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let mut child = Command::new(binary())
+        .args(["--management-url", &url, "--socks", "0", "--setup-key", "k"])
+        .arg("--state")
+        .arg(dir.0.join("state"))
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(line);
+            if seen
+                .iter()
+                .any(|l| l.contains("still waiting for management"))
+            {
+                break;
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(held);
+    let log = seen.join("\n");
+    assert!(log.contains("connecting to management"), "{log}");
+    assert!(log.contains("still waiting for management"), "{log}");
+}

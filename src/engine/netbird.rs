@@ -35,6 +35,8 @@ use crate::wg::{PeerSpec, WgDevice};
 
 /// Keepalive NetBird uses towards every peer.
 const PEER_KEEPALIVE: u16 = 25;
+/// How often a slow start step says what it is waiting for.
+const STILL_WAITING: Duration = Duration::from_secs(5);
 /// How long tasks get to finish on stop before they are aborted.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -218,28 +220,47 @@ impl Engine {
         }
     }
 
-    /// Await `fut` unless the engine is cancelled first.
-    async fn step<T, E>(&self, fut: impl Future<Output = Result<T, E>>) -> Result<T, EngineError>
+    /// Await `fut` unless the engine is cancelled first; while it takes long, say every
+    /// `STILL_WAITING` what the start is waiting for.
+    async fn step<T, E>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, EngineError>
     where
         EngineError: From<E>,
     {
-        tokio::select! {
-            _ = self.cancel.cancelled() => Err(EngineError::Cancelled),
-            r = fut => r.map_err(EngineError::from),
+        tokio::pin!(fut);
+        let started = tokio::time::Instant::now();
+        let mut ticks = tokio::time::interval_at(started + STILL_WAITING, STILL_WAITING);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Err(EngineError::Cancelled),
+                r = &mut fut => return r.map_err(EngineError::from),
+                _ = ticks.tick() => {
+                    info!("still waiting for {what} ({} s)", started.elapsed().as_secs());
+                }
+            }
         }
     }
 
     async fn start_locked(&self, state: &mut State) -> Result<Ready, EngineError> {
         let cfg = &self.config;
         let meta = system_meta(&cfg.hostname);
+        info!(url = %cfg.management_url, "connecting to management");
         let mut management = self
-            .step(ManagementClient::connect(
-                &cfg.management_url,
-                cfg.private_key,
-            ))
+            .step(
+                "management to accept the connection",
+                ManagementClient::connect(&cfg.management_url, cfg.private_key),
+            )
             .await?;
         let setup_key = cfg.setup_key.as_ref().map(|k| k.0.as_str());
-        let login = self.step(management.login(setup_key, meta.clone())).await?;
+        let login = self
+            .step(
+                "management to answer the login",
+                management.login(setup_key, meta.clone()),
+            )
+            .await?;
         let local = login
             .peer_config
             .as_ref()
@@ -261,8 +282,11 @@ impl Engine {
         let signal = signal_client(&signal_host, cfg.private_key, self.cancel.child_token())?;
         let (inbox_tx, inbox_rx) = mpsc::channel(64);
         state.tasks.spawn(signal.clone().run(inbox_tx));
-        self.step(signal.wait_stream_connected(&self.cancel))
-            .await?;
+        self.step(
+            "signal to accept our receive stream",
+            signal.wait_stream_connected(&self.cancel),
+        )
+        .await?;
 
         // Data path on our overlay address; peers and their names arrive with the network map.
         let names = MeshNames::default();
@@ -293,7 +317,9 @@ impl Engine {
             &mut state.tasks,
         );
 
-        let sync = self.step(management.sync(meta)).await?;
+        let sync = self
+            .step("management to open the Sync stream", management.sync(meta))
+            .await?;
         let synced = Arc::new(AtomicBool::new(false));
         if let Some(hub) = &cfg.proxy.status {
             hub.attach(crate::status::EngineView {
@@ -491,7 +517,9 @@ async fn follow_sync(
             known.push((local.fqdn.clone(), local.address.addr()));
         }
         names.replace(known);
-        source.synced.store(true, Ordering::Relaxed);
+        if !source.synced.swap(true, Ordering::Relaxed) {
+            info!(peers = mesh.peers.len(), "network map received");
+        }
     }
     if !life.cancel.is_cancelled() {
         life.request_rebuild();
