@@ -41,7 +41,12 @@ fn main() -> ExitCode {
         Some(Command::DevMesh { log_level, .. }) | Some(Command::Demo { log_level, .. }) => {
             log_level.clone()
         }
-        Some(Command::Status { .. } | Command::Wait { .. }) => "warn".into(),
+        Some(
+            Command::Status { .. }
+            | Command::Wait { .. }
+            | Command::Completions { .. }
+            | Command::Man,
+        ) => "warn".into(),
         Some(Command::Exec { run, .. }) => run.log_level.clone(),
         None => cli.run.log_level.clone(),
     };
@@ -107,6 +112,26 @@ async fn run(cli: Cli) -> ExitCode {
             }
             Err(e) => {
                 eprintln!("netbird-proxy status: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    if let Some(Command::Completions { shell }) = cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "netbird-proxy", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    if let Some(Command::Man) = cli.command {
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let mut out = Vec::new();
+        return match clap_mangen::Man::new(cmd).render(&mut out) {
+            Ok(()) => {
+                use std::io::Write;
+                let _ = std::io::stdout().write_all(&out);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("netbird-proxy man: {e}");
                 ExitCode::from(1)
             }
         };

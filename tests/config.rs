@@ -221,3 +221,53 @@ fn a_long_wait_says_what_it_waits_for() {
     assert!(log.contains("connecting to management"), "{log}");
     assert!(log.contains("still waiting for management"), "{log}");
 }
+
+/// Shell completions that the shells accept, and a man page groff renders.
+#[test]
+fn completions_and_man_page() {
+    let (code, bash, err) = run(&["completions", "bash"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let check = Command::new("bash")
+        .args(["-n", "-c", &bash])
+        .status()
+        .unwrap();
+    assert!(check.success(), "bash rejected the completion script");
+    assert!(bash.contains("--setup-key") && bash.contains("exec"), "{bash}");
+    let (code, zsh, _) = run(&["completions", "zsh"], &[]);
+    assert_eq!(code, 0);
+    assert!(zsh.starts_with("#compdef netbird-proxy"), "{zsh}");
+    let (code, fish, _) = run(&["completions", "fish"], &[]);
+    assert_eq!(code, 0);
+    assert!(fish.contains("complete -c netbird-proxy"), "{fish}");
+
+    let (code, roff, err) = run(&["man"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let mut groff = Command::new("groff")
+        .args(["-man", "-Tascii"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("groff");
+    use std::io::Write;
+    groff
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(roff.as_bytes())
+        .unwrap();
+    let out = groff.wait_with_output().unwrap();
+    assert!(out.status.success());
+    // groff -Tascii overstrikes bold text; drop the backspaces and what they strike.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut plain = String::new();
+    for c in text.chars() {
+        if c == '\u{8}' {
+            plain.pop();
+        } else {
+            plain.push(c);
+        }
+    }
+    for want in ["NAME", "SYNOPSIS", "--setup-key", "--status-addr", "exec"] {
+        assert!(plain.contains(want), "man page lacks {want}:\n{plain}");
+    }
+}

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs what the integration tests and the end-to-end benchmark need, when it is missing (as
 # root, with apt-get): wireguard-go and tools, iproute2 (namespaces, tc netem), curl, dnsmasq,
-# ping, python3 with PyNaCl, iperf3.
+# ping, python3 with PyNaCl and prometheus_client, iperf3, groff (renders the man page).
 set -euo pipefail
 
 need=()
 for pair in wireguard-go:wireguard-go wg:wireguard-tools ip:iproute2 curl:curl \
-            dnsmasq:dnsmasq-base ping:iputils-ping python3:python3 iperf3:iperf3; do
+            dnsmasq:dnsmasq-base ping:iputils-ping python3:python3 iperf3:iperf3 groff:groff-base; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if ((${#need[@]})); then

@@ -190,6 +190,14 @@ pub enum Command {
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// Print a shell completion script (e.g. `netbird-proxy completions bash >
+    /// /etc/bash_completion.d/netbird-proxy`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; e.g. `netbird-proxy man | man -l -`).
+    Man,
     /// Wait until a running proxy is ready (its /readyz answers 200): exit 0, or 1 with the
     /// reason when the timeout passes first.
     Wait {
