@@ -77,6 +77,7 @@ async fn run(cli: Cli) -> ExitCode {
         relays,
         services,
         state,
+        advertise,
         ..
     }) = cli.command
     {
@@ -85,6 +86,7 @@ async fn run(cli: Cli) -> ExitCode {
             setup_key,
             domain,
             signal_override: None,
+            advertise,
             relays: usize::from(relays),
             services,
             state,
@@ -136,8 +138,14 @@ async fn run(cli: Cli) -> ExitCode {
             }
         };
     }
-    if let Some(Command::Wait { client, timeout }) = cli.command {
-        return match status::client::wait_ready(client.status_addr, timeout).await {
+    if let Some(Command::Wait {
+        client,
+        timeout,
+        healthz,
+    }) = cli.command
+    {
+        let path = if healthz { "/healthz" } else { "/readyz" };
+        return match status::client::wait_for(client.status_addr, path, timeout).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(reason) => {
                 eprintln!("netbird-proxy wait: {reason}");

@@ -232,7 +232,10 @@ fn completions_and_man_page() {
         .status()
         .unwrap();
     assert!(check.success(), "bash rejected the completion script");
-    assert!(bash.contains("--setup-key") && bash.contains("exec"), "{bash}");
+    assert!(
+        bash.contains("--setup-key") && bash.contains("exec"),
+        "{bash}"
+    );
     let (code, zsh, _) = run(&["completions", "zsh"], &[]);
     assert_eq!(code, 0);
     assert!(zsh.starts_with("#compdef netbird-proxy"), "{zsh}");

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the integration tests and the end-to-end benchmark need, when it is missing (as
 # root, with apt-get): wireguard-go and tools, iproute2 (namespaces, tc netem), curl, dnsmasq,
-# ping, python3 with PyNaCl and prometheus_client, iperf3, groff (renders the man page).
+# ping, python3 with PyNaCl, prometheus_client and PyYAML, iperf3, groff (renders the man page).
 set -euo pipefail
 
 need=()
@@ -27,4 +27,9 @@ fi
 if ! python3 -c 'import prometheus_client' >/dev/null 2>&1; then
     echo "== installing prometheus_client"
     python3 -m pip install --quiet prometheus_client
+fi
+# PyYAML: reads docker/compose.yaml for the test that runs it without Docker.
+if ! python3 -c 'import yaml' >/dev/null 2>&1; then
+    echo "== installing PyYAML"
+    python3 -m pip install --quiet pyyaml
 fi

@@ -16,6 +16,7 @@ const SETUP_KEY: &str = "D3V0000-0000-4000-8000-00000000000A";
 async fn mesh(signal_override: Option<String>) -> DevMesh {
     DevMesh::start(DevMeshConfig {
         signal_override,
+        advertise: None,
         ..DevMeshConfig::local(SETUP_KEY, "mesh.test")
     })
     .await

@@ -203,6 +203,10 @@ pub enum Command {
     Wait {
         #[command(flatten)]
         client: StatusClientArgs,
+        /// Wait for /healthz (the process answers) instead of /readyz; a container
+        /// HEALTHCHECK.
+        #[arg(long)]
+        healthz: bool,
         /// How long to wait (e.g. 30s, 2m).
         #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
         timeout: Duration,
@@ -238,6 +242,10 @@ pub enum Command {
         /// DNS domain of the peers' names.
         #[arg(long, value_name = "DOMAIN", default_value = "netbird.test")]
         domain: String,
+        /// The host name or address peers reach signal and the relays at (default: the
+        /// --listen address), e.g. the service name in a compose file.
+        #[arg(long, value_name = "HOST")]
+        advertise: Option<String>,
         /// How many relays to serve (ports after signal's); peers get one each, round-robin,
         /// and meet on each other's relays.
         #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]

@@ -56,6 +56,9 @@ pub struct DevMeshConfig {
     pub domain: String,
     /// Where peers are told signal is, when it is not ours (tests point it at a silent server).
     pub signal_override: Option<String>,
+    /// The host name or address peers reach signal and the relays at (default: the listen
+    /// address), e.g. a container's service name when listening on 0.0.0.0.
+    pub advertise: Option<String>,
     /// How many relays (at least 1); peers get one each, round-robin.
     pub relays: usize,
     pub services: Services,
@@ -73,6 +76,7 @@ impl DevMeshConfig {
             setup_key: Some(setup_key.into()),
             domain: domain.into(),
             signal_override: None,
+            advertise: None,
             relays: 1,
             services: Services::default(),
             state: None,
@@ -166,16 +170,23 @@ impl DevMesh {
             Some(l) => l.local_addr().unwrap_or(signal_at),
             None => signal_at,
         };
+        let advertised = |addr: SocketAddr| match &config.advertise {
+            Some(host) => format!("{host}:{}", addr.port()),
+            None => addr.to_string(),
+        };
         let mut relay_listeners = Vec::new();
         let mut relay_urls = Vec::new();
         for i in 0..relays {
             let at = SocketAddr::new(ip, port(2 + i)?);
             if config.services.relay {
                 let l = bind(at).await?;
-                relay_urls.push(format!("rel://{}", l.local_addr().unwrap_or(at)));
+                relay_urls.push(format!(
+                    "rel://{}",
+                    advertised(l.local_addr().unwrap_or(at))
+                ));
                 relay_listeners.push(l);
             } else {
-                relay_urls.push(format!("rel://{at}"));
+                relay_urls.push(format!("rel://{}", advertised(at)));
             }
         }
 
@@ -189,7 +200,7 @@ impl DevMesh {
                     signal_uri: config
                         .signal_override
                         .clone()
-                        .unwrap_or_else(|| signal_addr.to_string()),
+                        .unwrap_or_else(|| advertised(signal_addr)),
                     relay_urls: relay_urls.clone(),
                     state_file: config.state.clone(),
                     refuse_sync: config.refuse_sync,

@@ -70,11 +70,12 @@ pub async fn snapshot(addr: SocketAddr) -> Result<(Snapshot, String), ClientErro
     Ok((snap, body))
 }
 
-/// Poll `/readyz` until it answers 200 or `timeout` passes; the error is the last reason.
-pub async fn wait_ready(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+/// Poll `path` (`/readyz`, `/healthz`) until it answers 200 or `timeout` passes; the error
+/// is the last reason.
+pub async fn wait_for(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
-        let reason = match get(addr, "/readyz").await {
+        let reason = match get(addr, path).await {
             Ok((200, _)) => return Ok(()),
             Ok((_, body)) => serde_json::from_str::<serde_json::Value>(&body)
                 .ok()
