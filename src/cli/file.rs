@@ -83,12 +83,17 @@ fn file_args(
         .map_err(|e: toml::de::Error| invalid(e.to_string()))?;
     let mut args = Vec::new();
     for (key, value) in &table {
-        let id = key.replace('-', "_");
+        // The key names an option by its long name or an alias (NetBird's names).
+        let dashed = key.replace('_', "-");
         let arg = cmd
             .get_arguments()
-            .find(|a| a.get_id().as_str() == id && a.get_long().is_some())
-            .filter(|_| id != "config" && id != "print_config")
+            .find(|a| {
+                a.get_long_and_visible_aliases()
+                    .is_some_and(|names| names.contains(&dashed.as_str()))
+            })
+            .filter(|a| !matches!(a.get_id().as_str(), "config" | "print_config"))
             .ok_or_else(|| invalid(format!("unknown option `{key}`")))?;
+        let id = arg.get_id().as_str().to_string();
         let long = arg.get_long().unwrap_or_default();
         if matches!(
             matches.value_source(&id),

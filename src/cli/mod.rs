@@ -61,7 +61,13 @@ pub struct RunArgs {
     pub state: Option<PathBuf>,
 
     /// UDP port for WireGuard (0: any free port).
-    #[arg(long, env = "NB_WG_PORT", value_name = "PORT", default_value_t = 0)]
+    #[arg(
+        long,
+        visible_alias = "wireguard-port",
+        env = "NB_WIREGUARD_PORT",
+        value_name = "PORT",
+        default_value_t = 0
+    )]
     pub wg_port: u16,
 
     /// Static WireGuard configuration in wg-quick format, instead of joining NetBird.
