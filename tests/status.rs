@@ -295,6 +295,23 @@ fn status_shows_every_peer_of_a_three_peer_mesh() {
     let detail = status(&["--detail"]);
     assert!(detail.contains(" bravo.mesh.test:"), "{detail}");
     assert!(detail.contains("Connection type: "), "{detail}");
+
+    // One peer goes away: still ready with the other; both gone: not ready, and it says so.
+    drop(b);
+    std::thread::sleep(Duration::from_secs(1));
+    wait_readyz(port, 200, Duration::from_secs(1));
+    drop(c);
+    let body = wait_readyz(port, 503, Duration::from_secs(20));
+    assert!(body.contains("0 of the 1 peer(s)"), "{body}");
+    let json: serde_json::Value = serde_json::from_str(&status(&["--json"])).unwrap();
+    assert!(
+        json["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["status"] != "connected"),
+        "{json:#}"
+    );
 }
 
 /// Acceptance 5: `wait` exits 0 once ready, and 1 with the reason when the timeout passes.

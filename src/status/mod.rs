@@ -196,19 +196,27 @@ impl StatusHub {
     }
 }
 
-/// How a peer is doing, from WireGuard's point of view. A peer counts as connected when its
-/// session is alive (handshake under 3 minutes old) and, where we keep it alive, it was heard
-/// from within three keepalive intervals plus 10 s (peers that keep each other alive, as
-/// NetBird's do, are never silent longer) — so a peer that went away shows within seconds.
+/// How a peer is doing, from WireGuard's point of view. A peer counts as connected when we can
+/// reach it (a relay it is still on, or a UDP endpoint), its session is alive (handshake under
+/// 3 minutes old) and, where we keep it alive, it was heard from within three keepalive
+/// intervals plus 10 s (peers that keep each other alive, as NetBird's do, are never silent
+/// longer) — so a peer that went away shows within seconds.
 fn peer_status(peer: &Peer, names: &MeshNames) -> PeerStatus {
     let handshake = peer.time_since_handshake();
     let heard = peer.time_since_rx();
-    let alive = handshake.is_some_and(|h| h < SESSION_LIFETIME)
+    let endpoint = peer.endpoint();
+    // Through a relay, the relay also says when the peer left it.
+    let reachable = match &endpoint {
+        Some(PeerEndpoint::Relay(client, id)) => !client.is_closed() && client.is_online(id),
+        Some(PeerEndpoint::Udp(_)) => true,
+        None => false,
+    };
+    let alive = reachable
+        && handshake.is_some_and(|h| h < SESSION_LIFETIME)
         && match peer.keepalive.filter(|&k| k > 0) {
             Some(k) => heard.is_some_and(|h| h < Duration::from_secs(3 * u64::from(k) + 10)),
             None => true,
         };
-    let endpoint = peer.endpoint();
     // A NetBird peer's first AllowedIPs entry is its own address; a static peer may route a
     // whole network, shown as such.
     let ip = peer
