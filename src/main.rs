@@ -31,7 +31,7 @@ fn main() -> ExitCode {
     if let Some(run) = netbird_proxy::cli::file::run_args(&cli)
         && run.print_config
     {
-        print!("{}", netbird_proxy::cli::file::render(run));
+        out(&netbird_proxy::cli::file::render(run));
         return ExitCode::SUCCESS;
     }
     let log_format = netbird_proxy::cli::file::run_args(&cli)
@@ -105,11 +105,11 @@ async fn run(cli: Cli) -> ExitCode {
     {
         return match status::client::snapshot(client.status_addr).await {
             Ok((_, body)) if json => {
-                print!("{body}");
+                out(&body);
                 ExitCode::SUCCESS
             }
             Ok((snap, _)) => {
-                print!("{}", status::client::render(&snap, detail));
+                out(&status::client::render(&snap, detail));
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -120,7 +120,9 @@ async fn run(cli: Cli) -> ExitCode {
     }
     if let Some(Command::Completions { shell }) = cli.command {
         let mut cmd = <Cli as clap::CommandFactory>::command();
-        clap_complete::generate(shell, &mut cmd, "netbird-proxy", &mut std::io::stdout());
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut cmd, "netbird-proxy", &mut script);
+        out(&String::from_utf8_lossy(&script));
         return ExitCode::SUCCESS;
     }
     if let Some(Command::Man) = cli.command {
@@ -130,6 +132,7 @@ async fn run(cli: Cli) -> ExitCode {
             Ok(()) => {
                 use std::io::Write;
                 let _ = std::io::stdout().write_all(&out);
+                let _ = std::io::stdout().flush();
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -296,8 +299,8 @@ async fn run_dev_mesh(config: DevMeshConfig) -> ExitCode {
         }
     };
     // Printed on stdout, one per line, for scripts to read.
-    println!("management {}", mesh.management_url);
-    println!("setup-key {}", mesh.setup_key);
+    out(&format!("management {}\n", mesh.management_url));
+    out(&format!("setup-key {}\n", mesh.setup_key));
     eprintln!(
         "netbird-proxy dev-mesh ready: management {}; signal {}; relays {}",
         mesh.management_url,
@@ -451,6 +454,14 @@ fn raise_fd_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+}
+
+/// Write to stdout; a reader that went away (`| head`) is not an error worth a panic.
+fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
 }
 
 fn host_name() -> String {
