@@ -221,13 +221,20 @@ async fn run_peer(
     cancel: CancellationToken,
     on_ready: OnReady,
 ) -> ExitCode {
+    let (socks_auth, http_auth) = match run.credentials() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("netbird-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let options = ProxyOptions {
         socks: run.socks,
         http: run.http,
         forwards: run.forward,
         exposes: run.expose,
-        socks_auth: run.socks_auth,
-        http_auth: run.http_auth,
+        socks_auth,
+        http_auth,
         allow_direct: !run.no_direct,
         connect_timeout: run.connect_timeout,
         congestion: run.tcp_congestion,
@@ -539,20 +546,37 @@ mod exec {
     const LOGOUT_TIMEOUT: Duration = Duration::from_secs(5);
 
     pub async fn run(mut run: RunArgs, ready_timeout: Duration, command: Vec<String>) -> ExitCode {
-        // Fixed ports, so a rebuilt engine binds the same ones the child was told about.
+        // Fixed ports, so a rebuilt engine binds the same ones the child was told about. Both
+        // probes stay bound until both ports are known, so they differ.
         if run.socks.is_empty() && run.http.is_empty() {
-            match (free_loopback_port(), free_loopback_port()) {
-                (Ok(s), Ok(h)) => {
-                    run.socks.push(s);
-                    run.http.push(h);
-                }
+            let probes = (
+                std::net::TcpListener::bind("127.0.0.1:0"),
+                std::net::TcpListener::bind("127.0.0.1:0"),
+            );
+            match probes {
+                (Ok(s), Ok(h)) => match (s.local_addr(), h.local_addr()) {
+                    (Ok(s), Ok(h)) => {
+                        run.socks.push(s);
+                        run.http.push(h);
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        eprintln!("netbird-proxy exec: no free loopback port: {e}");
+                        return ExitCode::from(1);
+                    }
+                },
                 (Err(e), _) | (_, Err(e)) => {
                     eprintln!("netbird-proxy exec: no free loopback port: {e}");
                     return ExitCode::from(1);
                 }
             }
         }
-        let env = proxy_env(&run);
+        let env = match proxy_env(&run) {
+            Ok(env) => env,
+            Err(e) => {
+                eprintln!("netbird-proxy exec: {e}");
+                return ExitCode::from(2);
+            }
+        };
         // A peer this run registers is this run's alone: it logs out when CMD is done.
         let state = run.state.clone().unwrap_or_else(default_state_path);
         let ephemeral = run.wg_config.is_none()
@@ -580,7 +604,30 @@ mod exec {
             cancel.clone(),
             on_ready,
         ));
+        let code = supervise(&hub, &mut peer, &ready_line, ready_timeout, command, env).await;
+        // One way out, whatever happened: stop the peer, then say goodbye if it was ours.
+        cancel.cancel();
+        let peer_code = (&mut peer).await.ok();
+        if ephemeral {
+            logout(&management_url, &state).await;
+        }
+        ExitCode::from(match code {
+            Some(c) => u8::try_from(c).unwrap_or(1),
+            // The peer ended before CMD could run: its own status says why.
+            None => return peer_code.unwrap_or(ExitCode::from(1)),
+        })
+    }
 
+    /// Wait until ready, run CMD, pass signals on; CMD's exit status, or `None` when the peer
+    /// ended first.
+    async fn supervise(
+        hub: &netbird_proxy::status::StatusHub,
+        peer: &mut tokio::task::JoinHandle<ExitCode>,
+        ready_line: &Mutex<Option<String>>,
+        ready_timeout: Duration,
+        command: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Option<i32> {
         let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut quit)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
@@ -588,10 +635,9 @@ mod exec {
             signal(SignalKind::quit()),
         ) else {
             eprintln!("netbird-proxy exec: cannot install signal handlers");
-            return ExitCode::from(1);
+            return Some(1);
         };
 
-        // Ready, or a reason not to run CMD at all.
         let deadline = Instant::now() + ready_timeout;
         loop {
             let snap = hub.snapshot();
@@ -601,14 +647,14 @@ mod exec {
             if Instant::now() >= deadline {
                 let reason = snap.reason.unwrap_or_default();
                 eprintln!("netbird-proxy exec: not ready after {ready_timeout:?}: {reason}");
-                cancel.cancel();
-                let _ = peer.await;
-                return ExitCode::from(1);
+                return Some(1);
             }
             tokio::select! {
-                code = &mut peer => return code.unwrap_or(ExitCode::from(1)),
-                _ = term.recv() => return stop(cancel, peer, 128 + libc::SIGTERM).await,
-                _ = int.recv() => return stop(cancel, peer, 128 + libc::SIGINT).await,
+                _ = &mut *peer => return None,
+                _ = term.recv() => return Some(128 + libc::SIGTERM),
+                _ = int.recv() => return Some(128 + libc::SIGINT),
+                _ = hup.recv() => return Some(128 + libc::SIGHUP),
+                _ = quit.recv() => return Some(128 + libc::SIGQUIT),
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
@@ -627,10 +673,8 @@ mod exec {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("netbird-proxy exec: cannot run `{}`: {e}", command[0]);
-                cancel.cancel();
-                let _ = peer.await;
                 // As shells do: 127 not found, 126 found but not runnable.
-                return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound {
+                return Some(if e.kind() == std::io::ErrorKind::NotFound {
                     127
                 } else {
                     126
@@ -647,16 +691,23 @@ mod exec {
                 }
             }
         };
+        // Ctrl-C and Ctrl-\ from a terminal reach every process of its foreground group, the
+        // command included; passing them on too would deliver them twice.
+        let from_terminal = || {
+            // SAFETY: tcgetpgrp and getpgrp only read process state; fd 0 may be anything,
+            // tcgetpgrp then fails with -1, which never equals a process group.
+            unsafe { libc::tcgetpgrp(0) == libc::getpgrp() }
+        };
         let status = loop {
             tokio::select! {
                 s = child.wait() => break s,
                 _ = term.recv() => forward(libc::SIGTERM),
-                _ = int.recv() => forward(libc::SIGINT),
                 _ = hup.recv() => forward(libc::SIGHUP),
-                _ = quit.recv() => forward(libc::SIGQUIT),
+                _ = int.recv() => if !from_terminal() { forward(libc::SIGINT) },
+                _ = quit.recv() => if !from_terminal() { forward(libc::SIGQUIT) },
             }
         };
-        let code = match status {
+        Some(match status {
             Ok(s) => {
                 use std::os::unix::process::ExitStatusExt;
                 s.code()
@@ -667,23 +718,7 @@ mod exec {
                 eprintln!("netbird-proxy exec: waiting for `{}`: {e}", command[0]);
                 1
             }
-        };
-        cancel.cancel();
-        let _ = peer.await;
-        if ephemeral {
-            logout(&management_url, &state).await;
-        }
-        ExitCode::from(u8::try_from(code).unwrap_or(1))
-    }
-
-    async fn stop(
-        cancel: CancellationToken,
-        peer: tokio::task::JoinHandle<ExitCode>,
-        code: i32,
-    ) -> ExitCode {
-        cancel.cancel();
-        let _ = peer.await;
-        ExitCode::from(u8::try_from(code).unwrap_or(1))
+        })
     }
 
     /// Deregister the peer this run created (bounded; a failure is only logged).
@@ -696,19 +731,19 @@ mod exec {
             client.logout().await
         };
         match tokio::time::timeout(LOGOUT_TIMEOUT, attempt).await {
-            Ok(Ok(())) => info!("logged out of management (this run registered the peer)"),
+            Ok(Ok(())) => {
+                // The key is no longer registered: a later run starts afresh with its setup key.
+                let _ = std::fs::remove_file(state);
+                info!("logged out of management (this run registered the peer)")
+            }
             Ok(Err(e)) => warn!("logout: {e}"),
             Err(_) => warn!("logout: no answer within {LOGOUT_TIMEOUT:?}"),
         }
     }
 
-    fn free_loopback_port() -> std::io::Result<SocketAddr> {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()
-    }
-
     /// ALL_PROXY, HTTP_PROXY, HTTPS_PROXY, NO_PROXY and their lower-case forms.
-    fn proxy_env(run: &RunArgs) -> Vec<(String, String)> {
+    fn proxy_env(run: &RunArgs) -> Result<Vec<(String, String)>, String> {
+        let (socks_auth, http_auth) = run.credentials()?;
         let url = |scheme: &str, addr: SocketAddr, auth: Option<&Credentials>| {
             let ip = if addr.ip().is_unspecified() {
                 "127.0.0.1".to_string()
@@ -725,11 +760,11 @@ mod exec {
         let socks = run
             .socks
             .first()
-            .map(|a| url("socks5h", *a, run.socks_auth.as_ref()));
+            .map(|a| url("socks5h", *a, socks_auth.as_ref()));
         let http = run
             .http
             .first()
-            .map(|a| url("http", *a, run.http_auth.as_ref()));
+            .map(|a| url("http", *a, http_auth.as_ref()));
         let mut env = Vec::new();
         let mut set = |name: &str, value: &Option<String>| {
             if let Some(v) = value {
@@ -741,6 +776,6 @@ mod exec {
         set("HTTP_PROXY", &http.clone().or_else(|| socks.clone()));
         set("HTTPS_PROXY", &http.or(socks));
         set("NO_PROXY", &Some("localhost,127.0.0.1".into()));
-        env
+        Ok(env)
     }
 }

@@ -59,6 +59,8 @@ fn exec_runs_curl_through_the_mesh_and_passes_on_exit_codes_and_signals() {
         err.contains("localhost,127.0.0.1 unset"),
         "the setup key leaked: {err}"
     );
+    // This run registered alpha, so it logged alpha out and dropped the dead key.
+    assert!(!state.0.join("alpha").exists(), "{err}");
 
     // curl's own exit status comes back: 22 for an HTTP error with --fail.
     let out = exec(

@@ -132,22 +132,18 @@ fn file_args(
 }
 
 /// The effective run options as TOML, loadable again with `--config`; the setup key and the
-/// proxy credentials appear only as `<redacted>`.
+/// proxy credentials, when set, appear only as comments saying so (`# setup_key =
+/// "<redacted>"`), so the file loads without them and they come from elsewhere.
 pub fn render(run: &RunArgs) -> String {
     use toml::Value;
     let mut t = toml::Table::new();
     let text = |s: String| Value::String(s);
     let list = |items: Vec<String>| Value::Array(items.into_iter().map(Value::String).collect());
-    let secret = |set: bool| set.then(|| text("<redacted>".into()));
     let mut put = |k: &str, v: Option<Value>| {
         if let Some(v) = v {
             t.insert(k.to_string(), v);
         }
     };
-    put(
-        "setup_key",
-        secret(run.setup_key.as_deref().is_some_and(|k| !k.is_empty())),
-    );
     put("management_url", Some(text(run.management_url.clone())));
     put("hostname", run.hostname.clone().map(text));
     put(
@@ -187,8 +183,6 @@ pub fn render(run: &RunArgs) -> String {
                 .collect(),
         )),
     );
-    put("socks_auth", secret(run.socks_auth.is_some()));
-    put("http_auth", secret(run.http_auth.is_some()));
     put("no_direct", Some(Value::Boolean(run.no_direct)));
     put(
         "connect_timeout",
@@ -215,7 +209,20 @@ pub fn render(run: &RunArgs) -> String {
     );
     put("log_level", Some(text(run.log_level.clone())));
     put("log_format", Some(text(run.log_format.clone())));
-    toml::to_string(&t).unwrap_or_default()
+    let mut out = String::new();
+    for (key, set) in [
+        (
+            "setup_key",
+            run.setup_key.as_deref().is_some_and(|k| !k.is_empty()),
+        ),
+        ("socks_auth", run.socks_auth.is_some()),
+        ("http_auth", run.http_auth.is_some()),
+    ] {
+        if set {
+            out.push_str(&format!("# {key} = \"<redacted>\"\n"));
+        }
+    }
+    out + &toml::to_string(&t).unwrap_or_default()
 }
 
 /// The run options of a parsed command line, if it has them.

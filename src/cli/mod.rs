@@ -98,7 +98,7 @@ pub struct RunArgs {
         value_name = "USER:PASS",
         hide_env_values = true
     )]
-    pub socks_auth: Option<Credentials>,
+    pub socks_auth: Option<String>,
 
     /// Require this user name and password on the HTTP proxy listeners (Basic).
     #[arg(
@@ -107,7 +107,7 @@ pub struct RunArgs {
         value_name = "USER:PASS",
         hide_env_values = true
     )]
-    pub http_auth: Option<Credentials>,
+    pub http_auth: Option<String>,
 
     /// Refuse destinations outside the mesh instead of dialling them from the host.
     #[arg(long, env = "NB_NO_DIRECT")]
@@ -157,6 +157,26 @@ pub struct RunArgs {
     /// Log format: text (for people) or json (one object per line, for log collectors).
     #[arg(long, env = "NB_LOG_FORMAT", value_name = "text|json", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+impl RunArgs {
+    /// `--socks-auth` and `--http-auth` as credentials. They are parsed here rather than by
+    /// clap, whose errors quote the rejected value — a password.
+    pub fn credentials(&self) -> Result<(Option<Credentials>, Option<Credentials>), String> {
+        let parse = |flag: &str, v: &Option<String>| {
+            v.as_deref()
+                .map(|s| {
+                    Credentials::parse(s).map_err(|e| {
+                        format!("{flag}: {e} (the value is not shown: it is a secret)")
+                    })
+                })
+                .transpose()
+        };
+        Ok((
+            parse("--socks-auth", &self.socks_auth)?,
+            parse("--http-auth", &self.http_auth)?,
+        ))
+    }
 }
 
 /// Where the `status` and `wait` commands find a running proxy.

@@ -268,10 +268,11 @@ pub async fn start_datapath(
         wireguard: wg_addr,
         listeners: Vec::new(),
     };
-    let metrics = |kind: &'static str, addr: SocketAddr| match &options.status {
-        Some(hub) => hub.listener(kind, addr),
-        None => Arc::new(ListenerMetrics::new(kind, addr)),
-    };
+    let metrics =
+        |kind: &'static str, configured: SocketAddr, bound: SocketAddr| match &options.status {
+            Some(hub) => hub.listener(kind, configured, bound),
+            None => Arc::new(ListenerMetrics::new(kind, configured, bound)),
+        };
     let socks_auth = options.socks_auth.map(Arc::new);
     let http_auth = options.http_auth.map(Arc::new);
     for addr in &options.socks {
@@ -280,7 +281,7 @@ pub async fn start_datapath(
         ready.listeners.push(("socks5", bound, String::new()));
         tasks.spawn(socks5::serve(
             l,
-            metrics("socks5", bound),
+            metrics("socks5", *addr, bound),
             dialer.clone(),
             socks_auth.clone(),
             cancel.child_token(),
@@ -292,7 +293,7 @@ pub async fn start_datapath(
         ready.listeners.push(("http", bound, String::new()));
         tasks.spawn(http::serve(
             l,
-            metrics("http", bound),
+            metrics("http", *addr, bound),
             dialer.clone(),
             http_auth.clone(),
             cancel.child_token(),
@@ -306,7 +307,7 @@ pub async fn start_datapath(
             .push(("forward", bound, format!("->{}", f.target)));
         tasks.spawn(forward::serve(
             l,
-            metrics("forward", bound),
+            metrics("forward", f.listen, bound),
             dialer.clone(),
             f.target.clone(),
             cancel.child_token(),
@@ -326,7 +327,7 @@ pub async fn start_datapath(
             .push(("expose", mesh_addr, format!("->{}", e.local)));
         tasks.spawn(crate::proxy::forward::serve_exposed(
             listener,
-            metrics("expose", mesh_addr),
+            metrics("expose", mesh_addr, mesh_addr),
             e.local,
             cancel.child_token(),
         ));

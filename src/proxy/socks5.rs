@@ -49,21 +49,24 @@ pub async fn serve(
         let dialer = dialer.clone();
         let auth = auth.clone();
         async move {
-            let result = handle(client, from, dialer, auth).await;
-            metrics.count(&result);
+            if let Some(result) = handle(client, from, dialer, auth, &metrics).await {
+                metrics.count(&result);
+            }
         }
     })
     .await
 }
 
-/// Serve one client; returns the request's result for the counters (the reply code sent, or
-/// `timeout` / `rejected` for a handshake that never reached a request).
+/// Serve one client. A success is counted in `metrics` as soon as it is answered (the relay
+/// may last hours); a failure is returned for the counters: the reply code sent, or `timeout`
+/// / `rejected` for a handshake that never reached a request.
 async fn handle(
     client: TcpStream,
     from: SocketAddr,
     dialer: Dialer,
     auth: Option<Arc<Credentials>>,
-) -> String {
+    metrics: &ListenerMetrics,
+) -> Option<String> {
     let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let proto = match &auth {
             None => Socks5ServerProtocol::accept_no_auth(client).await?,
@@ -81,20 +84,20 @@ async fn handle(
     let (proto, cmd, target) = match negotiated {
         Err(_) => {
             debug!(%from, "socks: handshake timed out");
-            return "timeout".into();
+            return Some("timeout".into());
         }
         Ok(Err(e)) => {
             // Bad version, no acceptable method, wrong password, bad address type or unknown
             // command: fast-socks5 has already answered where the protocol allows an answer.
             info!(%from, "socks: rejected: {e}");
-            return "rejected".into();
+            return Some("rejected".into());
         }
         Ok(Ok(r)) => r,
     };
     if !matches!(cmd, Socks5Command::TCPConnect) {
         info!(%from, ?cmd, "socks: command not supported");
         let _ = proto.reply_error(&ReplyError::CommandNotSupported).await;
-        return code(&ReplyError::CommandNotSupported);
+        return Some(code(&ReplyError::CommandNotSupported));
     }
     let target = match target {
         TargetAddr::Ip(addr) => Target::Addr(addr),
@@ -106,7 +109,7 @@ async fn handle(
             let reply = reply_for(&e);
             info!(%from, %target, "socks: {e} (reply {:#04x})", reply.as_u8());
             let _ = proto.reply_error(&reply).await;
-            return code(&reply);
+            return Some(code(&reply));
         }
     };
     let bound = upstream
@@ -116,12 +119,13 @@ async fn handle(
         Ok(c) => c,
         Err(e) => {
             debug!(%from, "socks: reply: {e}");
-            return "0x00".into();
+            return Some("0x00".into());
         }
     };
+    metrics.count("0x00");
     debug!(%from, %target, "socks: connected");
     relay::bidirectional(&mut client, &mut upstream).await;
-    "0x00".into()
+    None
 }
 
 fn code(reply: &ReplyError) -> String {

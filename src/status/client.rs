@@ -29,8 +29,33 @@ pub enum ClientError {
     },
 }
 
+/// A status answer is a few KiB; more is not a status endpoint.
+const MAX_BODY: usize = 4 << 20;
+/// Bound on one request, so a stalled endpoint cannot hold `wait` past its timeout.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// `GET path` on the status endpoint: the HTTP status and the body.
 pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), ClientError> {
+    get_within(addr, path, REQUEST_TIMEOUT).await
+}
+
+/// `get`, bounded by `limit`.
+async fn get_within(
+    addr: SocketAddr,
+    path: &str,
+    limit: Duration,
+) -> Result<(u16, String), ClientError> {
+    tokio::time::timeout(limit, get_unbounded(addr, path))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Http {
+                addr,
+                reason: format!("no answer within {limit:?}"),
+            })
+        })
+}
+
+async fn get_unbounded(addr: SocketAddr, path: &str) -> Result<(u16, String), ClientError> {
     let http = |reason: String| ClientError::Http { addr, reason };
     let stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -48,8 +73,7 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), ClientEr
         .await
         .map_err(|e| http(e.to_string()))?;
     let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
         .collect()
         .await
         .map_err(|e| http(e.to_string()))?
@@ -75,7 +99,14 @@ pub async fn snapshot(addr: SocketAddr) -> Result<(Snapshot, String), ClientErro
 pub async fn wait_for(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
-        let reason = match get(addr, path).await {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let reason = match get_within(
+            addr,
+            path,
+            left.clamp(Duration::from_millis(100), REQUEST_TIMEOUT),
+        )
+        .await
+        {
             Ok((200, _)) => return Ok(()),
             Ok((_, body)) => serde_json::from_str::<serde_json::Value>(&body)
                 .ok()

@@ -52,7 +52,7 @@ impl std::fmt::Debug for StatusHub {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// A wg-quick file: ready once the data path is up.
+    /// A wg-quick file: ready once the data path is up and enough peers have a session.
     Static,
     /// NetBird: ready once management has sent a network map.
     Netbird,
@@ -105,13 +105,23 @@ impl StatusHub {
         self.restarts.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The counters of the listener `kind` on `addr`, the same across engine restarts.
-    pub fn listener(&self, kind: &'static str, addr: SocketAddr) -> Arc<ListenerMetrics> {
+    /// The counters of the listener `kind` configured at `configured`, the same across engine
+    /// restarts (a port-0 listener binds anew each time; `bound` is where it is now).
+    pub fn listener(
+        &self,
+        kind: &'static str,
+        configured: SocketAddr,
+        bound: SocketAddr,
+    ) -> Arc<ListenerMetrics> {
         let mut all = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(l) = all.iter().find(|l| l.kind == kind && l.addr == addr) {
+        if let Some(l) = all
+            .iter()
+            .find(|l| l.kind == kind && l.configured == configured)
+        {
+            *l.bound.lock().unwrap_or_else(|e| e.into_inner()) = bound;
             return l.clone();
         }
-        let l = Arc::new(ListenerMetrics::new(kind, addr));
+        let l = Arc::new(ListenerMetrics::new(kind, configured, bound));
         all.push(l.clone());
         l
     }
@@ -171,7 +181,7 @@ impl StatusHub {
             .wg
             .peers()
             .iter()
-            .map(|p| peer_status(p, &view.names))
+            .map(|p| peer_status(p, &view.names, self.mode))
             .collect();
         snap.peers
             .sort_by(|a, b| a.fqdn.cmp(&b.fqdn).then(a.ip.cmp(&b.ip)));
@@ -197,11 +207,12 @@ impl StatusHub {
 }
 
 /// How a peer is doing, from WireGuard's point of view. A peer counts as connected when we can
-/// reach it (a relay it is still on, or a UDP endpoint), its session is alive (handshake under
-/// 3 minutes old) and, where we keep it alive, it was heard from within three keepalive
-/// intervals plus 10 s (peers that keep each other alive, as NetBird's do, are never silent
-/// longer) — so a peer that went away shows within seconds.
-fn peer_status(peer: &Peer, names: &MeshNames) -> PeerStatus {
+/// reach it (a relay it is still on, or a UDP endpoint) and its session is alive (handshake
+/// under 3 minutes old). NetBird peers keep each other alive (25 s), so there one that was not
+/// heard from for three keepalive intervals plus 10 s has gone away; a static peer may well
+/// keep quiet (a server whose config has no PersistentKeepalive), so silence alone does not
+/// count against it.
+fn peer_status(peer: &Peer, names: &MeshNames, mode: Mode) -> PeerStatus {
     let handshake = peer.time_since_handshake();
     let heard = peer.time_since_rx();
     let endpoint = peer.endpoint();
@@ -213,7 +224,7 @@ fn peer_status(peer: &Peer, names: &MeshNames) -> PeerStatus {
     };
     let alive = reachable
         && handshake.is_some_and(|h| h < SESSION_LIFETIME)
-        && match peer.keepalive.filter(|&k| k > 0) {
+        && match peer.keepalive.filter(|&k| k > 0 && mode == Mode::Netbird) {
             Some(k) => heard.is_some_and(|h| h < Duration::from_secs(3 * u64::from(k) + 10)),
             None => true,
         };
@@ -326,17 +337,19 @@ pub struct ListenerStatus {
 #[derive(Debug)]
 pub struct ListenerMetrics {
     pub kind: &'static str,
-    pub addr: SocketAddr,
+    configured: SocketAddr,
+    bound: Mutex<SocketAddr>,
     open: AtomicI64,
     results: Mutex<BTreeMap<String, u64>>,
 }
 
 impl ListenerMetrics {
     /// Counters not registered anywhere (for listeners run without a hub).
-    pub fn new(kind: &'static str, addr: SocketAddr) -> Self {
+    pub fn new(kind: &'static str, configured: SocketAddr, bound: SocketAddr) -> Self {
         Self {
             kind,
-            addr,
+            configured,
+            bound: Mutex::new(bound),
             open: AtomicI64::new(0),
             results: Mutex::new(BTreeMap::new()),
         }
@@ -362,7 +375,11 @@ impl ListenerMetrics {
     fn status(&self) -> ListenerStatus {
         ListenerStatus {
             kind: self.kind.to_string(),
-            addr: self.addr.to_string(),
+            addr: self
+                .bound
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .to_string(),
             open_connections: self.open.load(Ordering::Relaxed),
             requests: self
                 .results
