@@ -165,6 +165,9 @@ async fn run(cli: Cli) -> ExitCode {
         return exec::run(*run, ready_timeout, command).await;
     }
     let run = cli.run;
+    if let Err(code) = refuse_open_listeners(&run) {
+        return code;
+    }
     if run.socks.is_empty()
         && run.http.is_empty()
         && run.forward.is_empty()
@@ -183,6 +186,21 @@ async fn run(cli: Cli) -> ExitCode {
         },
     };
     run_peer(run, hub, cancel, Arc::new(|ready| eprintln!("{ready}"))).await
+}
+
+/// A listener beyond loopback without authentication would hand the mesh to anyone who
+/// reaches it: refuse to start (exit 2) unless `--allow-unauthenticated` says so.
+fn refuse_open_listeners(run: &RunArgs) -> Result<(), ExitCode> {
+    let open = run.unauthenticated_exposure();
+    if open.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "netbird-proxy: refusing to listen beyond this machine without authentication: {}; \
+         or give --allow-unauthenticated if only trusted hosts can reach it",
+        open.join("; ")
+    );
+    Err(ExitCode::from(2))
 }
 
 /// Bind `--status-addr` and serve the status endpoint from a new hub until `cancel` fires.
@@ -569,6 +587,9 @@ mod exec {
                     return ExitCode::from(1);
                 }
             }
+        }
+        if let Err(code) = super::refuse_open_listeners(&run) {
+            return code;
         }
         let env = match proxy_env(&run) {
             Ok(env) => env,

@@ -299,3 +299,49 @@ fn completions_and_man_page() {
         assert!(plain.contains(want), "man page lacks {want}:\n{plain}");
     }
 }
+
+/// A listener beyond loopback without authentication refuses to start (exit 2) and says how
+/// to fix it; a password, or the explicit flag, lets it through.
+#[test]
+fn open_listeners_need_authentication() {
+    let dir = TempDir::new("config-open");
+    let conf = dir.0.join("wg.conf");
+    write_private(
+        &conf,
+        "[Interface]\nPrivateKey = AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n\
+         Address = 100.64.0.1/16\n\n\
+         [Peer]\nPublicKey = AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\n\
+         Endpoint = 127.0.0.1:9\nAllowedIPs = 100.64.0.0/16\n",
+    );
+    let conf = conf.to_str().unwrap();
+    for (args, says) in [
+        (
+            vec!["--socks", "0.0.0.0:0"],
+            "--socks 0.0.0.0:0 (add --socks-auth",
+        ),
+        (vec!["--http", "[::]:0"], "--http [::]:0 (add --http-auth"),
+        (
+            vec!["--forward", "0.0.0.0:0:100.64.0.2:80"],
+            "forwards have no authentication",
+        ),
+        (
+            vec!["--socks", "0", "--status-addr", "0.0.0.0:0"],
+            "--status-addr 0.0.0.0:0",
+        ),
+    ] {
+        let (code, _, err) = run(&[&["--wg-config", conf][..], &args].concat(), &[]);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(err.contains("--allow-unauthenticated"), "{err}");
+        let exec = [&["exec", "--wg-config", conf][..], &args, &["--", "true"]].concat();
+        let (code, _, err) = run(&exec, &[]);
+        assert_eq!(code, 2, "exec {args:?}: {err}");
+        assert!(err.contains(says), "exec {args:?}: {err}");
+    }
+    // With a password, or when told, it starts (and is stopped here once ready).
+    for extra in [vec!["--socks-auth", "u:p"], vec!["--allow-unauthenticated"]] {
+        let args = [&["--wg-config", conf, "--socks", "0.0.0.0:0"][..], &extra].concat();
+        let proxy = Proxy::spawn(&args);
+        assert!(proxy.socks.unwrap().ip().is_unspecified());
+    }
+}

@@ -185,6 +185,10 @@ pub fn render(run: &RunArgs) -> String {
     );
     put("no_direct", Some(Value::Boolean(run.no_direct)));
     put(
+        "allow_unauthenticated",
+        Some(Value::Boolean(run.allow_unauthenticated)),
+    );
+    put(
         "connect_timeout",
         Some(text(format!("{}ms", run.connect_timeout.as_millis()))),
     );

@@ -109,6 +109,12 @@ pub struct RunArgs {
     )]
     pub http_auth: Option<String>,
 
+    /// Let SOCKS5, HTTP proxy, forward and status listeners on non-loopback addresses run
+    /// without authentication (only on a network you trust: anyone who reaches them uses
+    /// the mesh).
+    #[arg(long, env = "NB_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+
     /// Refuse destinations outside the mesh instead of dialling them from the host.
     #[arg(long, env = "NB_NO_DIRECT")]
     pub no_direct: bool,
@@ -160,6 +166,36 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// Listeners that anyone beyond this machine could use without a password. Each entry
+    /// says which option and what to do; empty when `--allow-unauthenticated` is given.
+    pub fn unauthenticated_exposure(&self) -> Vec<String> {
+        if self.allow_unauthenticated {
+            return Vec::new();
+        }
+        let open = |a: &SocketAddr| !a.ip().is_loopback();
+        let mut found = Vec::new();
+        if self.socks_auth.is_none() {
+            for a in self.socks.iter().filter(|a| open(a)) {
+                found.push(format!("--socks {a} (add --socks-auth USER:PASS)"));
+            }
+        }
+        if self.http_auth.is_none() {
+            for a in self.http.iter().filter(|a| open(a)) {
+                found.push(format!("--http {a} (add --http-auth USER:PASS)"));
+            }
+        }
+        for f in self.forward.iter().filter(|f| open(&f.listen)) {
+            found.push(format!(
+                "--forward {}:{} (forwards have no authentication; bind loopback)",
+                f.listen, f.target
+            ));
+        }
+        if let Some(a) = self.status_addr.filter(open) {
+            found.push(format!("--status-addr {a} (bind loopback)"));
+        }
+        found
+    }
+
     /// `--socks-auth` and `--http-auth` as credentials. They are parsed here rather than by
     /// clap, whose errors quote the rejected value — a password.
     pub fn credentials(&self) -> Result<(Option<Credentials>, Option<Credentials>), String> {
