@@ -52,6 +52,18 @@ fn flags_beat_environment_beat_file_and_print_config_hides_secrets() {
     .unwrap();
     let path = file.to_str().unwrap();
 
+    // It holds a setup key and a password: readable by others, it is refused.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = run(&["--config", path, "--print-config"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("holds a secret") && err.contains("chmod 600"),
+        "{err}"
+    );
+    assert!(!err.contains(FILE_SECRET), "{err}");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+
     // The file alone.
     let (code, out, err) = run(&["--config", path, "--print-config"], &[]);
     assert_eq!(code, 0, "{err}");
@@ -79,8 +91,10 @@ fn flags_beat_environment_beat_file_and_print_config_hides_secrets() {
         !out.contains(FILE_SECRET) && !out.contains(FILE_PASS),
         "{out}"
     );
+    // (No secrets in it: any mode will do.)
     let again = dir.0.join("again.toml");
     std::fs::write(&again, &out).unwrap();
+    std::fs::set_permissions(&again, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (code, out2, err) = run(
         &["--config", again.to_str().unwrap(), "--print-config"],
         &[],
@@ -313,7 +327,18 @@ fn open_listeners_need_authentication() {
          [Peer]\nPublicKey = AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\n\
          Endpoint = 127.0.0.1:9\nAllowedIPs = 100.64.0.0/16\n",
     );
+    let conf_path = conf.clone();
     let conf = conf.to_str().unwrap();
+    // A wg-quick file holds a private key: readable by others, it is refused.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&conf_path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (code, _, err) = run(&["--wg-config", conf, "--socks", "0"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("holds a private key and is readable by group or others (mode 640)"),
+        "{err}"
+    );
+    std::fs::set_permissions(&conf_path, std::fs::Permissions::from_mode(0o600)).unwrap();
     for (args, says) in [
         (
             vec!["--socks", "0.0.0.0:0"],

@@ -499,7 +499,7 @@ fn config_errors_exit_2_with_one_line() {
     for (name, content, expect) in cases {
         let path = dir.join(name);
         if let Some(c) = &content {
-            std::fs::write(&path, c).unwrap();
+            write_private(&path, c);
         }
         let out = std::process::Command::new(binary())
             .args(["--wg-config", path.to_str().unwrap(), "--socks", "0"])

@@ -81,6 +81,23 @@ fn file_args(
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+    // A file with a secret in it must be ours alone, as the state file is.
+    if let Some(key) = table.keys().find(|k| {
+        matches!(
+            k.replace('-', "_").as_str(),
+            "setup_key" | "socks_auth" | "http_auth"
+        )
+    }) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0);
+        if mode & 0o077 != 0 {
+            return Err(invalid(format!(
+                "holds a secret (`{key}`) and is readable by group or others (mode {mode:o}); run `chmod 600 {shown}`"
+            )));
+        }
+    }
     let mut args = Vec::new();
     for (key, value) in &table {
         // The key names an option by its long name or an alias (NetBird's names).

@@ -111,6 +111,10 @@ pub enum ConfigError {
         line: usize,
         message: String,
     },
+    #[error(
+        "{path}: holds a private key and is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
+    Exposed { path: PathBuf, mode: u32 },
 }
 
 /// Keys of wg-quick that configure the kernel interface or run scripts; meaningless here.
@@ -128,12 +132,22 @@ const WG_QUICK_ONLY: &[&str] = &[
 pub const DEFAULT_MTU: u16 = 1420;
 
 impl WgConfig {
-    /// Read and parse a file.
+    /// Read and parse a file. It holds a private key, so, as for ssh keys, a file others may
+    /// read is refused rather than used.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::os::unix::fs::PermissionsExt;
+        let read = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let mode = std::fs::metadata(path).map_err(read)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(ConfigError::Exposed {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read)?;
         Self::parse(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             line: e.line,
