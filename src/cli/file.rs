@@ -221,6 +221,18 @@ pub fn render(run: &RunArgs) -> String {
             i64::try_from(run.tcp_buffers_mib).unwrap_or(i64::MAX),
         )),
     );
+    put(
+        "max_connections",
+        Some(Value::Integer(i64::from(run.max_connections))),
+    );
+    put(
+        "max_connections_per_listener",
+        Some(Value::Integer(i64::from(run.max_connections_per_listener))),
+    );
+    put(
+        "handshake_timeout",
+        Some(text(format!("{}ms", run.handshake_timeout.as_millis()))),
+    );
     put("status_addr", run.status_addr.map(|a| text(a.to_string())));
     put(
         "ready_peers",

@@ -109,6 +109,21 @@ pub struct RunArgs {
     )]
     pub http_auth: Option<String>,
 
+    /// Client connections on all listeners together; beyond it clients are refused (SOCKS5
+    /// 0x01, HTTP 503).
+    #[arg(long, env = "NB_MAX_CONNECTIONS", value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Client connections per listener; when full, the oldest client still in its handshake
+    /// makes room for a new one, and established clients are never cut.
+    #[arg(long, env = "NB_MAX_CONNECTIONS_PER_LISTENER", value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_listener: u32,
+
+    /// Time a SOCKS5 or HTTP client has for its greeting, authentication and request (one
+    /// that sends nothing or dribbles is dropped).
+    #[arg(long, env = "NB_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
     /// Let SOCKS5, HTTP proxy, forward and status listeners on non-loopback addresses run
     /// without authentication (only on a network you trust: anyone who reaches them uses
     /// the mesh).

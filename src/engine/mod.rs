@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::cli::{Expose, Forward};
 use crate::netstack::{Congestion, Netstack, NetstackConfig};
 use crate::packet::PacketPool;
+use crate::proxy::admission::Limits;
 use crate::proxy::dial::Dialer;
 use crate::proxy::dns::{MeshNames, Resolver};
 use crate::proxy::{Credentials, forward, http, socks5};
@@ -57,6 +58,8 @@ pub struct ProxyOptions {
     pub tcp_buffer_budget: Option<usize>,
     /// Where the engine reports its state and the listeners count requests (`--status-addr`).
     pub status: Option<Arc<StatusHub>>,
+    /// Connection caps and the clients' handshake timeout, shared by every listener.
+    pub limits: Limits,
 }
 
 /// Why the engine could not start.
@@ -268,11 +271,16 @@ pub async fn start_datapath(
         wireguard: wg_addr,
         listeners: Vec::new(),
     };
-    let metrics =
-        |kind: &'static str, configured: SocketAddr, bound: SocketAddr| match &options.status {
+    let metrics = |kind: &'static str, configured: SocketAddr, bound: SocketAddr| {
+        let m = match &options.status {
             Some(hub) => hub.listener(kind, configured, bound),
             None => Arc::new(ListenerMetrics::new(kind, configured, bound)),
         };
+        if kind != "expose" {
+            m.set_max_connections(options.limits.per_listener);
+        }
+        m
+    };
     let socks_auth = options.socks_auth.map(Arc::new);
     let http_auth = options.http_auth.map(Arc::new);
     for addr in &options.socks {
@@ -282,6 +290,7 @@ pub async fn start_datapath(
         tasks.spawn(socks5::serve(
             l,
             metrics("socks5", *addr, bound),
+            options.limits.clone(),
             dialer.clone(),
             socks_auth.clone(),
             cancel.child_token(),
@@ -294,6 +303,7 @@ pub async fn start_datapath(
         tasks.spawn(http::serve(
             l,
             metrics("http", *addr, bound),
+            options.limits.clone(),
             dialer.clone(),
             http_auth.clone(),
             cancel.child_token(),
@@ -308,6 +318,7 @@ pub async fn start_datapath(
         tasks.spawn(forward::serve(
             l,
             metrics("forward", f.listen, bound),
+            options.limits.clone(),
             dialer.clone(),
             f.target.clone(),
             cancel.child_token(),

@@ -2,10 +2,13 @@
 
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::admission::{Limits, Ticket};
 use super::dial::{Dialer, Target};
 use super::{relay, serve_clients};
 use crate::status::ListenerMetrics;
@@ -14,34 +17,35 @@ use crate::status::ListenerMetrics;
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<ListenerMetrics>,
+    limits: Limits,
     dialer: Dialer,
     target: Target,
     cancel: CancellationToken,
 ) {
-    serve_clients(
-        listener,
-        metrics.clone(),
-        cancel,
-        move |mut client, from| {
-            let dialer = dialer.clone();
-            let target = target.clone();
-            let metrics = metrics.clone();
-            async move {
-                match dialer.dial(&target).await {
-                    Ok(mut upstream) => {
-                        metrics.count("ok");
-                        relay::bidirectional(&mut client, &mut upstream).await
-                    }
-                    // The client sees the connection close; the reason goes to the log.
-                    Err(e) => {
-                        metrics.count("error");
-                        warn!(%from, %target, "forward: {e}")
-                    }
+    let counters = metrics.clone();
+    let handle_client = move |mut client: TcpStream, from: SocketAddr, ticket: Arc<Ticket>| {
+        // A forward has no handshake: the client is established on arrival.
+        ticket.established();
+        let dialer = dialer.clone();
+        let target = target.clone();
+        let metrics = metrics.clone();
+        async move {
+            match dialer.dial(&target).await {
+                Ok(mut upstream) => {
+                    metrics.count("ok");
+                    relay::bidirectional(&mut client, &mut upstream).await
+                }
+                // The client sees the connection close; the reason goes to the log.
+                Err(e) => {
+                    metrics.count("error");
+                    warn!(%from, %target, "forward: {e}")
                 }
             }
-        },
-    )
-    .await
+        }
+    };
+    // Over the limits, a forwarded client can only be closed.
+    let refuse = |client: TcpStream| async move { drop(client) };
+    serve_clients(listener, counters, &limits, cancel, handle_client, refuse).await
 }
 
 /// Accept mesh connections on `listener` and relay each to the local service `local`.

@@ -7,7 +7,6 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -19,10 +18,11 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use super::admission::{Limits, Ticket};
 use super::dial::{DialError, Dialer, Target};
 use super::relay;
 use super::{Credentials, serve_clients};
@@ -30,31 +30,39 @@ use crate::status::ListenerMetrics;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// A client must send its request head within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 const REALM: &str = "netbird-proxy";
 
 /// Serve the HTTP proxy on `listener` until `cancel` fires.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<ListenerMetrics>,
+    limits: Limits,
     dialer: Dialer,
     auth: Option<Arc<Credentials>>,
     cancel: CancellationToken,
 ) {
     let tunnels = cancel.clone();
-    serve_clients(listener, metrics.clone(), cancel, move |client, from| {
+    let header_timeout = limits.handshake_timeout;
+    let counters = metrics.clone();
+    let handle_client = move |client: TcpStream, from: SocketAddr, ticket: Arc<Ticket>| {
         let dialer = dialer.clone();
         let auth = auth.clone();
         let tunnels = tunnels.clone();
         let metrics = metrics.clone();
         let service = service_fn(move |req| {
+            // A request head arrived: the client is past its handshake.
+            ticket.established();
             let dialer = dialer.clone();
             let auth = auth.clone();
             let tunnels = tunnels.clone();
             let metrics = metrics.clone();
+            let hold = ticket.clone();
             async move {
-                let resp = handle(req, from, dialer, auth.as_deref(), tunnels).await;
+                let tunnel = Tunnel {
+                    cancel: tunnels,
+                    hold,
+                };
+                let resp = handle(req, from, dialer, auth.as_deref(), tunnel).await;
                 metrics.count(resp.status().as_str());
                 Ok::<_, Infallible>(resp)
             }
@@ -64,15 +72,34 @@ pub async fn serve(
                 .preserve_header_case(true)
                 .title_case_headers(true)
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(client), service)
                 .with_upgrades();
             if let Err(e) = conn.await {
                 debug!(%from, "http connection: {e}");
             }
         }
-    })
-    .await
+    };
+    serve_clients(listener, counters, &limits, cancel, handle_client, refuse).await
+}
+
+/// What a CONNECT tunnel lives under: the listener's cancellation, and the client's place in
+/// the connection limits (held while the tunnel runs, after hyper has let go).
+struct Tunnel {
+    cancel: CancellationToken,
+    hold: Arc<Ticket>,
+}
+
+/// Say no to a client over the connection limits: 503 with a reason, then close.
+async fn refuse(mut client: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = "netbird-proxy: too many connections; try again later\n";
+    let resp = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = client.write_all(resp.as_bytes()).await;
+    let _ = client.shutdown().await;
 }
 
 async fn handle(
@@ -80,7 +107,7 @@ async fn handle(
     from: SocketAddr,
     dialer: Dialer,
     auth: Option<&Credentials>,
-    tunnels: CancellationToken,
+    tunnel: Tunnel,
 ) -> Response<Body> {
     if let Some(creds) = auth
         && !authorized(req.headers(), creds)
@@ -97,18 +124,18 @@ async fn handle(
         return resp;
     }
     if req.method() == Method::CONNECT {
-        connect(req, from, dialer, tunnels).await
+        connect(req, from, dialer, tunnel).await
     } else {
         forward(req, from, dialer).await
     }
 }
 
-/// CONNECT host:port → 200 and a raw tunnel (which `tunnels` stops on shutdown).
+/// CONNECT host:port → 200 and a raw tunnel (which `tunnel.cancel` stops on shutdown).
 async fn connect(
     req: Request<Incoming>,
     from: SocketAddr,
     dialer: Dialer,
-    tunnels: CancellationToken,
+    tunnel: Tunnel,
 ) -> Response<Body> {
     let Some(target) = req
         .uri()
@@ -126,7 +153,8 @@ async fn connect(
     };
     debug!(%from, %target, "http: CONNECT established");
     tokio::spawn(async move {
-        let tunnel = async {
+        let _hold = tunnel.hold;
+        let relay = async {
             match hyper::upgrade::on(req).await {
                 Ok(upgraded) => {
                     relay::bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await
@@ -135,8 +163,8 @@ async fn connect(
             }
         };
         tokio::select! {
-            _ = tunnels.cancelled() => {}
-            _ = tunnel => {}
+            _ = tunnel.cancel.cancelled() => {}
+            _ = relay => {}
         }
     });
     Response::new(empty())
@@ -344,6 +372,7 @@ fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn hop_by_hop_headers_are_removed() {

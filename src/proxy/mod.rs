@@ -1,6 +1,7 @@
 //! What ordinary programs talk to: SOCKS5 and HTTP proxy listeners and port forwards, all
 //! sharing one dialler (`dial`) that routes into the mesh or, when allowed, out of the host.
 
+pub mod admission;
 pub mod dial;
 pub mod dns;
 pub mod forward;
@@ -21,18 +22,32 @@ use tracing::debug;
 
 use crate::status::ListenerMetrics;
 
-/// Accept on `listener` until `cancel` fires; each client runs `handle` in a task of its own
-/// that the same cancellation stops, so a shutdown ends every connection of the listener.
-/// `metrics` counts the open client connections.
-pub(crate) async fn serve_clients<F, Fut>(
+/// Refusals answered at once; beyond this many in flight, a refused client is just closed.
+const REFUSALS_IN_FLIGHT: usize = 64;
+/// Bound on answering one refused client.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Accept on `listener` until `cancel` fires; each admitted client runs `handle` in a task of
+/// its own that the same cancellation stops, so a shutdown ends every connection of the
+/// listener. Admission follows `limits` (see `admission`): a client over the caps gets
+/// `refuse` (a protocol-level "no"), one evicted during its handshake is closed. `handle`
+/// calls `Ticket::established` once the client's handshake is complete. `metrics` counts open
+/// connections, refusals and evictions.
+pub(crate) async fn serve_clients<F, Fut, R, RFut>(
     listener: TcpListener,
     metrics: Arc<ListenerMetrics>,
+    limits: &admission::Limits,
     cancel: CancellationToken,
     handle: F,
+    refuse: R,
 ) where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+    F: Fn(TcpStream, SocketAddr, Arc<admission::Ticket>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
+    R: Fn(TcpStream) -> RFut,
+    RFut: Future<Output = ()> + Send + 'static,
 {
+    let gate = admission::Gate::new(limits);
+    let refusals = Arc::new(tokio::sync::Semaphore::new(REFUSALS_IN_FLIGHT));
     loop {
         let (client, from) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -47,13 +62,34 @@ pub(crate) async fn serve_clients<F, Fut>(
             },
         };
         let _ = client.set_nodelay(true);
-        let work = handle(client, from);
+        let ticket = match gate.admit().await {
+            Ok(t) => Arc::new(t),
+            Err(admission::Refusal::Full) => {
+                metrics.count("refused");
+                debug!(%from, "connection limit reached; refusing");
+                if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                    let answer = refuse(client);
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let _ = tokio::time::timeout(REFUSAL_TIMEOUT, answer).await;
+                    });
+                }
+                continue;
+            }
+        };
+        let evicted = ticket.evicted.clone();
+        let work = handle(client, from, ticket);
         let cancel = cancel.clone();
         let open = metrics.open();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let _open = open;
             tokio::select! {
                 _ = cancel.cancelled() => {}
+                _ = evicted.cancelled() => {
+                    metrics.count("evicted");
+                    debug!(%from, "evicted during its handshake: the listener is full");
+                }
                 _ = work => {}
             }
         });

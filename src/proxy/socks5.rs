@@ -15,13 +15,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use super::admission::{Limits, Ticket};
 use super::dial::{DialError, Dialer, Target};
 use super::relay;
 use super::{Credentials, serve_clients};
 use crate::status::ListenerMetrics;
-
-/// A client must finish greeting, authentication and request within this time.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// SOCKS reply for a failed dial.
 pub fn reply_for(err: &DialError) -> ReplyError {
@@ -40,34 +38,87 @@ pub fn reply_for(err: &DialError) -> ReplyError {
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<ListenerMetrics>,
+    limits: Limits,
     dialer: Dialer,
     auth: Option<Arc<Credentials>>,
     cancel: CancellationToken,
 ) {
-    serve_clients(listener, metrics.clone(), cancel, move |client, from| {
-        let metrics = metrics.clone();
-        let dialer = dialer.clone();
-        let auth = auth.clone();
-        async move {
-            if let Some(result) = handle(client, from, dialer, auth, &metrics).await {
-                metrics.count(&result);
+    let timeout = limits.handshake_timeout;
+    let refuse_auth = auth.is_some();
+    serve_clients(
+        listener,
+        metrics.clone(),
+        &limits,
+        cancel,
+        move |client, from, ticket| {
+            let metrics = metrics.clone();
+            let dialer = dialer.clone();
+            let auth = auth.clone();
+            async move {
+                let client = Client {
+                    stream: client,
+                    from,
+                    ticket,
+                    timeout,
+                };
+                if let Some(result) = handle(client, dialer, auth, &metrics).await {
+                    metrics.count(&result);
+                }
             }
-        }
-    })
+        },
+        move |client| refuse(client, refuse_auth),
+    )
     .await
+}
+
+/// An admitted client.
+struct Client {
+    stream: TcpStream,
+    from: SocketAddr,
+    ticket: Arc<Ticket>,
+    /// For greeting, authentication and request together.
+    timeout: Duration,
+}
+
+/// Say no to a client over the connection limits, in words SOCKS5 has: without
+/// authentication, answer its request with 0x01 (general failure); with authentication
+/// required, refuse its methods (0xFF) rather than check a password for nothing.
+async fn refuse(mut client: TcpStream, auth_required: bool) {
+    if !auth_required {
+        if let Ok(proto) = Socks5ServerProtocol::accept_no_auth(client).await
+            && let Ok((proto, _, _)) = proto.read_command().await
+        {
+            let _ = proto.reply_error(&ReplyError::GeneralFailure).await;
+        }
+        return;
+    }
+    // The greeting (VER NMETHODS METHODS...), answered with "no acceptable method".
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = [0u8; 2];
+    if client.read_exact(&mut head).await.is_ok() && head[0] == 5 {
+        let mut methods = vec![0u8; usize::from(head[1])];
+        if client.read_exact(&mut methods).await.is_ok() {
+            let _ = client.write_all(&[5, 0xff]).await;
+        }
+    }
 }
 
 /// Serve one client. A success is counted in `metrics` as soon as it is answered (the relay
 /// may last hours); a failure is returned for the counters: the reply code sent, or `timeout`
 /// / `rejected` for a handshake that never reached a request.
 async fn handle(
-    client: TcpStream,
-    from: SocketAddr,
+    client: Client,
     dialer: Dialer,
     auth: Option<Arc<Credentials>>,
     metrics: &ListenerMetrics,
 ) -> Option<String> {
-    let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+    let Client {
+        stream: client,
+        from,
+        ticket,
+        timeout,
+    } = client;
+    let negotiated = tokio::time::timeout(timeout, async {
         let proto = match &auth {
             None => Socks5ServerProtocol::accept_no_auth(client).await?,
             Some(creds) => {
@@ -94,6 +145,7 @@ async fn handle(
         }
         Ok(Ok(r)) => r,
     };
+    ticket.established();
     if !matches!(cmd, Socks5Command::TCPConnect) {
         info!(%from, ?cmd, "socks: command not supported");
         let _ = proto.reply_error(&ReplyError::CommandNotSupported).await;

@@ -327,9 +327,11 @@ pub struct ListenerStatus {
     pub kind: String,
     pub addr: String,
     pub open_connections: i64,
+    pub max_connections: u64,
     /// Requests by result: a SOCKS5 reply code (`0x00` is success), an HTTP status, or for
     /// forwards and exposed ports `ok` / `error`; `rejected` and `timeout` for handshakes that
-    /// never got as far as a request.
+    /// never got as far as a request; `refused` (over the connection limits) and `evicted`
+    /// (made room for a newcomer during its handshake).
     pub requests: BTreeMap<String, u64>,
 }
 
@@ -340,6 +342,8 @@ pub struct ListenerMetrics {
     configured: SocketAddr,
     bound: Mutex<SocketAddr>,
     open: AtomicI64,
+    /// The listener's connection cap (0: none set).
+    max: AtomicU64,
     results: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -350,9 +354,15 @@ impl ListenerMetrics {
             kind,
             configured,
             bound: Mutex::new(bound),
+            max: AtomicU64::new(0),
             open: AtomicI64::new(0),
             results: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The listener's connection cap, for /status and /metrics.
+    pub fn set_max_connections(&self, max: usize) {
+        self.max.store(max as u64, Ordering::Relaxed);
     }
 
     /// Count one request that ended in `result`.
@@ -381,6 +391,7 @@ impl ListenerMetrics {
                 .unwrap_or_else(|e| e.into_inner())
                 .to_string(),
             open_connections: self.open.load(Ordering::Relaxed),
+            max_connections: self.max.load(Ordering::Relaxed),
             requests: self
                 .results
                 .lock()

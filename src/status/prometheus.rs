@@ -103,9 +103,18 @@ pub fn render(snap: &Snapshot) -> String {
             .collect(),
     );
     family(
+        "max_connections",
+        "gauge",
+        "The listener's connection cap (--max-connections-per-listener).",
+        snap.listeners
+            .iter()
+            .map(|l| (listener(l), l.max_connections as f64))
+            .collect(),
+    );
+    family(
         "proxy_requests_total",
         "counter",
-        "Requests by listener and result (SOCKS5 reply code, HTTP status, ok/error).",
+        "Requests by listener and result (SOCKS5 reply code, HTTP status, ok/error, refused, evicted, timeout, rejected).",
         snap.listeners
             .iter()
             .flat_map(|l| {

@@ -1,0 +1,188 @@
+//! Connection limits under attack (issue "Robustness and security", acceptance 2): slowloris
+//! clients on both proxy listeners and a flood of 10 000 connection attempts do not stop a
+//! well-behaved client from completing its requests, and the limits show in /metrics.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::mesh::*;
+use common::*;
+
+const PAGE: &[u8] = b"page for a patient client\n";
+
+/// Keep `n` connections to `addr` open, each sending `prefix` then one byte of `drip` every
+/// 200 ms; reconnect when the proxy drops one, until `stop`.
+fn slowloris(addr: SocketAddr, n: usize, prefix: &'static [u8], drip: u8, stop: Arc<AtomicBool>) {
+    for _ in 0..n {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut s) = TcpStream::connect(addr) else {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
+                let _ = s.set_nodelay(true);
+                if s.write_all(prefix).is_err() {
+                    continue;
+                }
+                while !stop.load(Ordering::Relaxed) && s.write_all(&[drip]).is_ok() {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        });
+    }
+}
+
+/// `count` connection attempts to `addr` from `threads` threads: connect, then close at once.
+fn flood(addr: SocketAddr, count: usize, threads: usize) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    (0..count / threads)
+                        .filter(|_| TcpStream::connect(addr).is_ok())
+                        .count()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    })
+}
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn slowloris_and_a_flood_do_not_lock_out_a_well_behaved_client() {
+    let mesh = DevMeshProcess::start(1);
+    let state = TempDir::new("limits");
+    let web = LocalServer::start("limits-web");
+    std::fs::write(web.dir.join("index.html"), PAGE).unwrap();
+    let _b = join(
+        &mesh,
+        &state.0,
+        "bravo",
+        &["--expose", &format!("80={}", web.port)],
+    );
+    let status_port = free_port_block(1);
+    let a = join(
+        &mesh,
+        &state.0,
+        "alpha",
+        &[
+            "--socks",
+            "0",
+            "--http",
+            "0",
+            "--max-connections-per-listener",
+            "256",
+            "--handshake-timeout",
+            "5s",
+            "--status-addr",
+            &status_port.to_string(),
+        ],
+    );
+    let socks = a.socks.unwrap();
+    let http = a.http.unwrap();
+    let url = "http://bravo.mesh.test/index.html";
+    let socks_url = socks.to_string();
+    let http_url = format!("http://{http}");
+    // Reachable before the attack.
+    let (code, body, err) = fetch_until_ok(
+        &["--socks5-hostname", &socks_url, url],
+        Duration::from_secs(20),
+    );
+    assert_eq!((code, body.as_slice()), (0, PAGE), "{err}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // SOCKS5 greeting offering 255 methods, one method byte at a time; an HTTP head one
+    // header byte at a time.
+    slowloris(socks, 300, &[5, 255], 0, stop.clone());
+    slowloris(
+        http,
+        300,
+        b"GET http://x/ HTTP/1.1\r\nX-Slow: ",
+        b'a',
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let floods = [flood(socks, 5000, 4), flood(http, 5000, 4)];
+
+    // The well-behaved client, through both listeners, all the while.
+    let start = Instant::now();
+    let mut rounds = 0;
+    while start.elapsed() < Duration::from_secs(8) {
+        let (code, body, err) = curl(&["--max-time", "10", "--socks5-hostname", &socks_url, url]);
+        assert_eq!(
+            (code, body.as_slice()),
+            (0, PAGE),
+            "SOCKS5 round {rounds}: {err}"
+        );
+        let (code, body, err) = curl(&["--max-time", "10", "-x", &http_url, url]);
+        assert_eq!(
+            (code, body.as_slice()),
+            (0, PAGE),
+            "HTTP round {rounds}: {err}"
+        );
+        rounds += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let attempts: usize = floods.into_iter().map(|f| f.join().unwrap()).sum();
+    assert!(
+        attempts >= 9000,
+        "only {attempts} flood connections were made"
+    );
+    assert!(rounds >= 3, "only {rounds} rounds in 8 s");
+
+    // The limits and what they did are in /metrics.
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:{status_port}/metrics"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let socks_label = format!("{{kind=\"socks5\",listener=\"{socks}\"");
+    let http_label = format!("{{kind=\"http\",listener=\"{http}\"");
+    assert_eq!(
+        metric(
+            &text,
+            &format!("netbird_proxy_max_connections{socks_label}}}")
+        ),
+        256.0,
+        "{text}"
+    );
+    for label in [&socks_label, &http_label] {
+        let evicted = metric(
+            &text,
+            &format!("netbird_proxy_proxy_requests_total{label},result=\"evicted\"}}"),
+        );
+        let timeouts = metric(
+            &text,
+            &format!("netbird_proxy_proxy_requests_total{label},result=\"timeout\"}}"),
+        );
+        assert!(
+            evicted > 0.0 || timeouts > 0.0,
+            "no eviction or timeout for {label}:\n{text}"
+        );
+    }
+    // Still serving after the attack ends.
+    let (code, body, err) = curl(&["--max-time", "10", "--socks5-hostname", &socks_url, url]);
+    assert_eq!((code, body.as_slice()), (0, PAGE), "{err}");
+    let mut probe = TcpStream::connect(http).unwrap();
+    probe
+        .write_all(b"GET http://bravo.mesh.test/index.html HTTP/1.1\r\nHost: bravo.mesh.test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = Vec::new();
+    let _ = probe.read_to_end(&mut resp);
+    assert!(resp.ends_with(PAGE), "{}", String::from_utf8_lossy(&resp));
+}
