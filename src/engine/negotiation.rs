@@ -345,7 +345,7 @@ impl Negotiator {
 }
 
 /// `relayServerIP`: 4 or 16 bytes.
-fn ip_from_bytes(b: &[u8]) -> Option<std::net::IpAddr> {
+pub(crate) fn ip_from_bytes(b: &[u8]) -> Option<std::net::IpAddr> {
     match b.len() {
         4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
         // An IPv4-mapped IPv6 address is dialled as IPv4.

@@ -267,7 +267,7 @@ fn via() -> &'static HeaderValue {
     })
 }
 
-fn is_loop(headers: &HeaderMap) -> bool {
+pub(crate) fn is_loop(headers: &HeaderMap) -> bool {
     let ours = via().as_bytes();
     headers.get_all(header::VIA).iter().any(|v| {
         v.as_bytes()
@@ -276,7 +276,7 @@ fn is_loop(headers: &HeaderMap) -> bool {
     })
 }
 
-fn target_of(host: &str, port: u16) -> Target {
+pub(crate) fn target_of(host: &str, port: u16) -> Target {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     match bare.parse::<IpAddr>() {
         Ok(ip) => Target::Addr(SocketAddr::new(ip, port)),
@@ -330,7 +330,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Whether `Proxy-Authorization: Basic ...` carries the configured credentials.
-fn authorized(headers: &HeaderMap, creds: &Credentials) -> bool {
+pub(crate) fn authorized(headers: &HeaderMap, creds: &Credentials) -> bool {
     let Some(value) = headers
         .get(header::PROXY_AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -1,0 +1,160 @@
+//! Entry points of the fuzz targets (`fuzz/`), one per parser that reads input from the
+//! network or the user: each takes arbitrary bytes and must never panic. The same functions
+//! replay the saved corpora in `tests/fuzz_corpora.rs`, so every input the fuzzers kept (and
+//! every crash they found) is checked on each CI run.
+
+use std::sync::OnceLock;
+
+use prost::Message;
+
+use crate::control::management::SyncResponse;
+use crate::control::mesh::{MeshState, parse_local};
+use crate::control::signal::{Body, EncryptedMessage};
+use crate::proxy::Credentials;
+
+/// A small runtime for the targets whose parsers are async (SOCKS5, HTTP).
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime")
+    })
+}
+
+/// A client's bytes through fast-socks5's server protocol as our SOCKS5 listener runs it
+/// (with and without authentication), up to the target the dialler would get.
+pub fn socks5_request(data: &[u8]) {
+    use fast_socks5::server::Socks5ServerProtocol;
+    use fast_socks5::util::target_addr::TargetAddr;
+    let creds = Credentials::parse("user:secret").expect("valid credentials");
+    for with_auth in [false, true] {
+        runtime().block_on(async {
+            let (mut client, server) = tokio::io::duplex(64 * 1024);
+            use tokio::io::AsyncWriteExt;
+            let _ = client.write_all(data).await;
+            let _ = client.shutdown().await;
+            let negotiated = async {
+                let proto = if with_auth {
+                    Socks5ServerProtocol::accept_password_auth(server, |u, p| {
+                        creds.check(u.as_bytes(), p.as_bytes())
+                    })
+                    .await?
+                    .0
+                } else {
+                    Socks5ServerProtocol::accept_no_auth(server).await?
+                };
+                proto.read_command().await
+            };
+            if let Ok(Ok((_, _, target))) =
+                tokio::time::timeout(std::time::Duration::from_secs(1), negotiated).await
+            {
+                let _ = match target {
+                    TargetAddr::Ip(a) => a.to_string(),
+                    TargetAddr::Domain(h, p) => crate::proxy::http::target_of(&h, p).to_string(),
+                };
+            }
+        });
+    }
+}
+
+/// A client's bytes through hyper's HTTP/1 server and our request checks (authentication,
+/// loop detection, hop-by-hop stripping, CONNECT and absolute-form targets), short of dialling.
+pub fn http_request(data: &[u8]) {
+    use http_body_util::Empty;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let creds = Credentials::parse("user:secret").expect("valid credentials");
+    runtime().block_on(async {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        use tokio::io::AsyncWriteExt;
+        let _ = client.write_all(data).await;
+        let _ = client.shutdown().await;
+        let service = service_fn(|req: http::Request<hyper::body::Incoming>| {
+            let mut headers = req.headers().clone();
+            let _ = crate::proxy::http::authorized(&headers, &creds);
+            let _ = crate::proxy::http::is_loop(&headers);
+            crate::proxy::http::strip_hop_by_hop(&mut headers);
+            if let Some(a) = req.uri().authority() {
+                let port = a.port_u16().unwrap_or(80);
+                let _ = crate::proxy::http::target_of(a.host(), port);
+            }
+            let _ = req.uri().path_and_query().map(|p| p.as_str().len());
+            async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<bytes::Bytes>::new()))
+            }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(server), service);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
+    });
+}
+
+/// A relay message as the relay client parses it.
+pub fn relay_frame(data: &[u8]) {
+    let _ = crate::relay::messages::parse(data);
+}
+
+/// A management Sync message: decoded, then applied to a mesh state twice (a first map and
+/// an update on top of it), with our own peer config parsed as login would.
+pub fn management_sync(data: &[u8]) {
+    let Ok(resp) = SyncResponse::decode(data) else {
+        return;
+    };
+    let mut mesh = MeshState::default();
+    if let Some(pc) = &resp.peer_config {
+        let _ = parse_local(pc);
+    }
+    let own = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let _ = mesh.apply(&resp, own);
+    let _ = mesh.apply(&resp, own);
+}
+
+/// A signal message: the envelope decoded and opened, the body decoded, and the fields the
+/// negotiator reads (relay URL, relay server IP) interpreted.
+pub fn signal_message(data: &[u8]) {
+    if let Ok(env) = EncryptedMessage::decode(data) {
+        let ours = [1u8; 32];
+        let theirs = crate::control::envelope::public_key_of(&[2u8; 32]);
+        let _ = crate::control::envelope::parse_key_string(&env.key);
+        let _ = crate::control::envelope::open(&env.body, &ours, &theirs);
+    }
+    if let Ok(body) = Body::decode(data) {
+        if let Some(url) = body.relay_server_address.as_deref() {
+            let _ = crate::relay::client::websocket_url(url);
+        }
+        if let Some(ip) = body.relay_server_ip.as_deref() {
+            let _ = crate::engine::negotiation::ip_from_bytes(ip);
+        }
+    }
+}
+
+/// A wg-quick configuration file.
+pub fn wg_config(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = crate::wg::WgConfig::parse(text);
+    }
+}
+
+/// A DNS answer from the tunnel (the first two bytes double as the query ID we expect).
+pub fn dns_answer(data: &[u8]) {
+    let id = data
+        .get(..2)
+        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+    let _ = crate::proxy::dns::parse_answer(data, id);
+}
+
+/// A fuzz target's entry point.
+pub type Target = fn(&[u8]);
+
+/// Every target by name, for the corpus replay.
+pub const TARGETS: &[(&str, Target)] = &[
+    ("socks5_request", socks5_request),
+    ("http_request", http_request),
+    ("relay_frame", relay_frame),
+    ("management_sync", management_sync),
+    ("signal_message", signal_message),
+    ("wg_config", wg_config),
+    ("dns_answer", dns_answer),
+];
