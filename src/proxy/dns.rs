@@ -90,14 +90,14 @@ impl MeshNames {
             .copied()
     }
 
-    /// The name of the peer at `ip`, if the network map gave one.
-    pub fn name_of(&self, ip: IpAddr) -> Option<String> {
+    /// Every name by its address (one map, for looking up many peers at once).
+    pub fn by_address(&self) -> HashMap<IpAddr, String> {
         self.0
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .find(|(_, a)| **a == ip)
-            .map(|(n, _)| n.clone())
+            .map(|(n, a)| (*a, n.clone()))
+            .collect()
     }
 
     /// Replace every name at once.

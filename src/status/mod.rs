@@ -11,8 +11,8 @@ pub mod client;
 mod prometheus;
 pub mod server;
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -177,11 +177,12 @@ impl StatusHub {
                 connected: home.is_some(),
             });
         }
+        let names = view.names.by_address();
         snap.peers = view
             .wg
             .peers()
             .iter()
-            .map(|p| peer_status(p, &view.names, self.mode))
+            .map(|p| peer_status(p, &names, self.mode))
             .collect();
         snap.peers
             .sort_by(|a, b| a.fqdn.cmp(&b.fqdn).then(a.ip.cmp(&b.ip)));
@@ -212,7 +213,7 @@ impl StatusHub {
 /// heard from for three keepalive intervals plus 10 s has gone away; a static peer may well
 /// keep quiet (a server whose config has no PersistentKeepalive), so silence alone does not
 /// count against it.
-fn peer_status(peer: &Peer, names: &MeshNames, mode: Mode) -> PeerStatus {
+fn peer_status(peer: &Peer, names: &HashMap<IpAddr, String>, mode: Mode) -> PeerStatus {
     let handshake = peer.time_since_handshake();
     let heard = peer.time_since_rx();
     let endpoint = peer.endpoint();
@@ -244,7 +245,7 @@ fn peer_status(peer: &Peer, names: &MeshNames, mode: Mode) -> PeerStatus {
     let fqdn = peer
         .allowed_ips
         .first()
-        .and_then(|n| names.name_of(n.addr()))
+        .and_then(|n| names.get(&n.addr()).cloned())
         .unwrap_or_default();
     PeerStatus {
         fqdn,
