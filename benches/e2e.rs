@@ -16,7 +16,7 @@
 //!
 //! Impaired rows: 10 ms delay and 0.5 % loss each way (20 ms more RTT). This kernel has no
 //! `sch_netem` (CONFIG_NET_SCH_NETEM is not set), so the impairment is a UDP relay on the
-//! WireGuard underlay (`e2e impair ...`, this binary again), put in front of the peer for both
+//! WireGuard underlay (tests/common/impair.rs, run as `e2e impair ...`, this binary again), put in front of the peer for both
 //! paths alike: the proxy's endpoint and K's endpoint point at their own relay.
 //!
 //! Proxy-to-proxy runs iperf3 through two netbird-proxy processes with static configs on
@@ -129,83 +129,18 @@ fn handle(mut s: TcpStream) -> std::io::Result<()> {
 
 /// `impair LISTEN UPSTREAM DELAY_MS LOSS_PERCENT`: relay UDP datagrams between the first
 /// client that sends to LISTEN and UPSTREAM, each way delayed by DELAY_MS and dropped with
-/// probability LOSS_PERCENT (a constant delay keeps order).
+/// probability LOSS_PERCENT (tests/common/impair.rs, without reordering).
 fn impair(args: &[String]) {
-    use std::net::UdpSocket;
-    use std::sync::{Arc, Mutex, mpsc};
-    let listen: SocketAddr = args[0].parse().unwrap();
     let upstream: SocketAddr = args[1].parse().unwrap();
-    let delay = Duration::from_millis(args[2].parse().unwrap());
-    let loss: f64 = args[3].parse::<f64>().unwrap() / 100.0;
-    let big = |s: &UdpSocket| {
-        let s = socket2::SockRef::from(s);
-        let _ = s.set_recv_buffer_size(8 << 20);
-        let _ = s.set_send_buffer_size(8 << 20);
+    let imp = common::impair::Impairment {
+        delay: Duration::from_millis(args[2].parse().unwrap()),
+        loss: args[3].parse::<f64>().unwrap() / 100.0,
+        reorder: 0.0,
+        reorder_lag: Duration::ZERO,
     };
-    let front = Arc::new(UdpSocket::bind(listen).expect("impair bind"));
-    let back = Arc::new(UdpSocket::bind("0.0.0.0:0").unwrap());
-    back.connect(upstream).unwrap();
-    big(&front);
-    big(&back);
-    let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+    let _relay = common::impair::start(&args[0], upstream, imp);
     println!("READY");
     std::io::stdout().flush().unwrap();
-
-    // One direction: receive, stamp, queue; a second thread sends when due.
-    type Recv = Box<dyn Fn(&mut [u8]) -> Option<usize> + Send>;
-    type Sender = Box<dyn Fn(&[u8]) + Send>;
-    let pump = |recv: Recv, send: Sender, seed: u64| {
-        let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
-        std::thread::spawn(move || {
-            let mut rng = seed;
-            let mut buf = vec![0u8; 65536];
-            while let Some(n) = recv(&mut buf) {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                if (rng % 1_000_000) as f64 / 1e6 < loss {
-                    continue;
-                }
-                if tx
-                    .send((Instant::now() + delay, buf[..n].to_vec()))
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
-        std::thread::spawn(move || {
-            for (due, pkt) in rx {
-                let now = Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
-                send(&pkt);
-            }
-        });
-    };
-    let (f1, c1, b1) = (front.clone(), client.clone(), back.clone());
-    pump(
-        Box::new(move |buf| {
-            let (n, from) = f1.recv_from(buf).ok()?;
-            *c1.lock().unwrap() = Some(from);
-            Some(n)
-        }),
-        Box::new(move |pkt| {
-            let _ = b1.send(pkt);
-        }),
-        0x9e3779b97f4a7c15,
-    );
-    let (b2, c2, f2) = (back.clone(), client.clone(), front.clone());
-    pump(
-        Box::new(move |buf| b2.recv(buf).ok()),
-        Box::new(move |pkt| {
-            if let Some(to) = *c2.lock().unwrap() {
-                let _ = f2.send_to(pkt, to);
-            }
-        }),
-        0x2545f4914f6cdd1d,
-    );
     loop {
         std::thread::park();
     }

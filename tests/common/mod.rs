@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+pub mod impair;
 pub mod mesh;
 
 pub const PEER_IP: &str = "100.64.0.2";
@@ -103,6 +104,7 @@ pub struct Testbed {
     pub proxy_private: String,
     pub peer_public: String,
     pub dead_peer_public: String,
+    proxy_public: String,
     children: Vec<Child>,
 }
 
@@ -141,6 +143,7 @@ impl Testbed {
             proxy_private: String::new(),
             peer_public: String::new(),
             dead_peer_public: String::new(),
+            proxy_public: String::new(),
             children: Vec::new(),
         };
         let peer_veth = format!("{veth}p");
@@ -171,45 +174,8 @@ impl Testbed {
         bed.peer_public = peer_public;
         bed.dead_peer_public = dead_peer_public;
 
-        let log = std::fs::File::create(dir.join("wireguard-go.log")).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns, "wireguard-go", "-f", &wg_if])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("wireguard-go");
-        bed.children.push(child);
-        let sock = PathBuf::from(format!("/var/run/wireguard/{wg_if}.sock"));
-        wait_for(
-            Duration::from_secs(10),
-            || sock.exists(),
-            "wireguard-go UAPI socket",
-        );
-        let peer_key = dir.join("peer.key");
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            "wg",
-            "set",
-            &wg_if,
-            "listen-port",
-            "51820",
-            "private-key",
-            peer_key.to_str().unwrap(),
-            "peer",
-            &proxy_public,
-            "allowed-ips",
-            &format!("{PROXY_IP}/32,{PROXY_IP6}/128"),
-        ]);
-        // Up first: wireguard-go may still be configuring the tun device, and an IPv6 address
-        // added before that can be flushed again.
-        sh(&["ip", "-n", &ns, "link", "set", &wg_if, "mtu", "1420", "up"]);
-        let v4 = format!("{PEER_IP}/16");
-        let v6 = format!("{PEER_IP6}/64");
-        sh(&["ip", "-n", &ns, "addr", "add", &v4, "dev", &wg_if]);
-        sh(&["ip", "-n", &ns, "addr", "add", &v6, "dev", &wg_if, "nodad"]);
+        bed.proxy_public = proxy_public;
+        bed.start_wireguard();
 
         std::fs::write(dir.join("www/index.html"), b"hello from the peer\n").unwrap();
         let server = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peer_server.py");
@@ -271,6 +237,148 @@ impl Testbed {
             },
         );
         bed
+    }
+
+    /// Start the peer's wireguard-go and configure it: keys, listen port, our peer, addresses.
+    fn start_wireguard(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("wireguard-go.log"))
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "wireguard-go", "-f", &self.wg_if])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("wireguard-go");
+        self.children.push(child);
+        let sock = PathBuf::from(format!("/var/run/wireguard/{}.sock", self.wg_if));
+        wait_for(
+            Duration::from_secs(10),
+            || sock.exists(),
+            "wireguard-go UAPI socket",
+        );
+        let peer_key = self.dir.join("peer.key");
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns,
+            "wg",
+            "set",
+            &self.wg_if,
+            "listen-port",
+            "51820",
+            "private-key",
+            peer_key.to_str().unwrap(),
+            "peer",
+            &self.proxy_public,
+            "allowed-ips",
+            &format!("{PROXY_IP}/32,{PROXY_IP6}/128"),
+        ]);
+        // Up first: wireguard-go may still be configuring the tun device, and an IPv6 address
+        // added before that can be flushed again.
+        sh(&[
+            "ip",
+            "-n",
+            &self.ns,
+            "link",
+            "set",
+            &self.wg_if,
+            "mtu",
+            "1420",
+            "up",
+        ]);
+        let v4 = format!("{PEER_IP}/16");
+        let v6 = format!("{PEER_IP6}/64");
+        sh(&["ip", "-n", &self.ns, "addr", "add", &v4, "dev", &self.wg_if]);
+        sh(&[
+            "ip",
+            "-n",
+            &self.ns,
+            "addr",
+            "add",
+            &v6,
+            "dev",
+            &self.wg_if,
+            "nodad",
+        ]);
+    }
+
+    /// Kill the peer's wireguard-go (its tun device and addresses go with it) and start a new
+    /// one with the same keys and addresses: a restarted peer, with no session.
+    pub fn restart_wireguard(&mut self) {
+        let out = self.exec(&["pkill", "-KILL", "-x", "wireguard-go"]);
+        assert!(out.status.success(), "no wireguard-go to kill");
+        let sock = PathBuf::from(format!("/var/run/wireguard/{}.sock", self.wg_if));
+        wait_for(
+            Duration::from_secs(10),
+            || {
+                let up = self.exec(&["ip", "link", "show", &self.wg_if]);
+                !up.status.success()
+            },
+            "the killed wireguard-go's device to disappear",
+        );
+        let _ = std::fs::remove_file(&sock);
+        self.start_wireguard();
+    }
+
+    /// Move the peer's underlay address to a fresh /30 (the host side gets the other address of
+    /// it): the peer roams. Its route back to our old address stays, through the new subnet.
+    /// Returns the peer's new underlay address.
+    pub fn roam_peer(&mut self) -> String {
+        let old_peer = self.underlay_peer.clone();
+        let old: std::net::Ipv4Addr = old_peer.parse().unwrap();
+        let host_old = std::net::Ipv4Addr::from(u32::from(old) - 1).to_string();
+        // The slot opposite ours in 198.18.0.0/15.
+        let base = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0));
+        let slot = ((u32::from(old) - 2 - base) / 4) ^ 16384;
+        let host_new = std::net::Ipv4Addr::from(base + slot * 4 + 1).to_string();
+        let peer_new = std::net::Ipv4Addr::from(base + slot * 4 + 2).to_string();
+        let peer_veth = format!("{}p", self.veth);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{host_new}/30"),
+            "dev",
+            &self.veth,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &self.ns,
+            "addr",
+            "add",
+            &format!("{peer_new}/30"),
+            "dev",
+            &peer_veth,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &self.ns,
+            "addr",
+            "del",
+            &format!("{old_peer}/30"),
+            "dev",
+            &peer_veth,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &self.ns,
+            "route",
+            "add",
+            &format!("{host_old}/32"),
+            "dev",
+            &peer_veth,
+            "src",
+            &peer_new,
+        ]);
+        self.underlay_peer = peer_new.clone();
+        peer_new
     }
 
     /// A wg-quick config for the proxy; `extra_interface` lines go into [Interface].
