@@ -1,6 +1,7 @@
 //! Control-plane faults with traffic flowing, as separate processes: the dev mesh runs its
-//! management+signal and its relays in two `dev-mesh` processes sharing a state file, so a test
-//! can SIGKILL one of them mid-transfer and start it again, as a crash and a restart would.
+//! management (with or without signal), signal and relays in `dev-mesh` processes sharing a state
+//! file, so a test can SIGKILL one of them mid-transfer and start it again, as a crash and a
+//! restart would.
 
 mod common;
 
@@ -11,14 +12,20 @@ use std::time::{Duration, Instant};
 use common::mesh::*;
 use common::*;
 
-/// Management+signal in one process, the relays in another, on consecutive fixed ports.
+/// Management (with signal, unless signal has its own process) in one process, the relays in
+/// another, on consecutive fixed ports.
 struct SplitMesh {
     control: DevMeshProcess,
+    signal: Option<DevMeshProcess>,
     relays: DevMeshProcess,
     _state: TempDir,
 }
 
 fn split_mesh(name: &str, relays: u8) -> SplitMesh {
+    split_mesh_with(name, relays, false)
+}
+
+fn split_mesh_with(name: &str, relays: u8, own_signal: bool) -> SplitMesh {
     let state = TempDir::new(&format!("faults-{name}"));
     let base = free_port_block(2 + u16::from(relays));
     let listen = format!("127.0.0.1:{base}");
@@ -36,12 +43,17 @@ fn split_mesh(name: &str, relays: u8) -> SplitMesh {
         ]
         .map(String::from)
     };
-    let control =
-        DevMeshProcess::start_with(&args("management,signal").each_ref().map(|s| s.as_str()));
-    let relay_args = args("relay");
-    let relays = DevMeshProcess::start_with(&relay_args.each_ref().map(|s| s.as_str()));
+    let start =
+        |services| DevMeshProcess::start_with(&args(services).each_ref().map(|s| s.as_str()));
+    let (control, signal) = if own_signal {
+        (start("management"), Some(start("signal")))
+    } else {
+        (start("management,signal"), None)
+    };
+    let relays = start("relay");
     SplitMesh {
         control,
+        signal,
         relays,
         _state: state,
     }
@@ -164,4 +176,50 @@ fn relay_killed_and_restarted_recovers_traffic_within_a_bound() {
     echo_for(&mut conn, Duration::from_millis(300), BOUND, &mut round);
     eprintln!("traffic recovered {recovered:?} after the relays came back (bound {BOUND:?})");
     assert!(recovered < BOUND);
+}
+
+/// Acceptance 3: signal killed and restarted mid-run. The open connection keeps flowing (its
+/// packets go through the relay, not signal); the peers reconnect to the restarted signal by
+/// themselves, and a peer that joins afterwards is reached, which takes an offer and an answer
+/// exchanged over the new signal connection.
+#[test]
+fn signal_killed_and_restarted_keeps_open_transfers_flowing_and_peers_reconnect() {
+    let mut mesh = split_mesh_with("signal", 1, true);
+    let (dir, echo, a, b) = alpha_and_bravo(&mesh, "signal");
+    let socks = a.socks.unwrap();
+    let b_ip = b.mesh_ip.unwrap();
+    let mut conn = connect_until(socks, b_ip, 7000, Duration::from_secs(20));
+    let mut round = 0;
+    echo_for(&mut conn, Duration::from_secs(1), STALL, &mut round);
+    let connected = |p: &Proxy| p.log().matches("signal connected").count();
+    assert_eq!(connected(&a), 1, "{}", a.log());
+
+    let signal = mesh.signal.as_mut().unwrap();
+    signal.kill();
+    echo_for(&mut conn, Duration::from_secs(3), STALL, &mut round);
+    signal.restart();
+    let back = Instant::now();
+    echo_for(&mut conn, Duration::from_secs(1), STALL, &mut round);
+    const BOUND: Duration = Duration::from_secs(30);
+    wait_for_or(
+        BOUND,
+        || connected(&a) >= 2 && connected(&b) >= 2,
+        || format!("no signal reconnect:\nA:\n{}\nB:\n{}", a.log(), b.log()),
+    );
+    let reconnected = back.elapsed();
+
+    let c = join(
+        &mesh.control,
+        &dir.0,
+        "charlie",
+        &["--expose", &format!("7001={}", echo.echo_port)],
+    );
+    let mut to_c = connect_until(socks, c.mesh_ip.unwrap(), 7001, BOUND);
+    echo_for(&mut to_c, Duration::from_millis(300), STALL, &mut round);
+    echo_for(&mut conn, Duration::from_millis(300), STALL, &mut round);
+    let reached = back.elapsed();
+    eprintln!(
+        "{round} echo rounds of 16 KiB, none stalled over {STALL:?}; both peers back on signal \
+         {reconnected:?} after its restart, a new peer reached {reached:?} after it"
+    );
 }
