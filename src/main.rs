@@ -258,11 +258,14 @@ async fn run_peer(
         congestion: run.tcp_congestion,
         tcp_buffer_budget: Some(run.tcp_buffers_mib.saturating_mul(1024 * 1024)),
         status: hub,
-        limits: netbird_proxy::proxy::admission::Limits::new(
-            run.max_connections_per_listener as usize,
-            run.max_connections as usize,
-            run.handshake_timeout,
-        ),
+        limits: netbird_proxy::proxy::admission::Limits {
+            idle_timeout: Some(run.idle_timeout).filter(|d| !d.is_zero()),
+            ..netbird_proxy::proxy::admission::Limits::new(
+                run.max_connections_per_listener as usize,
+                run.max_connections as usize,
+                run.handshake_timeout,
+            )
+        },
     };
     if let Some(path) = run.wg_config {
         let config = match WgConfig::load(&path) {

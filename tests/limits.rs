@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -185,4 +185,179 @@ fn slowloris_and_a_flood_do_not_lock_out_a_well_behaved_client() {
     let mut resp = Vec::new();
     let _ = probe.read_to_end(&mut resp);
     assert!(resp.ends_with(PAGE), "{}", String::from_utf8_lossy(&resp));
+}
+
+/// Wait for the proxy to close `s` (EOF or reset), reading nothing else; returns when.
+fn closed_at(s: &mut TcpStream, limit: Duration) -> Instant {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 4096];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{n} unexpected bytes"),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            panic!("still open after {limit:?}")
+        }
+        Err(_) => {} // reset
+    }
+    Instant::now()
+}
+
+/// Idle timeout (issue "Robustness and security", limits): with `--idle-timeout 2s` an idle
+/// SOCKS5 tunnel, HTTP CONNECT tunnel, forward and HTTP keep-alive connection are each closed
+/// about 2 s after their last byte, a tunnel with a byte every 700 ms outlives that many times
+/// over, and their slots come back.
+#[test]
+fn idle_connections_are_closed_and_busy_ones_are_not() {
+    const IDLE: Duration = Duration::from_secs(2);
+    let mesh = DevMeshProcess::start(1);
+    let state = TempDir::new("idle");
+    let web = LocalServer::start("idle-web");
+    std::fs::write(web.dir.join("index.html"), PAGE).unwrap();
+    let b = join(
+        &mesh,
+        &state.0,
+        "bravo",
+        &[
+            "--expose",
+            &format!("80={}", web.port),
+            "--expose",
+            &format!("7000={}", web.echo_port),
+        ],
+    );
+    let b_ip = b.mesh_ip.unwrap().to_string();
+    let status_port = free_port_block(1);
+    let a = join(
+        &mesh,
+        &state.0,
+        "alpha",
+        &[
+            "--socks",
+            "0",
+            "--http",
+            "0",
+            "--forward",
+            &format!("0:{b_ip}:7000"),
+            "--idle-timeout",
+            "2s",
+            "--status-addr",
+            &status_port.to_string(),
+        ],
+    );
+    let socks = a.socks.unwrap();
+    let http = a.http.unwrap();
+    let forward = a.forwards[0];
+    let (code, _, err) = fetch_until_ok(
+        &[
+            "--socks5-hostname",
+            &socks.to_string(),
+            "http://bravo.mesh.test/",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, 0, "{err}");
+
+    let echo_once = |s: &mut TcpStream, msg: &[u8]| {
+        s.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg);
+    };
+    let socks_tunnel = || {
+        let (mut s, reply) = socks_connect(socks, None, &connect_v4(&b_ip, 7000)).unwrap();
+        assert_eq!(reply[1], 0);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        echo_once(&mut s, b"hello");
+        s
+    };
+    let idle_socks = socks_tunnel();
+    let socks_last = Instant::now();
+    let mut busy_socks = socks_tunnel();
+    let mut idle_connect = TcpStream::connect(http).unwrap();
+    write!(
+        idle_connect,
+        "CONNECT {b_ip}:7000 HTTP/1.1\r\nHost: {b_ip}:7000\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 256];
+    idle_connect
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let n = idle_connect.read(&mut head).unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &head[..n]);
+    echo_once(&mut idle_connect, b"tunnel");
+    let connect_last = Instant::now();
+    let mut idle_forward = TcpStream::connect(forward).unwrap();
+    idle_forward
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    echo_once(&mut idle_forward, b"forward");
+    let forward_last = Instant::now();
+    let mut keep_alive = TcpStream::connect(http).unwrap();
+    keep_alive
+        .write_all(
+            b"GET http://bravo.mesh.test/index.html HTTP/1.1\r\nHost: bravo.mesh.test\r\n\r\n",
+        )
+        .unwrap();
+    keep_alive
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut resp = Vec::new();
+    while !resp.ends_with(PAGE) {
+        let mut buf = [0u8; 1024];
+        let n = keep_alive.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&resp));
+        resp.extend_from_slice(&buf[..n]);
+    }
+
+    let keep_alive_last = Instant::now();
+    // The busy tunnel: a byte every 700 ms, in its own thread, for 3 x the idle timeout.
+    let busy = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < 3 * IDLE {
+            std::thread::sleep(Duration::from_millis(700));
+            echo_once(&mut busy_socks, b".");
+        }
+        busy_socks
+    });
+    // Each idle one waits in its own thread, so each close is timed as it happens.
+    let waiters: Vec<_> = [
+        ("SOCKS5 tunnel", idle_socks, socks_last),
+        ("CONNECT tunnel", idle_connect, connect_last),
+        ("forward", idle_forward, forward_last),
+        ("HTTP keep-alive", keep_alive, keep_alive_last),
+    ]
+    .into_iter()
+    .map(|(what, mut s, last_byte)| {
+        std::thread::spawn(move || (what, closed_at(&mut s, Duration::from_secs(10)), last_byte))
+    })
+    .collect();
+    for w in waiters {
+        let (what, at, last_byte) = w.join().unwrap();
+        let idle = at - last_byte;
+        eprintln!("idle {what} closed {idle:?} after the last byte");
+        assert!(
+            idle > IDLE - Duration::from_millis(200) && idle < IDLE + Duration::from_secs(3),
+            "{what}: closed {idle:?} after its last byte"
+        );
+    }
+    let mut busy_socks = busy.join().unwrap();
+    echo_once(&mut busy_socks, b"still here");
+    drop(busy_socks);
+
+    // Every slot is given back.
+    wait_for(
+        Duration::from_secs(5),
+        || {
+            let out = std::process::Command::new("curl")
+                .args(["-s", "--max-time", "5"])
+                .arg(format!("http://127.0.0.1:{status_port}/metrics"))
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            text.lines()
+                .filter(|l| l.starts_with("netbird_proxy_listener_open_connections"))
+                .all(|l| l.ends_with(" 0"))
+        },
+        "open connections back to 0",
+    );
 }

@@ -233,6 +233,10 @@ pub fn render(run: &RunArgs) -> String {
         "handshake_timeout",
         Some(text(format!("{}ms", run.handshake_timeout.as_millis()))),
     );
+    put(
+        "idle_timeout",
+        Some(text(format!("{}ms", run.idle_timeout.as_millis()))),
+    );
     put("status_addr", run.status_addr.map(|a| text(a.to_string())));
     put(
         "ready_peers",

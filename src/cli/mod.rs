@@ -124,6 +124,11 @@ pub struct RunArgs {
     #[arg(long, env = "NB_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
+    /// Close a SOCKS5 tunnel, HTTP connection, forward or exposed-port connection on which no
+    /// byte has moved either way for this long; 0 never closes one.
+    #[arg(long, env = "NB_IDLE_TIMEOUT", value_name = "DURATION", default_value = "15m", value_parser = parse_duration_or_zero)]
+    pub idle_timeout: Duration,
+
     /// Let SOCKS5, HTTP proxy, forward and status listeners on non-loopback addresses run
     /// without authentication (only on a network you trust: anyone who reaches them uses
     /// the mesh).
@@ -407,8 +412,24 @@ pub fn parse_forward(s: &str) -> Result<Forward, String> {
     Ok(Forward { listen, target })
 }
 
-/// `10s`, `500ms`, `2m`, or plain seconds.
+/// `10s`, `500ms`, `2m`, or plain seconds; not zero.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_any_duration(s)?;
+    if d.is_zero() {
+        return Err(format!(
+            "`{}` is not a duration like 10s, 500ms or 2m",
+            s.trim()
+        ));
+    }
+    Ok(d)
+}
+
+/// A duration as `parse_duration`, or 0 (in any unit) for "never".
+pub fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    parse_any_duration(s).map_err(|e| format!("{e}, or 0"))
+}
+
+fn parse_any_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let bad = || format!("`{s}` is not a duration like 10s, 500ms or 2m");
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -420,9 +441,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => Duration::from_secs(n * 60),
         _ => return Err(bad()),
     };
-    if d.is_zero() {
-        return Err(bad());
-    }
     Ok(d)
 }
 

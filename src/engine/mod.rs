@@ -340,6 +340,7 @@ pub async fn start_datapath(
             listener,
             metrics("expose", mesh_addr, mesh_addr),
             e.local,
+            options.limits.idle_timeout,
             cancel.child_token(),
         ));
     }

@@ -16,6 +16,10 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+/// Idle timeout unless configured: long enough for an interactive session left alone over a
+/// coffee, short enough that abandoned tunnels do not pile up.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
 /// How long a newcomer waits for the slot of a connection it evicted.
 const EVICTION_WAIT: Duration = Duration::from_millis(200);
 
@@ -28,15 +32,19 @@ pub struct Limits {
     pub total: Arc<Semaphore>,
     /// Time a client has to complete its greeting, authentication and request.
     pub handshake_timeout: Duration,
+    /// An established connection on which nothing moved either way for this long is closed
+    /// (None: never).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Limits {
-    /// Limits whose global cap is `total`.
+    /// Limits whose global cap is `total`, with the default idle timeout.
     pub fn new(per_listener: usize, total: usize, handshake_timeout: Duration) -> Self {
         Self {
             per_listener,
             total: Arc::new(Semaphore::new(total)),
             handshake_timeout,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
     }
 }

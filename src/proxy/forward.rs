@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::admission::{Limits, Ticket};
 use super::dial::{Dialer, Target};
@@ -23,6 +23,7 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let counters = metrics.clone();
+    let idle = limits.idle_timeout;
     let handle_client = move |mut client: TcpStream, from: SocketAddr, ticket: Arc<Ticket>| {
         // A forward has no handshake: the client is established on arrival.
         ticket.established();
@@ -33,7 +34,11 @@ pub async fn serve(
             match dialer.dial(&target).await {
                 Ok(mut upstream) => {
                     metrics.count("ok");
-                    relay::bidirectional(&mut client, &mut upstream).await
+                    if relay::bidirectional(&mut client, &mut upstream, idle).await
+                        == relay::Ended::Idle
+                    {
+                        debug!(%from, %target, "forward: closed after {idle:?} idle");
+                    }
                 }
                 // The client sees the connection close; the reason goes to the log.
                 Err(e) => {
@@ -53,6 +58,7 @@ pub async fn serve_exposed(
     mut listener: crate::netstack::TcpListener,
     metrics: Arc<ListenerMetrics>,
     local: std::net::SocketAddr,
+    idle: Option<std::time::Duration>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -74,7 +80,11 @@ pub async fn serve_exposed(
                     Ok(mut upstream) => {
                         metrics.count("ok");
                         let _ = upstream.set_nodelay(true);
-                        relay::bidirectional(&mut client, &mut upstream).await
+                        if relay::bidirectional(&mut client, &mut upstream, idle).await
+                            == relay::Ended::Idle
+                        {
+                            debug!(%from, %local, "expose: closed after {idle:?} idle");
+                        }
                     }
                     // The mesh client sees the connection close; the reason goes to the log.
                     Err(e) => {

@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -24,7 +25,7 @@ use tracing::{debug, info};
 
 use super::admission::{Limits, Ticket};
 use super::dial::{DialError, Dialer, Target};
-use super::relay;
+use super::relay::{self, Activity, Watched};
 use super::{Credentials, serve_clients};
 use crate::status::ListenerMetrics;
 
@@ -43,6 +44,7 @@ pub async fn serve(
 ) {
     let tunnels = cancel.clone();
     let header_timeout = limits.handshake_timeout;
+    let idle = limits.idle_timeout;
     let counters = metrics.clone();
     let handle_client = move |client: TcpStream, from: SocketAddr, ticket: Arc<Ticket>| {
         let dialer = dialer.clone();
@@ -61,6 +63,7 @@ pub async fn serve(
                 let tunnel = Tunnel {
                     cancel: tunnels,
                     hold,
+                    idle,
                 };
                 let resp = handle(req, from, dialer, auth.as_deref(), tunnel).await;
                 metrics.count(resp.status().as_str());
@@ -68,6 +71,10 @@ pub async fn serve(
             }
         });
         async move {
+            // Idle covers a keep-alive client waiting between requests too (hyper's header
+            // timeout only starts with a request's first byte).
+            let activity = Arc::new(Activity::new());
+            let client = Watched::new(client, activity.clone());
             let conn = http1::Builder::new()
                 .preserve_header_case(true)
                 .title_case_headers(true)
@@ -75,8 +82,17 @@ pub async fn serve(
                 .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(client), service)
                 .with_upgrades();
-            if let Err(e) = conn.await {
-                debug!(%from, "http connection: {e}");
+            let idle_for = async {
+                match idle {
+                    Some(limit) => activity.idle_for(limit).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    debug!(%from, "http connection: {e}");
+                },
+                _ = idle_for => debug!(%from, "http: closed after {idle:?} idle"),
             }
         }
     };
@@ -88,6 +104,7 @@ pub async fn serve(
 struct Tunnel {
     cancel: CancellationToken,
     hold: Arc<Ticket>,
+    idle: Option<Duration>,
 }
 
 /// Say no to a client over the connection limits: 503 with a reason, then close.
@@ -157,7 +174,12 @@ async fn connect(
         let relay = async {
             match hyper::upgrade::on(req).await {
                 Ok(upgraded) => {
-                    relay::bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await
+                    let io = &mut TokioIo::new(upgraded);
+                    if relay::bidirectional(io, &mut upstream, tunnel.idle).await
+                        == relay::Ended::Idle
+                    {
+                        debug!(%from, %target, "http: CONNECT closed after {:?} idle", tunnel.idle);
+                    }
                 }
                 Err(e) => debug!(%from, "http: upgrade failed: {e}"),
             }

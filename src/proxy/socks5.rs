@@ -44,6 +44,7 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let timeout = limits.handshake_timeout;
+    let idle = limits.idle_timeout;
     let refuse_auth = auth.is_some();
     serve_clients(
         listener,
@@ -60,6 +61,7 @@ pub async fn serve(
                     from,
                     ticket,
                     timeout,
+                    idle,
                 };
                 if let Some(result) = handle(client, dialer, auth, &metrics).await {
                     metrics.count(&result);
@@ -78,6 +80,8 @@ struct Client {
     ticket: Arc<Ticket>,
     /// For greeting, authentication and request together.
     timeout: Duration,
+    /// Of the established relay.
+    idle: Option<Duration>,
 }
 
 /// Say no to a client over the connection limits, in words SOCKS5 has: without
@@ -117,6 +121,7 @@ async fn handle(
         from,
         ticket,
         timeout,
+        idle,
     } = client;
     let negotiated = tokio::time::timeout(timeout, async {
         let proto = match &auth {
@@ -176,7 +181,9 @@ async fn handle(
     };
     metrics.count("0x00");
     debug!(%from, %target, "socks: connected");
-    relay::bidirectional(&mut client, &mut upstream).await;
+    if relay::bidirectional(&mut client, &mut upstream, idle).await == relay::Ended::Idle {
+        debug!(%from, %target, "socks: closed after {idle:?} idle");
+    }
     None
 }
 
