@@ -257,6 +257,7 @@ async fn run_peer(
         connect_timeout: run.connect_timeout,
         congestion: run.tcp_congestion,
         tcp_buffer_budget: Some(run.tcp_buffers_mib.saturating_mul(1024 * 1024)),
+        buffer_cap: Some((run.max_buffer_mib as usize).saturating_mul(1024 * 1024)),
         status: hub,
         limits: netbird_proxy::proxy::admission::Limits {
             idle_timeout: Some(run.idle_timeout).filter(|d| !d.is_zero()),

@@ -361,3 +361,96 @@ fn idle_connections_are_closed_and_busy_ones_are_not() {
         "open connections back to 0",
     );
 }
+
+/// The global cap on buffered bytes (issue "Robustness and security", limits): with
+/// `--max-buffer-mib 2` the netstack has room for three mesh connections (each reserves
+/// 2 x (256 KiB socket buffer + 64 KiB ring)); a fourth is refused at once with SOCKS5 0x01 or
+/// HTTP 503 naming the cap, the three keep working, and closing one makes room again.
+#[test]
+fn connections_beyond_the_buffer_cap_are_refused_clearly_until_room_frees() {
+    let mesh = DevMeshProcess::start(1);
+    let state = TempDir::new("bufcap");
+    let web = LocalServer::start("bufcap-web");
+    let b = join(
+        &mesh,
+        &state.0,
+        "bravo",
+        &["--expose", &format!("7000={}", web.echo_port)],
+    );
+    let b_ip = b.mesh_ip.unwrap().to_string();
+    let a = join(
+        &mesh,
+        &state.0,
+        "alpha",
+        &["--socks", "0", "--http", "0", "--max-buffer-mib", "2"],
+    );
+    let socks = a.socks.unwrap();
+    let http = a.http.unwrap();
+    let open = || socks_connect(socks, None, &connect_v4(&b_ip, 7000)).unwrap();
+    let echo = |s: &mut TcpStream, msg: &[u8]| {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg);
+    };
+    // The first connection may wait for the peer's session.
+    let start = Instant::now();
+    let mut held = vec![loop {
+        let (s, reply) = open();
+        if reply[1] == 0 {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no first tunnel");
+        std::thread::sleep(Duration::from_millis(200));
+    }];
+    for _ in 0..2 {
+        let (s, reply) = open();
+        assert_eq!(reply[1], 0, "{}", a.log());
+        held.push(s);
+    }
+    for (i, s) in held.iter_mut().enumerate() {
+        echo(s, format!("tunnel {i}").as_bytes());
+    }
+
+    let refused_at = Instant::now();
+    let (_, reply) = open();
+    assert_eq!(reply[1], 0x01, "a fourth SOCKS5 tunnel: {reply:?}");
+    let (code, body, err) = curl(&[
+        "-s",
+        "--max-time",
+        "10",
+        "-x",
+        &format!("http://{http}"),
+        &format!("http://{b_ip}:7000/"),
+        "-w",
+        "%{http_code}",
+    ]);
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        code == 0 && body.ends_with("503") && body.contains("TCP buffer cap reached"),
+        "HTTP over the cap: {code} {body} {err}"
+    );
+    assert!(refused_at.elapsed() < Duration::from_secs(5));
+    for (i, s) in held.iter_mut().enumerate() {
+        echo(s, format!("still {i}").as_bytes());
+    }
+
+    // One closes: its share comes back once the netstack has retired the socket.
+    drop(held.pop());
+    let freed = Instant::now();
+    let mut again = loop {
+        let (s, reply) = open();
+        if reply[1] == 0 {
+            break s;
+        }
+        assert!(
+            freed.elapsed() < Duration::from_secs(20),
+            "no room after a close: {}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    echo(&mut again, b"room again");
+    eprintln!("room again {:?} after a close", freed.elapsed());
+}

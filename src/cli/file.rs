@@ -234,6 +234,10 @@ pub fn render(run: &RunArgs) -> String {
         Some(text(format!("{}ms", run.handshake_timeout.as_millis()))),
     );
     put(
+        "max_buffer_mib",
+        Some(Value::Integer(i64::from(run.max_buffer_mib))),
+    );
+    put(
         "idle_timeout",
         Some(text(format!("{}ms", run.idle_timeout.as_millis()))),
     );

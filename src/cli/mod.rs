@@ -163,6 +163,13 @@ pub struct RunArgs {
     )]
     pub tcp_buffers_mib: usize,
 
+    /// Hard cap, in MiB, on the TCP buffers of all mesh connections together (socket buffers
+    /// and per-connection rings, both ways). A connection that would exceed it is refused
+    /// (SOCKS5 0x01, HTTP 503) until others close; the default never binds below the
+    /// connection limits.
+    #[arg(long, env = "NB_MAX_BUFFER_MIB", value_name = "MIB", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_buffer_mib: u32,
+
     /// Serve /healthz, /readyz, /metrics and /status here; a bare PORT binds 127.0.0.1.
     #[arg(long, env = "NB_STATUS_ADDR", value_name = "[ADDR:]PORT", value_parser = parse_listen)]
     pub status_addr: Option<SocketAddr>,

@@ -56,6 +56,9 @@ pub struct ProxyOptions {
     /// Bytes of full-size TCP socket buffers (see `NetstackConfig::tcp_buffer_budget`); `None`
     /// keeps the netstack's default.
     pub tcp_buffer_budget: Option<usize>,
+    /// Hard cap on all TCP buffer bytes (see `NetstackConfig::buffer_cap`); `None` keeps the
+    /// netstack's default.
+    pub buffer_cap: Option<usize>,
     /// Where the engine reports its state and the listeners count requests (`--status-addr`).
     pub status: Option<Arc<StatusHub>>,
     /// Connection caps and the clients' handshake timeout, shared by every listener.
@@ -231,6 +234,7 @@ pub async fn start_datapath(
                 tcp_buffer_budget: options
                     .tcp_buffer_budget
                     .unwrap_or(defaults.tcp_buffer_budget),
+                buffer_cap: options.buffer_cap.unwrap_or(defaults.buffer_cap),
                 ..defaults
             }
         },

@@ -45,36 +45,57 @@ pub struct NetstackConfig {
     /// Bytes of TCP socket buffers (both directions, every socket) allowed at `tcp_buffer`
     /// size; sockets made beyond it get `TCP_BUFFER_FLOOR` each way.
     pub tcp_buffer_budget: usize,
+    /// Hard cap on the buffer bytes of every TCP socket together (socket buffers and rings,
+    /// both ways): a connection that would go beyond it is refused (`ConnectError::BufferCap`)
+    /// and a listening socket is not replaced until others close.
+    pub buffer_cap: usize,
 }
 
 /// Each way, for a socket made when the budget is spent: ~100 Mbit/s at a 20 ms RTT.
 pub const TCP_BUFFER_FLOOR: usize = 256 * 1024;
 
-/// The global cap on large TCP buffers. Each socket's buffers are fixed when smoltcp makes it,
-/// and its pages are only touched as data flows, so a budget on what sockets may reserve is
-/// what bounds the worst case: the first connections get full-size buffers (enough for a fast,
-/// long path), later ones the floor, and closing a socket gives its share back.
+/// The global cap on TCP buffers. Each socket's buffers are fixed when smoltcp makes it, and
+/// its pages are only touched as data flows, so a budget on what sockets may reserve is what
+/// bounds the worst case: the first connections get full-size buffers (enough for a fast, long
+/// path), later ones the floor, and past the hard cap none at all; closing a socket gives its
+/// share back. Every socket's share counts its user-side rings too, so `cap` bounds all the
+/// bytes the netstack can hold for its connections.
 #[derive(Debug)]
 struct BufferBudget {
-    limit: usize,
+    /// Reserved bytes up to which sockets get full-size buffers.
+    full_limit: usize,
+    /// Reserved bytes never exceeded.
+    cap: usize,
+    /// Ring bytes per direction each socket's user side may hold.
+    ring: usize,
     reserved: usize,
 }
 
 impl BufferBudget {
-    /// The size of each of a new socket's two buffers, reserved from the budget.
-    fn take(&mut self, full: usize) -> usize {
-        let size = if self.reserved + 2 * full <= self.limit {
+    /// The size of each of a new socket's two buffers, reserved from the budget; None when
+    /// not even the floor fits under the cap.
+    fn take(&mut self, full: usize) -> Option<usize> {
+        let limit = self.full_limit.min(self.cap);
+        let size = if self.reserved + self.cost(full) <= limit {
             full
         } else {
             TCP_BUFFER_FLOOR.min(full)
         };
-        self.reserved += 2 * size;
-        size
+        if self.reserved + self.cost(size) > self.cap {
+            return None;
+        }
+        self.reserved += self.cost(size);
+        Some(size)
     }
 
     /// A socket with buffers of `size` each way is gone.
     fn give_back(&mut self, size: usize) {
-        self.reserved = self.reserved.saturating_sub(2 * size);
+        self.reserved = self.reserved.saturating_sub(self.cost(size));
+    }
+
+    /// What a socket with buffers of `size` each way reserves.
+    fn cost(&self, size: usize) -> usize {
+        2 * (size + self.ring)
     }
 }
 
@@ -115,6 +136,7 @@ impl NetstackConfig {
             backlog: 8,
             congestion: Congestion::default(),
             tcp_buffer_budget: 1024 * 1024 * 1024,
+            buffer_cap: 4096 * 1024 * 1024,
         }
     }
 }
@@ -132,6 +154,10 @@ pub enum ConnectError {
     PortInUse(u16),
     #[error("the netstack has stopped")]
     Stopped,
+    #[error(
+        "TCP buffer cap reached: open connections hold {reserved_mib} of {cap_mib} MiB (--max-buffer-mib)"
+    )]
+    BufferCap { reserved_mib: usize, cap_mib: usize },
 }
 
 enum Command {
@@ -334,7 +360,9 @@ impl Stack {
         }
         iface.set_any_ip(true);
         let buffers = BufferBudget {
-            limit: config.tcp_buffer_budget,
+            full_limit: config.tcp_buffer_budget,
+            cap: config.buffer_cap,
+            ring: config.ring,
             reserved: 0,
         };
         Self {
@@ -456,8 +484,9 @@ impl Stack {
         }
     }
 
-    fn new_tcp_socket(&mut self) -> tcp::Socket<'static> {
-        let size = self.buffers.take(self.config.tcp_buffer);
+    /// A TCP socket with buffers from the budget; None when the cap is reached.
+    fn new_tcp_socket(&mut self) -> Option<tcp::Socket<'static>> {
+        let size = self.buffers.take(self.config.tcp_buffer)?;
         let mut sock = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; size]),
             tcp::SocketBuffer::new(vec![0; size]),
@@ -474,7 +503,14 @@ impl Stack {
         // silent (a vanished peer), which keep-alives alone never do.
         sock.set_keep_alive(Some(SmolDuration::from_secs(KEEPALIVE_SECS)));
         sock.set_timeout(Some(SmolDuration::from_secs(KEEPALIVE_SECS * 4)));
-        sock
+        Some(sock)
+    }
+
+    fn buffer_cap_error(&self) -> ConnectError {
+        ConnectError::BufferCap {
+            reserved_mib: self.buffers.reserved >> 20,
+            cap_mib: self.buffers.cap >> 20,
+        }
     }
 
     /// Remove a TCP socket and give its buffers back to the budget.
@@ -508,8 +544,13 @@ impl Stack {
             .map(|n| n.addr())
             .find(|a| a.is_ipv4() == remote.is_ipv4())
             .ok_or(ConnectError::NoSourceAddress)?;
-        let port = self.alloc_port().ok_or(ConnectError::NoPorts)?;
-        let mut sock = self.new_tcp_socket();
+        let Some(mut sock) = self.new_tcp_socket() else {
+            return Err(self.buffer_cap_error());
+        };
+        let Some(port) = self.alloc_port() else {
+            self.buffers.give_back(sock.recv_capacity());
+            return Err(ConnectError::NoPorts);
+        };
         let local = IpListenEndpoint {
             addr: Some(IpAddress::from(src)),
             port,
@@ -542,19 +583,21 @@ impl Stack {
             sockets: Vec::new(),
             accepted: tx,
         };
-        for _ in 0..self.config.backlog {
-            let h = self.new_listen_socket(port);
-            listener.sockets.push(h);
-        }
+        // At least one listening socket, or no listener; the rest are topped up as the budget
+        // allows (`pump_listeners`).
+        let first = self
+            .new_listen_socket(port)
+            .ok_or_else(|| self.buffer_cap_error())?;
+        listener.sockets.push(first);
         self.listeners.push(listener);
         Ok(TcpListener { port, incoming: rx })
     }
 
-    fn new_listen_socket(&mut self, port: u16) -> SocketHandle {
-        let mut sock = self.new_tcp_socket();
+    fn new_listen_socket(&mut self, port: u16) -> Option<SocketHandle> {
+        let mut sock = self.new_tcp_socket()?;
         sock.listen(port)
             .expect("port is non-zero and socket is fresh");
-        self.sockets.add(sock)
+        Some(self.sockets.add(sock))
     }
 
     fn udp_bind(&mut self) -> Result<UdpSocket, ConnectError> {
@@ -619,28 +662,53 @@ impl Stack {
         self.reap_closed_listeners();
         for li in 0..self.listeners.len() {
             let port = self.listeners[li].port;
-            for si in 0..self.listeners[li].sockets.len() {
+            // Top up to the backlog: sockets that could not be replaced under the buffer cap.
+            while self.listeners[li].sockets.len() < self.config.backlog {
+                match self.new_listen_socket(port) {
+                    Some(h) => self.listeners[li].sockets.push(h),
+                    None => break,
+                }
+            }
+            let mut si = 0;
+            while si < self.listeners[li].sockets.len() {
                 let h = self.listeners[li].sockets[si];
                 let sock = self.sockets.get_mut::<tcp::Socket>(h);
                 match sock.state() {
-                    tcp::State::Listen | tcp::State::SynReceived => continue,
+                    tcp::State::Listen | tcp::State::SynReceived => {
+                        si += 1;
+                        continue;
+                    }
                     tcp::State::Closed => {
                         // A handshake that failed: listen again on the same socket.
                         let _ = sock.listen(port);
+                        si += 1;
                         continue;
                     }
                     _ => {}
                 }
                 let (Some(local), Some(remote)) = (sock.local_endpoint(), sock.remote_endpoint())
                 else {
+                    si += 1;
                     continue;
                 };
                 let shared = Shared::new(self.config.ring, self.wake.clone());
                 let local = from_endpoint(local);
                 let remote = from_endpoint(remote);
                 let stream = TcpStream::new(shared.clone(), local, remote);
-                let replacement = self.new_listen_socket(port);
-                self.listeners[li].sockets[si] = replacement;
+                match self.new_listen_socket(port) {
+                    Some(replacement) => {
+                        self.listeners[li].sockets[si] = replacement;
+                        si += 1;
+                    }
+                    // Under the buffer cap the slot stays empty until the top-up finds room.
+                    None => {
+                        debug!(
+                            port,
+                            "listening socket not replaced: TCP buffer cap reached"
+                        );
+                        self.listeners[li].sockets.swap_remove(si);
+                    }
+                }
                 let conn = Conn::new(h, shared, local, remote);
                 if self.listeners[li].accepted.try_send(stream).is_err() {
                     // Accept queue full: the stream was dropped, so the connection closes.
@@ -967,24 +1035,34 @@ mod tests {
     #[test]
     fn the_buffer_budget_hands_out_full_sizes_then_the_floor_and_takes_them_back() {
         const FULL: usize = 4 << 20;
+        const RING: usize = 64 << 10;
+        let cost = |size| 2 * (size + RING);
         let mut budget = BufferBudget {
-            limit: 5 * FULL,
+            full_limit: 2 * cost(FULL) + cost(FULL) / 2,
+            cap: 2 * cost(FULL) + 3 * cost(TCP_BUFFER_FLOOR),
+            ring: RING,
             reserved: 0,
         };
-        assert_eq!(budget.take(FULL), FULL);
-        assert_eq!(budget.take(FULL), FULL);
-        // Room for half a socket more: the third gets the floor.
-        assert_eq!(budget.take(FULL), TCP_BUFFER_FLOOR);
-        assert_eq!(budget.reserved, 4 * FULL + 2 * TCP_BUFFER_FLOOR);
+        assert_eq!(budget.take(FULL), Some(FULL));
+        assert_eq!(budget.take(FULL), Some(FULL));
+        // Room for half a socket more: the third gets the floor, and so do the next two.
+        assert_eq!(budget.take(FULL), Some(TCP_BUFFER_FLOOR));
+        assert_eq!(budget.reserved, 2 * cost(FULL) + cost(TCP_BUFFER_FLOOR));
+        assert_eq!(budget.take(FULL), Some(TCP_BUFFER_FLOOR));
+        assert_eq!(budget.take(FULL), Some(TCP_BUFFER_FLOOR));
+        // The cap: nothing more, and nothing reserved for the refusal.
+        assert_eq!(budget.take(FULL), None);
+        assert_eq!(budget.reserved, budget.cap);
         budget.give_back(FULL);
         budget.give_back(TCP_BUFFER_FLOOR);
         assert_eq!(
             budget.take(FULL),
-            FULL,
+            Some(FULL),
             "a closed socket's share is free again"
         );
         // A configured size below the floor is never raised.
-        assert_eq!(budget.take(1024), 1024);
+        budget.give_back(FULL);
+        assert_eq!(budget.take(1024), Some(1024));
     }
 
     #[tokio::test]

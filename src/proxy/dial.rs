@@ -56,6 +56,9 @@ pub enum DialError {
     Resolve(#[from] ResolveError),
     #[error("cannot connect to {0}: {1}")]
     Other(SocketAddr, String),
+    /// A limit of ours, not the target's answer: try again later.
+    #[error("cannot connect to {0}: {1}")]
+    Overloaded(SocketAddr, String),
 }
 
 /// A connected stream: through the tunnel or straight from the host.
@@ -202,6 +205,9 @@ impl Dialer {
                 Ok(Err(ConnectError::NoSourceAddress)) => Err(DialError::NetworkUnreachable(
                     format!("no mesh address of {addr}'s family"),
                 )),
+                Ok(Err(e @ ConnectError::BufferCap { .. })) => {
+                    Err(DialError::Overloaded(addr, e.to_string()))
+                }
                 Ok(Err(e)) => Err(DialError::Other(addr, e.to_string())),
             };
         }

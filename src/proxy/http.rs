@@ -312,6 +312,7 @@ pub fn status_for(err: &DialError) -> StatusCode {
         DialError::NotAllowed(_) => StatusCode::FORBIDDEN,
         // The peer did not answer, or is not connected: the gateway cannot reach it.
         DialError::TimedOut(..) | DialError::HostUnreachable(_) => StatusCode::GATEWAY_TIMEOUT,
+        DialError::Overloaded(..) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::BAD_GATEWAY,
     }
 }

@@ -30,7 +30,7 @@ pub fn reply_for(err: &DialError) -> ReplyError {
             ReplyError::HostUnreachable
         }
         DialError::Refused(_) => ReplyError::ConnectionRefused,
-        DialError::Other(..) => ReplyError::GeneralFailure,
+        DialError::Other(..) | DialError::Overloaded(..) => ReplyError::GeneralFailure,
     }
 }
 
