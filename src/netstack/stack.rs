@@ -282,6 +282,8 @@ struct Listener {
     port: u16,
     sockets: Vec<SocketHandle>,
     accepted: mpsc::Sender<TcpStream>,
+    /// SYNs for this port in the device queue (`listen_for_syns`).
+    pending_syns: usize,
 }
 
 struct UdpEntry {
@@ -300,6 +302,11 @@ enum Event {
 /// Inbound packets handed to smoltcp per loop round, so commands and users are served between
 /// bursts.
 const RX_BATCH: usize = 64;
+/// Listening sockets a port may have at once: its SYN backlog. smoltcp's listening socket takes
+/// one handshake, so a port keeps `NetstackConfig::backlog` of them and, when more SYNs are
+/// about to be polled than it has free, makes more on the spot, up to this many; accepted ones
+/// are not replaced beyond `backlog`, so a burst's extra sockets (and their buffers) go away.
+const MAX_BACKLOG: usize = 128;
 const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
 /// TCP keep-alive interval; a connection silent for four intervals is aborted.
 const KEEPALIVE_SECS: u64 = 30;
@@ -397,6 +404,7 @@ impl Stack {
             }
             self.device.tx_blocked = false;
             let now = Instant::now();
+            self.listen_for_syns();
             self.pump(now);
             self.iface.poll(now, &mut self.device, &mut self.sockets);
             self.polls += 1;
@@ -577,11 +585,13 @@ impl Stack {
         if port == 0 || self.listeners.iter().any(|l| l.port == port) {
             return Err(ConnectError::PortInUse(port));
         }
-        let (tx, rx) = mpsc::channel(self.config.backlog * 4);
+        // Connections handed over but not yet accepted: as many as the SYN backlog.
+        let (tx, rx) = mpsc::channel(MAX_BACKLOG);
         let mut listener = Listener {
             port,
             sockets: Vec::new(),
             accepted: tx,
+            pending_syns: 0,
         };
         // At least one listening socket, or no listener; the rest are topped up as the budget
         // allows (`pump_listeners`).
@@ -658,6 +668,43 @@ impl Stack {
         }
     }
 
+    /// Give every listened port a free listening socket for each SYN waiting in the device
+    /// (up to `MAX_BACKLOG` sockets), so a burst of connections is not answered with resets.
+    fn listen_for_syns(&mut self) {
+        if self.listeners.is_empty() {
+            return;
+        }
+        for packet in &self.device.rx {
+            let Some(port) = syn_destination_port(packet) else {
+                continue;
+            };
+            if let Some(l) = self.listeners.iter_mut().find(|l| l.port == port) {
+                l.pending_syns += 1;
+            }
+        }
+        for li in 0..self.listeners.len() {
+            let wanted = std::mem::take(&mut self.listeners[li].pending_syns);
+            if wanted == 0 {
+                continue;
+            }
+            let port = self.listeners[li].port;
+            let free = self.listeners[li]
+                .sockets
+                .iter()
+                .filter(|h| self.sockets.get::<tcp::Socket>(**h).state() == tcp::State::Listen)
+                .count();
+            for _ in free..wanted {
+                if self.listeners[li].sockets.len() >= MAX_BACKLOG {
+                    break;
+                }
+                match self.new_listen_socket(port) {
+                    Some(h) => self.listeners[li].sockets.push(h),
+                    None => break,
+                }
+            }
+        }
+    }
+
     fn pump_listeners(&mut self) {
         self.reap_closed_listeners();
         for li in 0..self.listeners.len() {
@@ -695,17 +742,19 @@ impl Stack {
                 let local = from_endpoint(local);
                 let remote = from_endpoint(remote);
                 let stream = TcpStream::new(shared.clone(), local, remote);
-                match self.new_listen_socket(port) {
+                // Replaced while the port has no more than its backlog; past it (a burst's
+                // extra sockets) or under the buffer cap, the slot goes (the top-up refills).
+                let replacement = if self.listeners[li].sockets.len() <= self.config.backlog {
+                    self.new_listen_socket(port)
+                } else {
+                    None
+                };
+                match replacement {
                     Some(replacement) => {
                         self.listeners[li].sockets[si] = replacement;
                         si += 1;
                     }
-                    // Under the buffer cap the slot stays empty until the top-up finds room.
                     None => {
-                        debug!(
-                            port,
-                            "listening socket not replaced: TCP buffer cap reached"
-                        );
                         self.listeners[li].sockets.swap_remove(si);
                     }
                 }
@@ -893,6 +942,26 @@ async fn sleep_opt(delay: Option<SmolDuration>) {
         Some(d) => tokio::time::sleep(Duration::from_micros(d.total_micros())).await,
         None => std::future::pending().await,
     }
+}
+
+/// The destination port of a TCP SYN (without ACK) in an IPv4 or IPv6 packet, read in place.
+fn syn_destination_port(packet: &[u8]) -> Option<u16> {
+    use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket};
+    let segment = match packet.first()? >> 4 {
+        4 => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            (ip.next_header() == IpProtocol::Tcp).then_some(())?;
+            &packet[usize::from(ip.header_len())..]
+        }
+        6 => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            (ip.next_header() == IpProtocol::Tcp).then_some(())?;
+            &packet[ip.header_len()..]
+        }
+        _ => return None,
+    };
+    let tcp = TcpPacket::new_checked(segment).ok()?;
+    (tcp.syn() && !tcp.ack()).then(|| tcp.dst_port())
 }
 
 #[cfg(test)]
@@ -1111,6 +1180,175 @@ mod tests {
         back.reverse();
         assert_eq!(back, data);
         server.await.unwrap();
+    }
+
+    /// Connection churn over a lossy, reordering link, as the soak benchmark found it: each
+    /// round a new connection; the server echoes, then shuts down; the client reads to EOF.
+    /// Caught two smoltcp faults (vendor/smoltcp/PATCHES.md items 8 and 9): a lost FIN never
+    /// resent (the client waits for ever) and a retransmitted SYN taken by a second listening
+    /// socket (a reset).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn churn_of_echo_rounds_over_a_lossy_link_always_ends_in_eof() {
+        let (a, b, cancel) = lossy_pair(50, 17);
+        let mut listener = b.listen(91).await.unwrap();
+        tokio::spawn(async move {
+            while let Some(mut s) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut len = [0u8; 8];
+                    s.read_exact(&mut len).await.unwrap();
+                    let mut data = vec![0u8; u64::from_be_bytes(len) as usize];
+                    s.read_exact(&mut data).await.unwrap();
+                    s.write_all(&data).await.unwrap();
+                    s.shutdown().await.unwrap();
+                    // Hold the (half-closed) stream until the client is done.
+                    let mut rest = Vec::new();
+                    let _ = s.read_to_end(&mut rest).await;
+                });
+            }
+        });
+        let workers: Vec<_> = (0..16u64)
+            .map(|w| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    let mut seed = w + 1;
+                    for round in 0..40 {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        let len = 1024 + (seed % (127 * 1024)) as usize;
+                        let mut c = a.connect(addr(B, 91)).await.unwrap();
+                        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+                        c.write_all(&(len as u64).to_be_bytes()).await.unwrap();
+                        c.write_all(&data).await.unwrap();
+                        let mut back = Vec::new();
+                        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut back))
+                            .await
+                            .unwrap_or_else(|_| {
+                                panic!(
+                                    "worker {w} round {round}: no EOF after {} of {len}",
+                                    back.len()
+                                )
+                            })
+                            .unwrap_or_else(|e| {
+                                panic!(
+                                    "worker {w} round {round}: {e} after {} of {len}",
+                                    back.len()
+                                )
+                            });
+                        assert_eq!(back.len(), len);
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.unwrap();
+        }
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_connections_beyond_the_backlog_is_accepted_not_reset() {
+        // 100 connects at once against a backlog of 8: every SYN finds a listening socket.
+        let (a, b, cancel) = pair();
+        let mut listener = b.listen(90).await.unwrap();
+        let server = tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            for _ in 0..100 {
+                let mut s = listener.accept().await.unwrap();
+                s.write_all(b"hi").await.unwrap();
+                accepted.push(s);
+            }
+            accepted
+        });
+        let clients: Vec<_> = (0..100)
+            .map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    let mut c = a.connect(addr(B, 90)).await?;
+                    let mut hi = [0u8; 2];
+                    c.read_exact(&mut hi).await?;
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hi)
+                })
+            })
+            .collect();
+        for c in clients {
+            assert_eq!(&c.await.unwrap().unwrap(), b"hi");
+        }
+        assert_eq!(server.await.unwrap().len(), 100);
+        cancel.cancel();
+    }
+
+    #[test]
+    fn syn_ports_are_read_from_ipv4_and_ipv6_packets_and_nothing_else() {
+        use smoltcp::phy::ChecksumCapabilities;
+        use smoltcp::wire::{
+            IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, Ipv6Address, Ipv6Packet, Ipv6Repr,
+            TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+        };
+        let tcp = |control, ack| TcpRepr {
+            src_port: 50000,
+            dst_port: 80,
+            control,
+            seq_number: TcpSeqNumber(1),
+            ack_number: ack,
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        };
+        let caps = ChecksumCapabilities::default();
+        let v4 = |t: TcpRepr| {
+            let ip = Ipv4Repr {
+                src_addr: Ipv4Address::new(100, 64, 0, 2),
+                dst_addr: Ipv4Address::new(100, 64, 0, 1),
+                next_header: IpProtocol::Tcp,
+                payload_len: t.buffer_len(),
+                hop_limit: 64,
+            };
+            let mut buf = vec![0u8; ip.buffer_len() + t.buffer_len()];
+            let mut p = Ipv4Packet::new_unchecked(&mut buf);
+            ip.emit(&mut p, &caps);
+            t.emit(
+                &mut TcpPacket::new_unchecked(p.payload_mut()),
+                &ip.src_addr.into(),
+                &ip.dst_addr.into(),
+                &caps,
+            );
+            buf
+        };
+        let v6 = |t: TcpRepr| {
+            let ip = Ipv6Repr {
+                src_addr: Ipv6Address::new(0xfd00, 0, 0, 0, 0, 0, 0, 2),
+                dst_addr: Ipv6Address::new(0xfd00, 0, 0, 0, 0, 0, 0, 1),
+                next_header: IpProtocol::Tcp,
+                payload_len: t.buffer_len(),
+                hop_limit: 64,
+            };
+            let mut buf = vec![0u8; ip.buffer_len() + t.buffer_len()];
+            let mut p = Ipv6Packet::new_unchecked(&mut buf);
+            ip.emit(&mut p);
+            t.emit(
+                &mut TcpPacket::new_unchecked(p.payload_mut()),
+                &ip.src_addr.into(),
+                &ip.dst_addr.into(),
+                &caps,
+            );
+            buf
+        };
+        let syn = tcp(TcpControl::Syn, None);
+        let syn_ack = tcp(TcpControl::Syn, Some(TcpSeqNumber(5)));
+        let ack = tcp(TcpControl::None, Some(TcpSeqNumber(5)));
+        assert_eq!(syn_destination_port(&v4(syn)), Some(80));
+        assert_eq!(syn_destination_port(&v6(syn)), Some(80));
+        assert_eq!(syn_destination_port(&v4(syn_ack)), None);
+        assert_eq!(syn_destination_port(&v6(ack)), None);
+        let truncated = v4(syn);
+        assert_eq!(syn_destination_port(&truncated[..30]), None);
+        assert_eq!(syn_destination_port(&[]), None);
+        assert_eq!(syn_destination_port(&[0x45; 3]), None);
     }
 
     #[tokio::test]

@@ -2747,7 +2747,17 @@ impl<'a> Socket<'a> {
 
                 self.pending_retransmit = None;
                 self.recovery_budget = 0;
-                if self.recovery.on_rto(self.local_seq_no, self.remote_last_seq) {
+                // netbird-proxy patch: when nothing but our FIN is unacknowledged there is no
+                // hole to resend; the hole path would send nothing, leave the timer idle and
+                // never resend the FIN. Go back instead, which resends it.
+                let only_fin_outstanding = self.tx_buffer.is_empty();
+                if only_fin_outstanding {
+                    self.recovery.clear();
+                    self.recovery.after_rto(self.remote_last_seq);
+                }
+                if !only_fin_outstanding
+                    && self.recovery.on_rto(self.local_seq_no, self.remote_last_seq)
+                {
                     // netbird-proxy patch: with SACK information, resend only the holes (as
                     // Linux does); going back N would resend megabytes the receiver holds.
                     self.recovery_budget = self.remote_mss;
@@ -2775,7 +2785,12 @@ impl<'a> Socket<'a> {
                     self.recovery.enter(self.local_seq_no, self.remote_last_seq);
                     self.recovery_budget = self.remote_mss;
                 }
-                if self.pending_retransmit.is_none() {
+                if self.tx_buffer.is_empty() {
+                    // netbird-proxy patch: only our FIN is unacknowledged; no data segment
+                    // can resend it, going back does.
+                    self.pending_retransmit = None;
+                    self.remote_last_seq = self.local_seq_no;
+                } else if self.pending_retransmit.is_none() {
                     self.pending_retransmit = self
                         .recovery
                         .next_hole(
@@ -2833,6 +2848,13 @@ impl<'a> Socket<'a> {
             self.reset();
             return Ok(());
         } else {
+            // netbird-proxy patch: whatever kept us from sending (pacing, a window, a
+            // retransmission with nothing in it), sequence space in flight keeps the
+            // retransmission timer running; an idle timer here would wait for ever.
+            if self.remote_last_seq > self.local_seq_no && self.timer.is_idle() {
+                let rto = self.rtte.retransmission_timeout();
+                self.timer.set_for_retransmit(cx.now(), rto);
+            }
             return Ok(());
         }
 

@@ -29,14 +29,22 @@ impl InterfaceInner {
             &self.caps.checksum
         ));
 
-        for tcp_socket in sockets
-            .items_mut()
-            .filter_map(|i| Socket::downcast_mut(&mut i.socket))
-        {
-            if tcp_socket.accepts(self, &ip_repr, &tcp_repr) {
-                return tcp_socket
-                    .process(self, &ip_repr, &tcp_repr)
-                    .map(|(ip, tcp)| Packet::new(ip, IpPayload::Tcp(tcp)));
+        // netbird-proxy patch: a connection's own socket before any listening one. With several
+        // sockets listening on a port, a retransmitted SYN would otherwise go to whichever
+        // comes first, and a listening socket ahead of the half-open connection would start a
+        // second one with the same addresses; one of the two then ends in a reset.
+        for listening in [false, true] {
+            for tcp_socket in sockets
+                .items_mut()
+                .filter_map(|i| Socket::downcast_mut(&mut i.socket))
+            {
+                if (tcp_socket.state() == crate::socket::tcp::State::Listen) == listening
+                    && tcp_socket.accepts(self, &ip_repr, &tcp_repr)
+                {
+                    return tcp_socket
+                        .process(self, &ip_repr, &tcp_repr)
+                        .map(|(ip, tcp)| Packet::new(ip, IpPayload::Tcp(tcp)));
+                }
             }
         }
 
