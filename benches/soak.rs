@@ -12,9 +12,9 @@
 //! * 2 slow readers: 4 MiB downloads read at ~640 KB/s (backpressure through the proxy);
 //! * 1 pest: malformed SOCKS5 greetings and HTTP heads, and clients that connect and leave.
 //!
-//! RSS and open file descriptors of both proxies are taken after a 30 s warm-up, with the load
-//! paused and connections drained (start), and again after the run, drained the same way (end);
-//! every 30 s in between for the record. Pass: end within 10 % of start for both, and not one
+//! RSS and open file descriptors of both proxies are taken after a 2 min warm-up, with the load
+//! paused and connections drained (start), after each quarter of the run, drained the same way
+//! (the last is the end), and every 30 s under load for the record. Pass: end within 10 % of start for both, and not one
 //! request of the well-behaved workers failed (nothing was refused below the limits).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -28,7 +28,12 @@ mod common;
 use common::mesh::{DevMeshProcess, TempDir, join};
 use common::{Proxy, connect_v4, socks_connect};
 
-const WARM_UP: Duration = Duration::from_secs(30);
+/// Long enough for the first peaks of the load to size the allocator's heaps and our packet
+/// pool (both keep memory for reuse, up to a bound); growth after that is what the soak is for.
+const WARM_UP: Duration = Duration::from_secs(120);
+/// The run is cut in this many parts; after each, the load pauses and both proxies are
+/// measured drained, so a leak shows as a trend and not one reading.
+const CHECKPOINTS: u32 = 4;
 const SAMPLE_EVERY: Duration = Duration::from_secs(30);
 
 fn main() {
@@ -85,36 +90,53 @@ fn main() {
     let start = [drained(&a, "alpha"), drained(&b, "bravo")];
     let before = stats.snapshot();
 
-    stop.store(false, Ordering::Relaxed);
-    let workers = start_load(&target, &stats, &stop);
-    let began = Instant::now();
-    println!("soak {run:?}");
+    println!("soak {run:?} in {CHECKPOINTS} parts, drained after each");
     println!(
         "{:>6} {:>10} {:>8} {:>12} {:>9} {:>12} {:>9}",
         "t", "requests", "failed", "alpha RSS", "alpha fd", "bravo RSS", "bravo fd"
     );
     let mut peak = start;
-    while began.elapsed() < run {
-        std::thread::sleep(SAMPLE_EVERY.min(run.saturating_sub(began.elapsed())));
-        let (s, now) = (stats.snapshot(), [usage(&a), usage(&b)]);
-        for (p, n) in peak.iter_mut().zip(now) {
-            p.rss_kib = p.rss_kib.max(n.rss_kib);
-            p.fds = p.fds.max(n.fds);
+    let mut checkpoints = Vec::new();
+    let began = Instant::now();
+    for part in 1..=CHECKPOINTS {
+        stop.store(false, Ordering::Relaxed);
+        let workers = start_load(&target, &stats, &stop);
+        let until = run * part / CHECKPOINTS;
+        while began.elapsed() < until {
+            std::thread::sleep(SAMPLE_EVERY.min(until.saturating_sub(began.elapsed())));
+            let (s, now) = (stats.snapshot(), [usage(&a), usage(&b)]);
+            for (p, n) in peak.iter_mut().zip(now) {
+                p.rss_kib = p.rss_kib.max(n.rss_kib);
+                p.fds = p.fds.max(n.fds);
+            }
+            println!(
+                "{:>5}s {:>10} {:>8} {:>9} KiB {:>9} {:>9} KiB {:>9}",
+                began.elapsed().as_secs(),
+                s.ok - before.ok,
+                s.failed,
+                now[0].rss_kib,
+                now[0].fds,
+                now[1].rss_kib,
+                now[1].fds
+            );
         }
+        stop_load(&stop, workers);
+        checkpoints.push([drained(&a, "alpha"), drained(&b, "bravo")]);
+    }
+    let end = *checkpoints.last().expect("at least one part");
+    let total = stats.snapshot();
+    println!();
+    println!("drained after warm-up and after each part (RSS KiB / fds):");
+    for (i, c) in std::iter::once(&start).chain(&checkpoints).enumerate() {
         println!(
-            "{:>5}s {:>10} {:>8} {:>9} KiB {:>9} {:>9} KiB {:>9}",
-            began.elapsed().as_secs(),
-            s.ok - before.ok,
-            s.failed,
-            now[0].rss_kib,
-            now[0].fds,
-            now[1].rss_kib,
-            now[1].fds
+            "  {:>4} s: alpha {} / {}, bravo {} / {}",
+            (run * i as u32 / CHECKPOINTS).as_secs(),
+            c[0].rss_kib,
+            c[0].fds,
+            c[1].rss_kib,
+            c[1].fds
         );
     }
-    stop_load(&stop, workers);
-    let end = [drained(&a, "alpha"), drained(&b, "bravo")];
-    let total = stats.snapshot();
     if total.failed > 0 {
         for (name, p) in [("alpha", &a), ("bravo", &b)] {
             let log = p.log();
