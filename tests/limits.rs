@@ -54,6 +54,16 @@ fn flood(addr: SocketAddr, count: usize, threads: usize) -> std::thread::JoinHan
     })
 }
 
+/// The proxy's /metrics page.
+fn metrics(status_port: u16) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:{status_port}/metrics"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn metric(text: &str, prefix: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(prefix))
@@ -145,12 +155,7 @@ fn slowloris_and_a_flood_do_not_lock_out_a_well_behaved_client() {
     assert!(rounds >= 3, "only {rounds} rounds in 8 s");
 
     // The limits and what they did are in /metrics.
-    let out = std::process::Command::new("curl")
-        .args(["-s", "--max-time", "5"])
-        .arg(format!("http://127.0.0.1:{status_port}/metrics"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = metrics(status_port);
     let socks_label = format!("{{kind=\"socks5\",listener=\"{socks}\"");
     let http_label = format!("{{kind=\"http\",listener=\"{http}\"");
     assert_eq!(
@@ -348,15 +353,13 @@ fn idle_connections_are_closed_and_busy_ones_are_not() {
     wait_for(
         Duration::from_secs(5),
         || {
-            let out = std::process::Command::new("curl")
-                .args(["-s", "--max-time", "5"])
-                .arg(format!("http://127.0.0.1:{status_port}/metrics"))
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout);
-            text.lines()
-                .filter(|l| l.starts_with("netbird_proxy_listener_open_connections"))
-                .all(|l| l.ends_with(" 0"))
+            let text = metrics(status_port);
+            let open: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("netbird_proxy_open_connections{"))
+                .collect();
+            // SOCKS5, HTTP and the forward.
+            open.len() == 3 && open.iter().all(|l| l.ends_with(" 0"))
         },
         "open connections back to 0",
     );

@@ -307,16 +307,31 @@ impl Testbed {
     }
 
     /// Kill the peer's wireguard-go (its tun device and addresses go with it) and start a new
-    /// one with the same keys and addresses: a restarted peer, with no session.
+    /// one with the same keys and addresses: a restarted peer, with no session. Only this
+    /// namespace's: `ip netns exec` shares the PID namespace, so a plain pkill would reach
+    /// every test bed's wireguard-go.
     pub fn restart_wireguard(&mut self) {
-        let out = self.exec(&["pkill", "-KILL", "-x", "wireguard-go"]);
-        assert!(out.status.success(), "no wireguard-go to kill");
+        let out = Command::new("ip")
+            .args(["netns", "pids", &self.ns])
+            .output()
+            .unwrap();
+        let mut killed = 0;
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "wireguard-go" {
+                sh(&["kill", "-KILL", pid]);
+                killed += 1;
+            }
+        }
+        assert_eq!(killed, 1, "wireguard-go processes in {}", self.ns);
         let sock = PathBuf::from(format!("/var/run/wireguard/{}.sock", self.wg_if));
         wait_for(
             Duration::from_secs(10),
             || {
-                let up = self.exec(&["ip", "link", "show", &self.wg_if]);
-                !up.status.success()
+                !self
+                    .exec(&["ip", "link", "show", &self.wg_if])
+                    .status
+                    .success()
             },
             "the killed wireguard-go's device to disappear",
         );
@@ -324,18 +339,23 @@ impl Testbed {
         self.start_wireguard();
     }
 
-    /// Move the peer's underlay address to a fresh /30 (the host side gets the other address of
-    /// it): the peer roams. Its route back to our old address stays, through the new subnet.
-    /// Returns the peer's new underlay address.
+    /// The peer's endpoint moves to a new address, as when its NAT rebinds or it changes
+    /// networks: from now on its datagrams leave from a fresh address in a new /30 (source NAT
+    /// in its namespace; the host gets the other address of that /30), and datagrams to its
+    /// old address are dropped. Returns the new address.
+    ///
+    /// Why NAT and not moving the address itself: Debian's wireguard-go (0.0.20220316) keeps
+    /// sending from the address it last used ("sticky source"); once that address is deleted
+    /// its sends fail with ENETUNREACH, which it does not take as a reason to drop it (only
+    /// EINVAL), so it says nothing for 15 s — a stall of that peer, not of ours.
     pub fn roam_peer(&mut self) -> String {
-        let old_peer = self.underlay_peer.clone();
-        let old: std::net::Ipv4Addr = old_peer.parse().unwrap();
-        let host_old = std::net::Ipv4Addr::from(u32::from(old) - 1).to_string();
+        let old = self.underlay_peer.clone();
+        let old_ip: std::net::Ipv4Addr = old.parse().unwrap();
         // The slot opposite ours in 198.18.0.0/15.
         let base = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0));
-        let slot = ((u32::from(old) - 2 - base) / 4) ^ 16384;
+        let slot = ((u32::from(old_ip) - 2 - base) / 4) ^ 16384;
         let host_new = std::net::Ipv4Addr::from(base + slot * 4 + 1).to_string();
-        let peer_new = std::net::Ipv4Addr::from(base + slot * 4 + 2).to_string();
+        let new = std::net::Ipv4Addr::from(base + slot * 4 + 2).to_string();
         let peer_veth = format!("{}p", self.veth);
         sh(&[
             "ip",
@@ -351,34 +371,29 @@ impl Testbed {
             &self.ns,
             "addr",
             "add",
-            &format!("{peer_new}/30"),
+            &format!("{new}/30"),
             "dev",
             &peer_veth,
         ]);
-        sh(&[
-            "ip",
-            "-n",
-            &self.ns,
-            "addr",
-            "del",
-            &format!("{old_peer}/30"),
-            "dev",
-            &peer_veth,
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &self.ns,
-            "route",
-            "add",
-            &format!("{host_old}/32"),
-            "dev",
-            &peer_veth,
-            "src",
-            &peer_new,
-        ]);
-        self.underlay_peer = peer_new.clone();
-        peer_new
+        let rules = format!(
+            "table ip roam {{\n\
+             chain raw {{ type filter hook prerouting priority raw; ip daddr {old} udp dport 51820 drop; }}\n\
+             chain post {{ type nat hook postrouting priority srcnat; ip saddr {old} udp sport 51820 snat to {new}; }}\n\
+             }}\n"
+        );
+        let mut nft = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nft");
+        nft.stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        assert!(nft.wait().unwrap().success(), "nft rules for the move");
+        self.underlay_peer = new.clone();
+        new
     }
 
     /// A wg-quick config for the proxy; `extra_interface` lines go into [Interface].
