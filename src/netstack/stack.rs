@@ -633,6 +633,10 @@ impl Stack {
 
     /// Move bytes and state between smoltcp sockets and their users; retire finished sockets.
     fn pump(&mut self, now: Instant) {
+        // Listeners first: a connection accepted now may already hold data (it came with the
+        // handshake's last ACK, in the same poll), and nothing else may wake the task to move
+        // it if it waited for the next pump.
+        self.pump_listeners();
         let mut i = 0;
         while i < self.conns.len() {
             let handle = self.conns[i].handle;
@@ -651,7 +655,6 @@ impl Stack {
                 self.ports_in_use.remove(&conn.local.port());
             }
         }
-        self.pump_listeners();
         self.pump_udp();
     }
 
@@ -1186,7 +1189,8 @@ mod tests {
     /// round a new connection; the server echoes, then shuts down; the client reads to EOF.
     /// Caught two smoltcp faults (vendor/smoltcp/PATCHES.md items 8 and 9): a lost FIN never
     /// resent (the client waits for ever) and a retransmitted SYN taken by a second listening
-    /// socket (a reset).
+    /// socket (a reset); and one of ours: a connection accepted with data already in its socket
+    /// was first pumped only at the next wake, which in a quiet moment never came.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn churn_of_echo_rounds_over_a_lossy_link_always_ends_in_eof() {
         let (a, b, cancel) = lossy_pair(50, 17);
