@@ -363,6 +363,20 @@ fn idle_connections_are_closed_and_busy_ones_are_not() {
         },
         "open connections back to 0",
     );
+    // Each idle close is counted on its listener; the busy tunnel's is not.
+    let text = metrics(status_port);
+    let idle_closed = |kind: &str| {
+        let prefix = format!("netbird_proxy_idle_closed_total{{kind=\"{kind}\",");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"));
+        line.rsplit(' ').next().unwrap().to_string()
+    };
+    assert_eq!(idle_closed("socks5"), "1");
+    // The CONNECT tunnel and the keep-alive connection.
+    assert_eq!(idle_closed("http"), "2");
+    assert_eq!(idle_closed("forward"), "1");
 }
 
 /// The global cap on buffered bytes (issue "Robustness and security", limits): with

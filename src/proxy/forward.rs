@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::admission::{Limits, Ticket};
 use super::dial::{Dialer, Target};
@@ -34,11 +34,7 @@ pub async fn serve(
             match dialer.dial(&target).await {
                 Ok(mut upstream) => {
                     metrics.count("ok");
-                    if relay::bidirectional(&mut client, &mut upstream, idle).await
-                        == relay::Ended::Idle
-                    {
-                        debug!(%from, %target, "forward: closed after {idle:?} idle");
-                    }
+                    relay::client(&mut client, &mut upstream, idle, &metrics, from, &target).await;
                 }
                 // The client sees the connection close; the reason goes to the log.
                 Err(e) => {
@@ -80,11 +76,8 @@ pub async fn serve_exposed(
                     Ok(mut upstream) => {
                         metrics.count("ok");
                         let _ = upstream.set_nodelay(true);
-                        if relay::bidirectional(&mut client, &mut upstream, idle).await
-                            == relay::Ended::Idle
-                        {
-                            debug!(%from, %local, "expose: closed after {idle:?} idle");
-                        }
+                        relay::client(&mut client, &mut upstream, idle, &metrics, from, &local)
+                            .await;
                     }
                     // The mesh client sees the connection close; the reason goes to the log.
                     Err(e) => {

@@ -51,6 +51,7 @@ pub async fn serve(
         let auth = auth.clone();
         let tunnels = tunnels.clone();
         let metrics = metrics.clone();
+        let idle_closes = metrics.clone();
         let service = service_fn(move |req| {
             // A request head arrived: the client is past its handshake.
             ticket.established();
@@ -64,6 +65,7 @@ pub async fn serve(
                     cancel: tunnels,
                     hold,
                     idle,
+                    metrics: metrics.clone(),
                 };
                 let resp = handle(req, from, dialer, auth.as_deref(), tunnel).await;
                 metrics.count(resp.status().as_str());
@@ -92,7 +94,10 @@ pub async fn serve(
                 r = conn => if let Err(e) = r {
                     debug!(%from, "http connection: {e}");
                 },
-                _ = idle_for => debug!(%from, "http: closed after {idle:?} idle"),
+                _ = idle_for => {
+                    idle_closes.count_idle_close();
+                    debug!(%from, "http: closed after {idle:?} idle");
+                }
             }
         }
     };
@@ -105,6 +110,7 @@ struct Tunnel {
     cancel: CancellationToken,
     hold: Arc<Ticket>,
     idle: Option<Duration>,
+    metrics: Arc<ListenerMetrics>,
 }
 
 /// Say no to a client over the connection limits: 503 with a reason, then close.
@@ -175,11 +181,15 @@ async fn connect(
             match hyper::upgrade::on(req).await {
                 Ok(upgraded) => {
                     let io = &mut TokioIo::new(upgraded);
-                    if relay::bidirectional(io, &mut upstream, tunnel.idle).await
-                        == relay::Ended::Idle
-                    {
-                        debug!(%from, %target, "http: CONNECT closed after {:?} idle", tunnel.idle);
-                    }
+                    relay::client(
+                        io,
+                        &mut upstream,
+                        tunnel.idle,
+                        &tunnel.metrics,
+                        from,
+                        &target,
+                    )
+                    .await;
                 }
                 Err(e) => debug!(%from, "http: upgrade failed: {e}"),
             }

@@ -6,7 +6,9 @@
 //! connection for ever. "Idle" means no byte read or written on either side; the check costs
 //! one clock read per read or write call (each moves up to 64 KiB), not per packet.
 
+use std::fmt::Display;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +17,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
-use tracing::trace;
+use tracing::{debug, trace};
+
+use crate::status::ListenerMetrics;
 
 /// Bytes buffered per direction while copying.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -52,6 +56,38 @@ where
             Ended::Idle
         }
     }
+}
+
+/// A listener's client relayed to its upstream ([`bidirectional`]); a close for idleness is
+/// counted on the listener (`idle_closed` in /status and /metrics) and logged.
+pub async fn client<A, B>(
+    client: &mut A,
+    upstream: &mut B,
+    idle: Option<Duration>,
+    metrics: &ListenerMetrics,
+    from: SocketAddr,
+    to: &(dyn Display + Sync),
+) -> Ended
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let ended = bidirectional(client, upstream, idle).await;
+    if ended == Ended::Idle {
+        closed_idle(metrics, from, to, idle);
+    }
+    ended
+}
+
+/// Count and log one client connection closed for idleness.
+pub fn closed_idle(
+    metrics: &ListenerMetrics,
+    from: SocketAddr,
+    to: &(dyn Display + Sync),
+    idle: Option<Duration>,
+) {
+    metrics.count_idle_close();
+    debug!(%from, %to, "{}: closed after {idle:?} idle", metrics.kind);
 }
 
 async fn copy<A, B>(a: &mut A, b: &mut B)

@@ -181,9 +181,7 @@ async fn handle(
     };
     metrics.count("0x00");
     debug!(%from, %target, "socks: connected");
-    if relay::bidirectional(&mut client, &mut upstream, idle).await == relay::Ended::Idle {
-        debug!(%from, %target, "socks: closed after {idle:?} idle");
-    }
+    relay::client(&mut client, &mut upstream, idle, metrics, from, &target).await;
     None
 }
 

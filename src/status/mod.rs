@@ -334,6 +334,9 @@ pub struct ListenerStatus {
     /// never got as far as a request; `refused` (over the connection limits) and `evicted`
     /// (made room for a newcomer during its handshake).
     pub requests: BTreeMap<String, u64>,
+    /// Client connections closed because nothing moved either way for the idle timeout.
+    #[serde(default)]
+    pub idle_closed: u64,
 }
 
 /// Counters of one listener.
@@ -346,6 +349,7 @@ pub struct ListenerMetrics {
     /// The listener's connection cap (0: none set).
     max: AtomicU64,
     results: Mutex<BTreeMap<String, u64>>,
+    idle_closed: AtomicU64,
 }
 
 impl ListenerMetrics {
@@ -358,6 +362,7 @@ impl ListenerMetrics {
             max: AtomicU64::new(0),
             open: AtomicI64::new(0),
             results: Mutex::new(BTreeMap::new()),
+            idle_closed: AtomicU64::new(0),
         }
     }
 
@@ -375,6 +380,11 @@ impl ListenerMetrics {
                 r.insert(result.to_string(), 1);
             }
         }
+    }
+
+    /// Count one client connection closed for idleness.
+    pub fn count_idle_close(&self) {
+        self.idle_closed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A client connection is open until the guard drops.
@@ -398,6 +408,7 @@ impl ListenerMetrics {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
+            idle_closed: self.idle_closed.load(Ordering::Relaxed),
         }
     }
 }

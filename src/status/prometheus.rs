@@ -112,6 +112,15 @@ pub fn render(snap: &Snapshot) -> String {
             .collect(),
     );
     family(
+        "idle_closed_total",
+        "counter",
+        "Client connections closed after the idle timeout (--idle-timeout) with no byte either way.",
+        snap.listeners
+            .iter()
+            .map(|l| (listener(l), l.idle_closed as f64))
+            .collect(),
+    );
+    family(
         "proxy_requests_total",
         "counter",
         "Requests by listener and result (SOCKS5 reply code, HTTP status, ok/error, refused, evicted, timeout, rejected).",
