@@ -114,11 +114,7 @@ fn large_transfers_verify_through_socks_and_forward() {
     const LEN: usize = 64 << 20;
     let bed = Testbed::new(BedOptions::default());
     let down_sha = bed.random_file("big.bin", LEN);
-    let up_file = bed.dir.join("upload.bin");
-    let up_data = random_bytes(LEN);
-    std::fs::write(&up_file, &up_data).unwrap();
-    let up_expect = format!("{} {LEN}\n", sha256_hex(&up_data));
-    drop(up_data);
+    let (up_file, up_expect) = bed.upload_file("upload.bin", LEN);
 
     let fwd = format!("0:{PEER_IP}:{HTTP_PORT}");
     let proxy = Proxy::start(&bed.proxy_config(""), &["--socks", "0", "--forward", &fwd]);

@@ -76,11 +76,7 @@ fn lossy_reordering_slow_underlay_carries_16_mib_each_way_intact() {
     let config = config_via(&bed, &relay.listen.to_string());
 
     let down_sha = bed.random_file("big.bin", LEN);
-    let up_file = bed.dir.join("upload.bin");
-    let up_data = random_bytes(LEN);
-    std::fs::write(&up_file, &up_data).unwrap();
-    let up_expect = format!("{} {LEN}\n", sha256_hex(&up_data));
-    drop(up_data);
+    let (up_file, up_expect) = bed.upload_file("upload.bin", LEN);
 
     let proxy = Proxy::start(&config, &["--socks", "0"]);
     let socks = proxy.socks.unwrap().to_string();

@@ -673,6 +673,9 @@ impl Stack {
 
     /// Give every listened port a free listening socket for each SYN waiting in the device
     /// (up to `MAX_BACKLOG` sockets), so a burst of connections is not answered with resets.
+    /// A SYN still queued from an earlier pass is counted again, but so is the socket made for
+    /// it then (still listening until the SYN is delivered): only the shortfall is made. A
+    /// retransmitted SYN of a half-open connection may add one spare, dropped after accept.
     fn listen_for_syns(&mut self) {
         if self.listeners.is_empty() {
             return;

@@ -422,6 +422,15 @@ impl Testbed {
         sha256_hex(&data)
     }
 
+    /// Random bytes to send to the peer's `/upload` (outside its web root): the file, and the
+    /// `"<sha256> <len>\n"` the upload handler answers when it receives them intact.
+    pub fn upload_file(&self, name: &str, len: usize) -> (PathBuf, String) {
+        let path = self.dir.join(name);
+        let data = random_bytes(len);
+        std::fs::write(&path, &data).unwrap();
+        (path, format!("{} {len}\n", sha256_hex(&data)))
+    }
+
     /// Run a command inside the namespace.
     pub fn exec(&self, args: &[&str]) -> std::process::Output {
         Command::new("ip")
