@@ -137,6 +137,35 @@ fn flags_beat_environment_beat_file_and_print_config_hides_secrets() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("hostname = \"from-file\""), "{out}");
 
+    // An option of exec alone is for exec: a plain run takes the same file without it, and
+    // exec waits as long as the file says (the peer's endpoint is a closed port: never ready).
+    let shared = dir.0.join("shared.toml");
+    let conf = dir.0.join("wg.conf");
+    write_private(
+        &conf,
+        "[Interface]\nPrivateKey = AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n\
+         Address = 100.64.0.1/16\n\n\
+         [Peer]\nPublicKey = AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\n\
+         Endpoint = 127.0.0.1:9\nAllowedIPs = 100.64.0.0/16\n",
+    );
+    std::fs::write(
+        &shared,
+        format!(
+            "ready_timeout = \"1s\"\nwg_config = \"{}\"\nstatus_addr = \"127.0.0.1:0\"\n",
+            conf.display()
+        ),
+    )
+    .unwrap();
+    let shared = shared.to_str().unwrap();
+    let (code, out, err) = run(&["--config", shared, "--print-config"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("ready_timeout"), "{out}");
+    let started = std::time::Instant::now();
+    let (code, _, err) = run(&["exec", "--config", shared, "--", "true"], &[]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("not ready after 1s"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{err}");
+
     // Mistakes: exit 2 naming the file and the problem.
     let bad = dir.0.join("bad.toml");
     for (text, says) in [

@@ -102,14 +102,25 @@ fn file_args(
     for (key, value) in &table {
         // The key names an option by its long name or an alias (NetBird's names).
         let dashed = key.replace('_', "-");
-        let arg = cmd
+        let named = |a: &&clap::Arg| {
+            a.get_long_and_visible_aliases()
+                .is_some_and(|names| names.contains(&dashed.as_str()))
+        };
+        let Some(arg) = cmd
             .get_arguments()
-            .find(|a| {
-                a.get_long_and_visible_aliases()
-                    .is_some_and(|names| names.contains(&dashed.as_str()))
-            })
+            .find(named)
             .filter(|a| !matches!(a.get_id().as_str(), "config" | "print_config"))
-            .ok_or_else(|| invalid(format!("unknown option `{key}`")))?;
+        else {
+            // One file serves both a plain run and `exec`: exec's own options (e.g.
+            // `ready-timeout`) are for exec alone.
+            let exec_only = Cli::command()
+                .find_subcommand("exec")
+                .is_some_and(|exec| exec.get_arguments().any(|a| named(&a)));
+            if exec_only && cmd.get_name() != "exec" {
+                continue;
+            }
+            return Err(invalid(format!("unknown option `{key}`")));
+        };
         let id = arg.get_id().as_str().to_string();
         let long = arg.get_long().unwrap_or_default();
         if matches!(
