@@ -178,6 +178,12 @@ fn readyz_follows_a_static_peer_and_metrics_count_traffic() {
         rx(&after)
     );
     assert_eq!(sample(&after, "netbird_proxy_ready{} "), 1.0);
+    // The handshake with wireguard-go in its namespace was timed: well under a second.
+    let latency = sample(
+        &after,
+        &format!("netbird_proxy_peer_latency_seconds{{ip=100.64.0.0/16,peer=,{peer_label}}}"),
+    );
+    assert!(latency > 0.0 && latency < 1.0, "latency {latency} s");
     let socks_ok =
         format!("netbird_proxy_proxy_requests_total{{kind=socks5,listener={socks},result=0x00}}");
     assert_eq!(sample(&after, &socks_ok), 1.0);
@@ -268,6 +274,12 @@ fn status_shows_every_peer_of_a_three_peer_mesh() {
             "{json:#}"
         );
         assert!(p["last_handshake_seconds"].as_f64().unwrap() < 180.0);
+        // Timed on the handshake, over loopback (through the relay or not).
+        let latency = p["latency_ms"].as_f64();
+        assert!(
+            latency.is_some_and(|ms| ms < 1000.0),
+            "latency {latency:?}: {json:#}"
+        );
     }
 
     let table = status(&[]);
@@ -285,6 +297,12 @@ fn status_shows_every_peer_of_a_three_peer_mesh() {
     let detail = status(&["--detail"]);
     assert!(detail.contains(" bravo.mesh.test:"), "{detail}");
     assert!(detail.contains("Connection type: "), "{detail}");
+    assert!(
+        detail
+            .lines()
+            .any(|l| l.trim().starts_with("Latency: ") && l.ends_with(" ms")),
+        "{detail}"
+    );
 
     // One peer goes away: still ready with the other; both gone: not ready, and it says so.
     drop(b);

@@ -78,7 +78,8 @@ fn lossy_reordering_slow_underlay_carries_16_mib_each_way_intact() {
     let down_sha = bed.random_file("big.bin", LEN);
     let (up_file, up_expect) = bed.upload_file("upload.bin", LEN);
 
-    let proxy = Proxy::start(&config, &["--socks", "0"]);
+    let status_port = common::mesh::free_port_block(1).to_string();
+    let proxy = Proxy::start(&config, &["--socks", "0", "--status-addr", &status_port]);
     let socks = proxy.socks.unwrap().to_string();
     let start = Instant::now();
     let up = curl_child(
@@ -112,6 +113,18 @@ fn lossy_reordering_slow_underlay_carries_16_mib_each_way_intact() {
         "16 MiB each way at once: down {down_time:?} ({:.1} Mbit/s), up {up_time:?} ({:.1} Mbit/s)",
         LEN as f64 * 8.0 / down_time.as_secs_f64() / 1e6,
         LEN as f64 * 8.0 / up_time.as_secs_f64() / 1e6,
+    );
+    // The handshake's round trip is measured, and it is the path's: 2 x 50 ms plus little.
+    let status = Command::new(binary())
+        .args(["status", "--json", "--status-addr", &status_port])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let latency = status["peers"][0]["latency_ms"].as_f64();
+    eprintln!("handshake round trip: {latency:?} ms");
+    assert!(
+        latency.is_some_and(|ms| (100.0..1000.0).contains(&ms)),
+        "latency {latency:?} on a path with 100 ms of delay: {status}"
     );
 }
 

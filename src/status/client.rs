@@ -192,7 +192,7 @@ pub fn render(snap: &Snapshot, detail: bool) -> String {
         }
         return out;
     }
-    let rows: Vec<[String; 7]> = snap
+    let rows: Vec<[String; 8]> = snap
         .peers
         .iter()
         .map(|p| {
@@ -206,6 +206,7 @@ pub fn render(snap: &Snapshot, detail: bool) -> String {
                 p.status.clone(),
                 p.connection.clone(),
                 p.last_handshake_seconds.map_or("-".into(), ago),
+                p.latency_ms.map_or("-".into(), |ms| format!("{ms:.1} ms")),
                 bytes(p.rx_bytes),
                 bytes(p.tx_bytes),
             ]
@@ -217,6 +218,7 @@ pub fn render(snap: &Snapshot, detail: bool) -> String {
         "STATUS",
         "CONNECTION",
         "HANDSHAKE",
+        "LATENCY",
         "RECEIVED",
         "SENT",
     ];

@@ -269,7 +269,7 @@ fn peer_status(peer: &Peer, names: &HashMap<IpAddr, String>, mode: Mode) -> Peer
         last_handshake_seconds: handshake.map(|d| d.as_secs_f64()),
         rx_bytes: peer.counters.rx_bytes.load(Ordering::Relaxed),
         tx_bytes: peer.counters.tx_bytes.load(Ordering::Relaxed),
-        latency_ms: None,
+        latency_ms: peer.rtt.get().map(|d| d.as_secs_f64() * 1000.0),
     }
 }
 
@@ -319,7 +319,8 @@ pub struct PeerStatus {
     pub last_handshake_seconds: Option<f64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
-    /// Round-trip time, where known (not measured yet).
+    /// Round-trip time of the latest WireGuard handshake timed with this peer (absent before
+    /// the first).
     pub latency_ms: Option<f64>,
 }
 

@@ -92,6 +92,15 @@ pub fn render(snap: &Snapshot) -> String {
             .filter_map(|p| Some((peer(p), p.last_handshake_seconds?)))
             .collect(),
     );
+    family(
+        "peer_latency_seconds",
+        "gauge",
+        "Round trip of the latest WireGuard handshake timed with the peer (absent: none yet).",
+        snap.peers
+            .iter()
+            .filter_map(|p| Some((peer(p), p.latency_ms? / 1000.0)))
+            .collect(),
+    );
     let listener = |l: &super::ListenerStatus| labels(&[("kind", &l.kind), ("listener", &l.addr)]);
     family(
         "open_connections",

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace};
 
 use super::router::AllowedIps;
+use super::rtt::HandshakeRtt;
 use crate::packet::PacketPool;
 use crate::relay::client::{RelayClient, Relayed};
 use crate::relay::messages::PeerId;
@@ -119,13 +120,18 @@ pub struct PeerCounters {
     pub last_rx_ms: AtomicU64,
 }
 
-/// Milliseconds since the first call, on a monotonic clock.
-fn monotonic_ms() -> u64 {
+/// Time since the first call, on a monotonic clock.
+fn monotonic() -> Duration {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    EPOCH
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
+    EPOCH.get_or_init(std::time::Instant::now).elapsed()
+}
+
+fn monotonic_ms() -> u64 {
+    monotonic().as_millis() as u64
+}
+
+fn monotonic_us() -> u64 {
+    monotonic().as_micros() as u64
 }
 
 /// One WireGuard peer.
@@ -135,6 +141,8 @@ pub struct Peer {
     pub counters: PeerCounters,
     /// Our persistent keepalive towards this peer, in seconds.
     pub keepalive: Option<u16>,
+    /// Round trip of the latest handshake.
+    pub rtt: HandshakeRtt,
     tunn: Mutex<Tunn>,
     endpoint: RwLock<Option<PeerEndpoint>>,
 }
@@ -289,6 +297,7 @@ impl WgDevice {
             allowed_ips: spec.allowed_ips,
             counters: PeerCounters::default(),
             keepalive: spec.persistent_keepalive,
+            rtt: HandshakeRtt::default(),
             tunn: Mutex::new(tunn),
             endpoint: RwLock::new(spec.endpoint.map(|a| PeerEndpoint::Udp(canonical(a)))),
         });
@@ -359,6 +368,7 @@ impl WgDevice {
                 TunnResult::WriteToNetwork(b) => b.len(),
                 _ => continue,
             };
+            peer.rtt.on_sent(&buf[..len], monotonic_us);
             self.send_datagram(&buf[..len], &endpoint).await;
         }
     }
@@ -461,7 +471,9 @@ impl WgDevice {
             }
             TunnResult::WriteToNetwork(reply) => {
                 peer.mark_rx();
+                peer.rtt.on_received(data, monotonic_us);
                 self.try_send(reply, src);
+                peer.rtt.on_sent(reply, monotonic_us);
                 // A completed handshake releases packets queued while it ran.
                 while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], &mut out)
                 {
@@ -471,14 +483,17 @@ impl WgDevice {
             }
             TunnResult::WriteToTunnelV4(pkt, from) => {
                 peer.mark_rx();
+                peer.rtt.on_received(data, monotonic_us);
                 deliver = Some((pkt.len(), IpAddr::V4(from)));
             }
             TunnResult::WriteToTunnelV6(pkt, from) => {
                 peer.mark_rx();
+                peer.rtt.on_received(data, monotonic_us);
                 deliver = Some((pkt.len(), IpAddr::V6(from)));
             }
             TunnResult::Done => {
                 peer.mark_rx();
+                peer.rtt.on_received(data, monotonic_us);
                 peer.set_endpoint(src);
             }
             TunnResult::Err(WireGuardError::ConnectionExpired) => {}
@@ -535,6 +550,8 @@ impl WgDevice {
             self.want(&peer);
             return None;
         };
+        // A handshake initiation when a session is needed.
+        peer.rtt.on_sent(&out[..len], monotonic_us);
         peer.counters
             .tx_bytes
             .fetch_add(pkt.len() as u64, Ordering::Relaxed);
@@ -562,6 +579,7 @@ impl WgDevice {
                     _ => continue,
                 };
                 if let Some(endpoint) = peer.endpoint() {
+                    peer.rtt.on_sent(&buf[..len], monotonic_us);
                     self.send_datagram(&buf[..len], &endpoint).await;
                 }
             }
@@ -652,6 +670,7 @@ impl WgDevice {
             TunnResult::WriteToNetwork(b) => b.len(),
             _ => return,
         };
+        peer.rtt.on_sent(&buf[..len], monotonic_us);
         self.send_datagram(&buf[..len], &endpoint).await;
     }
 
