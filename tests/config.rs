@@ -170,6 +170,7 @@ fn flags_beat_environment_beat_file_and_print_config_hides_secrets() {
     let bad = dir.0.join("bad.toml");
     for (text, says) in [
         ("sockz = [\"1\"]\n", "unknown option `sockz`"),
+        ("print_config = true\n", "unknown option `print_config`"),
         ("socks = [\n", "TOML parse error at line 1"),
         ("no_direct = \"yes\"\n", "`no_direct` must be true or false"),
         ("connect_timeout = \"soon\"\n", "is not a duration"),

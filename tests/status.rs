@@ -238,7 +238,8 @@ fn status_shows_every_peer_of_a_three_peer_mesh() {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|p| p["status"] == "connected")
+            // Latency comes with the session's first packet, just after "connected".
+            .filter(|p| p["status"] == "connected" && p["latency_ms"].is_f64())
             .count();
         if connected == 2 || start.elapsed() > Duration::from_secs(40) {
             break json;

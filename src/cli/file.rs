@@ -113,10 +113,11 @@ fn file_args(
         else {
             // One file serves both a plain run and `exec`: exec's own options (e.g.
             // `ready-timeout`) are for exec alone.
-            let exec_only = Cli::command()
-                .find_subcommand("exec")
-                .is_some_and(|exec| exec.get_arguments().any(|a| named(&a)));
-            if exec_only && cmd.get_name() != "exec" {
+            let exec_only = !cmd.get_arguments().any(|a| named(&a))
+                && Cli::command()
+                    .find_subcommand("exec")
+                    .is_some_and(|exec| exec.get_arguments().any(|a| named(&a)));
+            if exec_only {
                 continue;
             }
             return Err(invalid(format!("unknown option `{key}`")));

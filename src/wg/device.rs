@@ -478,6 +478,8 @@ impl WgDevice {
                 while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], &mut out)
                 {
                     self.try_send(queued, src);
+                    // Sending a queued packet may need a new session (an initiation).
+                    peer.rtt.on_sent(queued, monotonic_us);
                 }
                 peer.set_endpoint(src);
             }

@@ -11,8 +11,10 @@
 //! Sessions are rekeyed every two minutes, so the figure stays current.
 //!
 //! Sans-IO: the caller passes the datagrams it sent and received (already authenticated) and
-//! the time. The per-packet cost is one byte compare on send and one atomic load on receive.
+//! the time. The per-packet cost is one byte compare on send and one atomic load on receive;
+//! the lock is taken only for handshake messages and their answers.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -24,13 +26,19 @@ const TRANSPORT_DATA: u8 = 4;
 const AWAIT_RESPONSE: u64 = 1 << 32;
 const AWAIT_TRANSPORT: u64 = 2 << 32;
 
+/// Longer than this is not a round trip: WireGuard retries an unanswered handshake after 5 s
+/// (REKEY_TIMEOUT) under a new index, so a later answer means the prompt one was lost (say the
+/// initiator's confirming keepalive) and a later packet of the session closed the exchange.
+const MAX_SAMPLE: Duration = Duration::from_secs(5);
+
 /// The round trip of a peer's latest timed handshake.
 #[derive(Debug, Default)]
 pub struct HandshakeRtt {
-    /// What we wait for, and our index it must name (low 32 bits); 0: nothing.
+    /// The open exchange as `(pending, sent at µs)`, set and taken together.
+    exchange: Mutex<(u64, u64)>,
+    /// A copy of the exchange's `pending` for the per-packet check without the lock: what we
+    /// wait for, and our index it must name (low 32 bits); 0: nothing.
     pending: AtomicU64,
-    /// When the pending message was sent, in microseconds on the caller's clock.
-    sent_at_us: AtomicU64,
     /// The latest measurement in microseconds plus one; 0: none yet.
     rtt_us: AtomicU64,
 }
@@ -55,15 +63,16 @@ impl HandshakeRtt {
         let Some(our_index) = index_at(datagram, 4) else {
             return;
         };
-        self.sent_at_us.store(now_us(), Ordering::Relaxed);
-        self.pending
-            .store(awaits | u64::from(our_index), Ordering::Release);
+        let pending = awaits | u64::from(our_index);
+        let mut exchange = self.exchange.lock().unwrap_or_else(|e| e.into_inner());
+        *exchange = (pending, now_us());
+        self.pending.store(pending, Ordering::Relaxed);
     }
 
     /// The peer's authenticated `datagram` arrived; `now_us` reads the clock (only when it
     /// answers the pending exchange).
     pub fn on_received(&self, datagram: &[u8], now_us: impl FnOnce() -> u64) {
-        let pending = self.pending.load(Ordering::Acquire);
+        let pending = self.pending.load(Ordering::Relaxed);
         if pending == 0 {
             return;
         }
@@ -76,14 +85,18 @@ impl HandshakeRtt {
         if answered.map(u64::from) != Some(pending & u64::from(u32::MAX)) {
             return;
         }
-        // Only the first answer counts (a concurrent one loses the exchange).
-        if self
-            .pending
-            .compare_exchange(pending, 0, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            let rtt = now_us().saturating_sub(self.sent_at_us.load(Ordering::Relaxed));
-            self.rtt_us.store(rtt + 1, Ordering::Relaxed);
+        let mut exchange = self.exchange.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the first answer counts, and only to the exchange still open.
+        if exchange.0 != pending {
+            return;
+        }
+        let rtt = Duration::from_micros(now_us().saturating_sub(exchange.1));
+        *exchange = (0, 0);
+        self.pending.store(0, Ordering::Relaxed);
+        drop(exchange);
+        if rtt <= MAX_SAMPLE {
+            self.rtt_us
+                .store(rtt.as_micros() as u64 + 1, Ordering::Relaxed);
         }
     }
 }
@@ -146,6 +159,17 @@ mod tests {
         // Data keeps coming; the figure stays until the next handshake.
         rtt.on_received(&message(TRANSPORT_DATA, &[5]), || 9_999);
         assert_eq!(rtt.get(), Some(Duration::from_micros(2_000)));
+    }
+
+    #[test]
+    fn a_late_answer_is_not_a_round_trip() {
+        let rtt = HandshakeRtt::default();
+        rtt.on_sent(&message(HANDSHAKE_RESPONSE, &[6, 1]), || 0);
+        rtt.on_received(&message(TRANSPORT_DATA, &[6]), || 25_000_000);
+        assert_eq!(rtt.get(), None, "the confirming keepalive was lost");
+        rtt.on_sent(&message(HANDSHAKE_RESPONSE, &[7, 1]), || 30_000_000);
+        rtt.on_received(&message(TRANSPORT_DATA, &[7]), || 30_000_800);
+        assert_eq!(rtt.get(), Some(Duration::from_micros(800)));
     }
 
     #[test]
