@@ -209,11 +209,14 @@ fn closed_at(s: &mut TcpStream, limit: Duration) -> Instant {
 
 /// Idle timeout (issue "Robustness and security", limits): with `--idle-timeout 2s` an idle
 /// SOCKS5 tunnel, HTTP CONNECT tunnel, forward and HTTP keep-alive connection are each closed
-/// about 2 s after their last byte, a tunnel with a byte every 700 ms outlives that many times
-/// over, and their slots come back.
+/// about 2 s after their last byte (the keep-alive wait is not cut short by the 1 s handshake
+/// timeout, which bounds only the wait for a first request: a silent client goes after 1 s), a
+/// tunnel with a byte every 700 ms outlives that many times over, their slots come back, and
+/// idle closes, the timeout and a malformed request are counted in /metrics.
 #[test]
 fn idle_connections_are_closed_and_busy_ones_are_not() {
     const IDLE: Duration = Duration::from_secs(2);
+    const HANDSHAKE: Duration = Duration::from_secs(1);
     let mesh = DevMeshProcess::start(1);
     let state = TempDir::new("idle");
     let web = LocalServer::start("idle-web");
@@ -244,6 +247,9 @@ fn idle_connections_are_closed_and_busy_ones_are_not() {
             &format!("0:{b_ip}:7000"),
             "--idle-timeout",
             "2s",
+            // Shorter than the idle timeout: it bounds only the wait for a first request.
+            "--handshake-timeout",
+            "1s",
             "--status-addr",
             &status_port.to_string(),
         ],
@@ -315,6 +321,20 @@ fn idle_connections_are_closed_and_busy_ones_are_not() {
     }
 
     let keep_alive_last = Instant::now();
+    // A client that never sends a request is closed after the handshake timeout.
+    let silent = TcpStream::connect(http).unwrap();
+    let silent_since = Instant::now();
+    // One hyper cannot parse is answered 400 and counted as rejected.
+    let mut bad = TcpStream::connect(http).unwrap();
+    bad.write_all(b"NOT AN HTTP REQUEST\r\n\r\n").unwrap();
+    bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = Vec::new();
+    let _ = bad.read_to_end(&mut answer);
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
     // The busy tunnel: a byte every 700 ms, in its own thread, for 3 x the idle timeout.
     let busy = std::thread::spawn(move || {
         let start = Instant::now();
@@ -326,23 +346,27 @@ fn idle_connections_are_closed_and_busy_ones_are_not() {
     });
     // Each idle one waits in its own thread, so each close is timed as it happens.
     let waiters: Vec<_> = [
-        ("SOCKS5 tunnel", idle_socks, socks_last),
-        ("CONNECT tunnel", idle_connect, connect_last),
-        ("forward", idle_forward, forward_last),
-        ("HTTP keep-alive", keep_alive, keep_alive_last),
+        ("SOCKS5 tunnel", idle_socks, socks_last, IDLE),
+        ("CONNECT tunnel", idle_connect, connect_last, IDLE),
+        ("forward", idle_forward, forward_last, IDLE),
+        ("HTTP keep-alive", keep_alive, keep_alive_last, IDLE),
+        ("silent HTTP client", silent, silent_since, HANDSHAKE),
     ]
     .into_iter()
-    .map(|(what, mut s, last_byte)| {
-        std::thread::spawn(move || (what, closed_at(&mut s, Duration::from_secs(10)), last_byte))
+    .map(|(what, mut s, last_byte, limit)| {
+        std::thread::spawn(move || {
+            let at = closed_at(&mut s, Duration::from_secs(10));
+            (what, at, last_byte, limit)
+        })
     })
     .collect();
     for w in waiters {
-        let (what, at, last_byte) = w.join().unwrap();
+        let (what, at, last_byte, limit) = w.join().unwrap();
         let idle = at - last_byte;
-        eprintln!("idle {what} closed {idle:?} after the last byte");
+        eprintln!("{what} closed {idle:?} after the last byte");
         assert!(
-            idle > IDLE - Duration::from_millis(200) && idle < IDLE + Duration::from_secs(3),
-            "{what}: closed {idle:?} after its last byte"
+            idle > limit - Duration::from_millis(200) && idle < limit + Duration::from_secs(3),
+            "{what}: closed {idle:?} after its last byte, expected {limit:?}"
         );
     }
     let mut busy_socks = busy.join().unwrap();
@@ -377,6 +401,17 @@ fn idle_connections_are_closed_and_busy_ones_are_not() {
     // The CONNECT tunnel and the keep-alive connection.
     assert_eq!(idle_closed("http"), "2");
     assert_eq!(idle_closed("forward"), "1");
+    let requests = |result: &str| {
+        let prefix = "netbird_proxy_proxy_requests_total{kind=\"http\",";
+        let suffix = format!(",result=\"{result}\"}}");
+        text.lines()
+            .find(|l| l.starts_with(prefix) && l.split(' ').next().unwrap().ends_with(&suffix))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or_else(|| panic!("no http {result} in\n{text}"))
+            .to_string()
+    };
+    assert_eq!(requests("timeout"), "1");
+    assert_eq!(requests("rejected"), "1");
 }
 
 /// The global cap on buffered bytes (issue "Robustness and security", limits): with

@@ -20,6 +20,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -51,10 +52,14 @@ pub async fn serve(
         let auth = auth.clone();
         let tunnels = tunnels.clone();
         let metrics = metrics.clone();
-        let idle_closes = metrics.clone();
+        let conn_metrics = metrics.clone();
+        // Told of each request head; the first ends the client's handshake time.
+        let head_arrived = Arc::new(Notify::new());
+        let heads = head_arrived.clone();
         let service = service_fn(move |req| {
             // A request head arrived: the client is past its handshake.
             ticket.established();
+            heads.notify_one();
             let dialer = dialer.clone();
             let auth = auth.clone();
             let tunnels = tunnels.clone();
@@ -73,15 +78,18 @@ pub async fn serve(
             }
         });
         async move {
-            // Idle covers a keep-alive client waiting between requests too (hyper's header
-            // timeout only starts with a request's first byte).
+            // The handshake timeout bounds the wait for the first request head; the idle
+            // timeout then covers the connection, a keep-alive client waiting between requests
+            // included. (Hyper's own header timeout is off: it would also run while an idle
+            // keep-alive client waits for its next request, closing it after the handshake
+            // timeout instead of the idle timeout.)
             let activity = Arc::new(Activity::new());
             let client = Watched::new(client, activity.clone());
             let conn = http1::Builder::new()
                 .preserve_header_case(true)
                 .title_case_headers(true)
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
+                .header_read_timeout(None)
                 .serve_connection(TokioIo::new(client), service)
                 .with_upgrades();
             let idle_for = async {
@@ -90,13 +98,29 @@ pub async fn serve(
                     None => std::future::pending().await,
                 }
             };
+            let first_head = async {
+                if tokio::time::timeout(header_timeout, head_arrived.notified())
+                    .await
+                    .is_ok()
+                {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 r = conn => if let Err(e) = r {
+                    // A request hyper could not parse was answered 400 and never reached us.
+                    if e.is_parse() || e.is_parse_too_large() {
+                        conn_metrics.count("rejected");
+                    }
                     debug!(%from, "http connection: {e}");
                 },
                 _ = idle_for => {
-                    idle_closes.count_idle_close();
+                    conn_metrics.count_idle_close();
                     debug!(%from, "http: closed after {idle:?} idle");
+                }
+                _ = first_head => {
+                    conn_metrics.count("timeout");
+                    debug!(%from, "http: no request within {header_timeout:?}");
                 }
             }
         }
