@@ -208,7 +208,8 @@ fn closed_at(s: &mut TcpStream, limit: Duration) -> Instant {
 }
 
 /// Idle timeout (issue "Robustness and security", limits): with `--idle-timeout 2s` an idle
-/// SOCKS5 tunnel, HTTP CONNECT tunnel, forward and HTTP keep-alive connection are each closed
+/// SOCKS5 tunnel, HTTP CONNECT tunnel, forward and HTTP keep-alive connection (and, on a peer
+/// with `--idle-timeout 3s`, a connection to an exposed port) are each closed
 /// about 2 s after their last byte (the keep-alive wait is not cut short by the 1 s handshake
 /// timeout, which bounds only the wait for a first request: a silent client goes after 1 s), a
 /// tunnel with a byte every 700 ms outlives that many times over, their slots come back, and
@@ -217,10 +218,13 @@ fn closed_at(s: &mut TcpStream, limit: Duration) -> Instant {
 fn idle_connections_are_closed_and_busy_ones_are_not() {
     const IDLE: Duration = Duration::from_secs(2);
     const HANDSHAKE: Duration = Duration::from_secs(1);
+    const EXPOSE_IDLE: Duration = Duration::from_secs(3);
     let mesh = DevMeshProcess::start(1);
     let state = TempDir::new("idle");
     let web = LocalServer::start("idle-web");
     std::fs::write(web.dir.join("index.html"), PAGE).unwrap();
+    // Bravo's exposed ports idle out after 3 s: alpha's clients (2 s) close before that.
+    let b_status_port = free_port_block(1);
     let b = join(
         &mesh,
         &state.0,
@@ -230,9 +234,21 @@ fn idle_connections_are_closed_and_busy_ones_are_not() {
             &format!("80={}", web.port),
             "--expose",
             &format!("7000={}", web.echo_port),
+            "--idle-timeout",
+            "3s",
+            "--status-addr",
+            &b_status_port.to_string(),
         ],
     );
     let b_ip = b.mesh_ip.unwrap().to_string();
+    // Charlie never idles out itself, so its connection to bravo's exposed port is closed by
+    // bravo.
+    let c = join(
+        &mesh,
+        &state.0,
+        "charlie",
+        &["--socks", "0", "--idle-timeout", "0"],
+    );
     let status_port = free_port_block(1);
     let a = join(
         &mesh,
@@ -321,6 +337,23 @@ fn idle_connections_are_closed_and_busy_ones_are_not() {
     }
 
     let keep_alive_last = Instant::now();
+    let (mut exposed, reply) = (0..40)
+        .find_map(|_| {
+            let r = socks_connect(c.socks.unwrap(), None, &connect_v4(&b_ip, 7000)).unwrap();
+            if r.1[1] == 0 {
+                return Some(r);
+            }
+            // Charlie's session with bravo may still be in the making.
+            std::thread::sleep(Duration::from_millis(500));
+            None
+        })
+        .expect("charlie reaches bravo");
+    assert_eq!(reply[1], 0);
+    exposed
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    echo_once(&mut exposed, b"exposed");
+    let exposed_last = Instant::now();
     // A client that never sends a request is closed after the handshake timeout.
     let silent = TcpStream::connect(http).unwrap();
     let silent_since = Instant::now();
@@ -351,6 +384,7 @@ fn idle_connections_are_closed_and_busy_ones_are_not() {
         ("forward", idle_forward, forward_last, IDLE),
         ("HTTP keep-alive", keep_alive, keep_alive_last, IDLE),
         ("silent HTTP client", silent, silent_since, HANDSHAKE),
+        ("exposed port", exposed, exposed_last, EXPOSE_IDLE),
     ]
     .into_iter()
     .map(|(what, mut s, last_byte, limit)| {
@@ -412,6 +446,15 @@ fn idle_connections_are_closed_and_busy_ones_are_not() {
     };
     assert_eq!(requests("timeout"), "1");
     assert_eq!(requests("rejected"), "1");
+    // Bravo counts the one it closed on its exposed port 7000.
+    let b_text = metrics(b_status_port);
+    let expose =
+        format!("netbird_proxy_idle_closed_total{{kind=\"expose\",listener=\"{b_ip}:7000\"}}");
+    let line = b_text
+        .lines()
+        .find(|l| l.starts_with(&expose))
+        .unwrap_or_else(|| panic!("no {expose} in\n{b_text}"));
+    assert!(line.ends_with(" 1"), "{line}");
 }
 
 /// The global cap on buffered bytes (issue "Robustness and security", limits): with
