@@ -85,8 +85,12 @@ pub fn http_request(data: &[u8]) {
                 Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<bytes::Bytes>::new()))
             }
         });
+        // Configured as the proxy's listener is (header case kept, upgrades on).
         let conn = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(server), service);
+            .preserve_header_case(true)
+            .title_case_headers(true)
+            .serve_connection(TokioIo::new(server), service)
+            .with_upgrades();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
     });
 }
