@@ -14,6 +14,23 @@ const FILE_SECRET: &str = "file-setup-key-0123456789";
 const FILE_PASS: &str = "file-proxy-password";
 const ENV_PASS: &str = "env-proxy-password";
 
+/// `DIR/wg.conf`: a static configuration whose peer never answers (any 32 bytes make an
+/// X25519 key; the endpoint is a closed loopback port), with `interface_extra` lines added to
+/// its [Interface].
+fn never_ready_wg_config(dir: &std::path::Path, interface_extra: &str) -> std::path::PathBuf {
+    let conf = dir.join("wg.conf");
+    write_private(
+        &conf,
+        &format!(
+            "[Interface]\nPrivateKey = AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n\
+             Address = 100.64.0.1/16\n{interface_extra}\n\
+             [Peer]\nPublicKey = AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\n\
+             Endpoint = 127.0.0.1:9\nAllowedIPs = 100.64.0.0/16\n"
+        ),
+    );
+    conf
+}
+
 /// `netbird-proxy ARGS` with only `env` as NB_* variables: (status, stdout, stderr).
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut c = Command::new(binary());
@@ -140,14 +157,7 @@ fn flags_beat_environment_beat_file_and_print_config_hides_secrets() {
     // An option of exec alone is for exec: a plain run takes the same file without it, and
     // exec waits as long as the file says (the peer's endpoint is a closed port: never ready).
     let shared = dir.0.join("shared.toml");
-    let conf = dir.0.join("wg.conf");
-    write_private(
-        &conf,
-        "[Interface]\nPrivateKey = AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n\
-         Address = 100.64.0.1/16\n\n\
-         [Peer]\nPublicKey = AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\n\
-         Endpoint = 127.0.0.1:9\nAllowedIPs = 100.64.0.0/16\n",
-    );
+    let conf = never_ready_wg_config(&dir.0, "");
     std::fs::write(
         &shared,
         format!(
@@ -200,15 +210,7 @@ fn flags_beat_environment_beat_file_and_print_config_hides_secrets() {
 #[test]
 fn json_logs_are_one_object_per_line() {
     let dir = TempDir::new("config-json");
-    let conf = dir.0.join("wg.conf");
-    // Any 32 bytes make an X25519 key; the endpoint is a closed loopback port.
-    write_private(
-        &conf,
-        "[Interface]\nPrivateKey = AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n\
-         Address = 100.64.0.1/16\nPostUp = true\n\n\
-         [Peer]\nPublicKey = AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\n\
-         Endpoint = 127.0.0.1:9\nAllowedIPs = 100.64.0.0/16\n",
-    );
+    let conf = never_ready_wg_config(&dir.0, "PostUp = true\n");
     let mut child = Command::new(binary())
         .args(["--wg-config", conf.to_str().unwrap(), "--socks", "0"])
         .args(["--log-format", "json", "--log-level", "info"])
@@ -349,14 +351,7 @@ fn completions_and_man_page() {
 #[test]
 fn open_listeners_need_authentication() {
     let dir = TempDir::new("config-open");
-    let conf = dir.0.join("wg.conf");
-    write_private(
-        &conf,
-        "[Interface]\nPrivateKey = AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n\
-         Address = 100.64.0.1/16\n\n\
-         [Peer]\nPublicKey = AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\n\
-         Endpoint = 127.0.0.1:9\nAllowedIPs = 100.64.0.0/16\n",
-    );
+    let conf = never_ready_wg_config(&dir.0, "");
     let conf_path = conf.clone();
     let conf = conf.to_str().unwrap();
     // A wg-quick file holds a private key: readable by others, it is refused.

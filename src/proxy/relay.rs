@@ -74,20 +74,10 @@ where
 {
     let ended = bidirectional(client, upstream, idle).await;
     if ended == Ended::Idle {
-        closed_idle(metrics, from, to, idle);
+        metrics.count_idle_close();
+        debug!(%from, %to, "{}: closed after {idle:?} idle", metrics.kind);
     }
     ended
-}
-
-/// Count and log one client connection closed for idleness.
-pub fn closed_idle(
-    metrics: &ListenerMetrics,
-    from: SocketAddr,
-    to: &(dyn Display + Sync),
-    idle: Option<Duration>,
-) {
-    metrics.count_idle_close();
-    debug!(%from, %to, "{}: closed after {idle:?} idle", metrics.kind);
 }
 
 async fn copy<A, B>(a: &mut A, b: &mut B)
