@@ -9,6 +9,6 @@ mod stack;
 mod tcp;
 mod udp;
 
-pub use stack::{Congestion, ConnectError, Netstack, NetstackConfig};
+pub use stack::{Congestion, ConnectError, Netstack, NetstackConfig, tune_tcp_socket};
 pub use tcp::{TcpListener, TcpStream};
 pub use udp::UdpSocket;

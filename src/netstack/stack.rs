@@ -99,6 +99,30 @@ impl BufferBudget {
     }
 }
 
+/// How every mesh TCP socket is set up: congestion control, pacing, no Nagle, keep-alives.
+/// Public so that the link simulations in tests/ run exactly the sockets the netstack runs.
+pub fn tune_tcp_socket(sock: &mut tcp::Socket<'_>, congestion: Congestion) {
+    sock.set_congestion_control(match congestion {
+        Congestion::Bbr => tcp::CongestionControl::Bbr,
+        Congestion::Cubic => tcp::CongestionControl::Cubic,
+    });
+    // Spread each window over the round trip (our smoltcp patch) instead of bursting it
+    // into the peer's socket buffer.
+    sock.set_pacing(true);
+    sock.set_nagle_enabled(false);
+    // A lone segment is acknowledged after 1 ms, not smoltcp's 10 (every second segment is
+    // acknowledged at once either way). A delayed ACK saves one packet only when a reply
+    // follows within the delay; against that, a sender that is waiting for it stalls. On a
+    // sub-millisecond mesh path 10 ms is 25 round trips: relayed transfers sat at 5 Mbit/s,
+    // each window ending in one lone segment whose ACK took 10 ms (benches/README.md, "The
+    // relayed path"; tests/relay_held_delivery.rs).
+    sock.set_ack_delay(Some(SmolDuration::from_millis(ACK_DELAY_MS)));
+    // Keep-alives probe an idle connection; the timeout aborts it when the remote stays
+    // silent (a vanished peer), which keep-alives alone never do.
+    sock.set_keep_alive(Some(SmolDuration::from_secs(KEEPALIVE_SECS)));
+    sock.set_timeout(Some(SmolDuration::from_secs(KEEPALIVE_SECS * 4)));
+}
+
 /// TCP congestion control for the connections the netstack carries.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Congestion {
@@ -310,6 +334,8 @@ const MAX_BACKLOG: usize = 128;
 const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
 /// TCP keep-alive interval; a connection silent for four intervals is aborted.
 const KEEPALIVE_SECS: u64 = 30;
+/// How long a lone received segment waits for its ACK (see `tune_tcp_socket`).
+const ACK_DELAY_MS: u64 = 1;
 
 struct Stack {
     config: NetstackConfig,
@@ -499,18 +525,7 @@ impl Stack {
             tcp::SocketBuffer::new(vec![0; size]),
             tcp::SocketBuffer::new(vec![0; size]),
         );
-        sock.set_congestion_control(match self.config.congestion {
-            Congestion::Bbr => tcp::CongestionControl::Bbr,
-            Congestion::Cubic => tcp::CongestionControl::Cubic,
-        });
-        // Spread each window over the round trip (our smoltcp patch) instead of bursting it
-        // into the peer's socket buffer.
-        sock.set_pacing(true);
-        sock.set_nagle_enabled(false);
-        // Keep-alives probe an idle connection; the timeout aborts it when the remote stays
-        // silent (a vanished peer), which keep-alives alone never do.
-        sock.set_keep_alive(Some(SmolDuration::from_secs(KEEPALIVE_SECS)));
-        sock.set_timeout(Some(SmolDuration::from_secs(KEEPALIVE_SECS * 4)));
+        tune_tcp_socket(&mut sock, self.config.congestion);
         Some(sock)
     }
 

@@ -108,6 +108,8 @@ pub struct Bbr {
     in_flight: usize,
     /// Rotates ProbeBw's starting phase, as BBR randomises it.
     cycle_seed: usize,
+    /// The latest RTT sample, for the round trace.
+    latest_rtt_us: u64,
 }
 
 impl Bbr {
@@ -133,6 +135,7 @@ impl Bbr {
             full_pipe: false,
             in_flight: 0,
             cycle_seed: 0,
+            latest_rtt_us: 0,
         }
     }
 
@@ -332,6 +335,7 @@ impl Controller for Bbr {
         let Some(sample) = rtt.latest_sample_us() else {
             return;
         };
+        self.latest_rtt_us = sample;
         let expired = now >= self.min_rtt_at + MIN_RTT_WINDOW;
         if self.min_rtt_us.is_none_or(|m| sample <= m) || expired {
             self.min_rtt_us = Some(sample.max(1));
@@ -356,7 +360,7 @@ impl Controller for Bbr {
             let round_app_limited = self.round_app_limited;
             let rate = bytes * 1_000_000 / micros;
             net_trace!(
-                "bbr round {}: {} B in {} us ({} B/s), {} B retransmitted{}{}; {:?}, max_bw {}, cwnd {}, pipe {}",
+                "bbr round {}: {} B in {} us ({} B/s), {} B retransmitted{}{}; {:?}, max_bw {}, cwnd {}, pipe {}, rtt {} us (min {:?})",
                 self.round,
                 bytes,
                 micros,
@@ -375,7 +379,9 @@ impl Controller for Bbr {
                 self.mode,
                 self.max_bw(),
                 self.cwnd,
-                pipe
+                pipe,
+                self.latest_rtt_us,
+                self.min_rtt_us
             );
             if !self.round_discarded {
                 self.record_sample(rate, round_app_limited);
