@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -14,17 +15,20 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::relay_token;
+use crate::relay::io::{FrameArena, write_batches};
 use crate::relay::messages::{self, Frame, PeerId};
 
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 const HEALTH_INTERVAL: Duration = Duration::from_secs(25);
 /// Frames queued per connected peer; a peer that does not drain loses datagrams (as UDP would).
 const QUEUE: usize = 1024;
+/// How long a datagram waits for room in its destination's queue before it is dropped.
+const FORWARD_WAIT: Duration = Duration::from_millis(50);
 
 #[derive(Default)]
 struct Hub {
     /// Connected peers: (connection number, frames to send).
-    peers: HashMap<PeerId, (u64, mpsc::Sender<Vec<u8>>)>,
+    peers: HashMap<PeerId, (u64, mpsc::Sender<Bytes>)>,
     /// Watched peer → who watches it.
     watchers: HashMap<PeerId, HashSet<PeerId>>,
     next_conn: u64,
@@ -34,7 +38,7 @@ impl Hub {
     fn tell_watchers(&self, about: &PeerId, frame: &[u8]) {
         for watcher in self.watchers.get(about).into_iter().flatten() {
             if let Some((_, tx)) = self.peers.get(watcher) {
-                let _ = tx.try_send(frame.to_vec());
+                let _ = tx.try_send(Bytes::copy_from_slice(frame));
             }
         }
     }
@@ -83,6 +87,11 @@ impl DevRelay {
     }
 
     async fn connection(&self, stream: TcpStream) {
+        // Every frame is a datagram someone waits for: with Nagle, a frame written while an
+        // earlier one is unacknowledged waits until the peer sends something back (its TCP
+        // ACK rides on it), and a WireGuard peer that has nothing to send holds its own
+        // traffic up for as long. NetBird's Go relay has no Nagle (Go turns it off).
+        let _ = stream.set_nodelay(true);
         // The shape of this callback is tungstenite's, large error type included.
         #[allow(clippy::result_large_err)]
         let only_relay_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
@@ -121,7 +130,7 @@ impl DevRelay {
             }
             _ => return,
         };
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
         let conn = {
             let mut hub = self.hub();
             hub.next_conn += 1;
@@ -142,21 +151,26 @@ impl DevRelay {
             self.leave(&me, conn);
             return;
         }
-        let writer = async move {
+        // Frames are written in batches, one flush per wake-up (`relay::io`); health checks
+        // queue behind the data like any frame.
+        let writer = write_batches(sink, &mut rx);
+        let health_tx = tx.clone();
+        let health = async move {
             let mut health = tokio::time::interval(HEALTH_INTERVAL);
             health.tick().await;
             loop {
-                let frame = tokio::select! {
-                    f = rx.recv() => match f { Some(f) => f, None => break },
-                    _ = health.tick() => messages::health_check(),
-                };
-                if sink.send(Message::Binary(frame.into())).await.is_err() {
+                health.tick().await;
+                if health_tx
+                    .send(messages::health_check().into())
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
         };
         let reader = async {
-            let mut out = Vec::with_capacity(messages::MAX_MESSAGE);
+            let mut arena = FrameArena::default();
             while let Some(Ok(msg)) = source.next().await {
                 let Message::Binary(data) = msg else {
                     if matches!(msg, Message::Close(_)) {
@@ -167,9 +181,12 @@ impl DevRelay {
                 match messages::parse(&data) {
                     Ok(Frame::Transport { peer, payload }) => {
                         let target = self.hub().peers.get(peer).map(|(_, t)| t.clone());
+                        // As NetBird's relay writes to the destination before reading on, a
+                        // full destination slows the sender down (its TCP backs up) rather
+                        // than losing datagrams at once; one that stays full loses them.
                         if let Some(target) = target {
-                            messages::transport(&mut out, &me, payload);
-                            let _ = target.try_send(out.clone());
+                            let frame = arena.transport(&me, payload);
+                            let _ = tokio::time::timeout(FORWARD_WAIT, target.send(frame)).await;
                         }
                     }
                     Ok(Frame::Subscribe(ids)) => {
@@ -182,7 +199,7 @@ impl DevRelay {
                             }
                         }
                         for f in messages::peers_online(&online) {
-                            let _ = tx.try_send(f);
+                            let _ = tx.try_send(f.into());
                         }
                     }
                     Ok(Frame::Unsubscribe(ids)) => {
@@ -202,6 +219,7 @@ impl DevRelay {
         tokio::select! {
             _ = writer => {}
             _ = reader => {}
+            _ = health => {}
         }
         self.leave(&me, conn);
     }

@@ -2,16 +2,18 @@
 //! and from any number of peers, with presence subscriptions and health-check echoes.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use super::io::{FrameArena, write_batches};
 use super::messages::{self, Frame, PeerId, peer_id};
 
 /// Go's client waits this long for the AuthResponse.
@@ -19,6 +21,10 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(8);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Frames queued towards the server.
 const OUT_QUEUE: usize = 1024;
+/// How long the data path waits for room in a full queue before dropping a datagram: long
+/// enough to ride out a burst (the writer drains a full queue in about a millisecond), short
+/// enough that a stalled relay cannot hold up traffic to every other peer.
+const SEND_WAIT: Duration = Duration::from_millis(50);
 /// Without a health check from the server for this long, the connection is considered dead.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(70);
 
@@ -41,12 +47,12 @@ pub enum RelayError {
     Cancelled,
 }
 
-/// A datagram that arrived through a relay.
+/// A datagram that arrived through a relay: a view into the WebSocket message it came in.
 #[derive(Debug)]
 pub struct Relayed {
     pub client: Arc<RelayClient>,
     pub from: PeerId,
-    pub data: Vec<u8>,
+    pub data: Bytes,
 }
 
 /// A connection to one relay server.
@@ -54,7 +60,9 @@ pub struct RelayClient {
     instance_url: String,
     /// The server address we are connected to (offers advertise it as `relayServerIP`).
     server_ip: std::net::IpAddr,
-    out: mpsc::Sender<Vec<u8>>,
+    out: mpsc::Sender<Bytes>,
+    /// Where outgoing Transport frames are built.
+    arena: Mutex<FrameArena>,
     online: watch::Sender<HashSet<PeerId>>,
     /// Cancelled when the connection ends (or the owner cancels).
     closed: CancellationToken,
@@ -133,6 +141,11 @@ impl RelayClient {
                 url: url.into(),
                 reason: e.to_string(),
             })?;
+            // Every frame is a datagram a peer waits for: no Nagle (frames are batched per
+            // wake-up instead, see `relay::io`). The socket buffers are left to the kernel's
+            // autotuning (up to net.ipv4.tcp_rmem/tcp_wmem's maximum, 4–6 MiB by default):
+            // setting SO_RCVBUF/SO_SNDBUF would turn it off and cap them at net.core.*mem_max
+            // (208 KiB by default), below a relayed bulk transfer's window.
             let _ = tcp.set_nodelay(true);
             let server_ip = tcp.peer_addr().map_err(|e| RelayError::Connect {
                 url: url.into(),
@@ -171,23 +184,21 @@ impl RelayClient {
             _ => return Err(RelayError::AuthFailed(url.into())),
         };
         info!(relay = %instance_url, "relay connected");
-        let (out, mut out_rx) = mpsc::channel::<Vec<u8>>(OUT_QUEUE);
+        let (out, mut out_rx) = mpsc::channel::<Bytes>(OUT_QUEUE);
         let (online, _) = watch::channel(HashSet::new());
         let closed = cancel.child_token();
         let client = Arc::new(Self {
             instance_url,
             server_ip,
             out,
+            arena: Mutex::default(),
             online,
             closed: closed.clone(),
         });
         let writer = async move {
-            while let Some(frame) = out_rx.recv().await {
-                if sink.send(Message::Binary(frame.into())).await.is_err() {
-                    break;
-                }
+            if let Some(mut sink) = write_batches(sink, &mut out_rx).await {
+                let _ = sink.send(Message::Binary(messages::close().into())).await;
             }
-            let _ = sink.send(Message::Binary(messages::close().into())).await;
         };
         let weak = Arc::downgrade(&client);
         let reader = async move {
@@ -206,14 +217,14 @@ impl RelayClient {
                         let relayed = Relayed {
                             client: client.clone(),
                             from: *peer,
-                            data: payload.to_vec(),
+                            data: data.slice_ref(payload),
                         };
                         if inbound.send(relayed).await.is_err() {
                             break;
                         }
                     }
                     Ok(Frame::HealthCheck) => {
-                        let _ = client.out.try_send(messages::health_check());
+                        let _ = client.out.try_send(messages::health_check().into());
                     }
                     Ok(Frame::PeersOnline(ids)) => client.online.send_modify(|set| {
                         set.extend(ids.iter().copied());
@@ -269,7 +280,10 @@ impl RelayClient {
         cancel: &CancellationToken,
     ) -> Result<(), RelayError> {
         for frame in messages::subscribe(&[*peer]) {
-            self.out.send(frame).await.map_err(|_| RelayError::Closed)?;
+            self.out
+                .send(frame.into())
+                .await
+                .map_err(|_| RelayError::Closed)?;
         }
         let mut rx = self.online.subscribe();
         tokio::select! {
@@ -288,11 +302,28 @@ impl RelayClient {
         self.online.borrow().contains(peer)
     }
 
-    /// Queue one WireGuard datagram for `peer`; false if the connection is gone or full.
+    fn frame(&self, peer: &PeerId, datagram: &[u8]) -> Bytes {
+        self.arena
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .transport(peer, datagram)
+    }
+
+    /// Queue one WireGuard datagram for `peer`; false if the connection is gone or its queue
+    /// is full (the datagram is dropped, as a full UDP socket would).
     pub fn send_to(&self, peer: &PeerId, datagram: &[u8]) -> bool {
-        let mut frame = Vec::with_capacity(2 + messages::PEER_ID_LEN + datagram.len());
-        messages::transport(&mut frame, peer, datagram);
-        self.out.try_send(frame).is_ok()
+        self.out.try_send(self.frame(peer, datagram)).is_ok()
+    }
+
+    /// Queue one WireGuard datagram for `peer`, waiting up to `SEND_WAIT` while the queue is
+    /// full (backpressure: the tunnel's TCP slows down instead of losing segments); false if
+    /// the connection is gone or stayed full.
+    pub async fn send(&self, peer: &PeerId, datagram: &[u8]) -> bool {
+        let frame = self.frame(peer, datagram);
+        matches!(
+            tokio::time::timeout(SEND_WAIT, self.out.send(frame)).await,
+            Ok(Ok(()))
+        )
     }
 
     /// Close the connection.
@@ -361,11 +392,11 @@ mod tests {
         assert!(a.send_to(&b_id, b"datagram from a"));
         let got = b_rx.recv().await.unwrap();
         assert_eq!(
-            (got.from, got.data.as_slice()),
+            (got.from, &got.data[..]),
             (peer_id("key-a"), &b"datagram from a"[..])
         );
         assert!(b.send_to(&peer_id("key-a"), b"reply"));
-        assert_eq!(a_rx.recv().await.unwrap().data, b"reply");
+        assert_eq!(a_rx.recv().await.unwrap().data, &b"reply"[..]);
         // B leaves: A is told.
         b.close();
         let mut rx = a.online.subscribe();

@@ -160,12 +160,16 @@ fn split_id(body: &[u8]) -> Option<(&PeerId, &[u8])> {
     Some((id.try_into().ok()?, rest))
 }
 
-/// Write a Transport frame into `dst` (cleared first).
-pub fn transport(dst: &mut Vec<u8>, peer: &PeerId, payload: &[u8]) {
-    dst.clear();
-    dst.extend_from_slice(&[VERSION, kind::TRANSPORT]);
-    dst.extend_from_slice(peer);
-    dst.extend_from_slice(payload);
+/// Append a Transport frame to `dst`.
+pub fn transport(dst: &mut impl bytes::BufMut, peer: &PeerId, payload: &[u8]) {
+    dst.put_slice(&[VERSION, kind::TRANSPORT]);
+    dst.put_slice(peer);
+    dst.put_slice(payload);
+}
+
+/// The length of the Transport frame carrying `payload`.
+pub fn transport_len(payload: &[u8]) -> usize {
+    2 + PEER_ID_LEN + payload.len()
 }
 
 /// An Auth frame with an HMAC-SHA256 token.

@@ -2,4 +2,5 @@
 //! peers that cannot reach each other directly. `messages` is the frame codec (sans-IO).
 
 pub mod client;
+pub mod io;
 pub mod messages;

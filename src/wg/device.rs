@@ -395,7 +395,7 @@ impl WgDevice {
                     Some(m) => {
                         relayed_msg = m;
                         (
-                            relayed_msg.data.as_slice(),
+                            &relayed_msg.data[..],
                             PeerEndpoint::Relay(relayed_msg.client.clone(), relayed_msg.from),
                         )
                     }
@@ -596,7 +596,11 @@ impl WgDevice {
                     trace!(%addr, "udp send: {e}");
                 }
             }
-            PeerEndpoint::Relay(..) => self.try_send(data, to),
+            PeerEndpoint::Relay(client, peer) => {
+                if !client.send(peer, data).await {
+                    self.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 
