@@ -30,6 +30,8 @@ use std::time::{Duration, Instant};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "e2e/mesh.rs"]
+mod mesh;
 use common::{sh, sh_quiet, wg_key_pair, write_private};
 
 const SERVER_PORT: u16 = 5201;
@@ -57,6 +59,7 @@ fn main() {
         Some("serve") => serve(&args[2]),
         Some("client") => client(&args[2..]),
         Some("impair") => impair(&args[2..]),
+        Some("tcpdelay") => mesh::tcp_delay(&args[2..]),
         _ => orchestrate(),
     }
 }
@@ -540,9 +543,23 @@ struct Proxy {
 
 impl Proxy {
     fn start(args: &[&str]) -> Self {
+        Self::start_in(None, args)
+    }
+
+    /// A proxy in network namespace `ns` (None: here).
+    fn start_in(ns: Option<&str>, args: &[&str]) -> Self {
         // E2E_PROXY_LOG=FILTER: the proxies log at that level to /tmp/netbird-proxy-e2e-*.log.
         let log_filter = std::env::var("E2E_PROXY_LOG").ok();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_netbird-proxy"))
+        let bin = env!("CARGO_BIN_EXE_netbird-proxy");
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, bin]);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = cmd
             .args(args)
             .env("NB_LOG_LEVEL", log_filter.as_deref().unwrap_or("warn"))
             .stdin(Stdio::null())
@@ -725,9 +742,14 @@ fn orchestrate() {
     let memory = wanted("memory").then(|| memory_rows(&config));
     let p2p = wanted("p2p").then(|| proxy_to_proxy(&bed));
     print_report(&table, memory, (rss_after, hwm_after), p2p);
+    drop(bed);
+    if wanted("mesh") && !mesh::run() {
+        eprintln!("e2e: a mesh row collapsed (a run under half its row's median)");
+        std::process::exit(1);
+    }
 }
 
-/// `E2E_ONLY=clean,rtt,cps,impaired,memory,p2p` runs a subset (default: all).
+/// `E2E_ONLY=clean,rtt,cps,impaired,memory,p2p,mesh` runs a subset (default: all).
 fn wanted(part: &str) -> bool {
     std::env::var("E2E_ONLY").map_or(true, |v| v.split(',').any(|p| p.trim() == part))
 }

@@ -20,14 +20,17 @@
 //! CUBIC's window is not tied to the minimum RTT, so it grew out of it. The netstack now
 //! acknowledges a lone segment after 1 ms, and the dev relay writes without Nagle.
 
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::BinaryHeap;
 
 use netbird_proxy::netstack::{Congestion, tune_tcp_socket};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
+
+#[path = "support/packet_queues.rs"]
+mod packet_queues;
+use packet_queues::PacketQueues;
 
 /// NetBird's overlay MTU (what management hands out).
 const MTU: usize = 1280;
@@ -73,54 +76,8 @@ struct RelayLeg {
     busy_until: u64,
 }
 
-/// Packets waiting for a peer's interface, and what it sends.
-#[derive(Default)]
-struct Port {
-    rx: VecDeque<Vec<u8>>,
-    tx: Vec<Vec<u8>>,
-}
-
-struct Rx(Vec<u8>);
-struct Tx<'a>(&'a mut Vec<Vec<u8>>);
-
-impl phy::RxToken for Rx {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-
-impl phy::TxToken for Tx<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf = vec![0; len];
-        let r = f(&mut buf);
-        self.0.push(buf);
-        r
-    }
-}
-
-impl Device for Port {
-    type RxToken<'a> = Rx;
-    type TxToken<'a> = Tx<'a>;
-
-    fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
-        let packet = self.rx.pop_front()?;
-        Some((Rx(packet), Tx(&mut self.tx)))
-    }
-
-    fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
-        Some(Tx(&mut self.tx))
-    }
-
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ip;
-        caps.max_transmission_unit = MTU;
-        caps
-    }
-}
-
 struct Peer {
-    port: Port,
+    port: PacketQueues,
     iface: Interface,
     sockets: SocketSet<'static>,
     tcp: SocketHandle,
@@ -128,7 +85,7 @@ struct Peer {
 
 impl Peer {
     fn new(addr: Ipv4Address, congestion: Congestion, ack_delay: Option<Duration>) -> Self {
-        let mut port = Port::default();
+        let mut port = PacketQueues::new(MTU);
         let mut config = Config::new(HardwareAddress::Ip);
         config.random_seed = u64::from(addr.octets()[3]);
         let mut iface = Interface::new(config, &mut port, Instant::ZERO);
@@ -312,7 +269,7 @@ fn bulk_transfer(sc: Scenario, duration_us: u64) -> u64 {
         while path.queue.peek().is_some_and(|p| p.at <= now) {
             let p = path.queue.pop().unwrap();
             let peer = if p.to_b { &mut b } else { &mut a };
-            peer.port.rx.push_back(p.packet);
+            peer.port.inbound.push_back(p.packet);
         }
         path.delayed_acks(now);
         a.poll(now);
@@ -333,10 +290,10 @@ fn bulk_transfer(sc: Scenario, duration_us: u64) -> u64 {
         }
         a.poll(now);
         b.poll(now);
-        for packet in std::mem::take(&mut a.port.tx) {
+        for packet in std::mem::take(&mut a.port.outbound) {
             path.send(now, true, packet);
         }
-        for packet in std::mem::take(&mut b.port.tx) {
+        for packet in std::mem::take(&mut b.port.outbound) {
             path.send(now, false, packet);
         }
         if started.is_some_and(|s| now >= s + duration_us) {

@@ -8,16 +8,18 @@
 //! FIN that followed the bytes it cut off, ending the stream early. These tests build exactly
 //! that sequence of segments, with no timing involved, and check every byte.
 
-use std::collections::VecDeque;
-
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
+use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{
     HardwareAddress, IpAddress, IpCidr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpControl,
     TcpPacket, TcpRepr, TcpSeqNumber,
 };
+
+#[path = "support/packet_queues.rs"]
+mod packet_queues;
+use packet_queues::PacketQueues;
 
 const RECEIVER: Ipv4Address = Ipv4Address::new(100, 64, 0, 2);
 const SENDER: Ipv4Address = Ipv4Address::new(100, 64, 0, 1);
@@ -28,55 +30,9 @@ const CAPACITY: usize = 1 << 20;
 /// Fill segments: a multiple of 2^shift, so filling alone never moves the advertised edge.
 const CHUNK: usize = 1024;
 
-/// Two packet queues standing in for a link.
-#[derive(Default)]
-struct Link {
-    to_receiver: VecDeque<Vec<u8>>,
-    from_receiver: VecDeque<Vec<u8>>,
-}
-
-struct Rx(Vec<u8>);
-struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
-
-impl phy::RxToken for Rx {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-
-impl phy::TxToken for Tx<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf = vec![0; len];
-        let r = f(&mut buf);
-        self.0.push_back(buf);
-        r
-    }
-}
-
-impl Device for Link {
-    type RxToken<'a> = Rx;
-    type TxToken<'a> = Tx<'a>;
-
-    fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
-        let packet = self.to_receiver.pop_front()?;
-        Some((Rx(packet), Tx(&mut self.from_receiver)))
-    }
-
-    fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
-        Some(Tx(&mut self.from_receiver))
-    }
-
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ip;
-        caps.max_transmission_unit = 65535;
-        caps
-    }
-}
-
 /// A smoltcp receiver listening on `PORT`, and the sender's view of the connection.
 struct Harness {
-    link: Link,
+    link: PacketQueues,
     iface: Interface,
     sockets: SocketSet<'static>,
     handle: SocketHandle,
@@ -94,7 +50,7 @@ struct Harness {
 impl Harness {
     /// Listen, then complete a handshake from the sender's side.
     fn connected() -> Self {
-        let mut link = Link::default();
+        let mut link = PacketQueues::new(65535);
         let now = Instant::from_millis(0);
         let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut link, now);
         iface.update_ip_addrs(|addrs| {
@@ -178,7 +134,7 @@ impl Harness {
             &IpAddress::Ipv4(RECEIVER),
             &caps,
         );
-        self.link.to_receiver.push_back(buf);
+        self.link.inbound.push_back(buf);
         if control != TcpControl::Syn {
             self.snd_nxt += payload.len();
         }
@@ -201,7 +157,7 @@ impl Harness {
         self.iface.poll(self.now, &mut self.link, &mut self.sockets);
         let caps = ChecksumCapabilities::default();
         let mut out = Vec::new();
-        while let Some(buf) = self.link.from_receiver.pop_front() {
+        while let Some(buf) = self.link.outbound.pop_front() {
             let ip_packet = Ipv4Packet::new_checked(&buf[..]).unwrap();
             let ip = Ipv4Repr::parse(&ip_packet, &caps).unwrap();
             let tcp_packet = TcpPacket::new_checked(ip_packet.payload()).unwrap();
