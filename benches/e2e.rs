@@ -559,6 +559,10 @@ impl Proxy {
             }
             None => Command::new(bin),
         };
+        // E2E_CONGESTION=cubic|bbr: the proxies' --tcp-congestion (default: theirs, bbr).
+        if let Ok(cc) = std::env::var("E2E_CONGESTION") {
+            cmd.env("NB_TCP_CONGESTION", cc);
+        }
         let mut child = cmd
             .args(args)
             .env("NB_LOG_LEVEL", log_filter.as_deref().unwrap_or("warn"))
