@@ -12,7 +12,7 @@
 //! address it came from.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -24,6 +24,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
+use quinn_udp::RecvMeta;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -31,12 +32,16 @@ use tracing::{debug, info, trace};
 
 use super::router::AllowedIps;
 use super::rtt::HandshakeRtt;
+use super::udp::{BatchSocket, RECV_BATCH, gso_groups};
 use crate::packet::PacketPool;
 use crate::relay::client::{RelayClient, Relayed};
 use crate::relay::messages::PeerId;
 
-/// Largest datagram we accept from the underlay.
+/// Largest datagram we accept from the underlay, and so each receive buffer's size (a GRO
+/// batch fits in it too).
 const MAX_DATAGRAM: usize = 65_535;
+/// IP packets taken from the netstack, encrypted and sent per wake-up of the tx loop.
+const TX_BATCH: usize = 64;
 /// A handshake initiation is the largest message boringtun writes outside the data path.
 const HANDSHAKE_INIT_LEN: usize = 148;
 /// WireGuard's per-packet overhead (header + tag).
@@ -228,7 +233,7 @@ impl PeerTable {
 
 /// The WireGuard device.
 pub struct WgDevice {
-    socket: UdpSocket,
+    socket: BatchSocket,
     socket_is_v6: bool,
     private_key: StaticSecret,
     public_key: PublicKey,
@@ -250,6 +255,7 @@ impl WgDevice {
         pool: Arc<PacketPool>,
     ) -> io::Result<Self> {
         let (socket, socket_is_v6) = bind_udp(listen_port)?;
+        let socket = BatchSocket::new(socket)?;
         let private_key = StaticSecret::from(private_key);
         let public_key = PublicKey::from(&private_key);
         let rate_limiter = Arc::new(RateLimiter::new(&public_key, HANDSHAKE_RATE_LIMIT));
@@ -317,7 +323,7 @@ impl WgDevice {
 
     /// The local UDP address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
+        self.socket.socket().local_addr()
     }
 
     /// A snapshot of the peers.
@@ -373,63 +379,78 @@ impl WgDevice {
         }
     }
 
+    /// Receive in batches (recvmmsg, GRO) from the socket, and datagrams from the relays.
     async fn rx_loop(
         self: Arc<Self>,
         to_stack: mpsc::Sender<Vec<u8>>,
         mut relayed: mpsc::Receiver<Relayed>,
     ) {
-        let mut datagram = vec![0u8; MAX_DATAGRAM];
+        let mut storage = vec![0u8; MAX_DATAGRAM * RECV_BATCH];
+        let mut meta = [RecvMeta::default(); RECV_BATCH];
         let mut relay_open = true;
         loop {
-            let relayed_msg;
-            let (data, src) = tokio::select! {
-                r = self.socket.recv_from(&mut datagram) => match r {
-                    Ok((n, from)) => (&datagram[..n], PeerEndpoint::Udp(canonical(from))),
-                    Err(e) => {
-                        // ICMP errors from earlier sends surface here on some systems.
-                        trace!("udp recv: {e}");
-                        continue;
+            let mut slots = storage.chunks_mut(MAX_DATAGRAM);
+            let mut bufs: [IoSliceMut; RECV_BATCH] =
+                std::array::from_fn(|_| IoSliceMut::new(slots.next().unwrap_or_default()));
+            tokio::select! {
+                r = self.socket.recv(&mut bufs, &mut meta) => match r {
+                    Ok(n) => {
+                        for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
+                            let src = PeerEndpoint::Udp(canonical(m.addr));
+                            for datagram in buf[..m.len].chunks(m.stride.max(1)) {
+                                if !self.receive(datagram, &src, &to_stack).await {
+                                    return;
+                                }
+                            }
+                        }
                     }
+                    // ICMP errors from earlier sends surface here on some systems.
+                    Err(e) => trace!("udp recv: {e}"),
                 },
                 m = relayed.recv(), if relay_open => match m {
                     Some(m) => {
-                        relayed_msg = m;
-                        (
-                            &relayed_msg.data[..],
-                            PeerEndpoint::Relay(relayed_msg.client.clone(), relayed_msg.from),
-                        )
+                        let src = PeerEndpoint::Relay(m.client.clone(), m.from);
+                        if !self.receive(&m.data, &src, &to_stack).await {
+                            return;
+                        }
                     }
-                    None => {
-                        relay_open = false;
-                        continue;
-                    }
+                    None => relay_open = false,
                 },
-            };
-            // Handshake messages pass mac1 and, under load, the cookie check before any costly
-            // work (recovering the sender's key) and before they can move an endpoint.
-            if matches!(data.first(), Some(1 | 2)) {
-                let mut cookie = [0u8; COOKIE_REPLY_LEN];
-                match self.rate_limiter.verify_packet(src.ip(), data, &mut cookie) {
-                    Ok(_) => {}
-                    Err(TunnResult::WriteToNetwork(reply)) => {
-                        self.try_send(reply, &src);
-                        continue;
-                    }
-                    Err(_) => {
-                        self.counters.rx_unknown.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
+            }
+        }
+    }
+
+    /// One datagram from `src`: checked, decrypted and handed to the netstack. False once the
+    /// netstack is gone.
+    async fn receive(
+        &self,
+        data: &[u8],
+        src: &PeerEndpoint,
+        to_stack: &mpsc::Sender<Vec<u8>>,
+    ) -> bool {
+        // Handshake messages pass mac1 and, under load, the cookie check before any costly
+        // work (recovering the sender's key) and before they can move an endpoint.
+        if matches!(data.first(), Some(1 | 2)) {
+            let mut cookie = [0u8; COOKIE_REPLY_LEN];
+            match self.rate_limiter.verify_packet(src.ip(), data, &mut cookie) {
+                Ok(_) => {}
+                Err(TunnResult::WriteToNetwork(reply)) => {
+                    self.try_send(reply, src);
+                    return true;
+                }
+                Err(_) => {
+                    self.counters.rx_unknown.fetch_add(1, Ordering::Relaxed);
+                    return true;
                 }
             }
-            let Some(peer) = self.peer_for_datagram(data) else {
-                self.counters.rx_unknown.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            if let Some(pkt) = self.decapsulate(&peer, &src, data)
-                && to_stack.send(pkt).await.is_err()
-            {
-                return;
-            }
+        }
+        let Some(peer) = self.peer_for_datagram(data) else {
+            self.counters.rx_unknown.fetch_add(1, Ordering::Relaxed);
+            return true;
+        };
+        match self.decapsulate(&peer, src, data) {
+            Some(pkt) => to_stack.send(pkt).await.is_ok(),
+            None => true,
         }
     }
 
@@ -522,13 +543,56 @@ impl WgDevice {
         Some(out)
     }
 
+    /// Take what the netstack has queued (up to `TX_BATCH` packets), encrypt it back to back
+    /// into one buffer and send it: runs of same-size datagrams to one address in one GSO
+    /// call each, relayed ones into their relay's queue.
     async fn tx_loop(self: Arc<Self>, mut from_stack: mpsc::Receiver<Vec<u8>>) {
-        let mut out = vec![0u8; self.pool.buf_size() + DATA_OVERHEAD + HANDSHAKE_INIT_LEN];
-        while let Some(pkt) = from_stack.recv().await {
-            if let Some((len, endpoint)) = self.encapsulate(&pkt, &mut out) {
-                self.send_datagram(&out[..len], &endpoint).await;
+        let slot = self.pool.buf_size() + DATA_OVERHEAD + HANDSHAKE_INIT_LEN;
+        let mut out = vec![0u8; slot * TX_BATCH];
+        let mut packets = Vec::with_capacity(TX_BATCH);
+        // (offset in `out`, length, destination) of each datagram.
+        let mut sealed: Vec<(usize, usize, PeerEndpoint)> = Vec::with_capacity(TX_BATCH);
+        loop {
+            if from_stack.recv_many(&mut packets, TX_BATCH).await == 0 {
+                return;
             }
-            self.pool.put(pkt);
+            let mut offset = 0;
+            for pkt in packets.drain(..) {
+                if let Some((len, endpoint)) =
+                    self.encapsulate(&pkt, &mut out[offset..offset + slot])
+                {
+                    sealed.push((offset, len, endpoint));
+                    offset += len;
+                }
+                self.pool.put(pkt);
+            }
+            for group in gso_groups(&sealed, |len| self.socket.max_segments(len)) {
+                let (start, size, ref to) = sealed[group.start];
+                let (end_start, end_len, _) = sealed[group.end - 1];
+                let bytes = &out[start..end_start + end_len];
+                let segment = (group.len() > 1).then_some(size);
+                match to {
+                    PeerEndpoint::Udp(addr) => {
+                        if let Err(e) = self
+                            .socket
+                            .send(self.wire_addr(*addr), bytes, segment)
+                            .await
+                        {
+                            self.counters
+                                .tx_errors
+                                .fetch_add(group.len() as u64, Ordering::Relaxed);
+                            trace!(%addr, "udp send: {e}");
+                        }
+                    }
+                    // A relay takes datagrams one frame each.
+                    PeerEndpoint::Relay(..) => {
+                        for (offset, len, to) in &sealed[group] {
+                            self.send_datagram(&out[*offset..*offset + *len], to).await;
+                        }
+                    }
+                }
+            }
+            sealed.clear();
         }
     }
 
@@ -591,7 +655,7 @@ impl WgDevice {
     async fn send_datagram(&self, data: &[u8], to: &PeerEndpoint) {
         match to {
             PeerEndpoint::Udp(addr) => {
-                if let Err(e) = self.socket.send_to(data, self.wire_addr(*addr)).await {
+                if let Err(e) = self.socket.send(self.wire_addr(*addr), data, None).await {
                     self.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
                     trace!(%addr, "udp send: {e}");
                 }
@@ -607,7 +671,11 @@ impl WgDevice {
     /// Non-blocking send for replies produced while a peer's lock is held.
     fn try_send(&self, data: &[u8], to: &PeerEndpoint) {
         let sent = match to {
-            PeerEndpoint::Udp(addr) => self.socket.try_send_to(data, self.wire_addr(*addr)).is_ok(),
+            PeerEndpoint::Udp(addr) => self
+                .socket
+                .socket()
+                .try_send_to(data, self.wire_addr(*addr))
+                .is_ok(),
             PeerEndpoint::Relay(client, peer) => client.send_to(peer, data),
         };
         if !sent {
