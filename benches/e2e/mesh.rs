@@ -19,7 +19,9 @@
 //! Every row is min / median / max over `max(E2E_RUNS, 10)` runs of 3 s; a run under half its
 //! row's median is a collapse, printed, and the benchmark exits non-zero. CPU per Gbit/s is
 //! the CPU time (user + system) both peers' proxies — and, for the relayed path, the dev
-//! mesh's relay — spent during that path's runs, over the data those runs moved.
+//! mesh's relay — spent during that path's runs, over the data those runs moved; syscalls per
+//! MiB the same processes' system calls (`perf stat`, installed when missing) over the first
+//! 3 s of each run.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -403,6 +405,41 @@ fn static_path(bed: &mut MeshBed, impaired: bool) -> MeshPath {
     }
 }
 
+/// `perf stat` counting the system calls of some processes for a while (Linux's
+/// `raw_syscalls:sys_enter` tracepoint); None where perf is missing or not allowed.
+struct SyscallCount {
+    child: Child,
+    out: PathBuf,
+}
+
+impl SyscallCount {
+    fn start(pids: &[u32], secs: u64) -> Option<Self> {
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let out = std::env::temp_dir().join(format!("nb-e2e-perf-{}", std::process::id()));
+        let child = Command::new("perf")
+            .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-p"])
+            .arg(pids.join(","))
+            .arg("-o")
+            .arg(&out)
+            .args(["--", "sleep", &secs.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        Some(Self { child, out })
+    }
+
+    fn finish(mut self) -> Option<f64> {
+        self.child.wait().ok()?.success().then_some(())?;
+        let text = std::fs::read_to_string(&self.out).ok()?;
+        let _ = std::fs::remove_file(&self.out);
+        text.lines()
+            .find(|l| l.contains("raw_syscalls:sys_enter"))
+            .and_then(|l| l.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
 fn nft(ns: &str, rules: &str) {
     let mut child = Command::new("ip")
         .args(["netns", "exec", ns, "nft", "-f", "-"])
@@ -459,12 +496,19 @@ fn condition(bed: &mut MeshBed, mesh_pid: u32, impaired: bool, report: &mut Vec<
         let mut results = vec![Vec::new(); paths.len()];
         let mut cpu = vec![0.0; paths.len()];
         let mut gbits = vec![0.0; paths.len()];
+        let mut syscalls = vec![0.0; paths.len()];
+        let mut counted_mib = vec![0.0; paths.len()];
         for _ in 0..runs {
             for (i, p) in paths.iter().enumerate() {
                 let before = MeshBed::cpu_seconds(&p.pids);
+                let counting = SyscallCount::start(&p.pids, MESH_SECS);
                 let mbit = try_run(bed, p, kind, MESH_SECS).unwrap_or(0.0);
                 cpu[i] += MeshBed::cpu_seconds(&p.pids) - before;
                 gbits[i] += mbit * MESH_SECS as f64 / 1000.0;
+                if let Some(calls) = counting.and_then(SyscallCount::finish) {
+                    syscalls[i] += calls;
+                    counted_mib[i] += mbit * MESH_SECS as f64 / 8.0 / 1.048_576;
+                }
                 results[i].push(mbit);
             }
         }
@@ -485,7 +529,7 @@ fn condition(bed: &mut MeshBed, mesh_pid: u32, impaired: bool, report: &mut Vec<
                 );
             }
             report.push(format!(
-                "| {} | {dir} | {cond} | {:.0} / {:.0} / {:.0} | {:.2}× | {} | {:.2} |",
+                "| {} | {dir} | {cond} | {:.0} / {:.0} / {:.0} | {:.2}× | {} | {:.2} | {} |",
                 p.name,
                 s.min,
                 s.median,
@@ -493,6 +537,11 @@ fn condition(bed: &mut MeshBed, mesh_pid: u32, impaired: bool, report: &mut Vec<
                 s.median / static_median,
                 s.collapsed.len(),
                 cpu[i] / gbits[i].max(1e-9),
+                if counted_mib[i] > 0.0 {
+                    format!("{:.0}", syscalls[i] / counted_mib[i])
+                } else {
+                    "n/a".into()
+                },
             ));
         }
     }
@@ -501,6 +550,9 @@ fn condition(bed: &mut MeshBed, mesh_pid: u32, impaired: bool, report: &mut Vec<
 
 /// Build the mesh bed, measure clean and impaired, print the table; false on a collapse.
 pub fn run() -> bool {
+    if Command::new("perf").arg("--version").output().is_err() {
+        sh_quiet(&["apt-get", "install", "-y", "-q", "linux-perf"]);
+    }
     let mut bed = MeshBed::new();
     let h = bed.ns("h");
     // The bench server in B, on B's loopback (both peers expose it).
@@ -534,9 +586,9 @@ pub fn run() -> bool {
     );
     println!();
     println!(
-        "| path | direction | condition | Mbit/s min / median / max | median vs static | collapses | CPU s per Gbit |"
+        "| path | direction | condition | Mbit/s min / median / max | median vs static | collapses | CPU s per Gbit | syscalls per MiB |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for line in &report {
         println!("{line}");
     }
