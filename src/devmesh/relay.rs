@@ -1,34 +1,35 @@
 //! The dev mesh's relay: WebSocket at `/relay`, token-authenticated peers, Transport frames
 //! forwarded with the source ID rewritten, presence subscriptions, health checks.
+//!
+//! Each connection has one output queue (`relay::io::OutQueue`): a forwarded datagram is
+//! copied once, from the buffer its frame was read into straight into the destination's
+//! queue, and that queue's writer sends everything queued with one write per wake-up.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::relay_token;
-use crate::relay::io::{FrameArena, write_batches};
+use crate::relay::io::{EventReader, OutQueue, server_handshake};
 use crate::relay::messages::{self, Frame, PeerId};
+use crate::relay::ws::{Event, Role, opcode};
 
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 const HEALTH_INTERVAL: Duration = Duration::from_secs(25);
-/// Frames queued per connected peer; a peer that does not drain loses datagrams (as UDP would).
-const QUEUE: usize = 1024;
+/// A peer that sends nothing (not even its answers to health checks) for this long is gone.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// How long a datagram waits for room in its destination's queue before it is dropped.
 const FORWARD_WAIT: Duration = Duration::from_millis(50);
 
 #[derive(Default)]
 struct Hub {
-    /// Connected peers: (connection number, frames to send).
-    peers: HashMap<PeerId, (u64, mpsc::Sender<Bytes>)>,
+    /// Connected peers: (connection number, its output queue).
+    peers: HashMap<PeerId, (u64, Arc<OutQueue>)>,
     /// Watched peer → who watches it.
     watchers: HashMap<PeerId, HashSet<PeerId>>,
     next_conn: u64,
@@ -37,8 +38,8 @@ struct Hub {
 impl Hub {
     fn tell_watchers(&self, about: &PeerId, frame: &[u8]) {
         for watcher in self.watchers.get(about).into_iter().flatten() {
-            if let Some((_, tx)) = self.peers.get(watcher) {
-                let _ = tx.try_send(Bytes::copy_from_slice(frame));
+            if let Some((_, q)) = self.peers.get(watcher) {
+                q.try_append(|f| f.message(&[frame]));
             }
         }
     }
@@ -86,33 +87,12 @@ impl DevRelay {
         }
     }
 
-    async fn connection(&self, stream: TcpStream) {
-        // Every frame is a datagram someone waits for: with Nagle, a frame written while an
-        // earlier one is unacknowledged waits until the peer sends something back (its TCP
-        // ACK rides on it), and a WireGuard peer that has nothing to send holds its own
-        // traffic up for as long. NetBird's Go relay has no Nagle (Go turns it off).
-        let _ = stream.set_nodelay(true);
-        // The shape of this callback is tungstenite's, large error type included.
-        #[allow(clippy::result_large_err)]
-        let only_relay_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-            if req.uri().path() == "/relay" {
-                Ok(resp)
-            } else {
-                let mut e = ErrorResponse::new(Some("not found".into()));
-                *e.status_mut() = http::StatusCode::NOT_FOUND;
-                Err(e)
-            }
+    /// The first message, which must be a valid Auth: the peer's ID.
+    async fn authenticate(&self, events: &mut EventReader<OwnedReadHalf>) -> Option<PeerId> {
+        let Ok(Some(Event::Binary(first))) = events.next().await else {
+            return None;
         };
-        let Ok(ws) = tokio_tungstenite::accept_hdr_async(stream, only_relay_path).await else {
-            return;
-        };
-        let (mut sink, mut source) = ws.split();
-        // Authentication: the first message, within the timeout; failures close silently.
-        let first = tokio::time::timeout(AUTH_TIMEOUT, source.next()).await;
-        let Ok(Some(Ok(Message::Binary(first)))) = first else {
-            return;
-        };
-        let me: PeerId = match messages::parse(&first) {
+        match messages::parse(&first) {
             Ok(Frame::Auth {
                 peer,
                 signature,
@@ -122,71 +102,95 @@ impl DevRelay {
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_secs();
-                if !relay_token::verify(&self.secret, token_payload, signature, now) {
+                if relay_token::verify(&self.secret, token_payload, signature, now) {
+                    Some(*peer)
+                } else {
                     debug!("relay: bad token");
-                    return;
+                    None
                 }
-                *peer
             }
-            _ => return,
+            _ => None,
+        }
+    }
+
+    async fn connection(&self, mut stream: TcpStream) {
+        // Every frame is a datagram someone waits for: with Nagle, a frame written while an
+        // earlier one is unacknowledged waits until the peer sends something back (its TCP
+        // ACK rides on it), and a WireGuard peer that has nothing to send holds its own
+        // traffic up for as long. NetBird's Go relay has no Nagle (Go turns it off).
+        let _ = stream.set_nodelay(true);
+        let Ok(Ok(decoder)) =
+            tokio::time::timeout(AUTH_TIMEOUT, server_handshake(&mut stream, "/relay")).await
+        else {
+            return;
         };
-        let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
+        let (reader, writer) = stream.into_split();
+        let mut events = EventReader::new(reader, decoder, AUTH_TIMEOUT);
+        // Authentication: the first message, within the timeout; failures close silently.
+        let Ok(Some(me)) = tokio::time::timeout(AUTH_TIMEOUT, self.authenticate(&mut events)).await
+        else {
+            return;
+        };
+        events.set_idle(IDLE_TIMEOUT);
+        let out = Arc::new(OutQueue::new(Role::Server));
+        out.append(|f| f.message(&[&messages::auth_response(&self.instance_url)]));
         let conn = {
             let mut hub = self.hub();
             hub.next_conn += 1;
             let conn = hub.next_conn;
-            hub.peers.insert(me, (conn, tx.clone()));
+            if let Some((_, old)) = hub.peers.insert(me, (conn, out.clone())) {
+                // A reconnecting peer replaces its old connection.
+                old.close();
+            }
             for f in messages::peers_online(&[me]) {
                 hub.tell_watchers(&me, &f);
             }
             conn
         };
-        if sink
-            .send(Message::Binary(
-                messages::auth_response(&self.instance_url).into(),
-            ))
-            .await
-            .is_err()
-        {
-            self.leave(&me, conn);
-            return;
-        }
-        // Frames are written in batches, one flush per wake-up (`relay::io`); health checks
-        // queue behind the data like any frame.
-        let writer = write_batches(sink, &mut rx);
-        let health_tx = tx.clone();
-        let health = async move {
+        let writer = out.write_to(writer);
+        // Health checks queue behind the data like any frame.
+        let health = async {
             let mut health = tokio::time::interval(HEALTH_INTERVAL);
             health.tick().await;
             loop {
                 health.tick().await;
-                if health_tx
-                    .send(messages::health_check().into())
-                    .await
-                    .is_err()
-                {
+                if !out.append(|f| f.message(&[&messages::health_check()])) {
                     break;
                 }
             }
         };
         let reader = async {
-            let mut arena = FrameArena::default();
-            while let Some(Ok(msg)) = source.next().await {
-                let Message::Binary(data) = msg else {
-                    if matches!(msg, Message::Close(_)) {
+            // The destination of the last datagram: a bulk transfer looks the hub up once.
+            let mut last: Option<(PeerId, Arc<OutQueue>)> = None;
+            loop {
+                let data = match events.next().await {
+                    Ok(Some(Event::Binary(data))) => data,
+                    Ok(Some(Event::Ping(p))) => {
+                        out.try_append(|f| f.control(opcode::PONG, &p));
+                        continue;
+                    }
+                    Ok(Some(Event::Text(_) | Event::Pong)) => continue,
+                    Ok(Some(Event::Close) | None) => break,
+                    Err(e) => {
+                        debug!("relay: connection: {e}");
                         break;
                     }
-                    continue;
                 };
                 match messages::parse(&data) {
                     Ok(Frame::Transport { peer, payload }) => {
-                        let target = self.hub().peers.get(peer).map(|(_, t)| t.clone());
+                        if !last
+                            .as_ref()
+                            .is_some_and(|(id, q)| id == peer && !q.is_closed())
+                        {
+                            last = self.hub().peers.get(peer).map(|(_, q)| (*peer, q.clone()));
+                        }
                         // As NetBird's relay writes to the destination before reading on, a
                         // full destination slows the sender down (its TCP backs up) rather
                         // than losing datagrams at once; one that stays full loses them.
-                        if let Some(target) = target {
-                            let frame = arena.transport(&me, payload);
-                            let _ = tokio::time::timeout(FORWARD_WAIT, target.send(frame)).await;
+                        if let Some((_, target)) = &last
+                            && target.wait_for_room(FORWARD_WAIT).await
+                        {
+                            target.append(|f| f.transport(&me, payload));
                         }
                     }
                     Ok(Frame::Subscribe(ids)) => {
@@ -198,8 +202,8 @@ impl DevRelay {
                                 online.push(*id);
                             }
                         }
-                        for f in messages::peers_online(&online) {
-                            let _ = tx.try_send(f.into());
+                        for frame in messages::peers_online(&online) {
+                            out.try_append(|f| f.message(&[&frame]));
                         }
                     }
                     Ok(Frame::Unsubscribe(ids)) => {
@@ -221,6 +225,7 @@ impl DevRelay {
             _ = reader => {}
             _ = health => {}
         }
+        out.close();
         self.leave(&me, conn);
     }
 

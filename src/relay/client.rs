@@ -2,31 +2,36 @@
 //! and from any number of peers, with presence subscriptions and health-check echoes.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::net::IpAddr;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use base64::Engine as _;
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::io::{FrameArena, write_batches};
+use super::io::{EventReader, OutQueue, client_handshake};
 use super::messages::{self, Frame, PeerId, peer_id};
+use super::ws::{self, Decoder, Event, Role};
 
 /// Go's client waits this long for the AuthResponse.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(8);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Frames queued towards the server.
-const OUT_QUEUE: usize = 1024;
 /// How long the data path waits for room in a full queue before dropping a datagram: long
-/// enough to ride out a burst (the writer drains a full queue in about a millisecond), short
+/// enough to ride out a burst (the writer drains a full queue in a few milliseconds), short
 /// enough that a stalled relay cannot hold up traffic to every other peer.
 const SEND_WAIT: Duration = Duration::from_millis(50);
-/// Without a health check from the server for this long, the connection is considered dead.
+/// Without a health check (or anything else) from the server for this long, the connection
+/// is considered dead.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(70);
+/// How long a closing connection may take to send what is queued and its Close frame.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The relay's WebSocket endpoint.
+const PATH: &str = "/relay";
 
 /// Why the relay could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +52,7 @@ pub enum RelayError {
     Cancelled,
 }
 
-/// A datagram that arrived through a relay: a view into the WebSocket message it came in.
+/// A datagram that arrived through a relay: a view into the buffer its frame was read into.
 #[derive(Debug)]
 pub struct Relayed {
     pub client: Arc<RelayClient>,
@@ -59,10 +64,9 @@ pub struct Relayed {
 pub struct RelayClient {
     instance_url: String,
     /// The server address we are connected to (offers advertise it as `relayServerIP`).
-    server_ip: std::net::IpAddr,
-    out: mpsc::Sender<Bytes>,
-    /// Where outgoing Transport frames are built.
-    arena: Mutex<FrameArena>,
+    server_ip: IpAddr,
+    /// Frames towards the server, written into one buffer (see `relay::io`).
+    out: Arc<OutQueue>,
     online: watch::Sender<HashSet<PeerId>>,
     /// Cancelled when the connection ends (or the owner cancels).
     closed: CancellationToken,
@@ -99,7 +103,74 @@ pub fn websocket_url(url: &str) -> Result<String, RelayError> {
     } else {
         ":80"
     };
-    Ok(format!("{ws}://{host}{port}/relay"))
+    Ok(format!("{ws}://{host}{port}{PATH}"))
+}
+
+/// TLS for rels://: the webpki roots, as for management and signal.
+static TLS: LazyLock<tokio_rustls::TlsConnector> = LazyLock::new(|| {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+});
+
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// An authenticated connection, before its tasks start.
+struct Session<R, W> {
+    events: EventReader<R>,
+    writer: W,
+    instance_url: String,
+}
+
+/// Send the Auth frame and wait for the AuthResponse: the relay instance's URL.
+async fn authenticate<R, W>(
+    reader: R,
+    mut writer: W,
+    decoder: Decoder,
+    auth: &[u8],
+) -> Result<Session<R, W>, String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut frame = BytesMut::new();
+    ws::put_frame(
+        &mut frame,
+        ws::opcode::BINARY,
+        &[auth],
+        Some(rand::random()),
+    );
+    writer.write_all(&frame).await.map_err(|e| e.to_string())?;
+    writer.flush().await.map_err(|e| e.to_string())?;
+    let mut events = EventReader::new(reader, decoder, AUTH_TIMEOUT);
+    let answer = loop {
+        match events.next().await.map_err(|e| e.to_string())? {
+            Some(Event::Binary(m)) => break m,
+            Some(Event::Close) | None => return Err("closed before answering".into()),
+            Some(_) => {}
+        }
+    };
+    match messages::parse(&answer) {
+        Ok(Frame::AuthResponse { url }) => {
+            events.set_idle(HEALTH_TIMEOUT);
+            Ok(Session {
+                instance_url: url.to_string(),
+                events,
+                writer,
+            })
+        }
+        Ok(_) => Err("answered with something other than an AuthResponse".into()),
+        Err(e) => Err(format!("bad answer: {e}")),
+    }
 }
 
 impl RelayClient {
@@ -109,7 +180,7 @@ impl RelayClient {
     /// resolve or answer from here but its advertised IP does.
     pub async fn connect(
         url: &str,
-        dial_ip: Option<std::net::IpAddr>,
+        dial_ip: Option<IpAddr>,
         key_string: &str,
         token_payload: &str,
         token_signature: &str,
@@ -122,134 +193,189 @@ impl RelayClient {
             .ok()
             .and_then(|v| v.try_into().ok())
             .ok_or(RelayError::BadToken)?;
-        let connect = async {
-            let authority = ws_url
-                .split_once("://")
-                .and_then(|(_, rest)| rest.split('/').next())
-                .unwrap_or_default();
-            let tcp = match dial_ip {
-                Some(ip) => {
-                    let port = authority
-                        .rsplit_once(':')
-                        .and_then(|(_, p)| p.parse::<u16>().ok())
-                        .ok_or_else(|| RelayError::BadUrl(url.into()))?;
-                    tokio::net::TcpStream::connect((ip, port)).await
-                }
-                None => tokio::net::TcpStream::connect(authority).await,
-            }
-            .map_err(|e| RelayError::Connect {
-                url: url.into(),
-                reason: e.to_string(),
-            })?;
-            // Every frame is a datagram a peer waits for: no Nagle (frames are batched per
-            // wake-up instead, see `relay::io`). The socket buffers are left to the kernel's
-            // autotuning (up to net.ipv4.tcp_rmem/tcp_wmem's maximum, 4–6 MiB by default):
-            // setting SO_RCVBUF/SO_SNDBUF would turn it off and cap them at net.core.*mem_max
-            // (208 KiB by default), below a relayed bulk transfer's window.
-            let _ = tcp.set_nodelay(true);
-            let server_ip = tcp.peer_addr().map_err(|e| RelayError::Connect {
-                url: url.into(),
-                reason: e.to_string(),
-            })?;
-            let (ws, _) = tokio_tungstenite::client_async_tls(ws_url.as_str(), tcp)
-                .await
-                .map_err(|e| RelayError::Connect {
-                    url: url.into(),
-                    reason: e.to_string(),
-                })?;
-            Ok::<_, RelayError>((ws, server_ip.ip()))
-        };
-        let (ws, server_ip) = tokio::select! {
-            _ = cancel.cancelled() => return Err(RelayError::Cancelled),
-            r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => match r {
-                Err(_) => return Err(RelayError::Connect { url: url.into(), reason: "timed out".into() }),
-                Ok(Err(e)) => return Err(e),
-                Ok(Ok(ws)) => ws,
-            },
-        };
-        let (mut sink, mut source) = ws.split();
+        let tls = ws_url.starts_with("wss://");
+        let authority = ws_url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split('/').next())
+            .unwrap_or_default()
+            .to_string();
+        let (host, port) = authority
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+            .ok_or_else(|| RelayError::BadUrl(url.into()))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         let auth = messages::auth(&peer_id(key_string), &signature, token_payload);
-        sink.send(Message::Binary(auth.into()))
-            .await
-            .map_err(|_| RelayError::AuthFailed(url.into()))?;
-        let reply = tokio::select! {
-            _ = cancel.cancelled() => return Err(RelayError::Cancelled),
-            r = tokio::time::timeout(AUTH_TIMEOUT, source.next()) => r,
+        let failed = |reason: String| RelayError::Connect {
+            url: url.into(),
+            reason,
         };
-        let instance_url = match reply {
-            Ok(Some(Ok(Message::Binary(data)))) => match messages::parse(&data) {
-                Ok(Frame::AuthResponse { url }) => url.to_string(),
-                _ => return Err(RelayError::AuthFailed(url.into())),
-            },
-            _ => return Err(RelayError::AuthFailed(url.into())),
-        };
-        info!(relay = %instance_url, "relay connected");
-        let (out, mut out_rx) = mpsc::channel::<Bytes>(OUT_QUEUE);
-        let (online, _) = watch::channel(HashSet::new());
-        let closed = cancel.child_token();
-        let client = Arc::new(Self {
-            instance_url,
-            server_ip,
-            out,
-            arena: Mutex::default(),
-            online,
-            closed: closed.clone(),
-        });
-        let writer = async move {
-            if let Some(mut sink) = write_batches(sink, &mut out_rx).await {
-                let _ = sink.send(Message::Binary(messages::close().into())).await;
+        let (client, start) = {
+            let connect = async {
+                let tcp = match dial_ip {
+                    Some(ip) => tokio::net::TcpStream::connect((ip, port)).await,
+                    None => tokio::net::TcpStream::connect((host.as_str(), port)).await,
+                }
+                .map_err(|e| failed(e.to_string()))?;
+                // Every frame is a datagram a peer waits for: no Nagle (frames are batched
+                // per wake-up instead, see `relay::io`). The socket buffers are left to the
+                // kernel's autotuning (up to net.ipv4.tcp_rmem/tcp_wmem's maximum, 4–6 MiB by
+                // default): setting SO_RCVBUF/SO_SNDBUF would turn it off and cap them at
+                // net.core.*mem_max (208 KiB by default), below a relayed bulk transfer's
+                // window.
+                let _ = tcp.set_nodelay(true);
+                let server_ip = tcp.peer_addr().map_err(|e| failed(e.to_string()))?.ip();
+                let new = |instance_url: &str| {
+                    Arc::new(Self {
+                        instance_url: instance_url.to_string(),
+                        server_ip,
+                        out: Arc::new(OutQueue::new(Role::Client)),
+                        online: watch::channel(HashSet::new()).0,
+                        closed: cancel.child_token(),
+                    })
+                };
+                // One boxed reader and writer for both: a virtual call per read or write of
+                // many frames costs nothing next to the frames.
+                let (reader, writer, decoder): (Reader, Writer, Decoder) = if tls {
+                    let name = rustls::pki_types::ServerName::try_from(host.clone())
+                        .map_err(|e| failed(format!("`{host}` cannot name a TLS server: {e}")))?;
+                    let mut stream = TLS
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| failed(format!("TLS: {e}")))?;
+                    let decoder = client_handshake(&mut stream, &authority, PATH)
+                        .await
+                        .map_err(|e| failed(e.to_string()))?;
+                    let (r, w) = tokio::io::split(stream);
+                    (Box::new(r), Box::new(w), decoder)
+                } else {
+                    let mut tcp = tcp;
+                    let decoder = client_handshake(&mut tcp, &authority, PATH)
+                        .await
+                        .map_err(|e| failed(e.to_string()))?;
+                    let (r, w) = tcp.into_split();
+                    (Box::new(r), Box::new(w), decoder)
+                };
+                let session = authenticate(reader, writer, decoder, &auth)
+                    .await
+                    .map_err(|_| RelayError::AuthFailed(url.into()))?;
+                let client = new(&session.instance_url);
+                let start = client.clone().start(session, inbound.clone());
+                Ok::<_, RelayError>((client, start))
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(RelayError::Cancelled),
+                r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => match r {
+                    Err(_) => return Err(failed("timed out".into())),
+                    Ok(r) => r?,
+                },
             }
         };
-        let weak = Arc::downgrade(&client);
+        start();
+        info!(relay = %client.instance_url, "relay connected");
+        Ok(client)
+    }
+
+    /// The connection's tasks, ready to spawn: a reader that hands Transport frames to
+    /// `inbound` and answers the server, a writer that drains the queue, and, when either ends
+    /// or the connection is closed, a goodbye (the relay's Close frame) sent on the way out.
+    fn start<R, W>(
+        self: Arc<Self>,
+        session: Session<R, W>,
+        inbound: mpsc::Sender<Relayed>,
+    ) -> impl FnOnce() + Send + use<R, W>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let Session {
+            mut events, writer, ..
+        } = session;
+        let out = self.out.clone();
+        let done = self.closed.clone();
+        // The reader holds the client weakly: dropping the last handle closes the connection.
+        let weak = Arc::downgrade(&self);
+        drop(self);
         let reader = async move {
             loop {
-                let next = tokio::time::timeout(HEALTH_TIMEOUT, source.next()).await;
-                let Ok(Some(Ok(msg))) = next else { break };
-                let Message::Binary(data) = msg else {
-                    if matches!(msg, Message::Close(_)) {
+                let event = match events.next().await {
+                    Ok(Some(e)) => e,
+                    Ok(None) => break,
+                    Err(e) => {
+                        debug!("relay connection: {e}");
                         break;
                     }
-                    continue;
                 };
-                let Some(client) = weak.upgrade() else { break };
-                match messages::parse(&data) {
-                    Ok(Frame::Transport { peer, payload }) => {
-                        let relayed = Relayed {
-                            client: client.clone(),
-                            from: *peer,
-                            data: data.slice_ref(payload),
-                        };
-                        if inbound.send(relayed).await.is_err() {
-                            break;
-                        }
+                let Some(client) = weak.upgrade() else {
+                    break;
+                };
+                let go_on = match event {
+                    Event::Binary(data) => client.on_message(data, &inbound).await,
+                    Event::Ping(p) => {
+                        client.out.try_append(|f| f.control(ws::opcode::PONG, &p));
+                        true
                     }
-                    Ok(Frame::HealthCheck) => {
-                        let _ = client.out.try_send(messages::health_check().into());
-                    }
-                    Ok(Frame::PeersOnline(ids)) => client.online.send_modify(|set| {
-                        set.extend(ids.iter().copied());
-                    }),
-                    Ok(Frame::PeersWentOffline(ids)) => client.online.send_modify(|set| {
-                        for id in ids.iter() {
-                            set.remove(id);
-                        }
-                    }),
-                    Ok(Frame::Close) => break,
-                    Ok(_) => {}
-                    Err(e) => debug!("relay: bad frame: {e}"),
+                    Event::Close => false,
+                    Event::Text(_) | Event::Pong => true,
+                };
+                if !go_on {
+                    break;
                 }
             }
         };
-        let done = closed.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = done.cancelled() => {}
-                _ = writer => {}
-                _ = reader => {}
+        move || {
+            tokio::spawn(async move {
+                let writer = out.write_to(writer);
+                tokio::pin!(writer);
+                tokio::select! {
+                    _ = done.cancelled() => {}
+                    _ = reader => {}
+                    r = &mut writer => {
+                        if let Err(e) = r {
+                            debug!("relay connection: {e}");
+                        }
+                        done.cancel();
+                        return;
+                    }
+                }
+                done.cancel();
+                out.append(|f| f.message(&[&messages::close()]));
+                out.close();
+                let _ = tokio::time::timeout(GOODBYE_TIMEOUT, writer).await;
+            });
+        }
+    }
+
+    /// One relay message from the server; false ends the connection.
+    async fn on_message(self: Arc<Self>, data: Bytes, inbound: &mpsc::Sender<Relayed>) -> bool {
+        match messages::parse(&data) {
+            Ok(Frame::Transport { peer, payload }) => {
+                let relayed = Relayed {
+                    from: *peer,
+                    data: data.slice_ref(payload),
+                    client: self,
+                };
+                return inbound.send(relayed).await.is_ok();
             }
-            done.cancel();
-        });
-        Ok(client)
+            Ok(Frame::HealthCheck) => {
+                self.out
+                    .try_append(|f| f.message(&[&messages::health_check()]));
+            }
+            Ok(Frame::PeersOnline(ids)) => self.online.send_modify(|set| {
+                set.extend(ids.iter().copied());
+            }),
+            Ok(Frame::PeersWentOffline(ids)) => self.online.send_modify(|set| {
+                for id in ids.iter() {
+                    set.remove(id);
+                }
+            }),
+            Ok(Frame::Close) => return false,
+            Ok(_) => {}
+            Err(e) => debug!("relay: bad frame: {e}"),
+        }
+        true
     }
 
     /// The relay instance URL the server announced (what offers advertise).
@@ -258,7 +384,7 @@ impl RelayClient {
     }
 
     /// The relay server's address, as connected.
-    pub fn server_ip(&self) -> std::net::IpAddr {
+    pub fn server_ip(&self) -> IpAddr {
         self.server_ip
     }
 
@@ -279,11 +405,13 @@ impl RelayClient {
         limit: Duration,
         cancel: &CancellationToken,
     ) -> Result<(), RelayError> {
-        for frame in messages::subscribe(&[*peer]) {
-            self.out
-                .send(frame.into())
-                .await
-                .map_err(|_| RelayError::Closed)?;
+        let frames = messages::subscribe(&[*peer]);
+        if !self.out.append(|f| {
+            for frame in &frames {
+                f.message(&[frame]);
+            }
+        }) {
+            return Err(RelayError::Closed);
         }
         let mut rx = self.online.subscribe();
         tokio::select! {
@@ -302,32 +430,41 @@ impl RelayClient {
         self.online.borrow().contains(peer)
     }
 
-    fn frame(&self, peer: &PeerId, datagram: &[u8]) -> Bytes {
-        self.arena
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .transport(peer, datagram)
-    }
-
     /// Queue one WireGuard datagram for `peer`; false if the connection is gone or its queue
     /// is full (the datagram is dropped, as a full UDP socket would).
     pub fn send_to(&self, peer: &PeerId, datagram: &[u8]) -> bool {
-        self.out.try_send(self.frame(peer, datagram)).is_ok()
+        self.out.try_append(|f| f.transport(peer, datagram))
     }
 
     /// Queue one WireGuard datagram for `peer`, waiting up to `SEND_WAIT` while the queue is
     /// full (backpressure: the tunnel's TCP slows down instead of losing segments); false if
     /// the connection is gone or stayed full.
     pub async fn send(&self, peer: &PeerId, datagram: &[u8]) -> bool {
-        let frame = self.frame(peer, datagram);
-        matches!(
-            tokio::time::timeout(SEND_WAIT, self.out.send(frame)).await,
-            Ok(Ok(()))
-        )
+        self.send_many(peer, [datagram]).await
     }
 
-    /// Close the connection.
+    /// Queue datagrams for `peer` under one lock, after waiting (as `send`) once for room.
+    pub async fn send_many<'a>(
+        &self,
+        peer: &PeerId,
+        datagrams: impl IntoIterator<Item = &'a [u8]>,
+    ) -> bool {
+        self.out.wait_for_room(SEND_WAIT).await
+            && self.out.append(|f| {
+                for d in datagrams {
+                    f.transport(peer, d);
+                }
+            })
+    }
+
+    /// Close the connection (the relay is told).
     pub fn close(&self) {
+        self.closed.cancel();
+    }
+}
+
+impl Drop for RelayClient {
+    fn drop(&mut self) {
         self.closed.cancel();
     }
 }

@@ -160,16 +160,14 @@ fn split_id(body: &[u8]) -> Option<(&PeerId, &[u8])> {
     Some((id.try_into().ok()?, rest))
 }
 
+/// What a Transport frame starts with, before the peer ID and the payload.
+pub const TRANSPORT_HEADER: [u8; 2] = [VERSION, kind::TRANSPORT];
+
 /// Append a Transport frame to `dst`.
 pub fn transport(dst: &mut impl bytes::BufMut, peer: &PeerId, payload: &[u8]) {
-    dst.put_slice(&[VERSION, kind::TRANSPORT]);
+    dst.put_slice(&TRANSPORT_HEADER);
     dst.put_slice(peer);
     dst.put_slice(payload);
-}
-
-/// The length of the Transport frame carrying `payload`.
-pub fn transport_len(payload: &[u8]) -> usize {
-    2 + PEER_ID_LEN + payload.len()
 }
 
 /// An Auth frame with an HMAC-SHA256 token.

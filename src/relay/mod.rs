@@ -4,3 +4,4 @@
 pub mod client;
 pub mod io;
 pub mod messages;
+pub mod ws;

@@ -584,10 +584,14 @@ impl WgDevice {
                             trace!(%addr, "udp send: {e}");
                         }
                     }
-                    // A relay takes datagrams one frame each.
-                    PeerEndpoint::Relay(..) => {
-                        for (offset, len, to) in &sealed[group] {
-                            self.send_datagram(&out[*offset..*offset + *len], to).await;
+                    // A relay takes datagrams one frame each, the run queued under one lock.
+                    PeerEndpoint::Relay(client, peer) => {
+                        let run = &sealed[group.clone()];
+                        let datagrams = run.iter().map(|(o, l, _)| &out[*o..*o + *l]);
+                        if !client.send_many(peer, datagrams).await {
+                            self.counters
+                                .tx_errors
+                                .fetch_add(group.len() as u64, Ordering::Relaxed);
                         }
                     }
                 }
