@@ -100,6 +100,41 @@ pub fn relay_frame(data: &[u8]) {
     let _ = crate::relay::messages::parse(data);
 }
 
+/// A relay connection's bytes as both ends read them: the first byte picks the role and the
+/// read sizes, the rest is cut into reads of those sizes and decoded as WebSocket frames
+/// (each binary message then parsed as a relay frame), and the same bytes are read as the
+/// opening handshake's request (the dev relay) and response (the client).
+pub fn relay_websocket(data: &[u8]) {
+    use crate::relay::ws::{self, Decoder, Event, Role};
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let role = if first & 1 == 0 {
+        Role::Client
+    } else {
+        Role::Server
+    };
+    let step = usize::from(first >> 1) + 1;
+    let mut decoder = Decoder::new(role, &[]);
+    'reads: for chunk in rest.chunks(step) {
+        decoder.buffer().extend_from_slice(chunk);
+        loop {
+            match decoder.next_event() {
+                Ok(Some(Event::Binary(m))) => {
+                    let _ = crate::relay::messages::parse(&m);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => break 'reads,
+            }
+        }
+    }
+    if let Ok(Some(end)) = ws::head_end(rest) {
+        let _ = ws::parse_request(&rest[..end]);
+        let _ = ws::check_response(&rest[..end], "dGhlIHNhbXBsZSBub25jZQ==");
+    }
+}
+
 /// A management Sync message: decoded, then applied to a mesh state twice (a first map and
 /// an update on top of it), with our own peer config parsed as login would.
 pub fn management_sync(data: &[u8]) {
@@ -157,6 +192,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("socks5_request", socks5_request),
     ("http_request", http_request),
     ("relay_frame", relay_frame),
+    ("relay_websocket", relay_websocket),
     ("management_sync", management_sync),
     ("signal_message", signal_message),
     ("wg_config", wg_config),
