@@ -14,14 +14,7 @@
 //! what the probe queued, cruise), and ProbeRtt (every `MIN_RTT_WINDOW` without a new minimum,
 //! four segments in flight for `PROBE_RTT_TIME` so the queue empties and the RTT is re-learned).
 //! The window is `CWND_GAIN` × the bandwidth-delay product plus a few send quanta (so a
-//! sub-millisecond path, whose model is tiny, still keeps batches in flight), plus an
-//! allowance for ACK aggregation (as Linux's BBR has since 4.19): where acknowledgements come
-//! in bursts — a relay that forwards in batches, a receiver that acknowledges per wake-up —
-//! the sender must keep the burst's worth of data in flight on top of the model, or it
-//! idles between bursts and the model, and the window with it, settles below the path. The
-//! allowance is the largest excess of bytes acknowledged over what the model expected since
-//! an aggregation epoch began (an epoch restarts whenever acknowledgements fall behind the
-//! model), kept over the last 5–10 rounds and capped at 100 ms of the model's rate.
+//! sub-millisecond path, whose model is tiny, still keeps batches in flight).
 //!
 //! Random loss leaves the model alone: the SACK recovery retransmits, and samples count SACKed
 //! bytes so a hole does not make the following round look faster than the path. A round that
@@ -67,10 +60,6 @@ const MIN_SAMPLE: Duration = Duration::from_millis(1);
 /// The largest send quantum (Linux's TSO autosizing cap); the window carries three.
 const MAX_QUANTUM: usize = 64 * 1024;
 const DEFAULT_MSS: usize = 1024;
-/// Rounds each of the two ACK-aggregation maxima is kept for.
-const AGGREGATION_ROUNDS: u8 = 5;
-/// The aggregation allowance is capped at this much of the model's rate.
-const AGGREGATION_MAX: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -121,14 +110,6 @@ pub struct Bbr {
     cycle_seed: usize,
     /// The latest RTT sample, for the round trace.
     latest_rtt_us: u64,
-    /// When the current ACK-aggregation epoch began, and the bytes delivered since.
-    aggregation_epoch: Option<Instant>,
-    aggregation_acked: u64,
-    /// The largest excess over the model seen in the current and the previous window of
-    /// `AGGREGATION_ROUNDS` rounds, the current one at `aggregation_slot`.
-    extra_acked: [u64; 2],
-    aggregation_slot: usize,
-    aggregation_rounds: u8,
 }
 
 impl Bbr {
@@ -155,11 +136,6 @@ impl Bbr {
             in_flight: 0,
             cycle_seed: 0,
             latest_rtt_us: 0,
-            aggregation_epoch: None,
-            aggregation_acked: 0,
-            extra_acked: [0; 2],
-            aggregation_slot: 0,
-            aggregation_rounds: 0,
         }
     }
 
@@ -192,47 +168,8 @@ impl Bbr {
     fn target(&self) -> Option<usize> {
         let bdp = self.bdp()?;
         let quantum = (self.max_bw() / 1000).clamp(2 * self.mss as u64, MAX_QUANTUM as u64);
-        let target = self.gains().1 * bdp + 3.0 * quantum as f64 + self.aggregation_allowance();
+        let target = self.gains().1 * bdp + 3.0 * quantum as f64;
         Some((target as usize).max(self.mss * MIN_CWND_SEGMENTS))
-    }
-
-    /// Bytes of window beyond the model for acknowledgements that arrive in bursts (once the
-    /// pipe is known full: Startup's own gain covers it until then).
-    fn aggregation_allowance(&self) -> f64 {
-        if !self.full_pipe {
-            return 0.0;
-        }
-        let extra = self.extra_acked[0].max(self.extra_acked[1]) as f64;
-        let cap = self.max_bw() as f64 * AGGREGATION_MAX.total_micros() as f64 / 1e6;
-        extra.min(cap)
-    }
-
-    /// Account `delivered` bytes acknowledged at `now` against what the model expected since
-    /// the aggregation epoch began; `round_ended` rotates the kept maxima.
-    fn update_aggregation(&mut self, now: Instant, delivered: u64, round_ended: bool) {
-        if round_ended {
-            self.aggregation_rounds += 1;
-            if self.aggregation_rounds >= AGGREGATION_ROUNDS {
-                self.aggregation_rounds = 0;
-                self.aggregation_slot ^= 1;
-                self.extra_acked[self.aggregation_slot] = 0;
-            }
-        }
-        if delivered == 0 {
-            return;
-        }
-        let epoch = *self.aggregation_epoch.get_or_insert(now);
-        let mut expected = self.max_bw() * (now - epoch).total_micros() / 1_000_000;
-        // Behind the model: no burst is under way, a new epoch starts here.
-        if self.aggregation_acked <= expected {
-            self.aggregation_epoch = Some(now);
-            self.aggregation_acked = 0;
-            expected = 0;
-        }
-        self.aggregation_acked += delivered;
-        let extra = (self.aggregation_acked - expected).min(self.cwnd as u64);
-        let slot = &mut self.extra_acked[self.aggregation_slot];
-        *slot = (*slot).max(extra);
     }
 
     fn start_round(&mut self, now: Instant, pipe: usize) {
@@ -417,7 +354,6 @@ impl Controller for Bbr {
         // A sample spans at least one minimum RTT: a shorter one can be an ACK burst (a
         // repaired hole, a receiver's stretch ACK) and overstate the path.
         let span = MIN_SAMPLE.max(Duration::from_micros(self.min_rtt_us.unwrap_or(0)));
-        let mut round_ended = false;
         if self.delivered >= self.round_end && now >= start + span {
             let micros = (now - start).total_micros().max(1);
             let bytes = self.delivered - self.round_start_delivered;
@@ -459,9 +395,7 @@ impl Controller for Bbr {
             self.round += 1;
             self.on_round(round_app_limited || self.round_discarded);
             self.start_round(now, pipe);
-            round_ended = true;
         }
-        self.update_aggregation(now, delivered as u64, round_ended);
         self.update_mode(now);
         self.update_cwnd(delivered);
         self.idle = pipe == 0;
@@ -473,11 +407,6 @@ impl Controller for Bbr {
 
     fn on_rto(&mut self, now: Instant, in_flight: usize) {
         self.cwnd = self.mss * MIN_CWND_SEGMENTS;
-        // What a timeout's recovery acknowledges at once is the receiver's backlog, no burst
-        // of the path's.
-        self.aggregation_epoch = None;
-        self.aggregation_acked = 0;
-        self.extra_acked = [0; 2];
         self.in_flight = 0;
         // No sample until everything in flight at the timeout is accounted for.
         self.start_round(now, in_flight);
@@ -650,63 +579,6 @@ mod tests {
             now += Duration::from_micros(500);
         }
         assert!(bbr.max_bw() >= bw, "{} < {bw}", bbr.max_bw());
-    }
-
-    /// Like `drive`, but the acknowledgements of each `burst_us` arrive together at its end
-    /// (a relay forwarding in batches); the path's RTT is `rtt_us` at its minimum.
-    fn drive_aggregated(
-        bbr: &mut Bbr,
-        start: Instant,
-        ms: u64,
-        rate: u64,
-        rtt_us: u64,
-        burst_us: u64,
-    ) -> Instant {
-        let rtte = RttEstimator {
-            latest_us: Some(rtt_us),
-            ..Default::default()
-        };
-        let burst = (rate * burst_us / 1_000_000) as usize;
-        let mut now = start;
-        let end = start + Duration::from_millis(ms);
-        while now < end {
-            now += Duration::from_micros(burst_us);
-            let mut acked = 0;
-            while acked < burst {
-                bbr.on_ack(now, MSS, 0, &rtte);
-                bbr.on_delivered(now, MSS, bbr.window(), false);
-                acked += MSS;
-            }
-        }
-        now
-    }
-
-    #[test]
-    fn acknowledgements_in_bursts_widen_the_window_by_a_burst() {
-        // 300 MB/s with a 0.2 ms minimum RTT: the model's window is 2 × 60 KB + 3 × 64 KB.
-        // Acknowledged in bursts of 1 ms (300 KB), the sender must keep a burst more in
-        // flight or it waits out every burst.
-        let mut bbr = Bbr::new();
-        bbr.set_mss(MSS);
-        let now = drive(&mut bbr, Instant::from_secs(1), 500, 300_000_000, 200);
-        let smooth = bbr.window();
-        assert!((250_000..=400_000).contains(&smooth), "cwnd {smooth}");
-        assert!(bbr.aggregation_allowance() < 50_000.0);
-        let now = drive_aggregated(&mut bbr, now, 200, 300_000_000, 200, 1000);
-        let bursty = bbr.window();
-        assert!(
-            bursty >= smooth + 250_000,
-            "cwnd {bursty} with bursts, {smooth} without"
-        );
-        // Capped by 100 ms of the model's rate, and forgotten within ten rounds once the
-        // acknowledgements are smooth again.
-        assert!(bbr.aggregation_allowance() <= bbr.max_bw() as f64 / 10.0);
-        let _ = drive(&mut bbr, now, 50, 300_000_000, 200);
-        assert!(
-            bbr.aggregation_allowance() < 50_000.0,
-            "{}",
-            bbr.aggregation_allowance()
-        );
     }
 
     #[test]
