@@ -388,6 +388,8 @@ impl WgDevice {
         let mut storage = vec![0u8; MAX_DATAGRAM * RECV_BATCH];
         let mut meta = [RecvMeta::default(); RECV_BATCH];
         let mut relay_open = true;
+        // Relayed datagrams are taken as many as are queued per wake-up, as the socket's are.
+        let mut from_relays = Vec::with_capacity(RECV_BATCH);
         loop {
             let mut slots = storage.chunks_mut(MAX_DATAGRAM);
             let mut bufs: [IoSliceMut; RECV_BATCH] =
@@ -407,15 +409,27 @@ impl WgDevice {
                     // ICMP errors from earlier sends surface here on some systems.
                     Err(e) => trace!("udp recv: {e}"),
                 },
-                m = relayed.recv(), if relay_open => match m {
-                    Some(m) => {
-                        let src = PeerEndpoint::Relay(m.client.clone(), m.from);
+                n = relayed.recv_many(&mut from_relays, RECV_BATCH), if relay_open => {
+                    if n == 0 {
+                        relay_open = false;
+                    }
+                    // A run from one peer through one relay shares its endpoint.
+                    let mut previous: Option<PeerEndpoint> = None;
+                    for m in from_relays.drain(..) {
+                        let src = match previous.take() {
+                            Some(PeerEndpoint::Relay(c, p))
+                                if Arc::ptr_eq(&c, &m.client) && p == m.from =>
+                            {
+                                PeerEndpoint::Relay(c, p)
+                            }
+                            _ => PeerEndpoint::Relay(m.client.clone(), m.from),
+                        };
                         if !self.receive(&m.data, &src, &to_stack).await {
                             return;
                         }
+                        previous = Some(src);
                     }
-                    None => relay_open = false,
-                },
+                }
             }
         }
     }
