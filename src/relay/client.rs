@@ -125,23 +125,19 @@ type Reader = Box<dyn AsyncRead + Unpin + Send>;
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// An authenticated connection, before its tasks start.
-struct Session<R, W> {
-    events: EventReader<R>,
-    writer: W,
+struct Session {
+    events: EventReader<Reader>,
+    writer: Writer,
     instance_url: String,
 }
 
 /// Send the Auth frame and wait for the AuthResponse: the relay instance's URL.
-async fn authenticate<R, W>(
-    reader: R,
-    mut writer: W,
+async fn authenticate(
+    reader: Reader,
+    mut writer: Writer,
     decoder: Decoder,
     auth: &[u8],
-) -> Result<Session<R, W>, String>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+) -> Result<Session, String> {
     let mut frame = BytesMut::new();
     ws::put_frame(
         &mut frame,
@@ -281,15 +277,11 @@ impl RelayClient {
     /// The connection's tasks, ready to spawn: a reader that hands Transport frames to
     /// `inbound` and answers the server, a writer that drains the queue, and, when either ends
     /// or the connection is closed, a goodbye (the relay's Close frame) sent on the way out.
-    fn start<R, W>(
+    fn start(
         self: Arc<Self>,
-        session: Session<R, W>,
+        session: Session,
         inbound: mpsc::Sender<Relayed>,
-    ) -> impl FnOnce() + Send + use<R, W>
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
+    ) -> impl FnOnce() + Send + use<> {
         let Session {
             mut events, writer, ..
         } = session;

@@ -54,21 +54,25 @@ pub struct Frames<'a> {
 }
 
 impl Frames<'_> {
+    /// One frame of `op` whose payload is `parts` concatenated, masked if we are a client.
+    fn frame(&mut self, op: u8, parts: &[&[u8]]) {
+        let mask = self.state.masks.as_mut().map(|r| r.r#gen::<[u8; 4]>());
+        ws::put_frame(&mut self.state.buf, op, parts, mask);
+    }
+
     /// One binary message whose payload is `parts` concatenated.
     pub fn message(&mut self, parts: &[&[u8]]) {
-        let mask = self.state.masks.as_mut().map(|r| r.r#gen::<[u8; 4]>());
-        ws::put_frame(&mut self.state.buf, ws::opcode::BINARY, parts, mask);
+        self.frame(ws::opcode::BINARY, parts);
     }
 
     /// A Transport frame carrying `payload` to (from the relay: from) `peer`.
     pub fn transport(&mut self, peer: &PeerId, payload: &[u8]) {
-        self.message(&[&messages::TRANSPORT_HEADER, peer, payload]);
+        self.message(&messages::transport(peer, payload));
     }
 
     /// A WebSocket control frame (pong, close).
     pub fn control(&mut self, op: u8, payload: &[u8]) {
-        let mask = self.state.masks.as_mut().map(|r| r.r#gen::<[u8; 4]>());
-        ws::put_frame(&mut self.state.buf, op, &[payload], mask);
+        self.frame(op, &[payload]);
     }
 }
 

@@ -161,13 +161,12 @@ fn split_id(body: &[u8]) -> Option<(&PeerId, &[u8])> {
 }
 
 /// What a Transport frame starts with, before the peer ID and the payload.
-pub const TRANSPORT_HEADER: [u8; 2] = [VERSION, kind::TRANSPORT];
+const TRANSPORT_HEADER: [u8; 2] = [VERSION, kind::TRANSPORT];
 
-/// Append a Transport frame to `dst`.
-pub fn transport(dst: &mut impl bytes::BufMut, peer: &PeerId, payload: &[u8]) {
-    dst.put_slice(&TRANSPORT_HEADER);
-    dst.put_slice(peer);
-    dst.put_slice(payload);
+/// A Transport frame carrying `payload` to (from the relay: from) `peer`, as the parts the
+/// WebSocket message is written from: the frame is never assembled on its own.
+pub fn transport<'a>(peer: &'a PeerId, payload: &'a [u8]) -> [&'a [u8]; 3] {
+    [&TRANSPORT_HEADER, peer, payload]
 }
 
 /// An Auth frame with an HMAC-SHA256 token.
@@ -240,8 +239,7 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         let a = peer_id("a");
-        let mut buf = Vec::new();
-        transport(&mut buf, &a, b"wireguard");
+        let buf = transport(&a, b"wireguard").concat();
         assert_eq!(
             parse(&buf),
             Ok(Frame::Transport {
