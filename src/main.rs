@@ -11,7 +11,7 @@ use netbird_proxy::cli::{Cli, Command, RunArgs};
 use netbird_proxy::control::identity::{Identity, default_state_path};
 use netbird_proxy::control::management_client::ManagementError;
 use netbird_proxy::devmesh::{DevMesh, DevMeshConfig, random_setup_key};
-use netbird_proxy::engine::netbird::{EngineError, MeshConfig, SetupKey};
+use netbird_proxy::engine::netbird::{EngineError, IceOptions, MeshConfig, SetupKey};
 use netbird_proxy::engine::supervisor::{OnReady, Supervisor};
 use netbird_proxy::engine::{self, ProxyOptions};
 use netbird_proxy::status::{self, Mode, StatusHub};
@@ -253,7 +253,9 @@ async fn run_peer(
         exposes: run.expose,
         socks_auth,
         http_auth,
-        allow_direct: !run.no_direct,
+        allow_direct: !(run.mesh_only
+            || std::env::var("NB_NO_DIRECT")
+                .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "yes" | "on"))),
         connect_timeout: run.connect_timeout,
         congestion: run.tcp_congestion,
         tcp_buffer_budget: Some(run.tcp_buffers_mib.saturating_mul(1024 * 1024)),
@@ -300,6 +302,10 @@ async fn run_peer(
         private_key: identity.private_key,
         wg_port: run.wg_port,
         proxy: options,
+        ice: IceOptions {
+            enabled: !run.force_relay,
+            force_relay_peers: run.force_relay_peer,
+        },
     };
     let supervisor = Supervisor::new();
     supervisor.spawn(config, on_ready).await;
@@ -372,6 +378,7 @@ async fn run_demo(socks: std::net::SocketAddr, http: std::net::SocketAddr) -> Ex
         private_key: rand::random(),
         wg_port: 0,
         proxy,
+        ice: IceOptions::default(),
     };
     let web = Supervisor::new();
     web.spawn(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use netbird_proxy::devmesh::{DevMesh, DevMeshConfig};
 use netbird_proxy::engine::ProxyOptions;
-use netbird_proxy::engine::netbird::{Engine, EngineError, MeshConfig, SetupKey};
+use netbird_proxy::engine::netbird::{Engine, EngineError, IceOptions, MeshConfig, SetupKey};
 use tokio_util::sync::CancellationToken;
 
 const SETUP_KEY: &str = "D3V0000-0000-4000-8000-00000000000B";
@@ -31,6 +31,7 @@ fn config(url: &str) -> MeshConfig {
             connect_timeout: Duration::from_secs(5),
             ..Default::default()
         },
+        ice: IceOptions::default(),
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use netbird_proxy::devmesh::{DevMesh, DevMeshConfig};
 use netbird_proxy::engine::ProxyOptions;
-use netbird_proxy::engine::netbird::{Engine, EngineError, MeshConfig, SetupKey};
+use netbird_proxy::engine::netbird::{Engine, EngineError, IceOptions, MeshConfig, SetupKey};
 use tokio_util::sync::CancellationToken;
 
 const SETUP_KEY: &str = "D3V0000-0000-4000-8000-00000000000C";
@@ -92,6 +92,7 @@ fn config(url: &str, wg_port: u16, proxy: ProxyOptions) -> MeshConfig {
         private_key: rand::random(),
         wg_port,
         proxy,
+        ice: IceOptions::default(),
     }
 }
 

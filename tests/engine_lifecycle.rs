@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use netbird_proxy::devmesh::{DevMesh, DevMeshConfig};
 use netbird_proxy::engine::ProxyOptions;
-use netbird_proxy::engine::netbird::{Engine, EngineError, MeshConfig, SetupKey};
+use netbird_proxy::engine::netbird::{Engine, EngineError, IceOptions, MeshConfig, SetupKey};
 use netbird_proxy::engine::supervisor::Supervisor;
 use tokio_util::sync::CancellationToken;
 
@@ -44,6 +44,8 @@ fn config(url: &str, socks: SocketAddr, wg_port: u16) -> MeshConfig {
             connect_timeout: Duration::from_secs(5),
             ..Default::default()
         },
+        // ICE on, as users run it: its agents live in the negotiator and must end with it.
+        ice: IceOptions::default(),
     }
 }
 

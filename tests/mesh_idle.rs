@@ -13,7 +13,7 @@ use netbird_proxy::control::signal::{Body, body};
 use netbird_proxy::control::signal_client::SignalClient;
 use netbird_proxy::devmesh::{DevMesh, DevMeshConfig};
 use netbird_proxy::engine::ProxyOptions;
-use netbird_proxy::engine::netbird::{MeshConfig, SetupKey};
+use netbird_proxy::engine::netbird::{IceOptions, MeshConfig, SetupKey};
 use netbird_proxy::engine::supervisor::Supervisor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -75,6 +75,7 @@ async fn peer(
             private_key,
             wg_port: 0,
             proxy,
+            ice: IceOptions::default(),
         },
         Arc::new(move |r| {
             let socks = r.listeners.iter().find(|l| l.0 == "socks5").map(|l| l.1);

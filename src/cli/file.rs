@@ -212,7 +212,9 @@ pub fn render(run: &RunArgs) -> String {
                 .collect(),
         )),
     );
-    put("no_direct", Some(Value::Boolean(run.no_direct)));
+    put("mesh_only", Some(Value::Boolean(run.mesh_only)));
+    put("force_relay", Some(Value::Boolean(run.force_relay)));
+    put("force_relay_peer", Some(list(run.force_relay_peer.clone())));
     put(
         "allow_unauthenticated",
         Some(Value::Boolean(run.allow_unauthenticated)),

@@ -135,9 +135,25 @@ pub struct RunArgs {
     #[arg(long, env = "NB_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
 
-    /// Refuse destinations outside the mesh instead of dialling them from the host.
-    #[arg(long, env = "NB_NO_DIRECT")]
-    pub no_direct: bool,
+    /// Refuse destinations outside the mesh instead of dialling them from the host
+    /// (`--no-direct` and `NB_NO_DIRECT` are the old names).
+    #[arg(long, env = "NB_MESH_ONLY", visible_alias = "no-direct")]
+    pub mesh_only: bool,
+
+    /// Keep every mesh peer on the relay: no ICE, no direct paths (NetBird's
+    /// `NB_FORCE_RELAY=true`).
+    #[arg(long, env = "NB_FORCE_RELAY", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::FalseyValueParser::new())]
+    pub force_relay: bool,
+
+    /// Keep this peer on the relay (its name, mesh IP or public key); repeatable, or
+    /// comma-separated in the variable.
+    #[arg(
+        long,
+        env = "NB_FORCE_RELAY_PEERS",
+        value_name = "PEER",
+        value_delimiter = ','
+    )]
+    pub force_relay_peer: Vec<String>,
 
     /// How long a connection attempt may take (e.g. 10s, 500ms).
     #[arg(long, env = "NB_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
@@ -572,7 +588,7 @@ mod tests {
         .unwrap();
         assert_eq!(cli.run.socks.len(), 2);
         assert!(cli.command.is_none());
-        assert!(cli.run.no_direct);
+        assert!(cli.run.mesh_only, "--no-direct is --mesh-only's old name");
         assert_eq!(cli.run.connect_timeout, Duration::from_secs(10));
         assert_eq!(cli.run.tcp_congestion, Congestion::Bbr);
         assert_eq!(cli.run.tcp_buffers_mib, 1024);

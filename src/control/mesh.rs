@@ -51,6 +51,8 @@ pub enum Change {
     Relay(Option<RelaySettings>),
     /// The signal server changed.
     Signal(String),
+    /// STUN server URIs replaced (`NetbirdConfig.stuns`).
+    Stuns(Vec<String>),
     PeerAdded(RemotePeer),
     PeerRemoved(String),
     /// AllowedIPs or agent version changed: re-create the peer.
@@ -81,6 +83,8 @@ pub struct MeshState {
     pub peers: BTreeMap<String, RemotePeer>,
     pub relay: Option<RelaySettings>,
     pub signal: Option<String>,
+    /// STUN server URIs for ICE (`NetbirdConfig.stuns`, `stun:host:port`).
+    pub stuns: Vec<String>,
     /// Whether we have an IPv6 overlay address (v6 AllowedIPs are skipped without one).
     pub has_ipv6: bool,
 }
@@ -109,6 +113,11 @@ impl MeshState {
         if relay != self.relay {
             self.relay = relay.clone();
             changes.push(Change::Relay(relay));
+        }
+        let stuns: Vec<String> = config.stuns.iter().map(|h| h.uri.clone()).collect();
+        if stuns != self.stuns {
+            self.stuns = stuns.clone();
+            changes.push(Change::Stuns(stuns));
         }
         if let Some(signal) = &config.signal
             && self.signal.as_deref() != Some(signal.uri.as_str())

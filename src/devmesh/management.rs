@@ -33,6 +33,8 @@ pub struct ManagementSettings {
     /// Relay URLs (`rel://host:port`). Each peer is given one, round-robin by registration,
     /// so that with several relays peers have different home relays and meet on foreign ones.
     pub relay_urls: Vec<String>,
+    /// The STUN server announced in `NetbirdConfig.stuns` (`stun:host:port`).
+    pub stun_uri: String,
     /// Where registrations are saved (`dev-mesh --state`), if anywhere.
     pub state_file: Option<std::path::PathBuf>,
     /// Fault injection: answer logins but refuse every Sync (as a management that is going
@@ -189,6 +191,10 @@ impl DevManagement {
                 token_payload,
                 token_signature,
             }),
+            stuns: vec![HostConfig {
+                uri: s.stun_uri.clone(),
+                protocol: 0, // UDP
+            }],
             ..Default::default()
         }
     }
@@ -456,6 +462,7 @@ mod tests {
                 domain: "mesh.test".into(),
                 signal_uri: "127.0.0.1:1".into(),
                 relay_urls: vec!["rel://127.0.0.1:2".into()],
+                stun_uri: "stun:127.0.0.1:3".into(),
                 state_file: None,
                 refuse_sync: false,
             },

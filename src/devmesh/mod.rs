@@ -10,6 +10,7 @@ pub mod relay;
 pub mod relay_token;
 pub mod signal;
 pub mod state;
+pub mod stun;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -170,6 +171,16 @@ impl DevMesh {
             Some(l) => l.local_addr().unwrap_or(signal_at),
             None => signal_at,
         };
+        // STUN on UDP at management's address and port.
+        let stun = match &management {
+            Some(_) => Some(tokio::net::UdpSocket::bind(management_addr).await.map_err(
+                |source| DevMeshError::Bind {
+                    addr: management_addr,
+                    source,
+                },
+            )?),
+            None => None,
+        };
         let advertised = |addr: SocketAddr| match &config.advertise {
             Some(host) => format!("{host}:{}", addr.port()),
             None => addr.to_string(),
@@ -202,6 +213,7 @@ impl DevMesh {
                         .clone()
                         .unwrap_or_else(|| advertised(signal_addr)),
                     relay_urls: relay_urls.clone(),
+                    stun_uri: format!("stun:{}", advertised(management_addr)),
                     state_file: config.state.clone(),
                     refuse_sync: config.refuse_sync,
                 },
@@ -219,6 +231,9 @@ impl DevMesh {
                     .await;
             });
             service = Some(svc);
+        }
+        if let Some(socket) = stun {
+            tasks.spawn(stun::serve(socket, cancel.clone()));
         }
         if let Some(listener) = signal {
             let stop = cancel.clone();

@@ -9,10 +9,11 @@
 //! or it speaks again (netbird-protocol.md §7.5).
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -24,8 +25,9 @@ use crate::relay::client::RelayClient;
 use crate::relay::messages::{PeerId, peer_id};
 
 use super::relays::Relays;
+use crate::ice::{Agents, Event as IceEvent, LocalNet};
 use crate::wg::WgDevice;
-use crate::wg::device::PeerEndpoint;
+use crate::wg::device::{PeerEndpoint, StunIn};
 
 /// How long the relay may take to report a peer online.
 const ONLINE_WAIT: Duration = Duration::from_secs(30);
@@ -33,6 +35,10 @@ const FIRST_RETRY: Duration = Duration::from_secs(3);
 const MAX_RETRY: Duration = Duration::from_secs(30);
 /// How often unused foreign relays are closed.
 const RELAY_SWEEP: Duration = Duration::from_secs(5);
+/// ICE retries after a failed or lost direct path: from 3 s, doubling, up to a minute (NetBird
+/// gives up after three and tries hourly; a minute brings a restored path back sooner).
+const ICE_FIRST_RETRY: Duration = Duration::from_secs(3);
+const ICE_MAX_RETRY: Duration = Duration::from_secs(60);
 
 /// Peers joining and leaving, from the network map.
 #[derive(Debug)]
@@ -56,6 +62,11 @@ struct PeerState {
     attempt: u64,
     next_offer: Instant,
     retry: Duration,
+    /// Traffic goes over an ICE pair.
+    direct: bool,
+    /// When ICE is offered again after a failure (None: not waiting to retry).
+    ice_retry_at: Option<Instant>,
+    ice_retry: Duration,
 }
 
 impl PeerState {
@@ -70,11 +81,15 @@ impl PeerState {
             attempt: 0,
             next_offer: Instant::now(),
             retry: FIRST_RETRY,
+            direct: false,
+            ice_retry_at: None,
+            ice_retry: ICE_FIRST_RETRY,
         }
     }
 
+    /// Reachable: through the relay or directly. Offers stop until neither holds.
     fn connected(&self) -> bool {
-        self.via.is_some()
+        self.via.is_some() || self.direct
     }
 
     /// Forget the connection and offer again at once.
@@ -101,17 +116,68 @@ pub struct Negotiator {
     pub signal: Arc<SignalClient>,
     pub relays: Arc<Relays>,
     pub wg_port: u16,
+    /// ICE, unless it is off (`--force-relay`): relay-only offers then.
+    pub ice: Option<IceSetup>,
+}
+
+/// What ICE needs from the engine.
+pub struct IceSetup {
+    /// Our host candidates and the overlay to keep out of them.
+    pub net: LocalNet,
+    /// STUN server URIs from management (`NetbirdConfig.stuns`).
+    pub stuns: watch::Receiver<Vec<String>>,
+    /// STUN datagrams from the WireGuard socket.
+    pub inbox: mpsc::Receiver<StunIn>,
+    /// Peers (key string, name or overlay IP) that stay on the relay.
+    pub force_relay: Vec<String>,
+}
+
+/// The ICE side of the negotiator's state; absent when ICE is off.
+struct Ice {
+    agents: Agents,
+    force_relay: Vec<String>,
+}
+
+impl Ice {
+    /// Whether ICE runs towards this peer.
+    fn wanted(&self, peer: &RemotePeer) -> bool {
+        let ip = peer.allowed_ips.first().map(|n| n.addr().to_string());
+        !self.force_relay.iter().any(|f| {
+            f == &peer.key
+                || f == &peer.fqdn
+                || peer.fqdn.split('.').next() == Some(f.as_str())
+                || ip.as_deref() == Some(f.as_str())
+        })
+    }
 }
 
 impl Negotiator {
-    /// Run until `cancel`: react to peer events and signal messages, re-offer on a timer.
+    /// Run until `cancel`: react to peer events and signal messages, re-offer on a timer, and
+    /// drive ICE (its agents are sans-IO state owned by this task: no task, socket or timer of
+    /// their own, so they end with it).
     pub async fn run(
-        self,
+        mut self,
         mut events: mpsc::Receiver<PeerEvent>,
         mut inbox: mpsc::Receiver<Incoming>,
         mut wanted: mpsc::Receiver<[u8; 32]>,
         cancel: CancellationToken,
     ) {
+        let (mut ice, mut stun_inbox, mut stuns) = match self.ice.take() {
+            Some(setup) => (
+                Some(Ice {
+                    agents: Agents::new(setup.net, self.wg.ice.clone()),
+                    force_relay: setup.force_relay,
+                }),
+                Some(setup.inbox),
+                Some(setup.stuns),
+            ),
+            None => (None, None, None),
+        };
+        if let (Some(ice), Some(stuns)) = (&mut ice, &mut stuns) {
+            let uris = stuns.borrow_and_update().clone();
+            let servers = resolve_stuns(&uris, &cancel).await;
+            ice.agents.set_stun_servers(&servers);
+        }
         let mut peers: HashMap<String, PeerState> = HashMap::new();
         let (attached_tx, mut attached_rx) = mpsc::channel::<Attached>(64);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -119,34 +185,76 @@ impl Negotiator {
         let mut home = self.relays.home_changes();
         let mut attempts: u64 = 0;
         loop {
+            let ice_due = ice.as_mut().and_then(|i| i.agents.poll_timeout());
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 e = events.recv() => match e {
                     Some(PeerEvent::Added(peer)) => {
                         // New, or changed (WireGuard replaced the peer: set it up again, but
-                        // an idle peer stays idle).
+                        // an idle peer stays idle; a direct path carries over).
                         let key = peer.key.clone();
                         let idle = peers.get(&key).is_some_and(|s| s.idle);
                         let mut st = PeerState::new(peer);
                         st.idle = idle;
+                        if let Some(pair) = ice.as_ref().and_then(|i| i.agents.selected(&key)) {
+                            self.wg.set_direct_path(&st.peer.public_key, pair);
+                            st.direct = true;
+                        }
                         peers.insert(key.clone(), st);
                         if !idle {
-                            self.offer(&key, body::Type::Offer).await;
+                            self.offer(&key, body::Type::Offer, &peers, ice.as_mut()).await;
                             if let Some(st) = peers.get_mut(&key) {
                                 st.next_offer = Instant::now() + st.retry;
                             }
                         }
                     }
-                    Some(PeerEvent::Removed(key)) => { peers.remove(&key); }
+                    Some(PeerEvent::Removed(key)) => {
+                        peers.remove(&key);
+                        if let Some(ice) = &mut ice {
+                            ice.agents.remove(&key);
+                        }
+                    }
                     None => return,
                 },
                 m = inbox.recv() => match m {
                     Some(m) => {
-                        self.on_message(m, &mut peers, &mut attempts, &attached_tx, &cancel)
+                        self.on_message(m, &mut peers, &mut attempts, &attached_tx, &cancel, ice.as_mut())
                             .await
                     }
                     None => return,
                 },
+                Some(stun) = async {
+                    match stun_inbox.as_mut() {
+                        Some(i) => i.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(ice) = &mut ice {
+                        ice.agents.on_stun(Instant::now().into_std(), stun.from, stun.to, &stun.data);
+                    }
+                }
+                _ = async {
+                    match ice_due {
+                        Some(t) => tokio::time::sleep_until(t.into()).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(ice) = &mut ice {
+                        ice.agents.handle_timeout(Instant::now().into_std());
+                    }
+                }
+                Ok(()) = async {
+                    match stuns.as_mut() {
+                        Some(s) => s.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let (Some(ice), Some(stuns)) = (&mut ice, &mut stuns) {
+                        let uris = stuns.borrow_and_update().clone();
+                        let servers = resolve_stuns(&uris, &cancel).await;
+                        ice.agents.set_stun_servers(&servers);
+                    }
+                }
                 a = attached_rx.recv() => if let Some(a) = a
                     && let Some(st) = peers.get_mut(&a.key)
                     && st.attempt == a.attempt
@@ -159,7 +267,7 @@ impl Negotiator {
                         info!(peer = %st.peer.fqdn, relay = %via.instance_url(), "peer connected through the relay");
                         let endpoint = PeerEndpoint::Relay(via.clone(), st.id);
                         self.wg.set_peer_endpoint(&st.peer.public_key, endpoint);
-                        if self.is_controller(&a.key) {
+                        if self.is_controller(&a.key) && !st.direct {
                             self.wg.initiate_handshake(&st.peer.public_key).await;
                         }
                     } else {
@@ -171,12 +279,14 @@ impl Negotiator {
                     let Some(public_key) = w else { return };
                     let key = crate::control::envelope::key_string(&public_key);
                     if let Some(st) = peers.get_mut(&key)
-                        && st.idle
+                        && (st.idle || (!st.connected() && !st.connecting))
                     {
-                        info!(peer = %st.peer.fqdn, "traffic for an idle peer; waking it");
+                        if st.idle {
+                            info!(peer = %st.peer.fqdn, "traffic for an idle peer; waking it");
+                        }
                         st.idle = false;
                         st.reset();
-                        self.offer(&key, body::Type::Offer).await;
+                        self.offer(&key, body::Type::Offer, &peers, ice.as_mut()).await;
                         if let Some(st) = peers.get_mut(&key) {
                             st.next_offer = Instant::now() + st.retry;
                         }
@@ -216,18 +326,32 @@ impl Negotiator {
                     let due: Vec<String> = peers
                         .iter()
                         .filter(|(_, s)| {
-                            !s.connected() && !s.connecting && !s.idle && s.next_offer <= now
+                            (!s.connected() && !s.connecting && !s.idle && s.next_offer <= now)
+                                || (!s.idle && s.ice_retry_at.is_some_and(|t| t <= now))
                         })
                         .map(|(k, _)| k.clone())
                         .collect();
                     for key in due {
-                        self.offer(&key, body::Type::Offer).await;
+                        self.offer(&key, body::Type::Offer, &peers, ice.as_mut()).await;
                         if let Some(st) = peers.get_mut(&key) {
+                            if st.ice_retry_at.is_some_and(|t| t <= now) {
+                                st.ice_retry_at = None;
+                            }
                             st.retry = (st.retry * 2).min(MAX_RETRY);
                             st.next_offer = now + st.retry;
                         }
                     }
+                    if let Some(ice) = &ice {
+                        for (key, st) in &peers {
+                            if st.direct {
+                                self.wg.set_direct_rtt(&st.peer.public_key, ice.agents.rtt(key));
+                            }
+                        }
+                    }
                 }
+            }
+            if let Some(ice) = &mut ice {
+                self.flush_ice(ice, &mut peers).await;
             }
         }
     }
@@ -236,12 +360,84 @@ impl Negotiator {
         self.own_key.as_str() > remote_key
     }
 
-    async fn offer(&self, to: &str, kind: body::Type) {
+    /// Send what the ICE agents have for the network and signal, and act on their events.
+    async fn flush_ice(&self, ice: &mut Ice, peers: &mut HashMap<String, PeerState>) {
+        while let Some((to, data)) = ice.agents.poll_transmit() {
+            self.wg.send_stun(to, &data);
+        }
+        while let Some(event) = ice.agents.poll_event() {
+            match event {
+                IceEvent::Candidate { peer, line } => {
+                    let body = Body {
+                        r#type: body::Type::Candidate as i32,
+                        payload: line,
+                        ..Default::default()
+                    };
+                    if let Err(e) = self.signal.send(&peer, body).await {
+                        debug!(%peer, "signal send: {e}");
+                    }
+                }
+                IceEvent::Selected { peer, pair } => {
+                    let Some(st) = peers.get_mut(&peer) else {
+                        continue;
+                    };
+                    info!(
+                        peer = %st.peer.fqdn,
+                        local = %format!("{} {}", pair.local_kind.as_str(), pair.local),
+                        remote = %format!("{} {}", pair.remote_kind.as_str(), pair.remote),
+                        "peer connected directly (ICE)"
+                    );
+                    let first = !st.direct;
+                    st.direct = true;
+                    st.ice_retry = ICE_FIRST_RETRY;
+                    st.ice_retry_at = None;
+                    self.wg.set_direct_path(&st.peer.public_key, pair);
+                    if first && st.via.is_none() && self.is_controller(&peer) {
+                        self.wg.initiate_handshake(&st.peer.public_key).await;
+                    }
+                }
+                IceEvent::Lost { peer, reason } => {
+                    let Some(st) = peers.get_mut(&peer) else {
+                        continue;
+                    };
+                    if st.direct {
+                        info!(peer = %st.peer.fqdn, reason, "direct path lost; back to the relay");
+                        self.wg.clear_direct_path(&st.peer.public_key);
+                        st.direct = false;
+                        if st.via.is_none() {
+                            st.next_offer = Instant::now();
+                        }
+                    }
+                    // Try again later (unless the peer went idle or relay-only meanwhile).
+                    if !st.idle && ice.wanted(&st.peer) && reason != "the peer is relay-only" {
+                        st.ice_retry_at = Some(Instant::now() + st.ice_retry);
+                        st.ice_retry = (st.ice_retry * 2).min(ICE_MAX_RETRY);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn offer(
+        &self,
+        to: &str,
+        kind: body::Type,
+        peers: &HashMap<String, PeerState>,
+        ice: Option<&mut Ice>,
+    ) {
         let home = self.relays.home();
+        // Our ICE credentials and session, or relay-only's empty ones.
+        let (payload, session) = match (ice, peers.get(to)) {
+            (Some(ice), Some(st)) if ice.wanted(&st.peer) => {
+                let (payload, session) = ice.agents.local_offer(to);
+                (payload, Some(session.0.to_vec()))
+            }
+            _ => (":".to_string(), None),
+        };
         let body = Body {
             r#type: kind as i32,
-            // Relay-only: empty ICE credentials.
-            payload: ":".into(),
+            payload,
+            session_id: session,
             wg_listen_port: u32::from(self.wg_port),
             relay_server_address: home.as_ref().map(|r| r.instance_url().to_string()),
             relay_server_ip: home.as_ref().map(|r| match r.server_ip() {
@@ -264,6 +460,7 @@ impl Negotiator {
         attempts: &mut u64,
         attached: &mpsc::Sender<Attached>,
         cancel: &CancellationToken,
+        mut ice: Option<&mut Ice>,
     ) {
         let Some(st) = peers.get_mut(&m.from) else {
             debug!(from = %m.from, "signal message from a peer not in the map");
@@ -274,21 +471,50 @@ impl Negotiator {
             // An OFFER or ANSWER wakes an idle peer (GO_IDLE idles it; others are ignored).
             st.idle = false;
         }
+        let controller = self.is_controller(&m.from);
+        let ice_wanted = ice.as_ref().is_some_and(|i| i.wanted(&st.peer));
         match kind {
-            Some(body::Type::Offer) => {
-                self.offer(&m.from, body::Type::Answer).await;
+            Some(body::Type::Offer | body::Type::Answer) => {
+                if let Some(ice) = ice.as_deref_mut().filter(|_| ice_wanted) {
+                    let now = Instant::now().into_std();
+                    ice.agents.on_offer(
+                        now,
+                        &m.from,
+                        &m.body.payload,
+                        m.body.session_id.as_deref(),
+                        controller,
+                    );
+                }
+                if kind == Some(body::Type::Offer) {
+                    // The ANSWER goes before our candidates (flushed after this message).
+                    self.offer(&m.from, body::Type::Answer, peers, ice.as_deref_mut())
+                        .await;
+                }
             }
-            Some(body::Type::Answer) => {}
+            Some(body::Type::Candidate) => {
+                if let Some(ice) = ice.filter(|_| ice_wanted) {
+                    let now = Instant::now().into_std();
+                    ice.agents.on_candidate(now, &m.from, &m.body.payload);
+                }
+                return;
+            }
             Some(body::Type::GoIdle) => {
                 info!(peer = %st.peer.fqdn, "peer went idle; it is woken when there is traffic for it");
                 st.reset();
                 st.idle = true;
+                st.direct = false;
+                st.ice_retry_at = None;
+                if let Some(ice) = ice {
+                    ice.agents.close(&m.from, "the peer went idle");
+                }
                 self.wg.clear_peer_endpoint(&st.peer.public_key);
                 return;
             }
             _ => return,
         }
-        let controller = self.is_controller(&m.from);
+        let Some(st) = peers.get_mut(&m.from) else {
+            return;
+        };
         // The relay both sides use: our home if we control, else the one the remote names.
         let (url, ip) = if controller {
             (
@@ -308,12 +534,12 @@ impl Negotiator {
             debug!(peer = %st.peer.fqdn, controller, "no relay to meet this peer on yet");
             return;
         };
-        if st.connected() && st.relay_url.as_deref() != Some(url.as_str()) {
+        if st.via.is_some() && st.relay_url.as_deref() != Some(url.as_str()) {
             // The controller moved to another relay: follow it.
             info!(peer = %st.peer.fqdn, relay = %url, "peer moved to another relay");
             st.reset();
         }
-        if st.connected() || st.connecting {
+        if st.via.is_some() || st.connecting {
             return;
         }
         st.connecting = true;
@@ -342,6 +568,44 @@ impl Negotiator {
             let _ = attached.send(Attached { key, attempt, via }).await;
         });
     }
+}
+
+/// Resolve STUN URIs (`stun:host:port`, port 3478 when absent) to addresses; ones that do not
+/// resolve within 2 s are skipped (and logged).
+async fn resolve_stuns(uris: &[String], cancel: &CancellationToken) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for uri in uris {
+        let Some(rest) = uri
+            .strip_prefix("stun:")
+            .or_else(|| uri.strip_prefix("stuns:"))
+        else {
+            debug!(%uri, "not a STUN URI; skipped");
+            continue;
+        };
+        let rest = rest.split('?').next().unwrap_or(rest);
+        let target = if rest
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.ends_with(']') || p.parse::<u16>().is_ok())
+            && !rest.ends_with(']')
+        {
+            rest.to_string()
+        } else {
+            format!("{rest}:3478")
+        };
+        let lookup = tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(target));
+        let found = tokio::select! {
+            _ = cancel.cancelled() => return out,
+            r = lookup => r,
+        };
+        match found {
+            Ok(Ok(addrs)) => {
+                out.extend(addrs.map(|a| SocketAddr::new(a.ip().to_canonical(), a.port())))
+            }
+            Ok(Err(e)) => info!(%uri, "STUN server not resolved: {e}"),
+            Err(_) => info!(%uri, "STUN server not resolved within 2 s"),
+        }
+    }
+    out
 }
 
 /// `relayServerIP`: 4 or 16 bytes.

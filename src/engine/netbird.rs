@@ -59,6 +59,26 @@ pub struct MeshConfig {
     pub private_key: [u8; 32],
     pub wg_port: u16,
     pub proxy: ProxyOptions,
+    pub ice: IceOptions,
+}
+
+/// Direct connections (ICE) towards mesh peers.
+#[derive(Clone, Debug)]
+pub struct IceOptions {
+    /// ICE on (the default); off keeps every peer on the relay (`--force-relay`,
+    /// `NB_FORCE_RELAY=true` as NetBird's client).
+    pub enabled: bool,
+    /// Peers (name, overlay IP or key) that stay on the relay.
+    pub force_relay_peers: Vec<String>,
+}
+
+impl Default for IceOptions {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            force_relay_peers: Vec::new(),
+        }
+    }
 }
 
 impl MeshConfig {
@@ -277,6 +297,7 @@ impl Engine {
             .and_then(|c| c.signal.clone())
             .ok_or_else(|| EngineError::Config("no signal server in the login response".into()))?;
         info!(address = %local.address, fqdn = %local.fqdn, "logged in to management");
+        let local_address = local.address;
 
         // Signal: the engine does not go on until its receive stream is registered.
         let signal = signal_client(&signal_host, cfg.private_key, self.cancel.child_token())?;
@@ -309,6 +330,7 @@ impl Engine {
         // backoff); foreign relays open on demand. The engine does not wait for them: without a
         // relay, only mesh peers are out of reach, and only until it is back.
         let (relay_settings, relay_settings_rx) = tokio::sync::watch::channel(mesh.relay.clone());
+        let (stun_settings, stun_settings_rx) = tokio::sync::watch::channel(mesh.stuns.clone());
         let relays = Relays::start(
             cfg.key_string(),
             relay_settings_rx,
@@ -352,16 +374,35 @@ impl Engine {
                 wg: datapath.wg.clone(),
                 events: events_tx,
                 relay_settings,
+                stun_settings,
                 names,
             },
             self.lifeline(),
         ));
+        // ICE: STUN from the WireGuard socket goes to the negotiator's agents.
+        let ice = cfg.ice.enabled.then(|| {
+            let (stun_tx, stun_rx) = mpsc::channel(crate::wg::device::STUN_QUEUE);
+            datapath.wg.report_stun(stun_tx);
+            let port = datapath.ready.wireguard.port();
+            let ipv6 = datapath.ready.wireguard.is_ipv6();
+            super::negotiation::IceSetup {
+                net: crate::ice::LocalNet {
+                    port,
+                    host_ips: host_addresses(ipv6, local_address),
+                    overlay: Some(local_address.trunc()),
+                },
+                stuns: stun_settings_rx,
+                inbox: stun_rx,
+                force_relay: cfg.ice.force_relay_peers.clone(),
+            }
+        });
         let negotiator = Negotiator {
             own_key: cfg.key_string(),
             wg: datapath.wg.clone(),
             signal,
             relays,
             wg_port: datapath.ready.wireguard.port(),
+            ice,
         };
         let (wanted_tx, wanted_rx) = mpsc::channel(64);
         datapath.wg.report_wanted_peers(wanted_tx);
@@ -439,6 +480,8 @@ struct MapSinks {
     events: mpsc::Sender<PeerEvent>,
     /// Relay URLs and token, for the relays.
     relay_settings: tokio::sync::watch::Sender<Option<crate::control::mesh::RelaySettings>>,
+    /// STUN server URIs, for ICE.
+    stun_settings: tokio::sync::watch::Sender<Vec<String>>,
     /// Peer names, for the resolver.
     names: MeshNames,
 }
@@ -454,6 +497,7 @@ async fn follow_sync(
         wg,
         events,
         relay_settings,
+        stun_settings,
         names,
     } = sinks;
     loop {
@@ -504,6 +548,9 @@ async fn follow_sync(
                     // A refreshed token, moved URLs, or the relay disabled.
                     relay_settings.send_replace(settings);
                 }
+                Change::Stuns(uris) => {
+                    stun_settings.send_replace(uris);
+                }
                 Change::PeerRenamed { .. } | Change::Signal(_) => {}
             }
         }
@@ -524,6 +571,43 @@ async fn follow_sync(
     if !life.cancel.is_cancelled() {
         life.request_rebuild();
     }
+}
+
+/// Our host candidates' addresses (ice.md §2): every address of every up interface, except
+/// loopback, link-local, our overlay address, and interfaces NetBird's client leaves out
+/// (tunnels, containers' bridges); IPv6 only on a dual-stack socket.
+fn host_addresses(ipv6: bool, overlay: ipnet::IpNet) -> Vec<std::net::IpAddr> {
+    const SKIP: &[&str] = &[
+        "wt",
+        "utun",
+        "tun",
+        "zt",
+        "ZeroTier",
+        "wg",
+        "ts",
+        "Tailscale",
+        "tailscale",
+        "docker",
+        "veth",
+        "br-",
+        "lo",
+    ];
+    let Ok(interfaces) = if_addrs::get_if_addrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<std::net::IpAddr> = interfaces
+        .into_iter()
+        .filter(|i| !i.is_loopback() && !SKIP.iter().any(|p| i.name.starts_with(p)))
+        .map(|i| i.ip())
+        .filter(|ip| match ip {
+            std::net::IpAddr::V4(v4) => !v4.is_link_local(),
+            std::net::IpAddr::V6(v6) => ipv6 && !v6.is_unicast_link_local() && !v6.is_loopback(),
+        })
+        .filter(|ip| !overlay.contains(ip) && crate::ice::candidate::usable(*ip))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 fn peer_spec(p: &RemotePeer) -> PeerSpec {

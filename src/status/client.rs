@@ -258,6 +258,21 @@ fn peer_detail(out: &mut String, p: &PeerStatus) {
         .map(|e| format!(" ({e})"))
         .unwrap_or_default();
     let _ = writeln!(out, "  Connection type: {}{via}", p.connection);
+    if let Some(i) = &p.ice {
+        let _ = writeln!(
+            out,
+            "  ICE candidate (Local/Remote): {}/{}",
+            i.local_type, i.remote_type
+        );
+        let _ = writeln!(
+            out,
+            "  ICE candidate endpoints (Local/Remote): {}/{}",
+            i.local, i.remote
+        );
+        if let Some(l) = i.latency_ms {
+            let _ = writeln!(out, "  ICE latency: {l:.1} ms");
+        }
+    }
     let _ = writeln!(
         out,
         "  Last WireGuard handshake: {}",

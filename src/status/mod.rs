@@ -148,6 +148,7 @@ impl StatusHub {
                 .iter()
                 .map(|l| l.status())
                 .collect(),
+            ice: None,
         };
         let Some(view) = engine.as_ref() else {
             snap.reason = Some("the engine is not running (starting or between retries)".into());
@@ -160,6 +161,7 @@ impl StatusHub {
             wireguard_port: view.wg.local_addr().map(|a| a.port()).unwrap_or(0),
         });
         if let Some(c) = &view.control {
+            snap.ice = Some(IceCounts::of(&view.wg.ice));
             snap.management = Some(ServiceStatus {
                 url: c.management_url.clone(),
                 connected: c.management_synced.load(Ordering::Relaxed),
@@ -270,7 +272,26 @@ fn peer_status(peer: &Peer, names: &HashMap<IpAddr, String>, mode: Mode) -> Peer
         rx_bytes: peer.counters.rx_bytes.load(Ordering::Relaxed),
         tx_bytes: peer.counters.tx_bytes.load(Ordering::Relaxed),
         latency_ms: peer.rtt.get().map(|d| d.as_secs_f64() * 1000.0),
+        ice: peer.paths().direct.map(|d| IcePair {
+            local_type: d.pair.local_kind.as_str().into(),
+            local: d.pair.local.to_string(),
+            remote_type: d.pair.remote_kind.as_str().into(),
+            remote: d.pair.remote.to_string(),
+            latency_ms: d.rtt.map(|r| r.as_secs_f64() * 1000.0),
+        }),
     }
+}
+
+/// The ICE pair a direct peer's traffic takes (NetBird's "local/remote ICE candidate").
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct IcePair {
+    /// `host`, `srflx`, `prflx` or `relay`.
+    pub local_type: String,
+    pub local: String,
+    pub remote_type: String,
+    pub remote: String,
+    /// Round trip of the pair's latest connectivity check.
+    pub latency_ms: Option<f64>,
 }
 
 /// `/status`: everything, as JSON. The `status` command reads the same structure.
@@ -290,6 +311,41 @@ pub struct Snapshot {
     pub relay: Option<ServiceStatus>,
     pub peers: Vec<PeerStatus>,
     pub listeners: Vec<ListenerStatus>,
+    /// ICE's counters (absent on the static path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ice: Option<IceCounts>,
+}
+
+/// ICE since the engine started: pairs selected, direct paths lost, and input dropped by reason.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct IceCounts {
+    pub pairs_selected: u64,
+    pub paths_lost: u64,
+    /// Dropped input by reason: `candidate_malformed`, `candidate_refused`,
+    /// `credentials_malformed`, `stun_malformed`, `stun_unmatched`, `stun_queue_full`.
+    pub dropped: std::collections::BTreeMap<String, u64>,
+}
+
+impl IceCounts {
+    fn of(c: &crate::ice::IceCounters) -> Self {
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let dropped = [
+            ("candidate_malformed", get(&c.candidates_malformed)),
+            ("candidate_refused", get(&c.candidates_refused)),
+            ("credentials_malformed", get(&c.credentials_malformed)),
+            ("stun_malformed", get(&c.stun_malformed)),
+            ("stun_unmatched", get(&c.stun_unmatched)),
+            ("stun_queue_full", get(&c.stun_queue_full)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Self {
+            pairs_selected: get(&c.pairs_selected),
+            paths_lost: get(&c.paths_lost),
+            dropped,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -322,6 +378,9 @@ pub struct PeerStatus {
     /// Round-trip time of the latest WireGuard handshake timed with this peer (absent before
     /// the first).
     pub latency_ms: Option<f64>,
+    /// The ICE pair in use when the connection is direct through ICE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ice: Option<IcePair>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -66,6 +66,59 @@ pub fn render(snap: &Snapshot) -> String {
             .collect(),
     );
     family(
+        "peer_ice_pair_info",
+        "gauge",
+        "The ICE pair a direct peer's traffic takes: candidate types and addresses.",
+        snap.peers
+            .iter()
+            .filter_map(|p| {
+                let i = p.ice.as_ref()?;
+                let l = labels(&[
+                    ("peer", &p.fqdn),
+                    ("ip", &p.ip),
+                    ("public_key", &p.public_key),
+                    ("local_type", &i.local_type),
+                    ("local", &i.local),
+                    ("remote_type", &i.remote_type),
+                    ("remote", &i.remote),
+                ]);
+                Some((l, 1.0))
+            })
+            .collect(),
+    );
+    family(
+        "peer_ice_latency_seconds",
+        "gauge",
+        "Round trip of the latest ICE connectivity check on a direct peer's pair.",
+        snap.peers
+            .iter()
+            .filter_map(|p| Some((peer(p), p.ice.as_ref()?.latency_ms? / 1000.0)))
+            .collect(),
+    );
+    if let Some(ice) = &snap.ice {
+        family(
+            "ice_pairs_selected_total",
+            "counter",
+            "ICE pairs selected (direct paths that came up).",
+            vec![(String::new(), ice.pairs_selected as f64)],
+        );
+        family(
+            "ice_paths_lost_total",
+            "counter",
+            "Direct paths lost (no STUN from the peer for 6 s), the peer back on the relay.",
+            vec![(String::new(), ice.paths_lost as f64)],
+        );
+        family(
+            "ice_dropped_total",
+            "counter",
+            "ICE input dropped, by reason.",
+            ice.dropped
+                .iter()
+                .map(|(reason, n)| (labels(&[("reason", reason)]), *n as f64))
+                .collect(),
+        );
+    }
+    family(
         "peer_receive_bytes_total",
         "counter",
         "Bytes of IP packets received from the peer.",

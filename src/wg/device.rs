@@ -33,6 +33,7 @@ use tracing::{debug, info, trace};
 use super::router::AllowedIps;
 use super::rtt::HandshakeRtt;
 use super::udp::{BatchSocket, RECV_BATCH, gso_groups};
+use crate::ice::wire::{Datagram, classify};
 use crate::packet::PacketPool;
 use crate::relay::client::{RelayClient, Relayed};
 use crate::relay::messages::PeerId;
@@ -150,6 +151,24 @@ pub struct Peer {
     pub rtt: HandshakeRtt,
     tunn: Mutex<Tunn>,
     endpoint: RwLock<Option<PeerEndpoint>>,
+    /// The paths negotiation found: the relay connection and the ICE pair. Direct wins; the
+    /// relay stays as the fallback (netbird-protocol.md §7.3).
+    paths: RwLock<Paths>,
+}
+
+/// The paths a mesh peer has besides roaming.
+#[derive(Clone, Debug, Default)]
+pub struct Paths {
+    pub relay: Option<PeerEndpoint>,
+    pub direct: Option<DirectPath>,
+}
+
+/// An ICE pair in use, for status.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DirectPath {
+    pub pair: crate::ice::Selected,
+    /// Round trip of the pair's latest connectivity check.
+    pub rtt: Option<Duration>,
 }
 
 impl Peer {
@@ -166,6 +185,27 @@ impl Peer {
             debug!(peer = %short_key(&self.public_key), endpoint = %to, "peer endpoint");
             *self.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(to.clone());
         }
+    }
+
+    /// WireGuard roaming: an authenticated datagram from `src` moves the endpoint there —
+    /// except one through a relay while an ICE pair is in use (the remote may still send on
+    /// the relay while it switches; direct wins).
+    fn roam(&self, src: &PeerEndpoint) {
+        if matches!(src, PeerEndpoint::Relay(..)) && self.paths().direct.is_some() {
+            return;
+        }
+        self.set_endpoint(src);
+    }
+
+    /// The relay and ICE paths negotiation set up.
+    pub fn paths(&self) -> Paths {
+        self.paths.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn update_paths(&self, f: impl FnOnce(&mut Paths)) -> Paths {
+        let mut paths = self.paths.write().unwrap_or_else(|e| e.into_inner());
+        f(&mut paths);
+        paths.clone()
     }
 
     /// Time since the peer last sent us an authenticated packet, if it ever did.
@@ -244,7 +284,24 @@ pub struct WgDevice {
     /// Told the public key of a peer that has traffic but no endpoint (an idle mesh peer to
     /// wake); a hint, so a full channel drops it.
     wanted: std::sync::OnceLock<mpsc::Sender<[u8; 32]>>,
+    /// Where STUN datagrams from the socket go (the negotiator's ICE agents); unset without
+    /// ICE, and then they are dropped as unknown.
+    stun: std::sync::OnceLock<mpsc::Sender<StunIn>>,
+    /// ICE's counters: dropped input by reason, pairs selected, paths lost.
+    pub ice: Arc<crate::ice::IceCounters>,
 }
+
+/// A STUN datagram from the WireGuard socket.
+#[derive(Debug)]
+pub struct StunIn {
+    pub from: SocketAddr,
+    /// Our address it arrived at (IP_PKTINFO), with the socket's port.
+    pub to: SocketAddr,
+    pub data: Vec<u8>,
+}
+
+/// STUN datagrams queued for the ICE agents; beyond it they are dropped and counted.
+pub const STUN_QUEUE: usize = 256;
 
 impl WgDevice {
     /// Bind the UDP socket (`listen_port` 0 = any) and set up the peers.
@@ -269,6 +326,8 @@ impl WgDevice {
             pool,
             counters: DeviceCounters::default(),
             wanted: std::sync::OnceLock::new(),
+            stun: std::sync::OnceLock::new(),
+            ice: Arc::default(),
         };
         for spec in peers {
             device.add_peer(spec);
@@ -306,6 +365,7 @@ impl WgDevice {
             rtt: HandshakeRtt::default(),
             tunn: Mutex::new(tunn),
             endpoint: RwLock::new(spec.endpoint.map(|a| PeerEndpoint::Udp(canonical(a)))),
+            paths: RwLock::default(),
         });
         table.by_index.insert(index, peer);
     }
@@ -400,6 +460,18 @@ impl WgDevice {
                         for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
                             let src = PeerEndpoint::Udp(canonical(m.addr));
                             for datagram in buf[..m.len].chunks(m.stride.max(1)) {
+                                match classify(datagram) {
+                                    Datagram::WireGuard => {}
+                                    Datagram::Stun => {
+                                        self.to_ice(datagram, m);
+                                        continue;
+                                    }
+                                    // The "nb" punch of Go peers, and junk.
+                                    Datagram::Other => {
+                                        self.counters.rx_unknown.fetch_add(1, Ordering::Relaxed);
+                                        continue;
+                                    }
+                                }
                                 if !self.receive(datagram, &src, &to_stack).await {
                                     return;
                                 }
@@ -431,6 +503,41 @@ impl WgDevice {
                     }
                 }
             }
+        }
+    }
+
+    /// Hand a STUN datagram to the ICE agents (dropped and counted when they lag).
+    fn to_ice(&self, data: &[u8], meta: &RecvMeta) {
+        let Some(stun) = self.stun.get() else {
+            self.counters.rx_unknown.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let port = self.local_addr().map_or(0, |a| a.port());
+        let to = match meta.dst_ip {
+            Some(ip) => SocketAddr::new(ip.to_canonical(), port),
+            None => SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port),
+        };
+        let message = StunIn {
+            from: canonical(meta.addr),
+            to,
+            data: data.to_vec(),
+        };
+        if stun.try_send(message).is_err() {
+            self.ice.stun_queue_full.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Where STUN datagrams go (set once, by the engine, when ICE runs).
+    pub fn report_stun(&self, to: mpsc::Sender<StunIn>) {
+        let _ = self.stun.set(to);
+    }
+
+    /// Send a STUN datagram from the WireGuard socket (never blocks: a full socket drops it,
+    /// and ICE retransmits). Overlay destinations are the caller's to refuse.
+    pub fn send_stun(&self, to: SocketAddr, data: &[u8]) {
+        if let Err(e) = self.socket.socket().try_send_to(data, self.wire_addr(to)) {
+            self.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+            trace!(%to, "stun send: {e}");
         }
     }
 
@@ -516,7 +623,7 @@ impl WgDevice {
                     // Sending a queued packet may need a new session (an initiation).
                     peer.rtt.on_sent(queued, monotonic_us);
                 }
-                peer.set_endpoint(src);
+                peer.roam(src);
             }
             TunnResult::WriteToTunnelV4(pkt, from) => {
                 peer.mark_rx();
@@ -531,7 +638,7 @@ impl WgDevice {
             TunnResult::Done => {
                 peer.mark_rx();
                 peer.rtt.on_received(data, monotonic_us);
-                peer.set_endpoint(src);
+                peer.roam(src);
             }
             TunnResult::Err(WireGuardError::ConnectionExpired) => {}
             TunnResult::Err(e) => {
@@ -543,7 +650,7 @@ impl WgDevice {
             self.pool.put(out);
             return None;
         };
-        peer.set_endpoint(src);
+        peer.roam(src);
         if !peer.allows_source(from) {
             peer.counters.rx_spoofed.fetch_add(1, Ordering::Relaxed);
             debug!(peer = %short_key(&peer.public_key), %from, "dropped packet: source outside AllowedIPs");
@@ -713,31 +820,74 @@ impl WgDevice {
         }
     }
 
-    /// Forget a peer's endpoint (the remote went idle); its traffic is then reported wanted.
-    pub fn clear_peer_endpoint(&self, public_key: &[u8; 32]) {
+    fn peer_by_key(&self, public_key: &[u8; 32]) -> Option<Arc<Peer>> {
         let table = self.table();
-        if let Some(peer) = table
+        table
             .by_key
             .get(public_key)
             .and_then(|i| table.by_index.get(i))
-        {
+            .cloned()
+    }
+
+    /// Forget a peer's endpoint and paths (the remote went idle); its traffic is then reported
+    /// wanted.
+    pub fn clear_peer_endpoint(&self, public_key: &[u8; 32]) {
+        if let Some(peer) = self.peer_by_key(public_key) {
             debug!(peer = %short_key(&peer.public_key), "peer endpoint cleared");
+            peer.update_paths(|p| *p = Paths::default());
             *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
 
-    /// Point a peer at `endpoint` (after negotiation); returns false for an unknown peer.
+    /// The peer's relay path (after negotiation): its endpoint unless a direct path is in use.
+    /// Returns false for an unknown peer.
     pub fn set_peer_endpoint(&self, public_key: &[u8; 32], endpoint: PeerEndpoint) -> bool {
-        let table = self.table();
-        let Some(peer) = table
-            .by_key
-            .get(public_key)
-            .and_then(|i| table.by_index.get(i))
-        else {
+        let Some(peer) = self.peer_by_key(public_key) else {
             return false;
         };
-        peer.set_endpoint(&endpoint);
+        let paths = peer.update_paths(|p| p.relay = Some(endpoint.clone()));
+        if paths.direct.is_none() {
+            peer.set_endpoint(&endpoint);
+        }
         true
+    }
+
+    /// The peer's ICE pair: its endpoint from now on, the relay kept as the fallback. Open
+    /// connections keep flowing (WireGuard's session does not depend on the endpoint).
+    pub fn set_direct_path(&self, public_key: &[u8; 32], pair: crate::ice::Selected) -> bool {
+        let Some(peer) = self.peer_by_key(public_key) else {
+            return false;
+        };
+        peer.update_paths(|p| p.direct = Some(DirectPath { pair, rtt: None }));
+        peer.set_endpoint(&PeerEndpoint::Udp(canonical(pair.remote)));
+        true
+    }
+
+    /// The latest round trip of the peer's ICE pair, for status.
+    pub fn set_direct_rtt(&self, public_key: &[u8; 32], rtt: Option<Duration>) {
+        if let Some(peer) = self.peer_by_key(public_key) {
+            peer.update_paths(|p| {
+                if let Some(d) = &mut p.direct {
+                    d.rtt = rtt;
+                }
+            });
+        }
+    }
+
+    /// The ICE pair is gone: back to the relay if it is up, else no endpoint (traffic then
+    /// asks for the peer to be set up again).
+    pub fn clear_direct_path(&self, public_key: &[u8; 32]) {
+        let Some(peer) = self.peer_by_key(public_key) else {
+            return;
+        };
+        let paths = peer.update_paths(|p| p.direct = None);
+        match paths.relay.filter(PeerEndpoint::is_usable) {
+            Some(relay) => peer.set_endpoint(&relay),
+            None => {
+                debug!(peer = %short_key(&peer.public_key), "direct path lost, no relay");
+                *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
     }
 
     /// Start a handshake with a peer now (the initiating side after negotiation).
