@@ -97,16 +97,27 @@ const STALL: Duration = Duration::from_secs(3);
 
 /// B exposes the fixture echo server on mesh port 7000; A has a SOCKS listener. Returns the
 /// peers' state dir, the fixture server, A and B.
-fn alpha_and_bravo(mesh: &SplitMesh, name: &str) -> (TempDir, LocalServer, Proxy, Proxy) {
+/// `extra` goes to both (e.g. `--force-relay` to test the relayed path).
+fn alpha_and_bravo(
+    mesh: &SplitMesh,
+    name: &str,
+    extra: &[&str],
+) -> (TempDir, LocalServer, Proxy, Proxy) {
     let dir = TempDir::new(&format!("faults-{name}-peers"));
     let echo = LocalServer::start(&format!("faults-{name}"));
+    let expose = format!("7000={}", echo.echo_port);
     let b = join(
         &mesh.control,
         &dir.0,
         "bravo",
-        &["--expose", &format!("7000={}", echo.echo_port)],
+        &[&["--expose", expose.as_str()], extra].concat(),
     );
-    let a = join(&mesh.control, &dir.0, "alpha", &["--socks", "0"]);
+    let a = join(
+        &mesh.control,
+        &dir.0,
+        "alpha",
+        &[&["--socks", "0"], extra].concat(),
+    );
     (dir, echo, a, b)
 }
 
@@ -115,7 +126,7 @@ fn alpha_and_bravo(mesh: &SplitMesh, name: &str) -> (TempDir, LocalServer, Proxy
 #[test]
 fn management_killed_and_restarted_keeps_open_transfers_flowing_and_resyncs() {
     let mut mesh = split_mesh("mgmt", 1);
-    let (dir, echo, a, b) = alpha_and_bravo(&mesh, "mgmt");
+    let (dir, echo, a, b) = alpha_and_bravo(&mesh, "mgmt", &[]);
     let socks = a.socks.unwrap();
     let b_ip = b.mesh_ip.unwrap();
     let mut conn = connect_until(socks, b_ip, 7000, Duration::from_secs(20));
@@ -157,7 +168,8 @@ fn management_killed_and_restarted_keeps_open_transfers_flowing_and_resyncs() {
 #[test]
 fn relay_killed_and_restarted_recovers_traffic_within_a_bound() {
     let mut mesh = split_mesh("relay", 2);
-    let (_dir, _echo, a, b) = alpha_and_bravo(&mesh, "relay");
+    // Relay only: with ICE the peers would meet directly on loopback and never miss the relay.
+    let (_dir, _echo, a, b) = alpha_and_bravo(&mesh, "relay", &["--force-relay"]);
     let socks = a.socks.unwrap();
     let b_ip = b.mesh_ip.unwrap();
     let mut conn = connect_until(socks, b_ip, 7000, Duration::from_secs(20));
@@ -185,7 +197,7 @@ fn relay_killed_and_restarted_recovers_traffic_within_a_bound() {
 #[test]
 fn signal_killed_and_restarted_keeps_open_transfers_flowing_and_peers_reconnect() {
     let mut mesh = split_mesh_with("signal", 1, true);
-    let (dir, echo, a, b) = alpha_and_bravo(&mesh, "signal");
+    let (dir, echo, a, b) = alpha_and_bravo(&mesh, "signal", &[]);
     let socks = a.socks.unwrap();
     let b_ip = b.mesh_ip.unwrap();
     let mut conn = connect_until(socks, b_ip, 7000, Duration::from_secs(20));

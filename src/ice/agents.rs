@@ -495,19 +495,27 @@ impl Agents {
             else {
                 continue;
             };
-            let local_kind = r
-                .agent
-                .local_candidates()
-                .find(|c| c.addr() == source || c.local() == source)
-                .map_or(Kind::Host, |c| Kind::from_ice(c.kind()));
             let remote_kind = r
                 .agent
                 .remote_candidates()
                 .find(|c| c.addr() == destination)
                 .map_or(Kind::PeerReflexive, |c| Kind::from_ice(c.kind()));
+            // The agent names the socket it sends from (a host candidate, the base of any
+            // srflx one). Towards a peer reached through its NAT our datagrams leave through
+            // ours too, and the remote sees our server-reflexive address: say so, as NetBird's
+            // status does.
+            let srflx = r
+                .agent
+                .local_candidates()
+                .find(|c| c.kind() == is::CandidateKind::ServerReflexive && c.local() == source)
+                .map(|c| c.addr());
+            let (local_kind, local) = match srflx {
+                Some(mapped) if remote_kind != Kind::Host => (Kind::ServerReflexive, mapped),
+                _ => (Kind::Host, source),
+            };
             let pair = Selected {
                 local_kind,
-                local: source,
+                local,
                 remote_kind,
                 remote: destination,
             };

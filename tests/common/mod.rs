@@ -463,7 +463,7 @@ impl Drop for Testbed {
     }
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -534,8 +534,20 @@ impl Proxy {
 
     /// Start `netbird-proxy ARGS...` and wait for its ready line.
     pub fn spawn(args: &[&str]) -> Self {
-        let mut child = Command::new(binary())
-            .args(args)
+        let mut cmd = Command::new(binary());
+        cmd.args(args);
+        Self::spawn_command(cmd)
+    }
+
+    /// Start `netbird-proxy ARGS...` in network namespace `ns`.
+    pub fn spawn_in(ns: &str, args: &[&str]) -> Self {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, binary()]).args(args);
+        Self::spawn_command(cmd)
+    }
+
+    fn spawn_command(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
