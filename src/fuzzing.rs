@@ -184,6 +184,59 @@ pub fn dns_answer(data: &[u8]) {
     let _ = crate::proxy::dns::parse_answer(data, id);
 }
 
+/// A CANDIDATE message's payload and an OFFER/ANSWER's credentials, as the negotiator reads
+/// them from signal: parsed, and a parsed candidate handed to the ICE agent's own parser.
+pub fn ice_candidate(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    if let Ok(c) = crate::ice::candidate::parse(&text) {
+        let _ = c.to_ice();
+    }
+    let _ = crate::ice::creds::Credentials::parse_payload(&text);
+    let _ = crate::ice::creds::SessionId::from_bytes(data);
+}
+
+/// A datagram on the WireGuard socket: classified as WireGuard does it, and a STUN one read
+/// as the srflx client, the dev mesh's STUN server and a running ICE agent read it.
+pub fn ice_demux(data: &[u8]) {
+    use crate::ice::wire::{self, Datagram};
+    use std::net::SocketAddr;
+    if wire::classify(data) != Datagram::Stun {
+        return;
+    }
+    let _ = wire::parse_binding_success(data);
+    let from: SocketAddr = "198.19.2.2:51820".parse().expect("an address");
+    let _ = wire::binding_success(data, from, &mut [0u8; 44]);
+    thread_local! {
+        static AGENTS: std::cell::RefCell<crate::ice::Agents> = std::cell::RefCell::new({
+            let mut a = crate::ice::Agents::new(
+                crate::ice::LocalNet {
+                    port: 51820,
+                    host_ips: vec!["198.19.1.2".parse().expect("an address")],
+                    overlay: None,
+                },
+                Default::default(),
+            );
+            let now = std::time::Instant::now();
+            a.set_stun_servers(&["198.19.0.1:3478".parse().expect("an address")]);
+            a.on_offer(now, "peer", "abcdEFGHijklMNOP:abcdefghijklmnopqrstuvwxyzABCDEF", Some(&[1, 2, 3, 4, 5]), true);
+            a.on_candidate(now, "peer", "1 1 udp 2130706431 198.19.2.2 51820 typ host");
+            a
+        });
+    }
+    AGENTS.with(|a| {
+        let mut a = a.borrow_mut();
+        let now = std::time::Instant::now();
+        a.on_stun(
+            now,
+            from,
+            "198.19.1.2:51820".parse().expect("an address"),
+            data,
+        );
+        while a.poll_transmit().is_some() {}
+        while a.poll_event().is_some() {}
+    });
+}
+
 /// A fuzz target's entry point.
 pub type Target = fn(&[u8]);
 
@@ -197,4 +250,6 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("signal_message", signal_message),
     ("wg_config", wg_config),
     ("dns_answer", dns_answer),
+    ("ice_candidate", ice_candidate),
+    ("ice_demux", ice_demux),
 ];

@@ -1,5 +1,10 @@
 //! 500 random start/stop interleavings of the NetBird engine against the dev mesh: no hang, no
 //! leaked task or file descriptor. A binary of its own, so no other test's sockets are counted.
+//!
+//! ICE is on, and an anchor peer stays up throughout: each churned engine offers to it, gets
+//! its credentials back and runs an agent (srflx requests to the dev mesh's STUN server,
+//! checks, often a selected pair) that must end with the engine. Every tenth iteration lets
+//! the engine live long enough for that before stopping it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,6 +13,7 @@ use std::time::Duration;
 use netbird_proxy::devmesh::{DevMesh, DevMeshConfig};
 use netbird_proxy::engine::ProxyOptions;
 use netbird_proxy::engine::netbird::{Engine, EngineError, IceOptions, MeshConfig, SetupKey};
+use netbird_proxy::status::{Mode, StatusHub};
 use tokio_util::sync::CancellationToken;
 
 const SETUP_KEY: &str = "D3V0000-0000-4000-8000-00000000000B";
@@ -18,13 +24,14 @@ async fn mesh() -> DevMesh {
         .unwrap()
 }
 
-fn config(url: &str) -> MeshConfig {
+/// A churned engine: one of four identities, so the anchor's map stays small.
+fn config(url: &str, identity: u8) -> MeshConfig {
     let socks: SocketAddr = "127.0.0.1:0".parse().unwrap();
     MeshConfig {
         management_url: url.into(),
         setup_key: Some(SetupKey(SETUP_KEY.into())),
-        hostname: "churn".into(),
-        private_key: rand::random(),
+        hostname: format!("churn{identity}"),
+        private_key: [identity + 1; 32],
         wg_port: 0,
         proxy: ProxyOptions {
             socks: vec![socks],
@@ -43,20 +50,35 @@ fn open_fds() -> usize {
 async fn random_start_stop_interleavings_neither_hang_nor_leak() {
     let mesh = mesh().await;
     // Warm up once so lazily created runtime resources are not counted as leaks.
-    let warm = Engine::new(config(&mesh.management_url), &CancellationToken::new());
+    let warm = Engine::new(config(&mesh.management_url, 0), &CancellationToken::new());
     warm.start(|_| {}).await.unwrap();
     warm.stop().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = open_fds();
+    // The anchor: a peer that answers every churned engine's offer, with ICE. Counted too: it
+    // is stopped before the descriptors are counted again.
+    let hub = StatusHub::new(Mode::Netbird, 0);
+    let mut anchor_config = config(&mesh.management_url, 100);
+    anchor_config.hostname = "anchor".into();
+    anchor_config.proxy.status = Some(hub.clone());
+    let anchor = Engine::new(anchor_config, &CancellationToken::new());
+    anchor.start(|_| {}).await.unwrap();
     for i in 0..500u64 {
         let cycle = CancellationToken::new();
-        let engine = Arc::new(Engine::new(config(&mesh.management_url), &cycle));
+        let engine = Arc::new(Engine::new(
+            config(&mesh.management_url, (i % 4) as u8),
+            &cycle,
+        ));
         let starter = {
             let engine = engine.clone();
             tokio::spawn(async move { engine.start(|_| {}).await })
         };
         // A pseudo-random moment: before, during or after the start.
-        let wait = (i.wrapping_mul(2654435761) >> 7) % 40;
+        let wait = if i % 10 == 9 {
+            600 // long enough for the offer, the answer and the ICE checks
+        } else {
+            (i.wrapping_mul(2654435761) >> 7) % 40
+        };
         tokio::time::sleep(Duration::from_millis(wait)).await;
         if i % 3 == 0 {
             cycle.cancel(); // a cycle cancel (as a reset) instead of a stop
@@ -79,6 +101,13 @@ async fn random_start_stop_interleavings_neither_hang_nor_leak() {
         assert_eq!(engine.task_count().await, 0, "iteration {i}");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let ice = hub.snapshot().ice.expect("the anchor's ICE counters");
+    assert!(
+        ice.pairs_selected > 0,
+        "no churned engine ever got an ICE pair: the interleavings did not exercise ICE ({ice:?})"
+    );
+    anchor.stop().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let after = open_fds();
     assert!(
         after <= before + 4,
