@@ -2,7 +2,7 @@
 # Installs what the integration tests and the end-to-end benchmark need, when it is missing (as
 # root, with apt-get): wireguard-go and tools, iproute2 (namespaces), nftables (the roaming
 # test's NAT), curl, dnsmasq, ping, python3 with PyNaCl, prometheus_client and
-# PyYAML, iperf3, groff (renders the man page).
+# PyYAML, aioice, iperf3, groff (renders the man page).
 set -euo pipefail
 
 need=()
@@ -29,6 +29,11 @@ fi
 if ! python3 -c 'import prometheus_client' >/dev/null 2>&1; then
     echo "== installing prometheus_client"
     python3 -m pip install --quiet prometheus_client
+fi
+# aioice: the independent ICE agent tests/ice_interop.rs checks our agent against.
+if ! python3 -c 'import aioice' >/dev/null 2>&1; then
+    echo "== installing aioice"
+    python3 -m pip install --quiet aioice
 fi
 # PyYAML: reads docker/compose.yaml for the test that runs it without Docker.
 if ! python3 -c 'import yaml' >/dev/null 2>&1; then
