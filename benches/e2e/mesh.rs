@@ -1,7 +1,8 @@
 //! Mesh rows (`E2E_ONLY=mesh`): two netbird-proxy peers of a dev mesh, each in its own network
-//! namespace, meeting through the dev mesh's relay in a third — the path NetBird users take —
-//! beside the same two namespaces joined by static WireGuard configs (direct UDP), run
-//! interleaved in one go.
+//! namespace, meeting through the dev mesh's relay in a third (`--force-relay`), the same with
+//! ICE (direct UDP once ICE selects a pair; the time from start to that is printed) — the
+//! paths NetBird users take — beside the same two namespaces joined by static WireGuard
+//! configs (direct UDP), run interleaved in one go.
 //!
 //! ```text
 //!   ns A 198.18.10.2 ── veth ── ns H (hub, router) ── veth ── ns B 198.18.11.2
@@ -282,6 +283,8 @@ fn relayed_path(bed: &mut MeshBed, mesh_pid: u32, impaired: bool) -> MeshPath {
             state("b").to_str().unwrap(),
             "--expose",
             &format!("{SERVER_PORT}=127.0.0.1:{SERVER_PORT}"),
+            // The relay row measures the relay: no ICE (the direct row has it).
+            "--force-relay",
         ],
     );
     if impaired {
@@ -320,6 +323,7 @@ fn relayed_path(bed: &mut MeshBed, mesh_pid: u32, impaired: bool) -> MeshPath {
             state("a").to_str().unwrap(),
             "--forward",
             &format!("127.0.0.1:0:b{tag}.{DOMAIN}:{SERVER_PORT}"),
+            "--force-relay",
         ],
     );
     // The impairment (tcpdelay, like the static path's impair relay) is not counted.
@@ -327,6 +331,76 @@ fn relayed_path(bed: &mut MeshBed, mesh_pid: u32, impaired: bool) -> MeshPath {
         name: "relayed",
         forward: peer_a.forwards[0],
         pids: vec![peer_a.pid(), peer_b.pid(), mesh_pid],
+        _proxies: vec![peer_a, peer_b],
+    }
+}
+
+/// A's status port, for the direct row's time to a direct path.
+const DIRECT_STATUS_PORT: u16 = 33190;
+
+/// The dev mesh's two peers in A and B with ICE (the default): host candidates across H, so
+/// the path is direct UDP as soon as ICE selects it. Prints the time from A's start to that.
+fn direct_path(bed: &mut MeshBed) -> MeshPath {
+    let (a, b) = (bed.ns("a"), bed.ns("b"));
+    let management = format!("http://{HUB_A}:{MANAGEMENT_PORT}");
+    let state = |name: &str| bed.dir.join(format!("{name}-direct.state"));
+    let peer_b = Proxy::start_in(
+        Some(&b),
+        &[
+            "--management-url",
+            &management,
+            "--setup-key",
+            SETUP_KEY,
+            "--hostname",
+            "bdirect",
+            "--state",
+            state("b").to_str().unwrap(),
+            "--expose",
+            &format!("{SERVER_PORT}=127.0.0.1:{SERVER_PORT}"),
+        ],
+    );
+    let started = Instant::now();
+    let status = format!("127.0.0.1:{DIRECT_STATUS_PORT}");
+    let peer_a = Proxy::start_in(
+        Some(&a),
+        &[
+            "--management-url",
+            &management,
+            "--setup-key",
+            SETUP_KEY,
+            "--hostname",
+            "adirect",
+            "--state",
+            state("a").to_str().unwrap(),
+            "--forward",
+            &format!("127.0.0.1:0:bdirect.{DOMAIN}:{SERVER_PORT}"),
+            "--status-addr",
+            &status,
+        ],
+    );
+    let url = format!("http://{status}/status");
+    loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &a, "curl", "-s", "--max-time", "2", &url])
+            .output()
+            .expect("curl");
+        if String::from_utf8_lossy(&out.stdout).contains("\"connection\": \"direct\"") {
+            eprintln!(
+                "mesh direct: A direct to B {:.2} s after A started",
+                started.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the mesh peers never went direct"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    MeshPath {
+        name: "direct",
+        forward: peer_a.forwards[0],
+        pids: vec![peer_a.pid(), peer_b.pid()],
         _proxies: vec![peer_a, peer_b],
     }
 }
@@ -483,10 +557,14 @@ fn condition(bed: &mut MeshBed, mesh_pid: u32, impaired: bool, report: &mut Vec<
     } else {
         "clean"
     };
-    let paths = [
-        relayed_path(bed, mesh_pid, impaired),
-        static_path(bed, impaired),
-    ];
+    // The direct row runs clean only: impairing it would need a UDP impairment between the
+    // peers' ICE addresses, which this kernel (no sch_netem) lacks.
+    let mut paths = vec![relayed_path(bed, mesh_pid, impaired)];
+    if !impaired {
+        paths.push(direct_path(bed));
+    }
+    paths.push(static_path(bed, impaired));
+    let static_index = paths.len() - 1;
     for p in &paths {
         warm_up(bed, p);
     }
@@ -513,7 +591,7 @@ fn condition(bed: &mut MeshBed, mesh_pid: u32, impaired: bool, report: &mut Vec<
             }
         }
         let dir = if kind == "up" { "upload" } else { "download" };
-        let static_median = stats(&results[1]).median;
+        let static_median = stats(&results[static_index]).median;
         for (i, p) in paths.iter().enumerate() {
             let s = stats(&results[i]);
             eprintln!("mesh {} {dir} ({cond}): runs {:?}", p.name, results[i]);
