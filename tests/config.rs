@@ -95,7 +95,9 @@ fn flags_beat_environment_beat_file_and_print_config_hides_secrets() {
     assert_eq!(t["http"][0].as_str(), Some("127.0.0.1:3129"));
     assert_eq!(t["connect_timeout"].as_str(), Some("7000ms"));
     assert_eq!(t["tcp_buffers_mib"].as_integer(), Some(64));
-    assert_eq!(t["no_direct"].as_bool(), Some(true));
+    // `no_direct` in the file is --mesh-only's old name; the effective config says the new one.
+    assert_eq!(t["mesh_only"].as_bool(), Some(true));
+    assert_eq!(t["force_relay"].as_bool(), Some(false));
     assert_eq!(t["hostname"].as_str(), Some("from-file"));
     // Secrets only as comments: the output loads back as a config file without them.
     assert!(out.contains("# setup_key = \"<redacted>\"\n"), "{out}");

@@ -142,7 +142,7 @@ pub struct RunArgs {
 
     /// Keep every mesh peer on the relay: no ICE, no direct paths (NetBird's
     /// `NB_FORCE_RELAY=true`).
-    #[arg(long, env = "NB_FORCE_RELAY", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::FalseyValueParser::new())]
+    #[arg(long, env = "NB_FORCE_RELAY")]
     pub force_relay: bool,
 
     /// Keep this peer on the relay (its name, mesh IP or public key); repeatable, or
@@ -592,6 +592,28 @@ mod tests {
         assert_eq!(cli.run.connect_timeout, Duration::from_secs(10));
         assert_eq!(cli.run.tcp_congestion, Congestion::Bbr);
         assert_eq!(cli.run.tcp_buffers_mib, 1024);
+    }
+
+    #[test]
+    fn direct_connection_options() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from([&["netbird-proxy", "--setup-key", "k"], args].concat())
+        };
+        let cli = parse(&[]).unwrap();
+        assert!(!cli.run.force_relay && cli.run.force_relay_peer.is_empty());
+        assert!(!cli.run.mesh_only);
+        let cli = parse(&[
+            "--force-relay",
+            "--force-relay-peer",
+            "db",
+            "--force-relay-peer",
+            "100.64.0.9",
+            "--mesh-only",
+        ])
+        .unwrap();
+        assert!(cli.run.force_relay && cli.run.mesh_only);
+        assert_eq!(cli.run.force_relay_peer, ["db", "100.64.0.9"]);
+        assert!(parse(&["--no-direct"]).unwrap().run.mesh_only);
     }
 
     #[test]

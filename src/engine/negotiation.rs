@@ -279,11 +279,9 @@ impl Negotiator {
                     let Some(public_key) = w else { return };
                     let key = crate::control::envelope::key_string(&public_key);
                     if let Some(st) = peers.get_mut(&key)
-                        && (st.idle || (!st.connected() && !st.connecting))
+                        && st.idle
                     {
-                        if st.idle {
-                            info!(peer = %st.peer.fqdn, "traffic for an idle peer; waking it");
-                        }
+                        info!(peer = %st.peer.fqdn, "traffic for an idle peer; waking it");
                         st.idle = false;
                         st.reset();
                         self.offer(&key, body::Type::Offer, &peers, ice.as_mut()).await;
