@@ -192,6 +192,7 @@ pub fn ice_candidate(data: &[u8]) {
         let _ = c.to_ice();
     }
     let _ = crate::ice::creds::Credentials::parse_payload(&text);
+    let _ = crate::ice::srflx::server_target(&text);
     let _ = crate::ice::creds::SessionId::from_bytes(data);
 }
 

@@ -522,14 +522,15 @@ fn init_logging(level: &str, format: &str) -> Result<(), String> {
         _ => level.to_string(),
     };
     let level = level.as_str();
-    // fast-socks5 logs credentials at debug level: keep it at info whatever the user asks for.
-    // smoltcp and boringtun log per packet at debug: a plain level keeps them at info too.
+    // fast-socks5 logs credentials at debug level, and the ICE agent (`is`) the ICE passwords:
+    // keep both at info whatever the user asks for. smoltcp and boringtun log per packet at
+    // debug: a plain level keeps them at info too.
     let quiet = if level.contains('=') {
         ""
     } else {
         ",smoltcp=info,boringtun=info,h2=info,tower=info,hyper_util=info"
     };
-    let filter = EnvFilter::try_new(format!("{level}{quiet},fast_socks5=info"))
+    let filter = EnvFilter::try_new(format!("{level}{quiet},fast_socks5=info,is=info"))
         .map_err(|e| format!("--log-level `{level}`: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

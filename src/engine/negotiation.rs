@@ -569,26 +569,13 @@ impl Negotiator {
 }
 
 /// Resolve STUN URIs (`stun:host:port`, port 3478 when absent) to addresses; ones that do not
-/// resolve within 2 s are skipped (and logged).
+/// resolve within 2 s are skipped (and logged). Runs when management's list changes.
 async fn resolve_stuns(uris: &[String], cancel: &CancellationToken) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for uri in uris {
-        let Some(rest) = uri
-            .strip_prefix("stun:")
-            .or_else(|| uri.strip_prefix("stuns:"))
-        else {
+        let Some(target) = crate::ice::srflx::server_target(uri) else {
             debug!(%uri, "not a STUN URI; skipped");
             continue;
-        };
-        let rest = rest.split('?').next().unwrap_or(rest);
-        let target = if rest
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.ends_with(']') || p.parse::<u16>().is_ok())
-            && !rest.ends_with(']')
-        {
-            rest.to_string()
-        } else {
-            format!("{rest}:3478")
         };
         let lookup = tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(target));
         let found = tokio::select! {

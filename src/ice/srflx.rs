@@ -147,9 +147,67 @@ impl Srflx {
     }
 }
 
+/// The `host:port` to resolve for a STUN URI from management (`stun:host[:port][?…]`, RFC
+/// 7064; `stuns:` too, whose TLS we do not speak but whose host may answer plain STUN); port
+/// 3478 when none is given. None for anything else (TURN URIs are not STUN servers here).
+pub fn server_target(uri: &str) -> Option<String> {
+    let rest = uri
+        .strip_prefix("stun:")
+        .or_else(|| uri.strip_prefix("stuns:"))?;
+    let rest = rest.split('?').next().unwrap_or(rest).trim();
+    if rest.is_empty() {
+        return None;
+    }
+    let has_port = match rest.rsplit_once(':') {
+        // "[v6]:port" or "host:port"; a bare IPv6 literal has colons but no brackets.
+        Some((host, port)) => {
+            port.parse::<u16>().is_ok() && (host.ends_with(']') || !host.contains(':'))
+        }
+        None => false,
+    };
+    Some(if has_port {
+        rest.to_string()
+    } else if rest.contains(':') && !rest.starts_with('[') {
+        format!("[{rest}]:3478")
+    } else {
+        format!("{rest}:3478")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stun_uris_become_addresses_to_resolve() {
+        assert_eq!(
+            server_target("stun:stun.netbird.io:5555").as_deref(),
+            Some("stun.netbird.io:5555")
+        );
+        assert_eq!(
+            server_target("stun:198.19.0.1").as_deref(),
+            Some("198.19.0.1:3478")
+        );
+        assert_eq!(
+            server_target("stun:[2001:db8::1]:3479").as_deref(),
+            Some("[2001:db8::1]:3479")
+        );
+        assert_eq!(
+            server_target("stun:[2001:db8::1]").as_deref(),
+            Some("[2001:db8::1]:3478")
+        );
+        assert_eq!(
+            server_target("stun:2001:db8::1").as_deref(),
+            Some("[2001:db8::1]:3478")
+        );
+        assert_eq!(
+            server_target("stun:host:3478?transport=udp").as_deref(),
+            Some("host:3478")
+        );
+        assert_eq!(server_target("turn:turn.netbird.io:443"), None);
+        assert_eq!(server_target("stun:"), None);
+        assert_eq!(server_target("198.19.0.1:3478"), None);
+    }
 
     #[test]
     fn a_request_is_retried_then_answered_and_cached() {

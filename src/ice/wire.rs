@@ -192,9 +192,16 @@ pub fn binding_success(
     let mut key = [0u8; 16];
     key[..4].copy_from_slice(&MAGIC_COOKIE);
     key[4..].copy_from_slice(&h.transaction);
-    let (family, addr): (u8, Vec<u8>) = match from.ip() {
-        IpAddr::V4(ip) => (1, ip.octets().to_vec()),
-        IpAddr::V6(ip) => (2, ip.octets().to_vec()),
+    let mut octets = [0u8; 16];
+    let (family, addr): (u8, &[u8]) = match from.ip() {
+        IpAddr::V4(ip) => {
+            octets[..4].copy_from_slice(&ip.octets());
+            (1, &octets[..4])
+        }
+        IpAddr::V6(ip) => {
+            octets.copy_from_slice(&ip.octets());
+            (2, &octets[..])
+        }
     };
     let value_len = 4 + addr.len();
     let total = HEADER_LEN + 4 + value_len;
