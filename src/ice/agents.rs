@@ -748,6 +748,50 @@ mod tests {
     }
 
     #[test]
+    fn a_remote_that_moves_and_restarts_ice_moves_the_path() {
+        let mut a = side("A", "198.19.1.2:51820");
+        let mut b = side("B", "198.19.2.2:51820");
+        let mut t = Instant::now();
+        offer_both(&mut a, &mut b, t);
+        let start = t;
+        run(
+            &mut a,
+            &mut b,
+            &mut t,
+            start + Duration::from_secs(2),
+            &|_, _| true,
+        );
+        assert_eq!(a.selected.unwrap().remote, b.addr);
+        // B roams to a new address and, as a Go peer does on a network change, restarts its
+        // agent: a new session, new candidates.
+        let mut b2 = side("B", "198.19.3.7:51820");
+        let (pb, sb) = b2.agents.local_offer("A");
+        assert_eq!(
+            a.agents.on_offer(t, "B", &pb, Some(&sb.0), true),
+            Offered::Started
+        );
+        let (pa, sa) = a.agents.local_offer("B");
+        assert_eq!(
+            b2.agents.on_offer(t, "A", &pa, Some(&sa.0), false),
+            Offered::Started
+        );
+        let moved = t;
+        run(
+            &mut a,
+            &mut b2,
+            &mut t,
+            moved + Duration::from_secs(3),
+            &|_, _| true,
+        );
+        assert_eq!(a.selected.expect("a new pair").remote, b2.addr);
+        assert_eq!(
+            a.lost,
+            ["the peer restarted ICE"],
+            "the old agent was closed first"
+        );
+    }
+
+    #[test]
     fn a_cut_path_is_lost_after_6_s_and_an_unreachable_one_after_12_s() {
         let mut a = side("A", "198.19.1.2:51820");
         let mut b = side("B", "198.19.2.2:51820");
