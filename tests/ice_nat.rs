@@ -10,6 +10,8 @@
 //! * symmetric NATs (random ports): they stay on the relay, and transfers work;
 //! * the direct path cut mid-transfer (UDP between the NATs dropped): the transfer completes
 //!   over the relay; restored, the peers go direct again. Both switches are timed.
+//!
+//! The peers run unprivileged (user nobody, no capabilities), as in a locked-down container.
 
 mod common;
 
@@ -273,8 +275,21 @@ impl Lab {
         self.children.push(server);
         let mgmt = format!("http://198.19.0.1:{MGMT_PORT}");
         let status = format!("127.0.0.1:{STATUS_PORT}");
+        // The peers run as users run them: unprivileged (nobody, no capabilities), from a copy
+        // of the binary that user can read, each with a state directory of its own.
+        let bin = self.dir.join("netbird-proxy");
+        std::fs::copy(binary(), &bin).unwrap();
+        run(&[
+            "chmod",
+            "a+rx",
+            self.dir.to_str().unwrap(),
+            bin.to_str().unwrap(),
+        ]);
         let peer = |me: &Lab, ns: &str, name: &str, own: &[&str]| {
-            let state = me.dir.join(name);
+            let home = me.dir.join(name);
+            std::fs::create_dir_all(&home).unwrap();
+            run(&["chown", "65534:65534", home.to_str().unwrap()]);
+            let state = home.join("state");
             let base = [
                 "--management-url",
                 &mgmt,
@@ -289,11 +304,25 @@ impl Lab {
                 "--log-level",
                 "info",
             ];
-            Proxy::spawn_in(&me.ns(ns), &[&base[..], own, extra].concat())
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &me.ns(ns), "setpriv", "--reuid", "65534"])
+                .args(["--regid", "65534", "--clear-groups", "--inh-caps=-all"])
+                .args(["--bounding-set=-all", "--no-new-privs", "--"])
+                .arg(&bin)
+                .args([&base[..], own, extra].concat());
+            Proxy::spawn_command(cmd)
         };
         let expose = format!("8080=127.0.0.1:{HTTP_PORT}");
         self.b = Some(peer(self, "hB", "bravo", &["--expose", &expose]));
         self.a = Some(peer(self, "hA", "alpha", &["--socks", "127.0.0.1:1080"]));
+        for p in [&self.a, &self.b].into_iter().flatten() {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+            let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+            assert!(
+                uid.split_whitespace().skip(1).all(|u| u == "65534"),
+                "{uid}"
+            );
+        }
     }
 
     /// A's view of B in `/status`.

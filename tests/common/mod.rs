@@ -546,7 +546,8 @@ impl Proxy {
         Self::spawn_command(cmd)
     }
 
-    fn spawn_command(mut cmd: Command) -> Self {
+    /// Start a prepared command that runs the proxy, and wait for its ready line.
+    pub fn spawn_command(mut cmd: Command) -> Self {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
