@@ -13,6 +13,7 @@ pub mod agents;
 pub mod candidate;
 pub mod creds;
 pub mod srflx;
+pub mod turn;
 pub mod wire;
 
 pub use agents::{Agents, Event, IceCounters, LocalNet, Offered, Selected};
