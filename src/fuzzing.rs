@@ -219,7 +219,7 @@ pub fn ice_demux(data: &[u8]) {
             );
             let now = std::time::Instant::now();
             a.set_stun_servers(&["198.19.0.1:3478".parse().expect("an address")]);
-            a.on_offer(now, "peer", "abcdEFGHijklMNOP:abcdefghijklmnopqrstuvwxyzABCDEF", Some(&[1, 2, 3, 4, 5]), true);
+            a.on_offer(now, "peer", "abcdEFGHijklMNOP:abcdefghijklmnopqrstuvwxyzABCDEF", Some(&[1, 2, 3, 4, 5]), true, false);
             a.on_candidate(now, "peer", "1 1 udp 2130706431 198.19.2.2 51820 typ host");
             a
         });

@@ -78,9 +78,25 @@ async fn run(cli: Cli) -> ExitCode {
         services,
         state,
         advertise,
+        turn,
+        turn_credentials,
         ..
     }) = cli.command
     {
+        let turn = match (turn, turn_credentials) {
+            (Some(uri), Some(creds)) => {
+                let Some((user, password)) = creds.split_once(':') else {
+                    eprintln!("netbird-proxy dev-mesh: --turn-credentials must be USER:PASSWORD");
+                    return ExitCode::from(2);
+                };
+                Some(netbird_proxy::control::mesh::TurnServer {
+                    uri,
+                    user: user.into(),
+                    password: password.into(),
+                })
+            }
+            _ => None,
+        };
         return run_dev_mesh(DevMeshConfig {
             listen,
             setup_key,
@@ -91,6 +107,7 @@ async fn run(cli: Cli) -> ExitCode {
             services,
             state,
             refuse_sync: false,
+            turn,
         })
         .await;
     }
@@ -523,15 +540,17 @@ fn init_logging(level: &str, format: &str) -> Result<(), String> {
     };
     let level = level.as_str();
     // fast-socks5 logs credentials at debug level, and the ICE agent (`is`) the ICE passwords:
-    // keep both at info whatever the user asks for. smoltcp and boringtun log per packet at
-    // debug: a plain level keeps them at info too.
+    // keep both at info whatever the user asks for; the TURN client logs every poll at info.
+    // smoltcp and boringtun log per packet at debug: a plain level keeps them at info too.
     let quiet = if level.contains('=') {
         ""
     } else {
         ",smoltcp=info,boringtun=info,h2=info,tower=info,hyper_util=info"
     };
-    let filter = EnvFilter::try_new(format!("{level}{quiet},fast_socks5=info,is=info"))
-        .map_err(|e| format!("--log-level `{level}`: {e}"))?;
+    let filter = EnvFilter::try_new(format!(
+        "{level}{quiet},fast_socks5=info,is=info,turn_client_proto=warn,stun_proto=warn"
+    ))
+    .map_err(|e| format!("--log-level `{level}`: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -113,7 +113,14 @@ async fn aioice_completes_checks_against_our_agent_on_the_wireguard_port() {
     // Their credentials as an OFFER would bring them; we are controlled.
     let now = Instant::now().into_std();
     assert_eq!(
-        agents.on_offer(now, "aioice", &payload, Some(&[1, 2, 3, 4, 5]), false),
+        agents.on_offer(
+            now,
+            "aioice",
+            &payload,
+            Some(&[1, 2, 3, 4, 5]),
+            false,
+            false
+        ),
         Offered::Started
     );
     for c in hello["candidates"].as_array().unwrap() {
@@ -144,7 +151,7 @@ async fn aioice_completes_checks_against_our_agent_on_the_wireguard_port() {
     let deadline = Instant::now() + Duration::from_secs(25);
     let mut selected = None;
     let report = loop {
-        while let Some((to, data)) = agents.poll_transmit() {
+        while let Some((_, to, data)) = agents.poll_transmit() {
             wg.send_stun(to, &data);
         }
         while let Some(e) = agents.poll_event() {

@@ -103,13 +103,35 @@ impl Lab {
             a: None,
             b: None,
         };
-        for n in ["hA", "nA", "pub", "nB", "hB"] {
+        for n in ["hA", "nA", "pub", "nB", "hB", "inet"] {
             let ns = lab.ns(n);
             let _ = Command::new("ip").args(["netns", "del", &ns]).output();
             run(&["ip", "netns", "add", &ns]);
             lab.exec(n, &["ip", "link", "set", "lo", "up"]);
         }
         lab.exec("pub", &["ip", "addr", "add", "198.19.0.1/32", "dev", "lo"]);
+        // "The internet": everything without a route goes out a dummy link and is lost, as on
+        // a public host (without it, datagrams to private candidates fail with ENETUNREACH,
+        // and coturn closes an allocation whose relay socket saw an error).
+        let (pub_ns, inet_ns) = (lab.ns("pub"), lab.ns("inet"));
+        run(&[
+            "ip", "link", "add", "inet0", "netns", &pub_ns, "type", "veth", "peer", "name",
+            "inet1", "netns", &inet_ns,
+        ]);
+        lab.exec(
+            "pub",
+            &["ip", "addr", "add", "198.19.99.1/24", "dev", "inet0"],
+        );
+        lab.exec("pub", &["ip", "link", "set", "inet0", "up"]);
+        lab.exec(
+            "inet",
+            &["ip", "addr", "add", "198.19.99.2/24", "dev", "inet1"],
+        );
+        lab.exec("inet", &["ip", "link", "set", "inet1", "up"]);
+        lab.exec(
+            "pub",
+            &["ip", "route", "add", "default", "via", "198.19.99.2"],
+        );
         lab.exec("pub", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         for (side, i, nat) in [("A", 1, nat_a), ("B", 2, nat_b)] {
             let (h, n, to) = (format!("h{side}"), format!("n{side}"), format!("to{side}"));
@@ -242,10 +264,16 @@ impl Lab {
 
     /// Start the dev mesh in `pub` and both peers; B exposes an HTTP server on mesh port 8080.
     fn start(&mut self, extra: &[&str]) {
+        self.start_with(&[], extra);
+    }
+
+    /// `start` with extra dev-mesh arguments.
+    fn start_with(&mut self, mesh_args: &[&str], extra: &[&str]) {
         let mut mesh = Command::new("ip")
             .args(["netns", "exec", &self.ns("pub"), binary(), "dev-mesh"])
             .args(["--listen", &format!("198.19.0.1:{MGMT_PORT}")])
             .args(["--setup-key", KEY, "--domain", "mesh.test"])
+            .args(mesh_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -527,4 +555,62 @@ fn a_cut_direct_path_falls_back_to_the_relay_mid_transfer_and_comes_back() {
         fallback < Duration::from_secs(10),
         "fallback took {fallback:?} (goal: under 10 s)"
     );
+}
+
+/// Where NetBird's relay is missing, Go peers use TURN relay candidates from management's
+/// `turns`: here the dev mesh serves no relay and announces coturn (in `pub`, long-term
+/// credentials); both peers sit behind symmetric NATs, so only a pair through the TURN
+/// allocation works.
+#[test]
+fn without_a_netbird_relay_peers_behind_symmetric_nats_meet_through_turn() {
+    let mut lab = Lab::new(Nat::Symmetric, Nat::Symmetric);
+    let pid = lab.dir.join("turn.pid");
+    let turn = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("pub"), "turnserver", "-n"])
+        .args(["--listening-ip", "198.19.0.1", "--relay-ip", "198.19.0.1"])
+        .args([
+            "--listening-port",
+            "3478",
+            "--lt-cred-mech",
+            "--user",
+            "nb:secret",
+        ])
+        .args([
+            "--realm",
+            "lab",
+            "--no-cli",
+            "--no-tls",
+            "--no-dtls",
+            "--log-file",
+            "stdout",
+        ])
+        .arg("--pidfile")
+        .arg(&pid)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("turnserver (coturn; tests/deps.sh installs it)");
+    lab.children.push(turn);
+    lab.start_with(
+        &[
+            "--services",
+            "management,signal",
+            "--turn",
+            "turn:198.19.0.1:3478",
+            "--turn-credentials",
+            "nb:secret",
+        ],
+        &[],
+    );
+    let took = lab.wait_connection("relayed", Duration::from_secs(40));
+    let ice = lab.peer_status()["ice"].clone();
+    assert!(
+        ice["local_type"] == "relay" || ice["remote_type"] == "relay",
+        "a pair through TURN: {ice}"
+    );
+    let sha = lab.file("small.bin", 4 << 20);
+    let (curl, out) = lab.download("small.bin", None);
+    finish(curl, "4 MiB download through TURN");
+    assert_eq!(sha256_file(&out), sha);
+    eprintln!("through TURN {took:?} after both peers were ready: {ice}");
 }

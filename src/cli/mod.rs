@@ -363,6 +363,13 @@ pub enum Command {
         /// dev mesh knows its peers.
         #[arg(long, value_name = "FILE")]
         state: Option<PathBuf>,
+        /// Announce this TURN server to the peers (`turn:host:port`), for ICE relay candidates
+        /// where NetBird's relay is missing.
+        #[arg(long, value_name = "URI", requires = "turn_credentials")]
+        turn: Option<String>,
+        /// The TURN server's long-term credentials, `USER:PASSWORD`.
+        #[arg(long, value_name = "USER:PASSWORD", requires = "turn")]
+        turn_credentials: Option<String>,
         /// Log level or tracing filter.
         #[arg(
             long,

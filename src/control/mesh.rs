@@ -22,6 +22,21 @@ pub struct RemotePeer {
     pub agent_version: String,
 }
 
+/// A TURN server from `NetbirdConfig.turns`: `turn:host:port?transport=udp` and its
+/// (management-issued, time-limited) credentials. `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TurnServer {
+    pub uri: String,
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for TurnServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TurnServer({} as {}, <redacted>)", self.uri, self.user)
+    }
+}
+
 /// Relay settings from `NetbirdConfig.relay`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RelaySettings {
@@ -53,6 +68,8 @@ pub enum Change {
     Signal(String),
     /// STUN server URIs replaced (`NetbirdConfig.stuns`).
     Stuns(Vec<String>),
+    /// TURN servers replaced (`NetbirdConfig.turns`).
+    Turns(Vec<TurnServer>),
     PeerAdded(RemotePeer),
     PeerRemoved(String),
     /// AllowedIPs or agent version changed: re-create the peer.
@@ -85,6 +102,8 @@ pub struct MeshState {
     pub signal: Option<String>,
     /// STUN server URIs for ICE (`NetbirdConfig.stuns`, `stun:host:port`).
     pub stuns: Vec<String>,
+    /// TURN servers for ICE relay candidates (`NetbirdConfig.turns`).
+    pub turns: Vec<TurnServer>,
     /// Whether we have an IPv6 overlay address (v6 AllowedIPs are skipped without one).
     pub has_ipv6: bool,
 }
@@ -113,6 +132,21 @@ impl MeshState {
         if relay != self.relay {
             self.relay = relay.clone();
             changes.push(Change::Relay(relay));
+        }
+        let turns: Vec<TurnServer> = config
+            .turns
+            .iter()
+            .filter_map(|t| {
+                Some(TurnServer {
+                    uri: t.host_config.as_ref()?.uri.clone(),
+                    user: t.user.clone(),
+                    password: t.password.clone(),
+                })
+            })
+            .collect();
+        if turns != self.turns {
+            self.turns = turns.clone();
+            changes.push(Change::Turns(turns));
         }
         let stuns: Vec<String> = config.stuns.iter().map(|h| h.uri.clone()).collect();
         if stuns != self.stuns {

@@ -17,8 +17,8 @@ use crate::control::envelope::{self, key_string, parse_key_string, public_key_of
 use crate::control::management::management_service_server::ManagementService;
 use crate::control::management::{
     CustomZone, DnsConfig, Empty, EncryptedMessage, HostConfig, LoginRequest, LoginResponse,
-    NetbirdConfig, NetworkMap, PeerConfig, RelayConfig, RemotePeerConfig, ServerKeyResponse,
-    SimpleRecord, SyncRequest, SyncResponse,
+    NetbirdConfig, NetworkMap, PeerConfig, ProtectedHostConfig, RelayConfig, RemotePeerConfig,
+    ServerKeyResponse, SimpleRecord, SyncRequest, SyncResponse,
 };
 
 /// Lifetime of relay tokens handed out.
@@ -35,6 +35,8 @@ pub struct ManagementSettings {
     pub relay_urls: Vec<String>,
     /// The STUN server announced in `NetbirdConfig.stuns` (`stun:host:port`).
     pub stun_uri: String,
+    /// The TURN server announced in `NetbirdConfig.turns`, if any.
+    pub turn: Option<crate::control::mesh::TurnServer>,
     /// Where registrations are saved (`dev-mesh --state`), if anywhere.
     pub state_file: Option<std::path::PathBuf>,
     /// Fault injection: answer logins but refuse every Sync (as a management that is going
@@ -195,6 +197,18 @@ impl DevManagement {
                 uri: s.stun_uri.clone(),
                 protocol: 0, // UDP
             }],
+            turns: s
+                .turn
+                .iter()
+                .map(|t| ProtectedHostConfig {
+                    host_config: Some(HostConfig {
+                        uri: t.uri.clone(),
+                        protocol: 0, // UDP
+                    }),
+                    user: t.user.clone(),
+                    password: t.password.clone(),
+                })
+                .collect(),
             ..Default::default()
         }
     }
@@ -463,6 +477,7 @@ mod tests {
                 signal_uri: "127.0.0.1:1".into(),
                 relay_urls: vec!["rel://127.0.0.1:2".into()],
                 stun_uri: "stun:127.0.0.1:3".into(),
+                turn: None,
                 state_file: None,
                 refuse_sync: false,
             },

@@ -67,6 +67,8 @@ pub struct DevMeshConfig {
     pub state: Option<PathBuf>,
     /// Fault injection for tests: logins succeed, every Sync is refused (`Unavailable`).
     pub refuse_sync: bool,
+    /// A TURN server to announce (`NetbirdConfig.turns`).
+    pub turn: Option<crate::control::mesh::TurnServer>,
 }
 
 impl DevMeshConfig {
@@ -82,6 +84,7 @@ impl DevMeshConfig {
             services: Services::default(),
             state: None,
             refuse_sync: false,
+            turn: None,
         }
     }
 }
@@ -214,6 +217,7 @@ impl DevMesh {
                         .unwrap_or_else(|| advertised(signal_addr)),
                     relay_urls: relay_urls.clone(),
                     stun_uri: format!("stun:{}", advertised(management_addr)),
+                    turn: config.turn.clone(),
                     state_file: config.state.clone(),
                     refuse_sync: config.refuse_sync,
                 },

@@ -25,6 +25,8 @@ use crate::relay::client::RelayClient;
 use crate::relay::messages::{PeerId, peer_id};
 
 use super::relays::Relays;
+use crate::control::mesh::TurnServer;
+use crate::ice::turn::{TurnRelay, TurnSinks};
 use crate::ice::{Agents, Event as IceEvent, LocalNet};
 use crate::wg::WgDevice;
 use crate::wg::device::{PeerEndpoint, StunIn};
@@ -126,8 +128,11 @@ pub struct IceSetup {
     pub net: LocalNet,
     /// STUN server URIs from management (`NetbirdConfig.stuns`).
     pub stuns: watch::Receiver<Vec<String>>,
-    /// STUN datagrams from the WireGuard socket.
+    /// STUN datagrams from the WireGuard socket (and from the TURN allocation: `stun_tx`).
     pub inbox: mpsc::Receiver<StunIn>,
+    pub stun_tx: mpsc::Sender<StunIn>,
+    /// TURN servers from management (`NetbirdConfig.turns`).
+    pub turns: watch::Receiver<Vec<TurnServer>>,
     /// Peers (key string, name or overlay IP) that stay on the relay.
     pub force_relay: Vec<String>,
 }
@@ -136,9 +141,64 @@ pub struct IceSetup {
 struct Ice {
     agents: Agents,
     force_relay: Vec<String>,
+    stun_tx: mpsc::Sender<StunIn>,
+    turn_servers: Vec<TurnServer>,
+    /// Our TURN allocation, made the first time an agent needs a relay candidate; its task
+    /// ends with the negotiator (child token, and aborted on drop).
+    turn: Option<Turn>,
+}
+
+struct Turn {
+    relay: Arc<TurnRelay>,
+    changes: watch::Receiver<Option<SocketAddr>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl Ice {
+    /// Make the TURN allocation unless there is one (or no usable TURN server).
+    async fn ensure_turn(&mut self, wg: &WgDevice, cancel: &CancellationToken) {
+        if self.turn.as_ref().is_some_and(|t| !t.task.is_finished()) {
+            return;
+        }
+        self.turn = None;
+        for server in &self.turn_servers {
+            let Some(target) = crate::ice::srflx::turn_target(&server.uri) else {
+                continue;
+            };
+            let lookup =
+                tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(target));
+            let Ok(Ok(mut addrs)) = lookup.await else {
+                info!(uri = %server.uri, "TURN server not resolved");
+                continue;
+            };
+            let Some(addr) = addrs.next() else { continue };
+            let relay = match TurnRelay::new(addr, &server.user, &server.password).await {
+                Ok(r) => r,
+                Err(e) => {
+                    info!(uri = %server.uri, "TURN socket: {e}");
+                    continue;
+                }
+            };
+            let sinks = TurnSinks {
+                wireguard: wg.turn_inbox(),
+                stun: self.stun_tx.clone(),
+            };
+            let task = tokio::spawn(relay.clone().run(sinks, cancel.child_token()));
+            self.turn = Some(Turn {
+                changes: relay.relayed_changes(),
+                relay,
+                task,
+            });
+            return;
+        }
+    }
+
     /// Whether ICE runs towards this peer.
     fn wanted(&self, peer: &RemotePeer) -> bool {
         let ip = peer.allowed_ips.first().map(|n| n.addr().to_string());
@@ -162,17 +222,24 @@ impl Negotiator {
         mut wanted: mpsc::Receiver<[u8; 32]>,
         cancel: CancellationToken,
     ) {
-        let (mut ice, mut stun_inbox, mut stuns) = match self.ice.take() {
+        let (mut ice, mut stun_inbox, mut stuns, mut turns) = match self.ice.take() {
             Some(setup) => (
                 Some(Ice {
                     agents: Agents::new(setup.net, self.wg.ice.clone()),
                     force_relay: setup.force_relay,
+                    stun_tx: setup.stun_tx,
+                    turn_servers: Vec::new(),
+                    turn: None,
                 }),
                 Some(setup.inbox),
                 Some(setup.stuns),
+                Some(setup.turns),
             ),
-            None => (None, None, None),
+            None => (None, None, None, None),
         };
+        if let (Some(ice), Some(turns)) = (&mut ice, &mut turns) {
+            ice.turn_servers = turns.borrow_and_update().clone();
+        }
         if let (Some(ice), Some(stuns)) = (&mut ice, &mut stuns) {
             let uris = stuns.borrow_and_update().clone();
             let servers = resolve_stuns(&uris, &cancel).await;
@@ -196,8 +263,13 @@ impl Negotiator {
                         let idle = peers.get(&key).is_some_and(|s| s.idle);
                         let mut st = PeerState::new(peer);
                         st.idle = idle;
-                        if let Some(pair) = ice.as_ref().and_then(|i| i.agents.selected(&key)) {
-                            self.wg.set_direct_path(&st.peer.public_key, pair);
+                        if let Some(ice) = &ice
+                            && let Some(pair) = ice.agents.selected(&key)
+                        {
+                            let turn = (pair.local_kind == crate::ice::candidate::Kind::Relay)
+                                .then(|| ice.turn.as_ref().map(|t| t.relay.clone()))
+                                .flatten();
+                            self.wg.set_direct_path(&st.peer.public_key, pair, turn);
                             st.direct = true;
                         }
                         peers.insert(key.clone(), st);
@@ -253,6 +325,30 @@ impl Negotiator {
                         let uris = stuns.borrow_and_update().clone();
                         let servers = resolve_stuns(&uris, &cancel).await;
                         ice.agents.set_stun_servers(&servers);
+                    }
+                }
+                Ok(()) = async {
+                    match turns.as_mut() {
+                        Some(t) => t.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let (Some(ice), Some(turns)) = (&mut ice, &mut turns) {
+                        ice.turn_servers = turns.borrow_and_update().clone();
+                    }
+                }
+                Ok(()) = async {
+                    match ice.as_mut().and_then(|i| i.turn.as_mut()) {
+                        Some(t) => t.changes.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(ice) = &mut ice {
+                        let turn = ice.turn.as_mut().and_then(|t| {
+                            let relayed = (*t.changes.borrow_and_update())?;
+                            Some((relayed, t.relay.local_addr()))
+                        });
+                        ice.agents.set_turn(Instant::now().into_std(), turn);
                     }
                 }
                 a = attached_rx.recv() => if let Some(a) = a
@@ -360,8 +456,15 @@ impl Negotiator {
 
     /// Send what the ICE agents have for the network and signal, and act on their events.
     async fn flush_ice(&self, ice: &mut Ice, peers: &mut HashMap<String, PeerState>) {
-        while let Some((to, data)) = ice.agents.poll_transmit() {
-            self.wg.send_stun(to, &data);
+        let relayed = ice.agents.turn_relayed();
+        while let Some((from, to, data)) = ice.agents.poll_transmit() {
+            match (&ice.turn, from) {
+                // From our relay candidate: through the TURN allocation.
+                (Some(turn), Some(from)) if Some(from) == relayed => {
+                    turn.relay.send_to(to, &data);
+                }
+                _ => self.wg.send_stun(to, &data),
+            }
         }
         while let Some(event) = ice.agents.poll_event() {
             match event {
@@ -389,7 +492,10 @@ impl Negotiator {
                     st.direct = true;
                     st.ice_retry = ICE_FIRST_RETRY;
                     st.ice_retry_at = None;
-                    self.wg.set_direct_path(&st.peer.public_key, pair);
+                    let turn = (pair.local_kind == crate::ice::candidate::Kind::Relay)
+                        .then(|| ice.turn.as_ref().map(|t| t.relay.clone()))
+                        .flatten();
+                    self.wg.set_direct_path(&st.peer.public_key, pair, turn);
                     if first && st.via.is_none() && self.is_controller(&peer) {
                         self.wg.initiate_handshake(&st.peer.public_key).await;
                     }
@@ -474,6 +580,17 @@ impl Negotiator {
         match kind {
             Some(body::Type::Offer | body::Type::Answer) => {
                 if let Some(ice) = ice.as_deref_mut().filter(|_| ice_wanted) {
+                    // Go gathers TURN relay candidates only where NetBird's relay is missing
+                    // on either side.
+                    let use_turn = self.relays.home().is_none()
+                        || m.body
+                            .relay_server_address
+                            .as_deref()
+                            .unwrap_or("")
+                            .is_empty();
+                    if use_turn {
+                        ice.ensure_turn(&self.wg, cancel).await;
+                    }
                     let now = Instant::now().into_std();
                     ice.agents.on_offer(
                         now,
@@ -481,6 +598,7 @@ impl Negotiator {
                         &m.body.payload,
                         m.body.session_id.as_deref(),
                         controller,
+                        use_turn,
                     );
                 }
                 if kind == Some(body::Type::Offer) {

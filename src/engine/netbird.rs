@@ -331,6 +331,7 @@ impl Engine {
         // relay, only mesh peers are out of reach, and only until it is back.
         let (relay_settings, relay_settings_rx) = tokio::sync::watch::channel(mesh.relay.clone());
         let (stun_settings, stun_settings_rx) = tokio::sync::watch::channel(mesh.stuns.clone());
+        let (turn_settings, turn_settings_rx) = tokio::sync::watch::channel(mesh.turns.clone());
         let relays = Relays::start(
             cfg.key_string(),
             relay_settings_rx,
@@ -375,6 +376,7 @@ impl Engine {
                 events: events_tx,
                 relay_settings,
                 stun_settings,
+                turn_settings,
                 names,
             },
             self.lifeline(),
@@ -382,7 +384,7 @@ impl Engine {
         // ICE: STUN from the WireGuard socket goes to the negotiator's agents.
         let ice = cfg.ice.enabled.then(|| {
             let (stun_tx, stun_rx) = mpsc::channel(crate::wg::device::STUN_QUEUE);
-            datapath.wg.report_stun(stun_tx);
+            datapath.wg.report_stun(stun_tx.clone());
             let port = datapath.ready.wireguard.port();
             let ipv6 = datapath.ready.wireguard.is_ipv6();
             super::negotiation::IceSetup {
@@ -393,6 +395,8 @@ impl Engine {
                 },
                 stuns: stun_settings_rx,
                 inbox: stun_rx,
+                stun_tx,
+                turns: turn_settings_rx,
                 force_relay: cfg.ice.force_relay_peers.clone(),
             }
         });
@@ -482,6 +486,8 @@ struct MapSinks {
     relay_settings: tokio::sync::watch::Sender<Option<crate::control::mesh::RelaySettings>>,
     /// STUN server URIs, for ICE.
     stun_settings: tokio::sync::watch::Sender<Vec<String>>,
+    /// TURN servers, for ICE's relay candidates.
+    turn_settings: tokio::sync::watch::Sender<Vec<crate::control::mesh::TurnServer>>,
     /// Peer names, for the resolver.
     names: MeshNames,
 }
@@ -498,6 +504,7 @@ async fn follow_sync(
         events,
         relay_settings,
         stun_settings,
+        turn_settings,
         names,
     } = sinks;
     loop {
@@ -550,6 +557,9 @@ async fn follow_sync(
                 }
                 Change::Stuns(uris) => {
                     stun_settings.send_replace(uris);
+                }
+                Change::Turns(servers) => {
+                    turn_settings.send_replace(servers);
                 }
                 Change::PeerRenamed { .. } | Change::Signal(_) => {}
             }

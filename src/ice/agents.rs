@@ -100,6 +100,8 @@ struct Running {
     resend_at: Option<Instant>,
     /// Our candidates as signalled, for the resend.
     lines: Vec<String>,
+    /// Gathers a TURN relay candidate (NetBird's relay is missing on one side).
+    wants_turn: bool,
 }
 
 struct PeerIce {
@@ -141,7 +143,11 @@ pub struct Agents {
     /// Our ufrag towards each peer, for requests (USERNAME = "ours:theirs").
     by_ufrag: HashMap<String, String>,
     srflx: Srflx,
-    transmits: Vec<(SocketAddr, Vec<u8>)>,
+    /// Our TURN allocation: (relayed address, the TURN socket's local address).
+    turn: Option<(SocketAddr, SocketAddr)>,
+    /// Datagrams to send: (the local candidate's address they leave from, if the agent said,
+    /// destination, bytes).
+    transmits: Vec<(Option<SocketAddr>, SocketAddr, Vec<u8>)>,
     events: std::collections::VecDeque<Event>,
     counters: Arc<IceCounters>,
 }
@@ -153,6 +159,7 @@ impl Agents {
             peers: HashMap::new(),
             by_ufrag: HashMap::new(),
             srflx: Srflx::default(),
+            turn: None,
             transmits: Vec::new(),
             events: Default::default(),
             counters,
@@ -166,6 +173,44 @@ impl Agents {
     /// STUN servers (from management's `stuns`, resolved).
     pub fn set_stun_servers(&mut self, servers: &[SocketAddr]) {
         self.srflx.set_servers(servers);
+    }
+
+    /// Our TURN allocation (relayed address, local address of its socket), or none: agents
+    /// that gather relay candidates add it now if it is new.
+    pub fn set_turn(&mut self, now: Instant, turn: Option<(SocketAddr, SocketAddr)>) {
+        if self.turn == turn {
+            return;
+        }
+        self.turn = turn;
+        let Some((relayed, local)) = turn else { return };
+        let keys: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.running
+                    .as_ref()
+                    .is_some_and(|r| r.wants_turn && r.selected.is_none())
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            let Some(r) = self.peers.get_mut(&key).and_then(|p| p.running.as_mut()) else {
+                continue;
+            };
+            if let Some(line) = add_relay(&mut r.agent, relayed, local) {
+                r.lines.push(line.clone());
+                self.events.push_back(Event::Candidate {
+                    peer: key.clone(),
+                    line,
+                });
+            }
+            self.drain(now, &key);
+        }
+    }
+
+    /// Our relayed address, if a TURN allocation is up.
+    pub fn turn_relayed(&self) -> Option<SocketAddr> {
+        self.turn.map(|(r, _)| r)
     }
 
     fn peer(&mut self, key: &str) -> &mut PeerIce {
@@ -204,6 +249,8 @@ impl Agents {
     }
 
     /// A remote OFFER or ANSWER: start an agent unless one runs for the same session.
+    /// `use_turn`: gather a TURN relay candidate (Go does when either side lacks a NetBird
+    /// relay).
     pub fn on_offer(
         &mut self,
         now: Instant,
@@ -211,6 +258,7 @@ impl Agents {
         payload: &str,
         session: Option<&[u8]>,
         controlling: bool,
+        use_turn: bool,
     ) -> Offered {
         let remote = match Credentials::parse_payload(payload) {
             Ok(Some(c)) => c,
@@ -234,7 +282,7 @@ impl Agents {
             debug!(peer = %key, "new remote ICE session; restarting the agent");
             self.close(key, "the peer restarted ICE");
         }
-        self.start(now, key, remote, session, controlling);
+        self.start(now, key, remote, session, controlling, use_turn);
         Offered::Started
     }
 
@@ -245,11 +293,13 @@ impl Agents {
         remote: Credentials,
         session: Option<SessionId>,
         controlling: bool,
+        use_turn: bool,
     ) {
         self.srflx.refresh(now);
         let mappings: Vec<Mapping> = self.srflx.mappings(now).collect();
         let net = self.net.clone();
         let counters = self.counters.clone();
+        let turn = self.turn.filter(|_| use_turn);
         let p = self.peer(key);
         p.remote_session = session;
         let mut agent = IceAgent::new(p.creds.to_ice());
@@ -266,6 +316,7 @@ impl Agents {
             heard: now,
             resend_at: Some(now + RESEND_AFTER),
             lines: Vec::new(),
+            wants_turn: use_turn,
         };
         let mut lines = Vec::new();
         for ip in &net.host_ips {
@@ -276,13 +327,16 @@ impl Agents {
         for m in mappings {
             lines.extend(add_srflx(&mut running.agent, m));
         }
+        if let Some((relayed, local)) = turn {
+            lines.extend(add_relay(&mut running.agent, relayed, local));
+        }
         for c in std::mem::take(&mut p.early) {
             add_remote(&mut running.agent, &c, &counters);
         }
         running.agent.handle_timeout(now);
         running.lines = lines.clone();
         p.running = Some(running);
-        info!(peer = %key, controlling, candidates = lines.len(), "ICE agent started");
+        info!(peer = %key, controlling, use_turn, candidates = lines.len(), "ICE agent started");
         for line in lines {
             self.events.push_back(Event::Candidate {
                 peer: key.to_string(),
@@ -484,7 +538,8 @@ impl Agents {
             return;
         };
         while let Some(t) = r.agent.poll_transmit() {
-            self.transmits.push((t.destination, t.contents.to_vec()));
+            self.transmits
+                .push((Some(t.source), t.destination, t.contents.to_vec()));
         }
         while let Some(e) = r.agent.poll_event() {
             let IceAgentEvent::NominatedSend {
@@ -509,7 +564,12 @@ impl Agents {
                 .local_candidates()
                 .find(|c| c.kind() == is::CandidateKind::ServerReflexive && c.local() == source)
                 .map(|c| c.addr());
+            let relayed = r
+                .agent
+                .local_candidates()
+                .any(|c| c.kind() == is::CandidateKind::Relayed && c.addr() == source);
             let (local_kind, local) = match srflx {
+                _ if relayed => (Kind::Relay, source),
                 Some(mapped) if remote_kind != Kind::Host => (Kind::ServerReflexive, mapped),
                 _ => (Kind::Host, source),
             };
@@ -533,9 +593,12 @@ impl Agents {
         }
     }
 
-    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+    /// The next datagram: (the local candidate address it leaves from — our TURN relayed
+    /// address means through the TURN allocation, anything else the WireGuard socket —,
+    /// destination, bytes).
+    pub fn poll_transmit(&mut self) -> Option<(Option<SocketAddr>, SocketAddr, Vec<u8>)> {
         if let Some((to, d)) = self.srflx.poll_transmit() {
-            return Some((to, d.to_vec()));
+            return Some((None, to, d.to_vec()));
         }
         self.transmits.pop()
     }
@@ -581,6 +644,11 @@ fn add_srflx(agent: &mut IceAgent, m: Mapping) -> Option<String> {
         return None; // not behind a NAT: the host candidate says it all
     }
     let c = is::Candidate::server_reflexive(m.mapped, m.base, "udp").ok()?;
+    agent.add_local_candidate(c).map(candidate::to_line)
+}
+
+fn add_relay(agent: &mut IceAgent, relayed: SocketAddr, local: SocketAddr) -> Option<String> {
+    let c = is::Candidate::relayed(relayed, local, "udp").ok()?;
     agent.add_local_candidate(c).map(candidate::to_line)
 }
 
@@ -666,7 +734,7 @@ mod tests {
         deliver: &dyn Fn(SocketAddr, SocketAddr) -> bool,
     ) -> bool {
         let mut moved = false;
-        while let Some((dst, data)) = from.agents.poll_transmit() {
+        while let Some((_, dst, data)) = from.agents.poll_transmit() {
             moved = true;
             if dst == to.addr && deliver(from.addr, to.addr) {
                 to.agents.on_stun(t, from.addr, to.addr, &data);
@@ -690,11 +758,11 @@ mod tests {
         let (pa, sa) = a.agents.local_offer(b.key);
         let (pb, sb) = b.agents.local_offer(a.key);
         assert_eq!(
-            b.agents.on_offer(t, a.key, &pa, Some(&sa.0), false),
+            b.agents.on_offer(t, a.key, &pa, Some(&sa.0), false, false),
             Offered::Started
         );
         assert_eq!(
-            a.agents.on_offer(t, b.key, &pb, Some(&sb.0), true),
+            a.agents.on_offer(t, b.key, &pb, Some(&sb.0), true, false),
             Offered::Started
         );
     }
@@ -722,7 +790,7 @@ mod tests {
         // The same offer again changes nothing; a minute later the path still holds.
         let (pa, sa) = a.agents.local_offer("B");
         assert_eq!(
-            b.agents.on_offer(t, "A", &pa, Some(&sa.0), false),
+            b.agents.on_offer(t, "A", &pa, Some(&sa.0), false, false),
             Offered::Unchanged
         );
         let start = t;
@@ -767,12 +835,12 @@ mod tests {
         let mut b2 = side("B", "198.19.3.7:51820");
         let (pb, sb) = b2.agents.local_offer("A");
         assert_eq!(
-            a.agents.on_offer(t, "B", &pb, Some(&sb.0), true),
+            a.agents.on_offer(t, "B", &pb, Some(&sb.0), true, false),
             Offered::Started
         );
         let (pa, sa) = a.agents.local_offer("B");
         assert_eq!(
-            b2.agents.on_offer(t, "A", &pa, Some(&sa.0), false),
+            b2.agents.on_offer(t, "A", &pa, Some(&sa.0), false, false),
             Offered::Started
         );
         let moved = t;
@@ -855,24 +923,24 @@ mod tests {
         );
         assert_eq!(c.stun_malformed.load(Ordering::Relaxed), 1);
         assert_eq!(
-            a.agents.on_offer(t, "B", "x", None, true),
+            a.agents.on_offer(t, "B", "x", None, true, false),
             Offered::Malformed
         );
         assert_eq!(c.credentials_malformed.load(Ordering::Relaxed), 1);
         assert_eq!(
-            a.agents.on_offer(t, "B", ":", None, true),
+            a.agents.on_offer(t, "B", ":", None, true, false),
             Offered::RelayOnly
         );
         // B answers (A's agent starts with the early candidate), but B never learns A's
         // candidates: A's checks alone find the path (B learns A as peer-reflexive).
         let (pb, sb) = b.agents.local_offer("A");
         assert_eq!(
-            a.agents.on_offer(t, "B", &pb, Some(&sb.0), true),
+            a.agents.on_offer(t, "B", &pb, Some(&sb.0), true, false),
             Offered::Started
         );
         let (pa, sa) = a.agents.local_offer("B");
         assert_eq!(
-            b.agents.on_offer(t, "A", &pa, Some(&sa.0), false),
+            b.agents.on_offer(t, "A", &pa, Some(&sa.0), false, false),
             Offered::Started
         );
         while a.agents.poll_event().is_some() {}

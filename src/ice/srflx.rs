@@ -174,9 +174,38 @@ pub fn server_target(uri: &str) -> Option<String> {
     })
 }
 
+/// The `host:port` of a TURN URI we can use (`turn:host[:port][?transport=udp]`, port 3478
+/// when none is given); None for TURN over TCP or TLS (`turns:`), which we do not speak.
+pub fn turn_target(uri: &str) -> Option<String> {
+    let rest = uri.strip_prefix("turn:")?;
+    let (addr, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if query
+        .split('&')
+        .any(|kv| kv.eq_ignore_ascii_case("transport=tcp"))
+    {
+        return None;
+    }
+    server_target(&format!("stun:{addr}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn turn_uris_over_udp_become_addresses() {
+        assert_eq!(
+            turn_target("turn:turn.netbird.io:443?transport=udp").as_deref(),
+            Some("turn.netbird.io:443")
+        );
+        assert_eq!(
+            turn_target("turn:198.19.0.1").as_deref(),
+            Some("198.19.0.1:3478")
+        );
+        assert_eq!(turn_target("turn:198.19.0.1:3478?transport=tcp"), None);
+        assert_eq!(turn_target("turns:turn.netbird.io:443"), None);
+        assert_eq!(turn_target("stun:198.19.0.1"), None);
+    }
 
     #[test]
     fn stun_uris_become_addresses_to_resolve() {

@@ -51,6 +51,8 @@ pub struct TurnRelay {
     kick: tokio::sync::Notify,
     /// The client's time zero.
     epoch: std::time::Instant,
+    /// Our address towards the server (the relay candidate's base).
+    local: SocketAddr,
 }
 
 impl std::fmt::Debug for TurnRelay {
@@ -89,11 +91,17 @@ impl TurnRelay {
             relayed,
             kick: tokio::sync::Notify::new(),
             epoch: std::time::Instant::now(),
+            local,
         }))
     }
 
     pub fn server(&self) -> SocketAddr {
         self.server
+    }
+
+    /// Our address towards the server.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
     }
 
     /// The allocation's relayed address, once the server granted it.
@@ -189,7 +197,10 @@ impl TurnRelay {
         let transmit = Transmit::new(data, TransportType::Udp, self.server, local);
         let peer_data = match self.lock().recv(transmit, now) {
             TurnRecvRet::PeerData(p) => Some((p.peer, p.data().to_vec())),
-            _ => None,
+            other => {
+                trace!("turn: {} bytes from the server: {other:?}", data.len());
+                None
+            }
         };
         let mut more = Vec::new();
         if let Some(p) = peer_data {

@@ -219,10 +219,16 @@ fn peer_status(peer: &Peer, names: &HashMap<IpAddr, String>, mode: Mode) -> Peer
     let handshake = peer.time_since_handshake();
     let heard = peer.time_since_rx();
     let endpoint = peer.endpoint();
+    let direct = peer.paths().direct;
+    let through_turn = direct.is_some_and(|d| {
+        use crate::ice::candidate::Kind::Relay;
+        d.pair.local_kind == Relay || d.pair.remote_kind == Relay
+    });
     // Through a relay, the relay also says when the peer left it.
     let reachable = match &endpoint {
         Some(PeerEndpoint::Relay(client, id)) => !client.is_closed() && client.is_online(id),
         Some(PeerEndpoint::Udp(_)) => true,
+        Some(PeerEndpoint::Turn(relay, _)) => relay.is_usable(),
         None => false,
     };
     let alive = reachable
@@ -262,8 +268,11 @@ fn peer_status(peer: &Peer, names: &HashMap<IpAddr, String>, mode: Mode) -> Peer
         }
         .into(),
         connection: match &endpoint {
+            // An ICE pair with a TURN relay candidate at either end is relayed, as NetBird
+            // counts it (ICETurn), even when we send straight to the remote's relay address.
+            Some(PeerEndpoint::Udp(_)) if through_turn => "relayed",
             Some(PeerEndpoint::Udp(_)) => "direct",
-            Some(PeerEndpoint::Relay(..)) => "relayed",
+            Some(PeerEndpoint::Relay(..) | PeerEndpoint::Turn(..)) => "relayed",
             None => "none",
         }
         .into(),
@@ -272,7 +281,7 @@ fn peer_status(peer: &Peer, names: &HashMap<IpAddr, String>, mode: Mode) -> Peer
         rx_bytes: peer.counters.rx_bytes.load(Ordering::Relaxed),
         tx_bytes: peer.counters.tx_bytes.load(Ordering::Relaxed),
         latency_ms: peer.rtt.get().map(|d| d.as_secs_f64() * 1000.0),
-        ice: peer.paths().direct.map(|d| IcePair {
+        ice: direct.map(|d| IcePair {
             local_type: d.pair.local_kind.as_str().into(),
             local: d.pair.local.to_string(),
             remote_type: d.pair.remote_kind.as_str().into(),

@@ -33,6 +33,7 @@ use tracing::{debug, info, trace};
 use super::router::AllowedIps;
 use super::rtt::HandshakeRtt;
 use super::udp::{BatchSocket, RECV_BATCH, gso_groups};
+use crate::ice::turn::{TurnIn, TurnRelay};
 use crate::ice::wire::{Datagram, classify};
 use crate::packet::PacketPool;
 use crate::relay::client::{RelayClient, Relayed};
@@ -59,11 +60,13 @@ const HANDSHAKE_RATE_LIMIT: u64 = 200;
 const COOKIE_REPLY_TYPE: u8 = 3;
 const COOKIE_REPLY_LEN: usize = 64;
 
-/// Where a peer's datagrams go: a UDP address, or a peer ID on a relay connection.
+/// Where a peer's datagrams go: a UDP address, a peer ID on a relay connection, or a peer
+/// address through our TURN allocation (an ICE pair on our relay candidate).
 #[derive(Clone, Debug)]
 pub enum PeerEndpoint {
     Udp(SocketAddr),
     Relay(Arc<RelayClient>, PeerId),
+    Turn(Arc<TurnRelay>, SocketAddr),
 }
 
 impl PartialEq for PeerEndpoint {
@@ -71,6 +74,7 @@ impl PartialEq for PeerEndpoint {
         match (self, other) {
             (PeerEndpoint::Udp(a), PeerEndpoint::Udp(b)) => a == b,
             (PeerEndpoint::Relay(a, x), PeerEndpoint::Relay(b, y)) => Arc::ptr_eq(a, b) && x == y,
+            (PeerEndpoint::Turn(a, x), PeerEndpoint::Turn(b, y)) => Arc::ptr_eq(a, b) && x == y,
             _ => false,
         }
     }
@@ -81,6 +85,7 @@ impl std::fmt::Display for PeerEndpoint {
         match self {
             PeerEndpoint::Udp(a) => write!(f, "{a}"),
             PeerEndpoint::Relay(c, _) => write!(f, "relay {}", c.instance_url()),
+            PeerEndpoint::Turn(t, peer) => write!(f, "turn {} to {peer}", t.server()),
         }
     }
 }
@@ -91,6 +96,7 @@ impl PeerEndpoint {
         match self {
             PeerEndpoint::Udp(_) => true,
             PeerEndpoint::Relay(c, _) => !c.is_closed(),
+            PeerEndpoint::Turn(t, _) => t.is_usable(),
         }
     }
 
@@ -98,7 +104,7 @@ impl PeerEndpoint {
     fn ip(&self) -> Option<IpAddr> {
         match self {
             PeerEndpoint::Udp(a) => Some(a.ip()),
-            PeerEndpoint::Relay(..) => None,
+            PeerEndpoint::Relay(..) | PeerEndpoint::Turn(..) => None,
         }
     }
 }
@@ -289,7 +295,13 @@ pub struct WgDevice {
     stun: std::sync::OnceLock<mpsc::Sender<StunIn>>,
     /// ICE's counters: dropped input by reason, pairs selected, paths lost.
     pub ice: Arc<crate::ice::IceCounters>,
+    /// WireGuard datagrams that came through our TURN allocation (its task sends them here).
+    turn_tx: mpsc::Sender<TurnIn>,
+    turn_rx: Mutex<Option<mpsc::Receiver<TurnIn>>>,
 }
+
+/// Datagrams from the TURN allocation queued for the rx loop; beyond it they are dropped.
+const TURN_QUEUE: usize = 1024;
 
 /// A STUN datagram from the WireGuard socket.
 #[derive(Debug)]
@@ -316,6 +328,7 @@ impl WgDevice {
         let private_key = StaticSecret::from(private_key);
         let public_key = PublicKey::from(&private_key);
         let rate_limiter = Arc::new(RateLimiter::new(&public_key, HANDSHAKE_RATE_LIMIT));
+        let (turn_tx, turn_rx) = mpsc::channel(TURN_QUEUE);
         let device = Self {
             socket,
             socket_is_v6,
@@ -328,6 +341,8 @@ impl WgDevice {
             wanted: std::sync::OnceLock::new(),
             stun: std::sync::OnceLock::new(),
             ice: Arc::default(),
+            turn_tx,
+            turn_rx: Mutex::new(Some(turn_rx)),
         };
         for spec in peers {
             device.add_peer(spec);
@@ -450,6 +465,11 @@ impl WgDevice {
         let mut relay_open = true;
         // Relayed datagrams are taken as many as are queued per wake-up, as the socket's are.
         let mut from_relays = Vec::with_capacity(RECV_BATCH);
+        let mut from_turn = self
+            .turn_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         loop {
             let mut slots = storage.chunks_mut(MAX_DATAGRAM);
             let mut bufs: [IoSliceMut; RECV_BATCH] =
@@ -481,6 +501,17 @@ impl WgDevice {
                     // ICMP errors from earlier sends surface here on some systems.
                     Err(e) => trace!("udp recv: {e}"),
                 },
+                Some(m) = async {
+                    match from_turn.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let src = PeerEndpoint::Turn(m.relay, m.from);
+                    if !self.receive(&m.data, &src, &to_stack).await {
+                        return;
+                    }
+                }
                 n = relayed.recv_many(&mut from_relays, RECV_BATCH), if relay_open => {
                     if n == 0 {
                         relay_open = false;
@@ -525,6 +556,11 @@ impl WgDevice {
         if stun.try_send(message).is_err() {
             self.ice.stun_queue_full.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Where the TURN allocation's task hands WireGuard datagrams.
+    pub fn turn_inbox(&self) -> mpsc::Sender<TurnIn> {
+        self.turn_tx.clone()
     }
 
     /// Where STUN datagrams go (set once, by the engine, when ICE runs).
@@ -705,6 +741,14 @@ impl WgDevice {
                             trace!(%addr, "udp send: {e}");
                         }
                     }
+                    // TURN: one Send indication per datagram.
+                    PeerEndpoint::Turn(relay, peer) => {
+                        for (o, l, _) in &sealed[group.clone()] {
+                            if !relay.send_to(*peer, &out[*o..*o + *l]) {
+                                self.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
                     // A relay takes datagrams one frame each, the run queued under one lock.
                     PeerEndpoint::Relay(client, peer) => {
                         let run = &sealed[group.clone()];
@@ -790,6 +834,11 @@ impl WgDevice {
                     self.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            PeerEndpoint::Turn(relay, peer) => {
+                if !relay.send_to(*peer, data) {
+                    self.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -802,6 +851,7 @@ impl WgDevice {
                 .try_send_to(data, self.wire_addr(*addr))
                 .is_ok(),
             PeerEndpoint::Relay(client, peer) => client.send_to(peer, data),
+            PeerEndpoint::Turn(relay, peer) => relay.send_to(*peer, data),
         };
         if !sent {
             self.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
@@ -854,12 +904,22 @@ impl WgDevice {
 
     /// The peer's ICE pair: its endpoint from now on, the relay kept as the fallback. Open
     /// connections keep flowing (WireGuard's session does not depend on the endpoint).
-    pub fn set_direct_path(&self, public_key: &[u8; 32], pair: crate::ice::Selected) -> bool {
+    /// `turn`: the pair starts at our TURN relay candidate, so datagrams go through it.
+    pub fn set_direct_path(
+        &self,
+        public_key: &[u8; 32],
+        pair: crate::ice::Selected,
+        turn: Option<Arc<TurnRelay>>,
+    ) -> bool {
         let Some(peer) = self.peer_by_key(public_key) else {
             return false;
         };
         peer.update_paths(|p| p.direct = Some(DirectPath { pair, rtt: None }));
-        peer.set_endpoint(&PeerEndpoint::Udp(canonical(pair.remote)));
+        let remote = canonical(pair.remote);
+        peer.set_endpoint(&match turn {
+            Some(relay) => PeerEndpoint::Turn(relay, remote),
+            None => PeerEndpoint::Udp(remote),
+        });
         true
     }
 
