@@ -238,6 +238,33 @@ pub fn ice_demux(data: &[u8]) {
     });
 }
 
+/// A datagram from a TURN server, read by the TURN client (turn-client-proto) as our
+/// allocation's task reads it: before and after an allocation request went out.
+pub fn turn_message(data: &[u8]) {
+    use turn_client_proto::api::{TurnClientApi, TurnConfig};
+    use turn_client_proto::stun::agent::Transmit;
+    use turn_client_proto::types::{TransportType, TurnCredentials};
+    use turn_client_proto::udp::TurnClientUdp;
+    let server: std::net::SocketAddr = "198.19.0.1:3478".parse().expect("an address");
+    let local: std::net::SocketAddr = "198.19.11.2:40000".parse().expect("an address");
+    let mut client = TurnClientUdp::allocate(
+        local,
+        server,
+        TurnConfig::new(TurnCredentials::new("nb", "secret")),
+    );
+    // What the allocation's task hands the client (it drops what the guard refuses).
+    if !crate::ice::turn::safe_for_client(data) {
+        return;
+    }
+    let now = turn_client_proto::stun::Instant::from_nanos(1);
+    let _ = client.recv(Transmit::new(data, TransportType::Udp, server, local), now);
+    let _ = client.poll(now);
+    while client.poll_transmit(now).is_some() {}
+    let _ = client.recv(Transmit::new(data, TransportType::Udp, server, local), now);
+    while client.poll_recv(now).is_some() {}
+    while client.poll_event().is_some() {}
+}
+
 /// A fuzz target's entry point.
 pub type Target = fn(&[u8]);
 
@@ -253,4 +280,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("dns_answer", dns_answer),
     ("ice_candidate", ice_candidate),
     ("ice_demux", ice_demux),
+    ("turn_message", turn_message),
 ];

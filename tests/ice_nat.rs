@@ -353,6 +353,25 @@ impl Lab {
         }
     }
 
+    /// A's `/status`.
+    fn status(&self) -> serde_json::Value {
+        let url = format!("http://127.0.0.1:{STATUS_PORT}/status");
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns("hA"),
+                "curl",
+                "-s",
+                "--max-time",
+                "2",
+                &url,
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
     /// A's view of B in `/status`.
     fn peer_status(&self) -> serde_json::Value {
         let url = format!("http://127.0.0.1:{STATUS_PORT}/status");
@@ -525,9 +544,12 @@ fn peers_behind_symmetric_nats_stay_on_the_relay_and_transfers_work() {
     // Past ICE's 12 s budget: still relayed, nothing selected, agents were tried.
     std::thread::sleep(Duration::from_secs(14));
     assert_eq!(lab.connection(), "relayed");
-    let log = lab.a.as_ref().unwrap().log();
-    assert!(log.contains("ICE agent started"), "{log}");
-    assert!(!log.contains("peer connected directly"), "{log}");
+    let ice = lab.status()["ice"].clone();
+    assert!(
+        ice["agents_started"].as_u64() >= Some(1),
+        "ICE was tried: {ice}"
+    );
+    assert_eq!(ice["pairs_selected"], 0, "{ice}");
     let (curl, out) = lab.download("small.bin", None);
     finish(curl, "4 MiB download after ICE gave up");
     assert_eq!(sha256_file(&out), sha);

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use is::stun::{StunMessage, StunPacket};
 use is::{IceAgent, IceAgentEvent};
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::candidate::{self, Kind, RemoteCandidate};
 use super::creds::{Credentials, SessionId};
@@ -50,6 +50,8 @@ pub struct IceCounters {
     pub stun_unmatched: AtomicU64,
     /// STUN from the WireGuard socket dropped because the ICE queue was full.
     pub stun_queue_full: AtomicU64,
+    /// Agents started (one per ICE attempt with a peer).
+    pub agents_started: AtomicU64,
     pub pairs_selected: AtomicU64,
     pub paths_lost: AtomicU64,
 }
@@ -336,7 +338,8 @@ impl Agents {
         running.agent.handle_timeout(now);
         running.lines = lines.clone();
         p.running = Some(running);
-        info!(peer = %key, controlling, use_turn, candidates = lines.len(), "ICE agent started");
+        count(&self.counters.agents_started);
+        debug!(peer = %key, controlling, use_turn, candidates = lines.len(), "ICE agent started");
         for line in lines {
             self.events.push_back(Event::Candidate {
                 peer: key.to_string(),
@@ -518,7 +521,9 @@ impl Agents {
             }
         }
         for (key, reason) in expired {
-            info!(peer = %key, reason, "ICE path lost");
+            // A peer ICE cannot reach (symmetric NATs) fails every retry: quiet at debug; a
+            // path that worked and went away is worth a line (the negotiator logs it).
+            debug!(peer = %key, reason, "ICE agent gave up");
             self.close(&key, reason);
         }
         let keys: Vec<String> = self

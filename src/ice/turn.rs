@@ -26,6 +26,37 @@ use turn_client_proto::udp::TurnClientUdp;
 
 use super::wire::{Datagram, classify};
 
+/// STUN's NONCE attribute.
+const ATTR_NONCE: u16 = 0x0015;
+/// RFC 8489's nonce cookie: four characters of security bits follow it.
+const NONCE_COOKIE: &[u8] = b"obMatJos2";
+
+/// Whether a datagram from the TURN server is safe to hand to `turn-client-proto`:
+/// stun-proto 2.0.4 slices an RFC 8489 nonce's security bits by byte index and panics when a
+/// multi-byte character straddles it (found by `fuzz/fuzz_targets/turn_message.rs`). Such a
+/// nonce is malformed anyway (the bits are base64), so the message is dropped.
+pub fn safe_for_client(data: &[u8]) -> bool {
+    // Wherever the cookie appears (a parser may find attributes this one does not), the four
+    // bytes after it must be ASCII.
+    let anywhere = data
+        .windows(NONCE_COOKIE.len() + 4)
+        .filter(|w| w.starts_with(NONCE_COOKIE))
+        .all(|w| w[NONCE_COOKIE.len()..].iter().all(u8::is_ascii));
+    let tail = data.len().saturating_sub(NONCE_COOKIE.len() + 3);
+    let at_end = !data
+        .get(tail..)
+        .is_some_and(|t| t.windows(NONCE_COOKIE.len()).any(|w| w == NONCE_COOKIE));
+    if !anywhere || !at_end {
+        return false;
+    }
+    super::wire::attributes_of(data, ATTR_NONCE).all(|nonce| {
+        match nonce.strip_prefix(NONCE_COOKIE) {
+            Some(bits) => bits.iter().take(4).all(u8::is_ascii),
+            None => true,
+        }
+    })
+}
+
 /// A datagram a peer sent us through the relay.
 #[derive(Debug)]
 pub struct TurnIn {
@@ -192,6 +223,10 @@ impl TurnRelay {
 
     /// Feed one datagram from the server to the client and pass on what a peer sent.
     fn receive(self: &Arc<Self>, data: &[u8], sinks: &TurnSinks) {
+        if !safe_for_client(data) {
+            debug!(server = %self.server, "TURN message with a malformed NONCE dropped");
+            return;
+        }
         let now = self.now();
         let local = self.lock().local_addr();
         let transmit = Transmit::new(data, TransportType::Udp, self.server, local);
@@ -275,5 +310,35 @@ impl TurnRelay {
     /// Whether datagrams from `peer` could come through this relay (its permission exists).
     pub fn permits(&self, peer: IpAddr) -> bool {
         self.lock().have_permission(TransportType::Udp, peer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonces_that_would_panic_the_client_are_refused() {
+        let msg = |nonce: &[u8]| {
+            let pad = (4 - nonce.len() % 4) % 4;
+            let mut attr = vec![0x00, 0x15];
+            attr.extend_from_slice(&(nonce.len() as u16).to_be_bytes());
+            attr.extend_from_slice(nonce);
+            attr.extend(std::iter::repeat_n(0, pad));
+            let mut m = vec![0x01, 0x13];
+            m.extend_from_slice(&(attr.len() as u16).to_be_bytes());
+            m.extend_from_slice(&super::super::wire::MAGIC_COOKIE);
+            m.extend_from_slice(&[1; 12]);
+            m.extend_from_slice(&attr);
+            m
+        };
+        assert!(safe_for_client(&msg(b"abcdef0123456789")));
+        assert!(safe_for_client(&msg(b"obMatJos2AAAAnonce")));
+        assert!(!safe_for_client(&msg("obMatJos2S4\0\u{29a};9".as_bytes())));
+        assert!(
+            !safe_for_client(b"obMatJos2AA"),
+            "cut short after the cookie"
+        );
+        assert!(safe_for_client(&[0x40, 0, 0, 4, 1, 2, 3, 4]), "ChannelData");
     }
 }

@@ -72,6 +72,21 @@ pub enum StunError {
     NoAddress,
 }
 
+/// The values of every attribute of type `kind` in what looks like a STUN message, read
+/// leniently (to the end of the datagram, whatever the declared length says), for guards
+/// that must see at least what a more forgiving parser would.
+pub fn attributes_of(d: &[u8], kind: u16) -> impl Iterator<Item = &[u8]> {
+    let body = if d.len() >= HEADER_LEN && d[0] & 0xC0 == 0 && d[4..8] == MAGIC_COOKIE {
+        &d[HEADER_LEN..]
+    } else {
+        &[][..]
+    };
+    attributes(body)
+        .map_while(Result::ok)
+        .filter(move |(k, _)| *k == kind)
+        .map(|(_, v)| v)
+}
+
 /// A parsed STUN header.
 struct Header<'a> {
     kind: u16,

@@ -328,6 +328,7 @@ pub struct Snapshot {
 /// ICE since the engine started: pairs selected, direct paths lost, and input dropped by reason.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct IceCounts {
+    pub agents_started: u64,
     pub pairs_selected: u64,
     pub paths_lost: u64,
     /// Dropped input by reason: `candidate_malformed`, `candidate_refused`,
@@ -350,6 +351,7 @@ impl IceCounts {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         Self {
+            agents_started: get(&c.agents_started),
             pairs_selected: get(&c.pairs_selected),
             paths_lost: get(&c.paths_lost),
             dropped,

@@ -97,6 +97,12 @@ pub fn render(snap: &Snapshot) -> String {
     );
     if let Some(ice) = &snap.ice {
         family(
+            "ice_agents_started_total",
+            "counter",
+            "ICE attempts: agents started, one per attempt with a peer.",
+            vec![(String::new(), ice.agents_started as f64)],
+        );
+        family(
             "ice_pairs_selected_total",
             "counter",
             "ICE pairs selected (direct paths that came up).",
