@@ -374,22 +374,7 @@ impl Lab {
 
     /// A's view of B in `/status`.
     fn peer_status(&self) -> serde_json::Value {
-        let url = format!("http://127.0.0.1:{STATUS_PORT}/status");
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns("hA"),
-                "curl",
-                "-s",
-                "--max-time",
-                "2",
-                &url,
-            ])
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        v["peers"][0].clone()
+        self.status()["peers"][0].clone()
     }
 
     fn connection(&self) -> String {

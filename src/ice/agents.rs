@@ -772,6 +772,13 @@ mod tests {
         );
     }
 
+    /// Offer both ways at `t` and run 2 s of a perfect network.
+    fn connect(a: &mut Side, b: &mut Side, t: &mut Instant) {
+        offer_both(a, b, *t);
+        let start = *t;
+        run(a, b, t, start + Duration::from_secs(2), &|_, _| true);
+    }
+
     #[test]
     fn two_agents_select_a_pair_and_keep_it() {
         let mut a = side("A", "198.19.1.2:51820");
@@ -825,15 +832,7 @@ mod tests {
         let mut a = side("A", "198.19.1.2:51820");
         let mut b = side("B", "198.19.2.2:51820");
         let mut t = Instant::now();
-        offer_both(&mut a, &mut b, t);
-        let start = t;
-        run(
-            &mut a,
-            &mut b,
-            &mut t,
-            start + Duration::from_secs(2),
-            &|_, _| true,
-        );
+        connect(&mut a, &mut b, &mut t);
         assert_eq!(a.selected.unwrap().remote, b.addr);
         // B roams to a new address and, as a Go peer does on a network change, restarts its
         // agent: a new session, new candidates.
@@ -869,15 +868,7 @@ mod tests {
         let mut a = side("A", "198.19.1.2:51820");
         let mut b = side("B", "198.19.2.2:51820");
         let mut t = Instant::now();
-        offer_both(&mut a, &mut b, t);
-        let start = t;
-        run(
-            &mut a,
-            &mut b,
-            &mut t,
-            start + Duration::from_secs(2),
-            &|_, _| true,
-        );
+        connect(&mut a, &mut b, &mut t);
         assert!(a.selected.is_some() && b.selected.is_some());
         let cut = t;
         run(
