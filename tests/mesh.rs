@@ -134,7 +134,9 @@ fn peers_reach_each_other_by_name_and_ip_through_socks_and_http() {
     );
 
     // C stops: A's next requests to it fail cleanly, fast (bounded at 12 s: the 10 s default
-    // connect timeout, if the offline notice has not arrived yet, plus slack).
+    // connect timeout, if the offline notice has not arrived yet or — A and C being direct
+    // through ICE on loopback — the direct path is only known lost after ICE's 6 s of silence,
+    // plus slack; once it is, C has no path and A says so at once).
     drop(c);
     std::thread::sleep(Duration::from_millis(500));
     let start = Instant::now();

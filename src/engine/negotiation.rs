@@ -89,9 +89,11 @@ impl PeerState {
         }
     }
 
-    /// Reachable: through the relay or directly. Offers stop until neither holds.
+    /// On the relay. Offers repeat until it is, even while a direct path works: the relay is
+    /// the standby that a lost direct path falls back to (netbird-protocol.md §7.3), and a
+    /// peer that went direct before either side had a relay must still get one.
     fn connected(&self) -> bool {
-        self.via.is_some() || self.direct
+        self.via.is_some()
     }
 
     /// Forget the connection and offer again at once.

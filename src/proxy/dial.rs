@@ -178,7 +178,10 @@ impl Dialer {
             // become reachable, so a first request right after start-up does not fail.
             let deadline = Instant::now() + timeout;
             let usable = || peer.endpoint().is_some_and(|e| e.is_usable());
-            while !usable() && Instant::now() < deadline {
+            // A peer we had a session with and now have no path to went away (its relay and
+            // direct path are both gone): say so at once rather than after the timeout.
+            let went_away = !usable() && peer.time_since_handshake().is_some();
+            while !usable() && !went_away && Instant::now() < deadline {
                 // An idle peer is woken by the wish to reach it (said again each round: the
                 // hint channel may be full).
                 self.wg.want(&peer);
@@ -186,9 +189,12 @@ impl Dialer {
             }
             let timeout = deadline.saturating_duration_since(Instant::now());
             match peer.endpoint().filter(|e| e.is_usable()) {
+                // A mesh peer with no path to it (never reached, or its relay and direct path
+                // both gone) is a peer that is not connected: 0x04 / 504, as the README's
+                // table says, whatever path it last had.
                 None => {
-                    return Err(DialError::NetworkUnreachable(format!(
-                        "{addr}: its peer has no known endpoint"
+                    return Err(DialError::HostUnreachable(format!(
+                        "{addr}: its peer is not connected (no path to it)"
                     )));
                 }
                 Some(PeerEndpoint::Relay(relay, id)) if !relay.is_online(&id) => {
