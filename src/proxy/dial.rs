@@ -179,8 +179,9 @@ impl Dialer {
             let deadline = Instant::now() + timeout;
             let usable = || peer.endpoint().is_some_and(|e| e.is_usable());
             // A peer we had a session with and now have no path to went away (its relay and
-            // direct path are both gone): say so at once rather than after the timeout.
-            let went_away = !usable() && peer.time_since_handshake().is_some();
+            // direct path are both gone): say so at once rather than after the timeout. An
+            // idle one (GO_IDLE) is woken and waited for instead.
+            let went_away = !usable() && !peer.is_idle() && peer.time_since_handshake().is_some();
             while !usable() && !went_away && Instant::now() < deadline {
                 // An idle peer is woken by the wish to reach it (said again each round: the
                 // hint channel may be full).

@@ -160,6 +160,8 @@ pub struct Peer {
     /// The paths negotiation found: the relay connection and the ICE pair. Direct wins; the
     /// relay stays as the fallback (netbird-protocol.md §7.3).
     paths: RwLock<Paths>,
+    /// The remote went idle (GO_IDLE): no path on purpose, woken by traffic.
+    idle: std::sync::atomic::AtomicBool,
 }
 
 /// The paths a mesh peer has besides roaming.
@@ -212,6 +214,11 @@ impl Peer {
         let mut paths = self.paths.write().unwrap_or_else(|e| e.into_inner());
         f(&mut paths);
         paths.clone()
+    }
+
+    /// Whether the remote said it went idle and no path was set up since.
+    pub fn is_idle(&self) -> bool {
+        self.idle.load(Ordering::Relaxed)
     }
 
     /// Time since the peer last sent us an authenticated packet, if it ever did.
@@ -381,6 +388,7 @@ impl WgDevice {
             tunn: Mutex::new(tunn),
             endpoint: RwLock::new(spec.endpoint.map(|a| PeerEndpoint::Udp(canonical(a)))),
             paths: RwLock::default(),
+            idle: Default::default(),
         });
         table.by_index.insert(index, peer);
     }
@@ -884,6 +892,7 @@ impl WgDevice {
     pub fn clear_peer_endpoint(&self, public_key: &[u8; 32]) {
         if let Some(peer) = self.peer_by_key(public_key) {
             debug!(peer = %short_key(&peer.public_key), "peer endpoint cleared");
+            peer.idle.store(true, Ordering::Relaxed);
             peer.update_paths(|p| *p = Paths::default());
             *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = None;
         }
@@ -895,6 +904,7 @@ impl WgDevice {
         let Some(peer) = self.peer_by_key(public_key) else {
             return false;
         };
+        peer.idle.store(false, Ordering::Relaxed);
         let paths = peer.update_paths(|p| p.relay = Some(endpoint.clone()));
         if paths.direct.is_none() {
             peer.set_endpoint(&endpoint);
@@ -914,6 +924,7 @@ impl WgDevice {
         let Some(peer) = self.peer_by_key(public_key) else {
             return false;
         };
+        peer.idle.store(false, Ordering::Relaxed);
         peer.update_paths(|p| p.direct = Some(DirectPath { pair, rtt: None }));
         let remote = canonical(pair.remote);
         peer.set_endpoint(&match turn {
