@@ -466,7 +466,7 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for n in ["hA", "nA", "pub", "nB", "hB"] {
+        for n in ["hA", "nA", "pub", "nB", "hB", "inet"] {
             let _ = Command::new("ip")
                 .args(["netns", "del", &self.ns(n)])
                 .output();

@@ -12,9 +12,19 @@ use netbird_proxy::ice::turn::{TurnRelay, TurnSinks};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// A child process killed when dropped (also when the test fails).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// coturn on 127.0.0.1:`port`, user `nb` / `secret`, loopback peers allowed.
-pub fn coturn(port: u16, dir: &std::path::Path) -> std::process::Child {
-    Command::new("turnserver")
+fn coturn(port: u16, dir: &std::path::Path) -> Killed {
+    let child = Command::new("turnserver")
         .args([
             "-n",
             "--listening-ip",
@@ -43,14 +53,15 @@ pub fn coturn(port: u16, dir: &std::path::Path) -> std::process::Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("turnserver (coturn; tests/deps.sh installs it)")
+        .expect("turnserver (coturn; tests/deps.sh installs it)");
+    Killed(child)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coturn_allocation_carries_datagrams_both_ways() {
     let dir = common::mesh::TempDir::new("ice-turn");
     let port = common::mesh::free_port_block(1);
-    let mut server = coturn(port, &dir.0);
+    let _server = coturn(port, &dir.0);
     let turn_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let relay = TurnRelay::new(turn_addr, "nb", "secret").await.unwrap();
     let (wg_tx, mut wg_rx) = mpsc::channel(16);
@@ -111,6 +122,4 @@ async fn a_coturn_allocation_carries_datagrams_both_ways() {
 
     cancel.cancel();
     task.await.unwrap();
-    let _ = server.kill();
-    let _ = server.wait();
 }
