@@ -185,13 +185,17 @@ async fn run(cli: Cli) -> ExitCode {
     if let Err(code) = refuse_open_listeners(&run) {
         return code;
     }
+    // A peer with no listener is still a peer: other peers reach it (it answers ping), and it
+    // is what a routing peer or exit node starts as. Said once, so a forgotten flag is seen.
     if run.socks.is_empty()
         && run.http.is_empty()
         && run.forward.is_empty()
         && run.expose.is_empty()
     {
-        eprintln!("netbird-proxy: nothing to serve: give --socks, --http, --forward or --expose");
-        return ExitCode::from(2);
+        tracing::info!(
+            "no --socks, --http, --forward or --expose: this peer serves nothing locally and \
+             is reachable in the mesh only"
+        );
     }
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone());

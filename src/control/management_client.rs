@@ -15,8 +15,14 @@ use super::management::{
 
 /// NetBird's default management URL.
 pub const DEFAULT_MANAGEMENT_URL: &str = "https://api.netbird.io:443";
-/// The version we report: management parses it as semver, so it is our crate version.
-pub const NETBIRD_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The NetBird version we report (login meta and signal): management parses it as semver and
+/// gates features on it — port ranges in firewall rules from 0.48.0, and the account-wide DNS
+/// forwarder port 22054 only when every peer is ≥ 0.59.0 (networks.md §0.2) — and Go peers
+/// treat a peer lazily only from 0.45.0. So it is the NetBird release whose protocol we follow
+/// (the references read v0.77.1), not our own version, which goes in `uiVersion`.
+pub const NETBIRD_VERSION: &str = "0.77.1";
+/// Our own version, as `uiVersion` in the login meta.
+pub const OWN_VERSION: &str = concat!("netbird-proxy/", env!("CARGO_PKG_VERSION"));
 /// Largest message management may send (its network maps can be large).
 const MAX_MESSAGE: usize = 16 << 20;
 /// HTTP/2 pings: management rejects clients that ping more often than every 15 s.
@@ -74,6 +80,7 @@ pub fn system_meta(hostname: &str) -> PeerSystemMeta {
         platform: std::env::consts::ARCH.to_string(),
         os: std::env::consts::OS.to_string(),
         netbird_version: NETBIRD_VERSION.to_string(),
+        ui_version: OWN_VERSION.to_string(),
         // SourcePrefixes; no IPv6 overlay yet.
         capabilities: vec![1],
         sync_message_version: 0,
@@ -257,4 +264,24 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Management compares the reported version as semver against 0.48.0 and 0.59.0; anything
+    /// older (or unparsable) costs the whole account features (networks.md §0.2).
+    #[test]
+    fn the_reported_version_is_a_current_netbird_release() {
+        let meta = system_meta("host");
+        let parts: Vec<u64> = meta
+            .netbird_version
+            .split('.')
+            .map(|p| p.parse().expect("semver"))
+            .collect();
+        assert_eq!(parts.len(), 3, "{}", meta.netbird_version);
+        assert!(parts[..2] >= [0, 60][..], "{}", meta.netbird_version);
+        assert!(meta.ui_version.starts_with("netbird-proxy/"));
+    }
 }
