@@ -148,6 +148,12 @@ pub fn management_sync(data: &[u8]) {
     let own = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
     let _ = mesh.apply(&resp, own);
     let _ = mesh.apply(&resp, own);
+    if let Some(map) = &resp.network_map {
+        let (routes, _) = crate::route::model::decode(&map.routes);
+        for r in &routes {
+            let _ = (r.ha_key(), r.is_exit_node());
+        }
+    }
 }
 
 /// A signal message: the envelope decoded and opened, the body decoded, and the fields the

@@ -15,5 +15,6 @@ pub mod netstack;
 pub mod packet;
 pub mod proxy;
 pub mod relay;
+pub mod route;
 pub mod status;
 pub mod wg;
