@@ -199,7 +199,15 @@ impl Peer {
     /// except one through a relay while an ICE pair is in use (the remote may still send on
     /// the relay while it switches; direct wins).
     fn roam(&self, src: &PeerEndpoint) {
-        if matches!(src, PeerEndpoint::Relay(..)) && self.paths().direct.is_some() {
+        // Per relayed datagram: look at the direct path under the read lock, no clone.
+        if matches!(src, PeerEndpoint::Relay(..))
+            && self
+                .paths
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .direct
+                .is_some()
+        {
             return;
         }
         self.set_endpoint(src);
@@ -288,6 +296,8 @@ impl PeerTable {
 pub struct WgDevice {
     socket: BatchSocket,
     socket_is_v6: bool,
+    /// The socket's port (STUN's destination address is our IP with it).
+    port: u16,
     private_key: StaticSecret,
     public_key: PublicKey,
     table: RwLock<PeerTable>,
@@ -332,6 +342,7 @@ impl WgDevice {
     ) -> io::Result<Self> {
         let (socket, socket_is_v6) = bind_udp(listen_port)?;
         let socket = BatchSocket::new(socket)?;
+        let port = socket.socket().local_addr()?.port();
         let private_key = StaticSecret::from(private_key);
         let public_key = PublicKey::from(&private_key);
         let rate_limiter = Arc::new(RateLimiter::new(&public_key, HANDSHAKE_RATE_LIMIT));
@@ -339,6 +350,7 @@ impl WgDevice {
         let device = Self {
             socket,
             socket_is_v6,
+            port,
             private_key,
             public_key,
             table: RwLock::new(PeerTable::default()),
@@ -551,7 +563,7 @@ impl WgDevice {
             self.counters.rx_unknown.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let port = self.local_addr().map_or(0, |a| a.port());
+        let port = self.port;
         let to = match meta.dst_ip {
             Some(ip) => SocketAddr::new(ip.to_canonical(), port),
             None => SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port),
