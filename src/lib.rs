@@ -9,6 +9,7 @@ pub mod cli;
 pub mod control;
 pub mod devmesh;
 pub mod engine;
+pub mod firewall;
 pub mod fuzzing;
 pub mod ice;
 pub mod netstack;
