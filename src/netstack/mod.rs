@@ -5,10 +5,13 @@
 //! from and go to the WireGuard device through bounded channels (`device`).
 
 mod device;
+pub mod raw;
+mod routed;
 mod stack;
 mod tcp;
 mod udp;
 
+pub use routed::{GateCounters, RoutedFlow};
 pub use stack::{Congestion, ConnectError, Netstack, NetstackConfig, tune_tcp_socket};
 pub use tcp::{TcpListener, TcpStream};
 pub use udp::UdpSocket;

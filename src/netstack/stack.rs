@@ -7,7 +7,8 @@
 use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -20,8 +21,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, trace};
 
 use super::device::QueueDevice;
+use super::raw::{self, Headers};
+use super::routed::{Accepting, GateCounters, Intake, RoutedFlow, Rules, read};
 use super::tcp::{Shared, TcpListener, TcpStream};
 use super::udp::{UDP_QUEUE, UdpShared, UdpSocket};
+use crate::firewall::Proto;
 use crate::packet::PacketPool;
 
 /// Tunables of the netstack.
@@ -196,6 +200,20 @@ enum Command {
     UdpBind {
         reply: oneshot::Sender<Result<UdpSocket, ConnectError>>,
     },
+    /// Become a routing peer: routed flows go to the returned queue.
+    ServeRoutes {
+        queue: usize,
+        reply: oneshot::Sender<mpsc::Receiver<RoutedFlow>>,
+    },
+    AcceptRouted {
+        src: SocketAddr,
+        dst: SocketAddr,
+        reply: oneshot::Sender<Result<TcpStream, ConnectError>>,
+    },
+    RejectRouted {
+        src: SocketAddr,
+        dst: SocketAddr,
+    },
 }
 
 /// A handle to the netstack task: cheap to clone, usable from any task.
@@ -203,6 +221,12 @@ enum Command {
 pub struct Netstack {
     commands: mpsc::Sender<Command>,
     addresses: Arc<Vec<IpNet>>,
+    rules: Arc<RwLock<Rules>>,
+    counters: Arc<GateCounters>,
+    /// Straight to WireGuard, for packets a routing peer writes itself (UDP replies).
+    to_wg: mpsc::Sender<Vec<u8>>,
+    pool: Arc<PacketPool>,
+    mtu: usize,
 }
 
 impl Netstack {
@@ -216,12 +240,113 @@ impl Netstack {
         cancel: CancellationToken,
     ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
         let (tx, rx) = mpsc::channel(256);
+        let rules = Arc::new(RwLock::new(Rules::default()));
+        let counters = Arc::new(GateCounters::default());
         let handle = Netstack {
             commands: tx,
             addresses: Arc::new(config.addresses.clone()),
+            rules: rules.clone(),
+            counters: counters.clone(),
+            to_wg: to_wg.clone(),
+            pool: pool.clone(),
+            mtu: config.mtu,
         };
-        let task = Stack::new(config, from_wg, to_wg, pool, rx).run(cancel);
+        let task = Stack::new(config, from_wg, to_wg, pool, rx, rules, counters).run(cancel);
         (handle, task)
+    }
+
+    /// The rules for new inbound flows towards our own addresses (`FirewallRules`).
+    pub fn set_peer_acl(&self, acl: crate::firewall::PeerAcl) {
+        self.rules.write().unwrap_or_else(|e| e.into_inner()).peer = acl;
+    }
+
+    /// The rules for flows this peer routes (`routesFirewallRules`); what the DNS forwarder
+    /// resolved so far stays.
+    pub fn set_route_acl(&self, mut acl: crate::firewall::RouteAcl) {
+        let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
+        acl.keep_resolved(&rules.route);
+        rules.route = acl;
+    }
+
+    /// The DNS forwarder resolved a DNS route's domain: open the route ACL to these addresses.
+    pub fn add_resolved(&self, pattern: &str, ips: impl IntoIterator<Item = IpAddr>) {
+        self.rules
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .route
+            .add_resolved(pattern, ips);
+    }
+
+    /// What the gates dropped and routed.
+    pub fn gate_counters(&self) -> &Arc<GateCounters> {
+        &self.counters
+    }
+
+    /// Route: packets for destinations other than our addresses are handed, flow by flow, to
+    /// the returned queue (`queue` deep) instead of being dropped. Dropping the queue stops it.
+    pub async fn serve_routes(
+        &self,
+        queue: usize,
+    ) -> Result<mpsc::Receiver<RoutedFlow>, ConnectError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::ServeRoutes { queue, reply }).await?;
+        rx.await.map_err(|_| ConnectError::Stopped)
+    }
+
+    /// Complete the handshake of a routed connection whose SYN is held (the forwarder's dial
+    /// succeeded): its stream, once established.
+    pub async fn accept_routed(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<TcpStream, ConnectError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::AcceptRouted { src, dst, reply })
+            .await?;
+        rx.await.map_err(|_| ConnectError::Stopped)?
+    }
+
+    /// Refuse a routed connection whose SYN is held: the source gets a RST.
+    pub async fn reject_routed(&self, src: SocketAddr, dst: SocketAddr) {
+        let _ = self.command(Command::RejectRouted { src, dst }).await;
+    }
+
+    /// Send a UDP datagram from `from` (a routed destination) to `to` (a mesh peer) straight to
+    /// WireGuard. False when it was dropped: too large for the MTU, or WireGuard's queue full.
+    pub fn send_udp(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> bool {
+        let mut buf = self.pool.get();
+        if !raw::udp_packet(from, to, payload, self.mtu, &mut buf) {
+            self.pool.put(buf);
+            return false;
+        }
+        match self.to_wg.try_send(buf) {
+            Ok(()) => true,
+            Err(e) => {
+                self.pool.put(e.into_inner());
+                false
+            }
+        }
+    }
+
+    /// Send a packet built by `build` (false: nothing to send) straight to WireGuard.
+    pub fn send_raw(&self, build: impl FnOnce(&mut Vec<u8>) -> bool) -> bool {
+        let mut buf = self.pool.get();
+        if !build(&mut buf) {
+            self.pool.put(buf);
+            return false;
+        }
+        match self.to_wg.try_send(buf) {
+            Ok(()) => true,
+            Err(e) => {
+                self.pool.put(e.into_inner());
+                false
+            }
+        }
+    }
+
+    /// Give a routed packet's buffer back.
+    pub fn recycle(&self, packet: Vec<u8>) {
+        self.pool.put(packet);
     }
 
     /// Our addresses.
@@ -274,6 +399,8 @@ struct Conn {
     /// Aborted after this many interface polls: the socket stays until one more poll has sent
     /// the RST.
     aborted_at: Option<u64>,
+    /// A connection this peer routes (its local end is someone else's address).
+    routed: bool,
 }
 
 impl Conn {
@@ -292,6 +419,7 @@ impl Conn {
             linger_until: None,
             peer_fin: false,
             aborted_at: None,
+            routed: false,
         }
     }
 
@@ -353,6 +481,13 @@ struct Stack {
     next_port: u16,
     /// Interface polls so far (see `Conn::aborted_at`).
     polls: u64,
+    pool: Arc<PacketPool>,
+    rules: Arc<RwLock<Rules>>,
+    counters: Arc<GateCounters>,
+    /// Set while this peer routes (a forwarder is attached).
+    intake: Option<Intake>,
+    /// Buffers of packets the gates dropped, back to the pool after the round.
+    spare: Vec<Vec<u8>>,
 }
 
 impl Stack {
@@ -362,8 +497,10 @@ impl Stack {
         to_wg: mpsc::Sender<Vec<u8>>,
         pool: Arc<PacketPool>,
         commands: mpsc::Receiver<Command>,
+        rules: Arc<RwLock<Rules>>,
+        counters: Arc<GateCounters>,
     ) -> Self {
-        let mut device = QueueDevice::new(to_wg, pool, config.mtu);
+        let mut device = QueueDevice::new(to_wg, pool.clone(), config.mtu);
         let mut iface_config = Config::new(HardwareAddress::Ip);
         iface_config.random_seed = rand::random();
         let mut iface = Interface::new(iface_config, &mut device, Instant::now());
@@ -376,7 +513,8 @@ impl Stack {
             }
         });
         // Everything not on a local prefix goes out of the one interface, where WireGuard's
-        // cryptokey routing picks the peer.
+        // cryptokey routing picks the peer. The same routes let smoltcp take routed packets
+        // (`any_ip`), which only the gates' routed flows reach.
         let v4 = config.addresses.iter().find_map(|n| match n.addr() {
             IpAddr::V4(a) => Some(a),
             _ => None,
@@ -413,6 +551,11 @@ impl Stack {
             ports_in_use: HashSet::new(),
             next_port: *EPHEMERAL.start() + rand::random::<u16>() % 16000,
             polls: 0,
+            pool,
+            rules,
+            counters,
+            intake: None,
+            spare: Vec::new(),
         }
     }
 
@@ -422,13 +565,19 @@ impl Stack {
             while let Ok(cmd) = self.commands.try_recv() {
                 self.handle_command(cmd);
             }
-            while self.device.rx.len() < RX_BATCH {
+            for _ in 0..RX_BATCH {
+                if self.device.rx.len() >= RX_BATCH {
+                    break;
+                }
                 match self.from_wg.try_recv() {
-                    Ok(p) => self.device.rx.push_back(p),
+                    Ok(p) => self.admit(p, Instant::now()),
                     Err(_) => break,
                 }
             }
             self.device.tx_blocked = false;
+            for buf in self.spare.drain(..) {
+                self.pool.put(buf);
+            }
             let now = Instant::now();
             self.listen_for_syns();
             self.pump(now);
@@ -468,11 +617,211 @@ impl Stack {
                     break;
                 }
                 Event::Command(None) => commands_open = false,
-                Event::Packet(p) => self.device.rx.push_back(p),
+                Event::Packet(p) => self.admit(p, Instant::now()),
                 Event::Wake => {}
             }
         }
         self.shutdown();
+    }
+
+    /// The gates (see `routed`): pass `packet` to smoltcp, hold it for the forwarder, hand it
+    /// over, or drop it.
+    fn admit(&mut self, packet: Vec<u8>, now: Instant) {
+        let Some(h) = raw::inspect(&packet) else {
+            // smoltcp drops what it cannot parse, and answers what it must (fragments).
+            self.device.rx.push_back(packet);
+            return;
+        };
+        if self.config.addresses.iter().any(|n| n.addr() == h.dst) {
+            let new_flow = match h.proto {
+                Proto::Tcp => h.syn,
+                // Replies to a socket of ours pass; anything else would start a flow.
+                Proto::Udp => !self.udp.iter().any(|u| u.port == h.dst_port),
+                Proto::Icmp => h.echo_request,
+                Proto::Other(_) => false,
+            };
+            if new_flow && !read(&self.rules).peer.allows(&h.flow()) {
+                self.counters.denied_inbound.fetch_add(1, Ordering::Relaxed);
+                trace!(src = %h.src, dst = %h.dst_addr(), proto = ?h.proto, "inbound flow denied by policy");
+                self.spare.push(packet);
+                return;
+            }
+            self.device.rx.push_back(packet);
+            return;
+        }
+        // Routed: only with a forwarder, never towards the mesh's own network.
+        let to_mesh = self
+            .config
+            .addresses
+            .iter()
+            .any(|n| n.trunc().contains(&h.dst));
+        let Some(intake) = self.intake.as_mut().filter(|_| !to_mesh) else {
+            self.counters.not_routed.fetch_add(1, Ordering::Relaxed);
+            self.spare.push(packet);
+            return;
+        };
+        match h.proto {
+            Proto::Tcp => {
+                if let Some(p) = intake.tcp(
+                    &h,
+                    packet,
+                    &self.rules,
+                    &self.counters,
+                    now,
+                    &mut self.spare,
+                ) {
+                    self.device.rx.push_back(p);
+                }
+            }
+            Proto::Udp | Proto::Icmp => self.hand_over(h, packet),
+            Proto::Other(_) => {
+                self.counters.not_routed.fetch_add(1, Ordering::Relaxed);
+                self.spare.push(packet);
+            }
+        }
+    }
+
+    /// A routed UDP datagram or ICMP echo request, to the forwarder if the route ACL allows.
+    fn hand_over(&mut self, h: Headers, packet: Vec<u8>) {
+        let Some(intake) = self.intake.as_ref() else {
+            self.spare.push(packet);
+            return;
+        };
+        if h.proto == Proto::Icmp && !h.echo_request {
+            self.counters.not_routed.fetch_add(1, Ordering::Relaxed);
+            self.spare.push(packet);
+            return;
+        }
+        if !read(&self.rules).route.allows(&h.flow()) {
+            self.counters.denied_routed.fetch_add(1, Ordering::Relaxed);
+            self.spare.push(packet);
+            return;
+        }
+        let flow = if h.proto == Proto::Udp {
+            RoutedFlow::Udp {
+                src: h.src_addr(),
+                dst: h.dst_addr(),
+                packet,
+                payload: h.l4 + 8,
+            }
+        } else {
+            RoutedFlow::Echo { packet, icmp: h.l4 }
+        };
+        match intake.to_forwarder.try_send(flow) {
+            Ok(()) => {
+                self.counters.routed_udp.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.counters
+                    .routed_overflow
+                    .fetch_add(1, Ordering::Relaxed);
+                match e.into_inner() {
+                    RoutedFlow::Udp { packet, .. } | RoutedFlow::Echo { packet, .. } => {
+                        self.spare.push(packet)
+                    }
+                    RoutedFlow::Tcp { .. } => {}
+                }
+            }
+        }
+    }
+
+    /// The forwarder dialled a held SYN's destination: listen on it and feed the SYN.
+    fn accept_routed(
+        &mut self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        reply: oneshot::Sender<Result<TcpStream, ConnectError>>,
+    ) {
+        let Some(intake) = self.intake.as_mut() else {
+            let _ = reply.send(Err(ConnectError::Stopped));
+            return;
+        };
+        let Some((syn, _)) = intake.held.remove(&(src, dst)) else {
+            let _ = reply.send(Err(ConnectError::Refused));
+            return;
+        };
+        let Some(mut sock) = self.new_tcp_socket() else {
+            self.spare.push(syn);
+            let _ = reply.send(Err(self.buffer_cap_error()));
+            return;
+        };
+        let local = IpListenEndpoint {
+            addr: Some(IpAddress::from(dst.ip())),
+            port: dst.port(),
+        };
+        if sock.listen(local).is_err() {
+            self.buffers.give_back(sock.recv_capacity());
+            self.spare.push(syn);
+            let _ = reply.send(Err(ConnectError::Refused));
+            return;
+        }
+        let handle = self.sockets.add(sock);
+        let intake = self.intake.as_mut().expect("checked above");
+        intake.flows.insert((src, dst));
+        intake.accepting.push(Accepting {
+            handle,
+            src,
+            dst,
+            reply,
+            since: Instant::now(),
+        });
+        // First in line, so it meets its socket in the next poll.
+        self.device.rx.push_front(syn);
+    }
+
+    /// The forwarder could not reach a held SYN's destination: answer with a RST.
+    fn reject_routed(&mut self, src: SocketAddr, dst: SocketAddr) {
+        let Some((syn, _)) = self
+            .intake
+            .as_mut()
+            .and_then(|i| i.held.remove(&(src, dst)))
+        else {
+            return;
+        };
+        let mut rst = self.pool.get();
+        if raw::rst_for_syn(&syn, &mut rst) && self.device.tx_channel().try_send(rst).is_ok() {
+            trace!(%src, %dst, "routed connection refused");
+        }
+        self.spare.push(syn);
+    }
+
+    /// Routed connections whose handshake finished become streams for the forwarder.
+    fn pump_accepting(&mut self, now: Instant) {
+        let Some(intake) = self.intake.as_mut() else {
+            return;
+        };
+        intake.expire(now, &mut self.spare);
+        let mut i = 0;
+        while i < intake.accepting.len() {
+            let a = &intake.accepting[i];
+            let sock = self.sockets.get_mut::<tcp::Socket>(a.handle);
+            let state = sock.state();
+            let waiting = matches!(state, tcp::State::Listen | tcp::State::SynReceived);
+            if waiting && !a.reply.is_closed() && !intake.hold_expired(a, now) {
+                i += 1;
+                continue;
+            }
+            let a = intake.accepting.swap_remove(i);
+            let established = !waiting && state != tcp::State::Closed && !a.reply.is_closed();
+            if !established {
+                let sock = self.sockets.get_mut::<tcp::Socket>(a.handle);
+                sock.abort();
+                intake.flows.remove(&(a.src, a.dst));
+                let size = sock.recv_capacity();
+                self.sockets.remove(a.handle);
+                self.buffers.give_back(size);
+                let _ = a.reply.send(Err(ConnectError::Refused));
+                continue;
+            }
+            let shared = Shared::new(self.config.ring, self.wake.clone());
+            let stream = TcpStream::new(shared.clone(), a.dst, a.src);
+            let mut conn = Conn::new(a.handle, shared, a.dst, a.src);
+            conn.routed = true;
+            if a.reply.send(Ok(stream)).is_err() {
+                conn.abort(self.sockets.get_mut::<tcp::Socket>(a.handle), self.polls);
+            }
+            self.conns.push(conn);
+        }
     }
 
     /// Fail every user-visible object so that nothing waits on a stopped stack.
@@ -491,6 +840,11 @@ impl Stack {
             }
         }
         self.listeners.clear();
+        if let Some(intake) = self.intake.take() {
+            for a in intake.accepting {
+                let _ = a.reply.send(Err(ConnectError::Stopped));
+            }
+        }
     }
 
     fn handle_command(&mut self, cmd: Command) {
@@ -515,6 +869,14 @@ impl Stack {
             Command::UdpBind { reply } => {
                 let _ = reply.send(self.udp_bind());
             }
+            Command::ServeRoutes { queue, reply } => {
+                let (tx, rx) = mpsc::channel(queue.max(1));
+                if reply.send(rx).is_ok() {
+                    self.intake = Some(Intake::new(tx));
+                }
+            }
+            Command::AcceptRouted { src, dst, reply } => self.accept_routed(src, dst, reply),
+            Command::RejectRouted { src, dst } => self.reject_routed(src, dst),
         }
     }
 
@@ -620,7 +982,13 @@ impl Stack {
 
     fn new_listen_socket(&mut self, port: u16) -> Option<SocketHandle> {
         let mut sock = self.new_tcp_socket()?;
-        sock.listen(port)
+        // On our one address when there is one (NetBird's case), so that a routed connection
+        // to the same port elsewhere never meets this socket; on every address otherwise.
+        let addr = match self.config.addresses.as_slice() {
+            [one] => Some(IpAddress::from(one.addr())),
+            _ => None,
+        };
+        sock.listen(IpListenEndpoint { addr, port })
             .expect("port is non-zero and socket is fresh");
         Some(self.sockets.add(sock))
     }
@@ -652,6 +1020,15 @@ impl Stack {
         // handshake's last ACK, in the same poll), and nothing else may wake the task to move
         // it if it waited for the next pump.
         self.pump_listeners();
+        if self
+            .intake
+            .as_ref()
+            .is_some_and(|i| i.to_forwarder.is_closed())
+        {
+            // The forwarder is gone: routing stops; its open connections end with their users.
+            self.intake = None;
+        }
+        self.pump_accepting(now);
         let mut i = 0;
         while i < self.conns.len() {
             let handle = self.conns[i].handle;
@@ -667,7 +1044,13 @@ impl Stack {
             } else {
                 let conn = self.conns.swap_remove(i);
                 self.remove_tcp_socket(conn.handle);
-                self.ports_in_use.remove(&conn.local.port());
+                if conn.routed {
+                    if let Some(intake) = self.intake.as_mut() {
+                        intake.flows.remove(&(conn.remote, conn.local));
+                    }
+                } else {
+                    self.ports_in_use.remove(&conn.local.port());
+                }
             }
         }
         self.pump_udp();
@@ -1393,6 +1776,114 @@ mod tests {
         let mut s = s;
         let mut buf = [0u8; 8];
         assert_eq!(s.read(&mut buf).await.unwrap(), 0);
+        cancel.cancel();
+    }
+
+    /// B routes: A's connections to a LAN address are held until B's "forwarder" answers;
+    /// accepted ones carry bytes both ways from the LAN address, refused ones get a RST; a
+    /// LAN port B also listens on locally is not taken by the local listener.
+    #[tokio::test]
+    async fn a_routing_peer_holds_the_syn_until_the_forwarder_answers() {
+        let (a, b, cancel) = pair();
+        // Without a forwarder, routed packets are dropped: the connect times out.
+        assert!(
+            tokio::time::timeout(
+                Duration::from_millis(300),
+                a.connect(addr("198.19.1.10", 80))
+            )
+            .await
+            .is_err()
+        );
+        assert!(b.gate_counters().not_routed.load(Ordering::Relaxed) > 0);
+        let mut flows = b.serve_routes(8).await.unwrap();
+        let acl = crate::control::management::RouteFirewallRule {
+            source_ranges: vec![format!("{A}/32")],
+            destination: "198.19.1.0/24".into(),
+            protocol: 2,
+            ..Default::default()
+        };
+        b.set_route_acl(crate::firewall::RouteAcl::from_wire(&[acl], true).0);
+        let _local = b.listen(80).await.unwrap();
+        let b2 = b.clone();
+        let forwarder = tokio::spawn(async move {
+            while let Some(flow) = flows.recv().await {
+                let RoutedFlow::Tcp { src, dst } = flow else {
+                    continue;
+                };
+                if dst.port() == 81 {
+                    b2.reject_routed(src, dst).await;
+                    continue;
+                }
+                let mut s = b2.accept_routed(src, dst).await.unwrap();
+                assert_eq!(s.local_addr(), dst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 5];
+                    s.read_exact(&mut buf).await.unwrap();
+                    s.write_all(format!("{}", dst.ip()).as_bytes())
+                        .await
+                        .unwrap();
+                    s.shutdown().await.unwrap();
+                });
+            }
+        });
+        let mut c = a.connect(addr("198.19.1.10", 80)).await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        let mut got = String::new();
+        c.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got, "198.19.1.10");
+        assert!(matches!(
+            a.connect(addr("198.19.1.10", 81)).await,
+            Err(ConnectError::Refused)
+        ));
+        // Denied by the route ACL (UDP is not allowed, another prefix neither): dropped.
+        let denied = b.gate_counters().denied_routed.load(Ordering::Relaxed);
+        assert!(
+            tokio::time::timeout(
+                Duration::from_millis(300),
+                a.connect(addr("198.19.2.10", 80))
+            )
+            .await
+            .is_err()
+        );
+        assert!(b.gate_counters().denied_routed.load(Ordering::Relaxed) > denied);
+        // The mesh's own network is never routed.
+        assert!(
+            tokio::time::timeout(
+                Duration::from_millis(300),
+                a.connect(addr("100.64.9.9", 80))
+            )
+            .await
+            .is_err()
+        );
+        cancel.cancel();
+        let _ = forwarder.await;
+    }
+
+    #[tokio::test]
+    async fn the_peer_acl_gates_new_inbound_flows_but_not_replies_to_ours() {
+        let (a, b, cancel) = pair();
+        let allow_80 = crate::control::management::FirewallRule {
+            peer_ip: A.into(),
+            protocol: 2,
+            port: "80".into(),
+            ..Default::default()
+        };
+        b.set_peer_acl(crate::firewall::PeerAcl::from_wire(&[allow_80], true).0);
+        let mut l80 = b.listen(80).await.unwrap();
+        let _l22 = b.listen(22).await.unwrap();
+        let _c = a.connect(addr(B, 80)).await.unwrap();
+        let _s = l80.accept().await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), a.connect(addr(B, 22)))
+                .await
+                .is_err(),
+            "port 22 is not in the policy"
+        );
+        assert!(b.gate_counters().denied_inbound.load(Ordering::Relaxed) >= 1);
+        // B's own connection to A is answered although A is not allowed anything else.
+        let mut la = a.listen(9000).await.unwrap();
+        let _out = b.connect(addr(A, 9000)).await.unwrap();
+        la.accept().await.unwrap();
         cancel.cancel();
     }
 
