@@ -192,7 +192,7 @@ mod tests {
             source_ranges: vec![src.into()],
             destination: dst.into(),
             protocol: proto,
-            port_info: (port != 0).then(|| PortInfo {
+            port_info: (port != 0).then_some(PortInfo {
                 port_selection: Some(port_info::PortSelection::Port(port)),
             }),
             route_id: "r1".into(),
