@@ -10,6 +10,7 @@ pub mod control;
 pub mod devmesh;
 pub mod engine;
 pub mod firewall;
+pub mod forward;
 pub mod fuzzing;
 pub mod ice;
 pub mod netstack;

@@ -6,7 +6,7 @@ pub mod dial;
 pub mod dns;
 pub mod forward;
 pub mod http;
-mod relay;
+pub(crate) mod relay;
 pub mod socks5;
 
 use std::fmt;

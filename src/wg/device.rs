@@ -162,6 +162,9 @@ pub struct Peer {
     paths: RwLock<Paths>,
     /// The remote went idle (GO_IDLE): no path on purpose, woken by traffic.
     idle: std::sync::atomic::AtomicBool,
+    /// Prefixes routed through this peer besides its own AllowedIPs (NetBird routes elected to
+    /// it, an exit node's default route): set by `WgDevice::set_routed`.
+    routed: RwLock<Vec<IpNet>>,
 }
 
 /// The paths a mesh peer has besides roaming.
@@ -252,6 +255,20 @@ impl Peer {
 
     fn allows_source(&self, ip: IpAddr) -> bool {
         self.allowed_ips.iter().any(|n| n.contains(&ip))
+            || self
+                .routed
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|n| n.contains(&ip))
+    }
+
+    /// The routed prefixes this peer carries now.
+    pub fn routed(&self) -> Vec<IpNet> {
+        self.routed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -278,6 +295,9 @@ struct PeerTable {
     by_key: HashMap<[u8; 32], u32>,
     routes: AllowedIps,
     next_index: u32,
+    /// Routed prefixes by peer key (`WgDevice::set_routed`); kept for a peer re-created or
+    /// added later.
+    routed: HashMap<[u8; 32], Vec<IpNet>>,
 }
 
 impl PeerTable {
@@ -382,6 +402,14 @@ impl WgDevice {
         for net in &spec.allowed_ips {
             table.routes.insert(*net, index as usize);
         }
+        let routed = table
+            .routed
+            .get(&spec.public_key)
+            .cloned()
+            .unwrap_or_default();
+        for net in &routed {
+            table.routes.insert(*net, index as usize);
+        }
         table.by_key.insert(spec.public_key, index);
         let tunn = Tunn::new(
             self.private_key.clone(),
@@ -401,8 +429,55 @@ impl WgDevice {
             endpoint: RwLock::new(spec.endpoint.map(|a| PeerEndpoint::Udp(canonical(a)))),
             paths: RwLock::default(),
             idle: Default::default(),
+            routed: RwLock::new(routed),
         });
         table.by_index.insert(index, peer);
+    }
+
+    /// Route these prefixes through these peers (every routed prefix at once, replacing the
+    /// last call's), as NetBird's client adds a route's prefix to the AllowedIPs of the peer it
+    /// elected. A peer's own AllowedIPs stay; a key not (yet) in the table gets its prefixes
+    /// when it is added.
+    pub fn set_routed(&self, routed: HashMap<[u8; 32], Vec<IpNet>>) {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let old = std::mem::take(&mut table.routed);
+        for (key, nets) in &old {
+            if let Some(&index) = table.by_key.get(key) {
+                for net in nets {
+                    table.routes.remove(*net, index as usize);
+                }
+            }
+        }
+        for (key, nets) in &routed {
+            if let Some(&index) = table.by_key.get(key) {
+                for net in nets {
+                    table.routes.insert(*net, index as usize);
+                }
+            }
+        }
+        // A routed prefix may have displaced a peer's own (an overlay /32 inside a route):
+        // the peers' own AllowedIPs win back.
+        let own: Vec<(IpNet, u32)> = table
+            .by_index
+            .iter()
+            .flat_map(|(&i, p)| p.allowed_ips.iter().map(move |n| (*n, i)))
+            .collect();
+        for (net, index) in own {
+            table.routes.insert(net, index as usize);
+        }
+        for peer in table.by_index.values() {
+            let key = peer.public_key.to_bytes();
+            let nets = routed.get(&key).cloned().unwrap_or_default();
+            *peer.routed.write().unwrap_or_else(|e| e.into_inner()) = nets;
+        }
+        table.routed = routed;
+    }
+
+    /// The peer with this public key.
+    pub fn peer(&self, public_key: &[u8; 32]) -> Option<Arc<Peer>> {
+        let table = self.table();
+        let index = table.by_key.get(public_key)?;
+        table.by_index.get(index).cloned()
     }
 
     /// Remove the peer with this public key; returns whether there was one.
@@ -1103,5 +1178,53 @@ mod tests {
         assert!(!dev.remove_peer(&spec(2, "0.0.0.0/0").public_key));
         assert!(dev.route(ip("100.64.0.3")).is_none());
         assert!(dev.route(ip("100.64.0.9")).is_some());
+    }
+
+    #[tokio::test]
+    async fn routed_prefixes_follow_the_elected_peer_and_survive_its_re_creation() {
+        let pool = Arc::new(PacketPool::new(1500, 4));
+        let a = spec(1, "100.64.0.2/32");
+        let b = spec(2, "100.64.0.3/32");
+        let dev = WgDevice::new([9; 32], 0, vec![a.clone(), b.clone()], pool).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let lan: IpNet = "198.19.1.0/24".parse().unwrap();
+        let key_of = |p: &Arc<Peer>| p.public_key.to_bytes();
+        assert!(dev.route(ip("198.19.1.10")).is_none());
+        dev.set_routed(HashMap::from([(a.public_key, vec![lan])]));
+        assert_eq!(key_of(&dev.route(ip("198.19.1.10")).unwrap()), a.public_key);
+        assert!(
+            dev.peer(&a.public_key)
+                .unwrap()
+                .allows_source(ip("198.19.1.10"))
+        );
+        assert!(
+            !dev.peer(&b.public_key)
+                .unwrap()
+                .allows_source(ip("198.19.1.10"))
+        );
+        // Failover: the prefix moves.
+        dev.set_routed(HashMap::from([(b.public_key, vec![lan])]));
+        assert_eq!(key_of(&dev.route(ip("198.19.1.10")).unwrap()), b.public_key);
+        assert!(
+            !dev.peer(&a.public_key)
+                .unwrap()
+                .allows_source(ip("198.19.1.10"))
+        );
+        // Re-created (new AllowedIPs from the map): it keeps its routed prefix.
+        dev.add_peer(spec(2, "100.64.0.4/32"));
+        assert_eq!(key_of(&dev.route(ip("198.19.1.10")).unwrap()), b.public_key);
+        assert_eq!(dev.peer(&b.public_key).unwrap().routed(), vec![lan]);
+        // An exit node takes everything else, never a peer's own address.
+        let default: IpNet = "0.0.0.0/0".parse().unwrap();
+        dev.set_routed(HashMap::from([(
+            a.public_key,
+            vec![default, "100.64.0.0/16".parse().unwrap()],
+        )]));
+        assert_eq!(key_of(&dev.route(ip("203.0.113.7")).unwrap()), a.public_key);
+        assert_eq!(key_of(&dev.route(ip("100.64.0.4")).unwrap()), b.public_key);
+        assert!(dev.route(ip("198.19.1.10")).is_some());
+        dev.set_routed(HashMap::new());
+        assert!(dev.route(ip("203.0.113.7")).is_none());
+        assert!(dev.route(ip("100.64.0.9")).is_none());
     }
 }

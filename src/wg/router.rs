@@ -41,6 +41,12 @@ impl AllowedIps {
             .map(|&(_, peer)| peer)
     }
 
+    /// Drop `net` if it is routed to `peer`.
+    pub fn remove(&mut self, net: IpNet, peer: usize) {
+        let net = net.trunc();
+        self.entries.retain(|&(n, p)| !(n == net && p == peer));
+    }
+
     /// Drop every prefix routed to `peer`.
     pub fn remove_peer(&mut self, peer: usize) {
         self.entries.retain(|(_, p)| *p != peer);
