@@ -10,10 +10,14 @@ use netbird_proxy::cli::file::ConfigError;
 use netbird_proxy::cli::{Cli, Command, RunArgs};
 use netbird_proxy::control::identity::{Identity, default_state_path};
 use netbird_proxy::control::management_client::ManagementError;
+use netbird_proxy::devmesh::networks::NetworksFile;
 use netbird_proxy::devmesh::{DevMesh, DevMeshConfig, random_setup_key};
 use netbird_proxy::engine::netbird::{EngineError, IceOptions, MeshConfig, SetupKey};
+use netbird_proxy::engine::networks::NetworkOptions;
 use netbird_proxy::engine::supervisor::{OnReady, Supervisor};
 use netbird_proxy::engine::{self, ProxyOptions};
+use netbird_proxy::forward::ForwarderConfig;
+use netbird_proxy::route::Selection;
 use netbird_proxy::status::{self, Mode, StatusHub};
 use netbird_proxy::wg::WgConfig;
 use tokio_util::sync::CancellationToken;
@@ -80,9 +84,17 @@ async fn run(cli: Cli) -> ExitCode {
         advertise,
         turn,
         turn_credentials,
+        networks,
         ..
     }) = cli.command
     {
+        let networks = match networks.as_deref().map(NetworksFile::load).transpose() {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("netbird-proxy dev-mesh: {e}");
+                return ExitCode::from(2);
+            }
+        };
         let turn = match (turn, turn_credentials) {
             (Some(uri), Some(creds)) => {
                 let Some((user, password)) = creds.split_once(':') else {
@@ -108,6 +120,7 @@ async fn run(cli: Cli) -> ExitCode {
             state,
             refuse_sync: false,
             turn,
+            networks,
         })
         .await;
     }
@@ -327,6 +340,16 @@ async fn run_peer(
             enabled: !run.force_relay,
             force_relay_peers: run.force_relay_peer,
         },
+        networks: NetworkOptions {
+            selection: Selection::from_flags(&run.networks_select, &run.networks_deselect),
+            disable_client_routes: run.disable_client_routes,
+            disable_server_routes: run.disable_server_routes,
+            forwarder: ForwarderConfig {
+                connect_timeout: run.connect_timeout,
+                allow_host: run.route_to_host,
+                ..ForwarderConfig::default()
+            },
+        },
     };
     let supervisor = Supervisor::new();
     supervisor.spawn(config, on_ready).await;
@@ -400,6 +423,7 @@ async fn run_demo(socks: std::net::SocketAddr, http: std::net::SocketAddr) -> Ex
         wg_port: 0,
         proxy,
         ice: IceOptions::default(),
+        networks: NetworkOptions::default(),
     };
     let web = Supervisor::new();
     web.spawn(

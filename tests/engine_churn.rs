@@ -39,6 +39,7 @@ fn config(url: &str, identity: u8) -> MeshConfig {
             ..Default::default()
         },
         ice: IceOptions::default(),
+        networks: Default::default(),
     }
 }
 

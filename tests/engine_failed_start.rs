@@ -93,6 +93,7 @@ fn config(url: &str, wg_port: u16, proxy: ProxyOptions) -> MeshConfig {
         wg_port,
         proxy,
         ice: IceOptions::default(),
+        networks: Default::default(),
     }
 }
 

@@ -76,6 +76,7 @@ async fn peer(
             wg_port: 0,
             proxy,
             ice: IceOptions::default(),
+            networks: Default::default(),
         },
         Arc::new(move |r| {
             let socks = r.listeners.iter().find(|l| l.0 == "socks5").map(|l| l.1);

@@ -155,6 +155,42 @@ pub struct RunArgs {
     )]
     pub force_relay_peer: Vec<String>,
 
+    /// Route only these networks (NetBird's `netbird networks select`): network names
+    /// (NetIDs), repeatable or comma-separated; an exit node named here is the one used;
+    /// `all` turns every network on.
+    #[arg(
+        long,
+        env = "NB_NETWORKS_SELECT",
+        value_name = "NETWORK",
+        value_delimiter = ','
+    )]
+    pub networks_select: Vec<String>,
+
+    /// Do not route these networks (`netbird networks deselect`); `all` routes nothing, exit
+    /// nodes included.
+    #[arg(
+        long,
+        env = "NB_NETWORKS_DESELECT",
+        value_name = "NETWORK",
+        value_delimiter = ','
+    )]
+    pub networks_deselect: Vec<String>,
+
+    /// Ignore the routes other peers offer (NetBird's `--disable-client-routes`).
+    #[arg(long, env = "NB_DISABLE_CLIENT_ROUTES")]
+    pub disable_client_routes: bool,
+
+    /// Never act as a routing peer or exit node, even when management names this peer one
+    /// (NetBird's `--disable-server-routes`).
+    #[arg(long, env = "NB_DISABLE_SERVER_ROUTES")]
+    pub disable_server_routes: bool,
+
+    /// As a routing peer, also forward to this host's own addresses and loopback (by default
+    /// a mesh peer routed through us cannot reach this host's private services or the proxy's
+    /// own listeners).
+    #[arg(long, env = "NB_ROUTE_TO_HOST")]
+    pub route_to_host: bool,
+
     /// How long a connection attempt may take (e.g. 10s, 500ms).
     #[arg(long, env = "NB_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
@@ -367,6 +403,10 @@ pub enum Command {
         /// where NetBird's relay is missing.
         #[arg(long, value_name = "URI", requires = "turn_credentials")]
         turn: Option<String>,
+        /// Groups, access policies and routes (HA groups, exit nodes, DNS routes) from this
+        /// TOML file, sent to the peers as NetBird's management would (README: "Networks").
+        #[arg(long, value_name = "FILE")]
+        networks: Option<PathBuf>,
         /// The TURN server's long-term credentials, `USER:PASSWORD`.
         #[arg(long, value_name = "USER:PASSWORD", requires = "turn")]
         turn_credentials: Option<String>,

@@ -79,6 +79,14 @@ pub enum Change {
         key: String,
         fqdn: String,
     },
+    /// The map's routes changed (decoded; the ones refused are in `Refused`).
+    Routes(Vec<crate::route::Route>),
+    /// The rules for inbound flows to us changed.
+    PeerAcl(crate::firewall::PeerAcl),
+    /// The rules for flows we route changed.
+    RouteAcl(crate::firewall::RouteAcl),
+    /// Part of the map was refused (a route, a rule): why. The rest of the map stands.
+    Refused(String),
 }
 
 /// Why an update was rejected.
@@ -106,6 +114,20 @@ pub struct MeshState {
     pub turns: Vec<TurnServer>,
     /// Whether we have an IPv6 overlay address (v6 AllowedIPs are skipped without one).
     pub has_ipv6: bool,
+    /// The map's routes, decoded.
+    pub routes: Vec<crate::route::Route>,
+    /// The policy parts of the last map as sent, to decode them again only when they change.
+    raw_policy: Option<RawPolicy>,
+}
+
+/// The parts of a map that `Change::Routes`, `PeerAcl` and `RouteAcl` come from.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct RawPolicy {
+    routes: Vec<super::management::Route>,
+    firewall: Vec<super::management::FirewallRule>,
+    firewall_is_empty: bool,
+    route_rules: Vec<super::management::RouteFirewallRule>,
+    dns_resolution: bool,
 }
 
 /// Parse `PeerConfig.address`.
@@ -243,7 +265,60 @@ impl MeshState {
             }
         }
         self.peers = next;
+        let dns_resolution = map
+            .peer_config
+            .as_ref()
+            .or(resp.peer_config.as_ref())
+            .is_some_and(|pc| pc.routing_peer_dns_resolution_enabled);
+        self.apply_policy(
+            RawPolicy {
+                routes: map.routes.clone(),
+                firewall: map.firewall_rules.clone(),
+                firewall_is_empty: map.firewall_rules_is_empty,
+                route_rules: map.routes_firewall_rules.clone(),
+                dns_resolution,
+            },
+            &mut changes,
+        );
         Ok(changes)
+    }
+
+    /// Routes and rules, each decoded again only when what management sent changed; a bad
+    /// entry is refused with its reason and the others stand.
+    fn apply_policy(&mut self, raw: RawPolicy, changes: &mut Vec<Change>) {
+        let old = self.raw_policy.take();
+        let first = old.is_none();
+        let old = old.unwrap_or_default();
+        if raw.routes != old.routes || first {
+            let mut routes = Vec::with_capacity(raw.routes.len());
+            for r in &raw.routes {
+                match crate::route::Route::from_wire(r) {
+                    Ok(route) => routes.push(route),
+                    Err(e) => changes.push(Change::Refused(e.to_string())),
+                }
+            }
+            if routes != self.routes || first {
+                self.routes.clone_from(&routes);
+                changes.push(Change::Routes(routes));
+            }
+        }
+        if raw.firewall != old.firewall || raw.firewall_is_empty != old.firewall_is_empty || first {
+            let (acl, errors) =
+                crate::firewall::PeerAcl::from_wire(&raw.firewall, raw.firewall_is_empty);
+            changes.extend(errors.into_iter().map(|e| Change::Refused(e.to_string())));
+            changes.push(Change::PeerAcl(acl));
+        }
+        if raw.route_rules != old.route_rules || raw.dns_resolution != old.dns_resolution || first {
+            let (acl, errors) =
+                crate::firewall::RouteAcl::from_wire(&raw.route_rules, raw.dns_resolution);
+            changes.extend(
+                errors
+                    .into_iter()
+                    .map(|e| Change::Refused(format!("route {e}"))),
+            );
+            changes.push(Change::RouteAcl(acl));
+        }
+        self.raw_policy = Some(raw);
     }
 
     /// The peer owning an FQDN (case-insensitive, trailing dot ignored).

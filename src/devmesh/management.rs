@@ -42,6 +42,8 @@ pub struct ManagementSettings {
     /// Fault injection: answer logins but refuse every Sync (as a management that is going
     /// down between the two would), so tests can fail an engine start at its last step.
     pub refuse_sync: bool,
+    /// Groups, policies and routes (`dev-mesh --networks`); None: everyone sees everyone.
+    pub networks: Option<super::networks::NetworksFile>,
 }
 
 #[derive(Debug)]
@@ -218,6 +220,8 @@ impl DevManagement {
             address: format!("{}/16", rec.ip),
             fqdn: rec.fqdn.clone(),
             mtu: 1280,
+            // New NetBird accounts resolve DNS routes on the routing peer.
+            routing_peer_dns_resolution_enabled: true,
             ..Default::default()
         }
     }
@@ -250,6 +254,23 @@ impl DevManagement {
     }
 
     fn network_map(&self, reg: &Registry, me: usize) -> SyncResponse {
+        let members: Vec<super::networks::Member> = reg
+            .peers
+            .iter()
+            .map(|p| super::networks::Member {
+                hostname: p.fqdn.split('.').next().unwrap_or_default().to_string(),
+                key: p.key.clone(),
+                ip: p.ip,
+            })
+            .collect();
+        let policy = self
+            .inner
+            .settings
+            .networks
+            .as_ref()
+            .map(|n| n.policy_for(me, &members))
+            .unwrap_or_default();
+        let visible = |i: usize| i == me || policy.visible.as_ref().is_none_or(|v| v.contains(&i));
         let remote = |p: &PeerRecord| RemotePeerConfig {
             wg_pub_key: p.key.clone(),
             allowed_ips: vec![format!("{}/32", p.ip)],
@@ -263,13 +284,15 @@ impl DevManagement {
             .peers
             .iter()
             .enumerate()
-            .filter(|(i, _)| *i != me)
+            .filter(|(i, _)| *i != me && visible(*i))
             .map(|(_, p)| remote(p))
             .collect();
         let records = reg
             .peers
             .iter()
-            .map(|p| SimpleRecord {
+            .enumerate()
+            .filter(|(i, _)| visible(*i))
+            .map(|(_, p)| SimpleRecord {
                 name: format!("{}.", p.fqdn),
                 r#type: 1,
                 class: "IN".into(),
@@ -286,6 +309,11 @@ impl DevManagement {
                 peer_config: Some(peer_config),
                 remote_peers_is_empty: remote_peers.is_empty(),
                 remote_peers,
+                routes: policy.routes,
+                firewall_rules: policy.firewall_rules,
+                firewall_rules_is_empty: policy.firewall_rules_is_empty,
+                routes_firewall_rules_is_empty: policy.route_rules.is_empty(),
+                routes_firewall_rules: policy.route_rules,
                 dns_config: Some(DnsConfig {
                     service_enable: true,
                     custom_zones: vec![CustomZone {
@@ -303,7 +331,7 @@ impl DevManagement {
 }
 
 /// A DNS label from a host name: lower-case letters, digits and dashes.
-fn dns_label(hostname: &str) -> String {
+pub(crate) fn dns_label(hostname: &str) -> String {
     let label: String = hostname
         .chars()
         .map(|c| {
@@ -480,6 +508,7 @@ mod tests {
                 turn: None,
                 state_file: None,
                 refuse_sync: false,
+                networks: None,
             },
             DevMeshState::new("A1B2C3D4-0000-4000-8000-000000000001".into()),
         );

@@ -6,6 +6,7 @@
 //! relay secret and registrations, so tests can kill and restart one service for real.
 
 pub mod management;
+pub mod networks;
 pub mod relay;
 pub mod relay_token;
 pub mod signal;
@@ -69,6 +70,8 @@ pub struct DevMeshConfig {
     pub refuse_sync: bool,
     /// A TURN server to announce (`NetbirdConfig.turns`).
     pub turn: Option<crate::control::mesh::TurnServer>,
+    /// Groups, policies and routes (`--networks FILE`).
+    pub networks: Option<networks::NetworksFile>,
 }
 
 impl DevMeshConfig {
@@ -85,6 +88,7 @@ impl DevMeshConfig {
             state: None,
             refuse_sync: false,
             turn: None,
+            networks: None,
         }
     }
 }
@@ -220,6 +224,7 @@ impl DevMesh {
                     turn: config.turn.clone(),
                     state_file: config.state.clone(),
                     refuse_sync: config.refuse_sync,
+                    networks: config.networks.clone(),
                 },
                 state.clone(),
             );

@@ -7,6 +7,7 @@
 
 pub mod negotiation;
 pub mod netbird;
+pub mod networks;
 pub mod relays;
 pub mod supervisor;
 
@@ -177,6 +178,7 @@ async fn start_static(
             mesh: datapath.ready.mesh.clone(),
             fqdn: String::new(),
             names: MeshNames::default(),
+            routes: None,
             control: None,
         });
     }

@@ -60,6 +60,8 @@ pub struct MeshConfig {
     pub wg_port: u16,
     pub proxy: ProxyOptions,
     pub ice: IceOptions,
+    /// Routes, exit nodes and routing for others.
+    pub networks: super::networks::NetworkOptions,
 }
 
 /// Direct connections (ICE) towards mesh peers.
@@ -344,12 +346,14 @@ impl Engine {
             .step("management to open the Sync stream", management.sync(meta))
             .await?;
         let synced = Arc::new(AtomicBool::new(false));
+        let routes_view = super::networks::RoutesView::default();
         if let Some(hub) = &cfg.proxy.status {
             hub.attach(crate::status::EngineView {
                 wg: datapath.wg.clone(),
                 mesh: datapath.ready.mesh.clone(),
                 fqdn: local.fqdn.clone(),
                 names: names.clone(),
+                routes: Some(routes_view.clone()),
                 control: Some(crate::status::ControlView {
                     management_url: cfg.management_url.clone(),
                     management_synced: synced.clone(),
@@ -360,6 +364,18 @@ impl Engine {
         }
         mesh.local = Some(local);
         let (events_tx, events_rx) = mpsc::channel(256);
+        // Routes: elected and applied by their own task; the map's routes reach it by a watch.
+        let (routes_tx, routes_rx) = tokio::sync::watch::channel(Vec::new());
+        let networks = super::networks::Networks {
+            wg: datapath.wg.clone(),
+            netstack: datapath.netstack.clone(),
+            own_key: cfg.key_string(),
+            options: cfg.networks.clone(),
+            view: routes_view,
+        };
+        state
+            .tasks
+            .spawn(networks.run(routes_rx, self.cancel.clone()));
         let source = SyncSource {
             url: cfg.management_url.clone(),
             private_key: cfg.private_key,
@@ -378,6 +394,8 @@ impl Engine {
                 stun_settings,
                 turn_settings,
                 names,
+                routes: routes_tx,
+                netstack: datapath.netstack.clone(),
             },
             self.lifeline(),
         ));
@@ -490,6 +508,10 @@ struct MapSinks {
     turn_settings: tokio::sync::watch::Sender<Vec<crate::control::mesh::TurnServer>>,
     /// Peer names, for the resolver.
     names: MeshNames,
+    /// The map's routes, for the networks task.
+    routes: tokio::sync::watch::Sender<Vec<crate::route::Route>>,
+    /// Where the access rules go.
+    netstack: crate::netstack::Netstack,
 }
 
 async fn follow_sync(
@@ -506,6 +528,8 @@ async fn follow_sync(
         stun_settings,
         turn_settings,
         names,
+        routes,
+        netstack,
     } = sinks;
     loop {
         let update = tokio::select! {
@@ -561,6 +585,23 @@ async fn follow_sync(
                 Change::Turns(servers) => {
                     turn_settings.send_replace(servers);
                 }
+                Change::Routes(list) => {
+                    info!(routes = list.len(), "routes from management");
+                    routes.send_replace(list);
+                }
+                Change::PeerAcl(acl) => {
+                    if acl.is_open() {
+                        debug!("no access rules from management: inbound flows are open");
+                    } else {
+                        info!(rules = acl.len(), "access rules for inbound flows applied");
+                    }
+                    netstack.set_peer_acl(acl);
+                }
+                Change::RouteAcl(acl) => {
+                    debug!(rules = acl.len(), "rules for routed flows applied");
+                    netstack.set_route_acl(acl);
+                }
+                Change::Refused(reason) => warn!("network map: {reason}"),
                 Change::PeerRenamed { .. } | Change::Signal(_) => {}
             }
         }

@@ -238,3 +238,148 @@ impl HostGuard {
         special || self.own.contains(&ip)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Two netstacks back to back; B routes with a real forwarder towards real host sockets on
+    //! loopback (allowed here with `allow_host`, which is what it guards).
+    use super::*;
+    use crate::netstack::NetstackConfig;
+    use crate::packet::PacketPool;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn pair() -> (Netstack, Netstack, CancellationToken) {
+        let pool = Arc::new(PacketPool::new(1500, 64));
+        let (a_out, b_in) = mpsc::channel(256);
+        let (b_out, a_in) = mpsc::channel(256);
+        let cancel = CancellationToken::new();
+        let config =
+            |ip: &str| NetstackConfig::new(vec![format!("{ip}/16").parse().unwrap()], 1420);
+        let (a, ta) = Netstack::new(
+            config("100.64.0.1"),
+            a_in,
+            a_out,
+            pool.clone(),
+            cancel.clone(),
+        );
+        let (b, tb) = Netstack::new(config("100.64.0.2"), b_in, b_out, pool, cancel.clone());
+        tokio::spawn(ta);
+        tokio::spawn(tb);
+        (a, b, cancel)
+    }
+
+    fn allow_all() -> crate::firewall::RouteAcl {
+        let rule = crate::control::management::RouteFirewallRule {
+            source_ranges: vec!["0.0.0.0/0".into()],
+            destination: "0.0.0.0/0".into(),
+            protocol: 1,
+            ..Default::default()
+        };
+        crate::firewall::RouteAcl::from_wire(&[rule], true).0
+    }
+
+    use tokio::sync::mpsc;
+
+    #[tokio::test]
+    async fn routed_tcp_and_udp_reach_host_sockets_and_a_closed_port_is_refused() {
+        let (a, b, cancel) = pair();
+        b.set_route_acl(allow_all());
+        let counters = Arc::new(ForwardCounters::default());
+        let config = ForwarderConfig {
+            allow_host: true,
+            udp_idle: Duration::from_millis(500),
+            ..ForwarderConfig::default()
+        };
+        let fwd = Forwarder::new(b.clone(), config, counters.clone());
+        let task = tokio::spawn(fwd.run(cancel.child_token()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        // TCP: an echo server on the host.
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, peer) = server.accept().await.unwrap();
+            assert!(peer.ip().is_loopback(), "re-originated from the host");
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.unwrap();
+            buf.reverse();
+            s.write_all(&buf).await.unwrap();
+        });
+        let mut c = a
+            .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+            .unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        c.write_all(&data).await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).await.unwrap();
+        back.reverse();
+        assert_eq!(back, data);
+
+        // A closed port: the dial fails, the mesh side gets a RST (refused), not a hang.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert!(matches!(
+            a.connect(closed).await,
+            Err(crate::netstack::ConnectError::Refused)
+        ));
+
+        // UDP: an echo server; the flow is freed after its idle time.
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let udp_addr = udp.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            loop {
+                let (n, from) = udp.recv_from(&mut buf).await.unwrap();
+                udp.send_to(&buf[..n], from).await.unwrap();
+            }
+        });
+        let s = a.udp_bind().await.unwrap();
+        for i in 0..3u8 {
+            s.send_to(&[i; 100], udp_addr).unwrap();
+            let (got, from) = tokio::time::timeout(Duration::from_secs(5), s.recv_from())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!((got, from), (vec![i; 100], udp_addr));
+        }
+        assert_eq!(
+            counters.udp_flows_opened.load(Ordering::Relaxed),
+            1,
+            "one flow"
+        );
+        assert_eq!(counters.udp_flows_active.load(Ordering::Relaxed), 1);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            counters.udp_flows_active.load(Ordering::Relaxed),
+            0,
+            "idle flow freed"
+        );
+        assert_eq!(counters.tcp_opened.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.tcp_failed.load(Ordering::Relaxed), 1);
+        cancel.cancel();
+        let _ = task.await;
+    }
+
+    #[tokio::test]
+    async fn this_hosts_own_addresses_are_refused_unless_allowed() {
+        let (a, b, cancel) = pair();
+        b.set_route_acl(allow_all());
+        let counters = Arc::new(ForwardCounters::default());
+        let fwd = Forwarder::new(b.clone(), ForwarderConfig::default(), counters.clone());
+        let task = tokio::spawn(fwd.run(cancel.child_token()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        assert!(matches!(
+            a.connect(addr).await,
+            Err(crate::netstack::ConnectError::Refused)
+        ));
+        assert_eq!(counters.host_refused.load(Ordering::Relaxed), 1);
+        cancel.cancel();
+        let _ = task.await;
+    }
+}

@@ -20,7 +20,9 @@ use crate::netstack::Netstack;
 type Key = (SocketAddr, SocketAddr);
 
 struct Flow {
-    socket: Arc<UdpSocket>,
+    /// The socket's fd for sending: a plain non-blocking send, which only fails when the
+    /// socket buffer is full (tokio's `try_send` also fails before its first readiness event).
+    sender: std::net::UdpSocket,
     /// Milliseconds since `UdpFlows::epoch` of the last datagram out (the reader sees its own).
     last_out: Arc<AtomicU64>,
 }
@@ -97,7 +99,7 @@ impl UdpFlows {
         let flow = &self.flows[&key];
         flow.last_out.store(now, Ordering::Relaxed);
         // A full socket buffer drops the datagram, as the network would.
-        if flow.socket.try_send(payload).is_err() {
+        if flow.sender.send(payload).is_err() {
             self.counters.udp_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -112,6 +114,7 @@ impl UdpFlows {
         let std_socket = std::net::UdpSocket::bind(bind).ok()?;
         std_socket.set_nonblocking(true).ok()?;
         std_socket.connect(dst).ok()?;
+        let sender = std_socket.try_clone().ok()?;
         let socket = Arc::new(UdpSocket::from_std(std_socket).ok()?);
         self.counters
             .udp_flows_opened
@@ -138,7 +141,7 @@ impl UdpFlows {
             }
         });
         debug!(%src, %dst, "routed UDP flow opened");
-        Some(Flow { socket, last_out })
+        Some(Flow { sender, last_out })
     }
 }
 

@@ -1,7 +1,9 @@
 //! The dialler every listener shares: decides where a destination goes and opens the stream.
 //!
-//! An IP inside some peer's AllowedIPs goes through the tunnel; anything else is dialled from the
-//! host, unless direct connections are disabled. Host names are resolved by `dns::Resolver`.
+//! An IP inside some peer's AllowedIPs goes through the tunnel (a routed network's prefix is in
+//! its elected routing peer's, an exit node's default route in the exit node's); anything else
+//! is dialled from the host, unless direct connections are disabled. Loopback never goes
+//! through the tunnel. Host names are resolved by `dns::Resolver`.
 //! Failures are typed so each front end can answer precisely (SOCKS reply codes, HTTP statuses).
 
 use std::io;
@@ -173,7 +175,9 @@ impl Dialer {
     }
 
     async fn dial_addr(&self, addr: SocketAddr, timeout: Duration) -> Result<Stream, DialError> {
-        if let Some(peer) = self.wg.route(addr.ip()) {
+        // This host's loopback is never anyone's route, an exit node's default route included.
+        let routable = !addr.ip().is_loopback() && !addr.ip().is_unspecified();
+        if let Some(peer) = self.wg.route(addr.ip()).filter(|_| routable) {
             // A peer still being set up (relay negotiation) gets the connect timeout to
             // become reachable, so a first request right after start-up does not fail.
             let deadline = Instant::now() + timeout;

@@ -64,6 +64,8 @@ pub struct EngineView {
     pub mesh: Vec<IpNet>,
     pub fqdn: String,
     pub names: MeshNames,
+    /// Routes and routing (NetBird mode only).
+    pub routes: Option<crate::engine::networks::RoutesView>,
     /// Management, signal and relays (NetBird mode only).
     pub control: Option<ControlView>,
 }

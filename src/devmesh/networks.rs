@@ -1,0 +1,640 @@
+//! The dev mesh's account: groups, access policies and routes from a TOML file
+//! (`dev-mesh --networks FILE`), turned into what NetBird's management sends each peer
+//! (networks.md §5): the peers it may see, its `FirewallRules`, its `Routes` and, for a routing
+//! peer, its `routesFirewallRules`. Pure functions over the file and the registered peers.
+//!
+//! Peers are named by the host name they register with (`--hostname`). The group `All` holds
+//! every peer. Without any policy every peer sees every other and no rules are sent (as a
+//! NetBird account with only its default "All" policy behaves towards a client).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::control::management::{FirewallRule, PortInfo, Route, RouteFirewallRule, port_info};
+
+/// The file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworksFile {
+    /// Group name → host names.
+    #[serde(default)]
+    pub groups: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub policies: Vec<Policy>,
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+}
+
+/// An access policy rule: `sources` may open flows to `destinations`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub name: String,
+    pub sources: Vec<String>,
+    pub destinations: Vec<String>,
+    /// all, tcp, udp or icmp.
+    #[serde(default = "all")]
+    pub protocol: String,
+    /// Ports or ranges ("80", "8000-8080"); none: every port.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub bidirectional: bool,
+    /// accept or drop.
+    #[serde(default = "accept")]
+    pub action: String,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+/// A network route through one or more routing peers (one HA group).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// The network's name (NetID), what users select.
+    pub net_id: String,
+    /// A prefix (`0.0.0.0/0` makes an exit node); or `domains` for a DNS route.
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// Routing peers by host name, and/or groups of them.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    #[serde(default)]
+    pub peer_groups: Vec<String>,
+    #[serde(default = "default_metric")]
+    pub metric: i64,
+    #[serde(default = "yes")]
+    pub masquerade: bool,
+    /// Who gets the route (distribution groups); default: All.
+    #[serde(default = "all_group")]
+    pub groups: Vec<String>,
+    /// Groups whose policies limit what the route forwards; none: everything for everyone who
+    /// gets the route.
+    #[serde(default)]
+    pub access_control_groups: Vec<String>,
+    #[serde(default)]
+    pub skip_auto_apply: bool,
+    #[serde(default = "yes")]
+    pub keep_route: bool,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn all() -> String {
+    "all".into()
+}
+fn accept() -> String {
+    "accept".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_metric() -> i64 {
+    9999
+}
+fn all_group() -> Vec<String> {
+    vec!["All".into()]
+}
+
+/// Why the file is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworksError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Invalid { path: String, reason: String },
+}
+
+/// A registered peer as the account sees it.
+#[derive(Clone, Debug)]
+pub struct Member {
+    /// Its DNS label (the host name it registered with, as its name in the mesh has it).
+    pub hostname: String,
+    pub key: String,
+    pub ip: Ipv4Addr,
+}
+
+/// What one peer is sent.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PeerPolicy {
+    /// Indices of the peers it may see (None: all of them).
+    pub visible: Option<BTreeSet<usize>>,
+    pub firewall_rules: Vec<FirewallRule>,
+    /// Whether rules are in force (then an empty list means deny all).
+    pub firewall_rules_is_empty: bool,
+    pub routes: Vec<Route>,
+    pub route_rules: Vec<RouteFirewallRule>,
+}
+
+impl NetworksFile {
+    /// Read and check a file.
+    pub fn load(path: &Path) -> Result<Self, NetworksError> {
+        let text = std::fs::read_to_string(path).map_err(|source| NetworksError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|reason| NetworksError::Invalid {
+            path: path.display().to_string(),
+            reason,
+        })
+    }
+
+    /// Parse and check the text of a file.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: NetworksFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        file.check()?;
+        Ok(file)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let group = |g: &String, what: &str| {
+            if g == "All" || self.groups.contains_key(g) {
+                Ok(())
+            } else {
+                Err(format!("{what}: no group {g:?}"))
+            }
+        };
+        for p in &self.policies {
+            let what = format!("policy {:?}", p.name);
+            for g in p.sources.iter().chain(&p.destinations) {
+                group(g, &what)?;
+            }
+            protocol(&p.protocol).ok_or(format!(
+                "{what}: protocol {:?} is not all, tcp, udp or icmp",
+                p.protocol
+            ))?;
+            action(&p.action).ok_or(format!(
+                "{what}: action {:?} is not accept or drop",
+                p.action
+            ))?;
+            for port in &p.ports {
+                parse_ports(port).ok_or(format!("{what}: {port:?} is not a port or a range"))?;
+            }
+        }
+        for r in &self.routes {
+            let what = format!("route {:?}", r.net_id);
+            if r.net_id.trim().is_empty() {
+                return Err("a route without net_id".into());
+            }
+            match (&r.network, r.domains.is_empty()) {
+                (Some(n), true) => {
+                    n.parse::<IpNet>()
+                        .map_err(|_| format!("{what}: network {n:?} is not a prefix"))?;
+                }
+                (None, false) => {}
+                _ => return Err(format!("{what}: give either network or domains")),
+            }
+            if r.peers.is_empty() && r.peer_groups.is_empty() {
+                return Err(format!("{what}: no routing peers (peers or peer_groups)"));
+            }
+            if !(1..=9999).contains(&r.metric) {
+                return Err(format!("{what}: metric {} outside 1..=9999", r.metric));
+            }
+            for g in r
+                .peer_groups
+                .iter()
+                .chain(&r.groups)
+                .chain(&r.access_control_groups)
+            {
+                group(g, &what)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Peers (indices) in these groups.
+    fn members(&self, groups: &[String], peers: &[Member]) -> BTreeSet<usize> {
+        let mut out = BTreeSet::new();
+        for g in groups {
+            for (i, p) in peers.iter().enumerate() {
+                let hit = g == "All"
+                    || self
+                        .groups
+                        .get(g)
+                        .is_some_and(|names| names.iter().any(|n| same_host(n, &p.hostname)));
+                if hit {
+                    out.insert(i);
+                }
+            }
+        }
+        out
+    }
+
+    /// What peer `me` of `peers` is sent.
+    pub fn policy_for(&self, me: usize, peers: &[Member]) -> PeerPolicy {
+        let mut out = PeerPolicy::default();
+        let has_policies = !self.policies.is_empty();
+        // Peers and rules from policies.
+        let mut visible = BTreeSet::new();
+        if has_policies {
+            out.firewall_rules_is_empty = true;
+            for p in self.policies.iter().filter(|p| p.enabled) {
+                let src = self.members(&p.sources, peers);
+                let dst = self.members(&p.destinations, peers);
+                let mut add = |from: &BTreeSet<usize>, to: &BTreeSet<usize>| {
+                    if to.contains(&me) {
+                        for &q in from.iter().filter(|&&q| q != me) {
+                            visible.insert(q);
+                            out.firewall_rules.extend(firewall_rules(p, peers[q].ip, 0));
+                        }
+                    }
+                    if from.contains(&me) {
+                        for &q in to.iter().filter(|&&q| q != me) {
+                            visible.insert(q);
+                            out.firewall_rules.extend(firewall_rules(p, peers[q].ip, 1));
+                        }
+                    }
+                };
+                add(&src, &dst);
+                if p.bidirectional {
+                    add(&dst, &src);
+                }
+            }
+            out.firewall_rules_is_empty = out.firewall_rules.is_empty();
+            out.visible = Some(visible.clone());
+        }
+        let sees = |q: usize| !has_policies || visible.contains(&q);
+
+        // Routes: our own, then those of peers we see, distributed to us, in groups we do not
+        // route ourselves.
+        let mut own_ha = BTreeSet::new();
+        for (index, r) in self.routes.iter().enumerate().filter(|(_, r)| r.enabled) {
+            if self.routers(r, peers).contains(&me) {
+                own_ha.insert(index);
+            }
+        }
+        for (index, r) in self.routes.iter().enumerate().filter(|(_, r)| r.enabled) {
+            let routers = self.routers(r, peers);
+            let distributed = self.members(&r.groups, peers).contains(&me);
+            for &q in &routers {
+                let mine = q == me;
+                if !mine && (!distributed || own_ha.contains(&index) || !sees(q)) {
+                    continue;
+                }
+                let id = if r.peer_groups.is_empty() {
+                    format!("route{index}")
+                } else {
+                    format!("route{index}:{}", peers[q].hostname)
+                };
+                out.routes.push(wire_route(r, &id, &peers[q].key));
+                if mine {
+                    out.route_rules.extend(self.route_rules(r, &id, me, peers));
+                }
+            }
+        }
+        out
+    }
+
+    fn routers(&self, r: &RouteSpec, peers: &[Member]) -> BTreeSet<usize> {
+        let mut out = self.members(&r.peer_groups, peers);
+        for (i, p) in peers.iter().enumerate() {
+            if r.peers.iter().any(|n| same_host(n, &p.hostname)) {
+                out.insert(i);
+            }
+        }
+        out
+    }
+
+    /// The routing peer's rules for one of its routes (networks.md §2.2, "Who gets which
+    /// rule"): a default permit without access-control groups, else the policies towards them.
+    fn route_rules(
+        &self,
+        r: &RouteSpec,
+        id: &str,
+        me: usize,
+        peers: &[Member],
+    ) -> Vec<RouteFirewallRule> {
+        let destination = r.network.clone().unwrap_or_else(|| "192.0.2.0/32".into());
+        let base = RouteFirewallRule {
+            destination: destination.clone(),
+            is_dynamic: r.network.is_none(),
+            domains: r.domains.clone(),
+            route_id: id.to_string(),
+            ..Default::default()
+        };
+        if r.access_control_groups.is_empty() {
+            return vec![RouteFirewallRule {
+                source_ranges: vec!["0.0.0.0/0".into()],
+                protocol: 1,
+                ..base
+            }];
+        }
+        let distributed = self.members(&r.groups, peers);
+        let mut out = Vec::new();
+        for p in self.policies.iter().filter(|p| p.enabled) {
+            if !p
+                .destinations
+                .iter()
+                .any(|d| r.access_control_groups.contains(d))
+            {
+                continue;
+            }
+            let sources: Vec<String> = self
+                .members(&p.sources, peers)
+                .into_iter()
+                .filter(|&q| q != me && distributed.contains(&q))
+                .map(|q| format!("{}/32", peers[q].ip))
+                .collect();
+            if sources.is_empty() {
+                continue;
+            }
+            for port in port_infos(&p.ports) {
+                out.push(RouteFirewallRule {
+                    source_ranges: sources.clone(),
+                    action: action(&p.action).unwrap_or(0),
+                    protocol: protocol(&p.protocol).unwrap_or(1),
+                    port_info: port,
+                    ..base.clone()
+                });
+            }
+        }
+        out
+    }
+}
+
+/// A name in the file against a peer's DNS label (its host name as registered).
+fn same_host(name: &str, label: &str) -> bool {
+    super::management::dns_label(name) == label
+}
+
+fn wire_route(r: &RouteSpec, id: &str, peer: &str) -> Route {
+    let (network, network_type) = match &r.network {
+        Some(n) => {
+            let net: IpNet = n.parse().expect("checked at load");
+            (
+                net.trunc().to_string(),
+                if net.addr().is_ipv4() { 1 } else { 2 },
+            )
+        }
+        None => ("192.0.2.0/32".to_string(), 3),
+    };
+    Route {
+        id: id.to_string(),
+        network,
+        network_type,
+        peer: peer.to_string(),
+        metric: r.metric,
+        masquerade: r.masquerade,
+        net_id: r.net_id.clone(),
+        domains: r.domains.clone(),
+        keep_route: r.keep_route,
+        skip_auto_apply: r.skip_auto_apply,
+    }
+}
+
+/// `direction` 0 = IN (towards the receiver), 1 = OUT.
+fn firewall_rules(p: &Policy, peer_ip: Ipv4Addr, direction: i32) -> Vec<FirewallRule> {
+    let proto = protocol(&p.protocol).unwrap_or(1);
+    let ports = if matches!(proto, 2 | 3) {
+        port_infos(&p.ports)
+    } else {
+        vec![None]
+    };
+    ports
+        .into_iter()
+        .map(|port_info| FirewallRule {
+            peer_ip: peer_ip.to_string(),
+            direction,
+            action: action(&p.action).unwrap_or(0),
+            protocol: proto,
+            port: match &port_info {
+                Some(PortInfo {
+                    port_selection: Some(port_info::PortSelection::Port(p)),
+                }) => p.to_string(),
+                _ => String::new(),
+            },
+            port_info,
+            policy_id: p.name.as_bytes().to_vec(),
+            source_prefixes: vec![compact(IpAddr::V4(peer_ip))],
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// NetBird's compact prefix encoding of a host address.
+fn compact(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => [v4.octets().as_slice(), &[32]].concat(),
+        IpAddr::V6(v6) => [v6.octets().as_slice(), &[128]].concat(),
+    }
+}
+
+fn port_infos(ports: &[String]) -> Vec<Option<PortInfo>> {
+    if ports.is_empty() {
+        return vec![None];
+    }
+    ports
+        .iter()
+        .filter_map(|p| parse_ports(p))
+        .map(|(a, b)| {
+            Some(PortInfo {
+                port_selection: Some(if a == b {
+                    port_info::PortSelection::Port(u32::from(a))
+                } else {
+                    port_info::PortSelection::Range(port_info::Range {
+                        start: u32::from(a),
+                        end: u32::from(b),
+                    })
+                }),
+            })
+        })
+        .collect()
+}
+
+fn parse_ports(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let (a, b): (u16, u16) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (a != 0 && a <= b).then_some((a, b))
+}
+
+fn protocol(s: &str) -> Option<i32> {
+    match s.to_ascii_lowercase().as_str() {
+        "all" => Some(1),
+        "tcp" => Some(2),
+        "udp" => Some(3),
+        "icmp" => Some(4),
+        _ => None,
+    }
+}
+
+fn action(s: &str) -> Option<i32> {
+    match s.to_ascii_lowercase().as_str() {
+        "accept" => Some(0),
+        "drop" => Some(1),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::{Flow, PeerAcl, Proto, RouteAcl};
+
+    const FILE: &str = r#"
+[groups]
+clients = ["client"]
+routers = ["router-a", "router-b"]
+outsiders = ["outsider"]
+
+[[policies]]
+name = "web"
+sources = ["clients"]
+destinations = ["routers"]
+protocol = "tcp"
+ports = ["80"]
+
+[[routes]]
+net_id = "corp-lan"
+network = "198.19.1.0/24"
+peer_groups = ["routers"]
+groups = ["clients", "outsiders"]
+access_control_groups = ["routers"]
+
+[[routes]]
+net_id = "exit"
+network = "0.0.0.0/0"
+peers = ["router-b"]
+groups = ["clients"]
+"#;
+
+    fn peers() -> Vec<Member> {
+        ["client", "router-a", "router-b", "outsider"]
+            .iter()
+            .enumerate()
+            .map(|(i, h)| Member {
+                hostname: h.to_string(),
+                key: format!("key-{h}"),
+                ip: Ipv4Addr::new(100, 64, 0, i as u8 + 1),
+            })
+            .collect()
+    }
+
+    fn flow(src: &str, dst: &str, proto: Proto, port: u16) -> Flow {
+        Flow {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            proto,
+            dst_port: port,
+        }
+    }
+
+    #[test]
+    fn a_client_sees_its_routers_and_gets_their_routes_in_one_ha_group() {
+        let f = NetworksFile::parse(FILE).unwrap();
+        let p = f.policy_for(0, &peers());
+        assert_eq!(p.visible, Some(BTreeSet::from([1, 2])));
+        let lan: Vec<_> = p.routes.iter().filter(|r| r.net_id == "corp-lan").collect();
+        assert_eq!(lan.len(), 2);
+        assert_eq!(lan[0].id, "route0:router-a");
+        assert_eq!(lan[1].peer, "key-router-b");
+        assert!(
+            p.routes
+                .iter()
+                .any(|r| r.network == "0.0.0.0/0" && r.peer == "key-router-b")
+        );
+        assert!(p.route_rules.is_empty(), "route rules go to routers only");
+        // The client's OUT rules do not open anything inbound.
+        let (acl, errors) = PeerAcl::from_wire(&p.firewall_rules, p.firewall_rules_is_empty);
+        assert!(errors.is_empty());
+        assert!(!acl.allows(&flow("100.64.0.2", "100.64.0.1", Proto::Tcp, 80)));
+    }
+
+    #[test]
+    fn a_router_gets_in_rules_its_routes_and_route_rules_from_the_policies() {
+        let f = NetworksFile::parse(FILE).unwrap();
+        let p = f.policy_for(1, &peers());
+        let (acl, _) = PeerAcl::from_wire(&p.firewall_rules, p.firewall_rules_is_empty);
+        assert!(acl.allows(&flow("100.64.0.1", "100.64.0.2", Proto::Tcp, 80)));
+        assert!(!acl.allows(&flow("100.64.0.1", "100.64.0.2", Proto::Tcp, 22)));
+        assert!(!acl.allows(&flow("100.64.0.1", "100.64.0.2", Proto::Icmp, 0)));
+        assert!(!acl.allows(&flow("100.64.0.4", "100.64.0.2", Proto::Tcp, 80)));
+        // Its own routes only (the other router's member of the HA group is not a client route).
+        assert!(p.routes.iter().all(|r| r.peer == "key-router-a"));
+        let (racl, errors) = RouteAcl::from_wire(&p.route_rules, true);
+        assert!(errors.is_empty());
+        assert!(racl.allows(&flow("100.64.0.1", "198.19.1.10", Proto::Tcp, 80)));
+        assert!(!racl.allows(&flow("100.64.0.1", "198.19.1.10", Proto::Tcp, 22)));
+        assert!(
+            !racl.allows(&flow("100.64.0.4", "198.19.1.10", Proto::Tcp, 80)),
+            "outsider"
+        );
+        assert!(!racl.allows(&flow("100.64.0.1", "203.0.113.9", Proto::Udp, 53)));
+        // The exit node's route has no access-control groups: a default permit.
+        let b = f.policy_for(2, &peers());
+        let (racl, _) = RouteAcl::from_wire(&b.route_rules, true);
+        assert!(racl.allows(&flow("100.64.0.4", "203.0.113.9", Proto::Udp, 53)));
+    }
+
+    #[test]
+    fn an_outsider_sees_nobody_and_gets_no_route() {
+        let f = NetworksFile::parse(FILE).unwrap();
+        let p = f.policy_for(3, &peers());
+        assert_eq!(p.visible, Some(BTreeSet::new()));
+        assert!(p.routes.is_empty());
+        assert!(p.firewall_rules_is_empty);
+    }
+
+    #[test]
+    fn without_policies_everyone_sees_everyone_and_no_rules_are_sent() {
+        let f = NetworksFile::parse(
+            "[[routes]]\nnet_id = \"lan\"\nnetwork = \"198.19.1.0/24\"\npeers = [\"router-a\"]\n",
+        )
+        .unwrap();
+        let p = f.policy_for(0, &peers());
+        assert_eq!(p.visible, None);
+        assert!(!p.firewall_rules_is_empty && p.firewall_rules.is_empty());
+        assert_eq!(p.routes.len(), 1);
+        let r = f.policy_for(1, &peers());
+        assert_eq!(
+            r.route_rules[0].source_ranges,
+            vec!["0.0.0.0/0".to_string()]
+        );
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_reason() {
+        for (text, needle) in [
+            (
+                "[[policies]]\nname=\"p\"\nsources=[\"x\"]\ndestinations=[\"All\"]\n",
+                "no group \"x\"",
+            ),
+            (
+                "[[policies]]\nname=\"p\"\nsources=[\"All\"]\ndestinations=[\"All\"]\nprotocol=\"sctp\"\n",
+                "sctp",
+            ),
+            (
+                "[[policies]]\nname=\"p\"\nsources=[\"All\"]\ndestinations=[\"All\"]\nports=[\"9-1\"]\n",
+                "9-1",
+            ),
+            (
+                "[[routes]]\nnet_id=\"r\"\nnetwork=\"10.0.0.0/33\"\npeers=[\"a\"]\n",
+                "not a prefix",
+            ),
+            (
+                "[[routes]]\nnet_id=\"r\"\nnetwork=\"10.0.0.0/8\"\n",
+                "no routing peers",
+            ),
+            (
+                "[[routes]]\nnet_id=\"r\"\npeers=[\"a\"]\n",
+                "either network or domains",
+            ),
+            (
+                "[[routes]]\nnet_id=\"r\"\nnetwork=\"10.0.0.0/8\"\npeers=[\"a\"]\nmetric=0\n",
+                "metric",
+            ),
+            ("[[routez]]\n", "unknown field"),
+        ] {
+            let e = NetworksFile::parse(text).unwrap_err();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The engine's side of NetBird's networks (networks.md §1, §2): the client routes elected and
+//! put on WireGuard's AllowedIPs, and the forwarder run while management names this peer the
+//! router of a route. One task, under the engine's token; the forwarder and its flows are its
+//! children and end with it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::control::envelope::parse_key_string;
+use crate::forward::{ForwardCounters, Forwarder, ForwarderConfig};
+use crate::netstack::Netstack;
+use crate::route::{ClientRoutes, GroupStatus, PeerState, Route, Selection, Target};
+use crate::wg::WgDevice;
+use crate::wg::device::{Peer, PeerEndpoint};
+
+/// What the user chose about networks (`--networks-select`, `--disable-*-routes`, ...).
+#[derive(Clone, Debug, Default)]
+pub struct NetworkOptions {
+    pub selection: Selection,
+    /// Ignore the routes of other peers (`--disable-client-routes`).
+    pub disable_client_routes: bool,
+    /// Never route for others, even when management says so (`--disable-server-routes`).
+    pub disable_server_routes: bool,
+    pub forwarder: ForwarderConfig,
+}
+
+/// The routes as status shows them; the engine writes, status reads.
+#[derive(Clone, Debug, Default)]
+pub struct RoutesView {
+    pub groups: Arc<RwLock<Vec<GroupStatus>>>,
+    /// Routes this peer serves (NetID and target), empty when it routes nothing.
+    pub serving: Arc<RwLock<Vec<(String, Target)>>>,
+    pub forward: Arc<ForwardCounters>,
+}
+
+/// How often connection states are looked at for a new election.
+const ELECTION_TICK: Duration = Duration::from_millis(500);
+/// A peer heard from less recently than this (keepalives are every 25 s) is taken as gone.
+const SILENT_PEER: Duration = Duration::from_secs(90);
+
+pub(super) struct Networks {
+    pub wg: Arc<WgDevice>,
+    pub netstack: Netstack,
+    pub own_key: String,
+    pub options: NetworkOptions,
+    pub view: RoutesView,
+}
+
+impl Networks {
+    pub async fn run(self, mut routes: watch::Receiver<Vec<Route>>, cancel: CancellationToken) {
+        let mut client = ClientRoutes::new(self.own_key.clone(), self.options.selection.clone());
+        let mut forwarder: Option<(CancellationToken, JoinSet<()>)> = None;
+        let mut tick = tokio::time::interval(ELECTION_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = routes.changed() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    let list = routes.borrow_and_update().clone();
+                    client.set_routes(list);
+                    self.serve(&client, &mut forwarder, &cancel);
+                }
+                _ = tick.tick() => {}
+            }
+            if self.options.disable_client_routes {
+                continue;
+            }
+            if let Some(outcome) = client.update(|key| self.peer_state(key)) {
+                let mut routed: HashMap<[u8; 32], Vec<ipnet::IpNet>> = HashMap::new();
+                for (key, nets) in &outcome.prefixes {
+                    if let Ok(k) = parse_key_string(key) {
+                        routed.insert(k, nets.clone());
+                    }
+                }
+                self.wg.set_routed(routed);
+                self.log_changes(&outcome.groups);
+                *self.view.groups.write().unwrap_or_else(|e| e.into_inner()) = outcome.groups;
+            }
+        }
+        if let Some((token, mut tasks)) = forwarder.take() {
+            token.cancel();
+            tasks.shutdown().await;
+        }
+    }
+
+    /// Run the forwarder while we are the router of some route, stop it when we are not.
+    fn serve(
+        &self,
+        client: &ClientRoutes,
+        forwarder: &mut Option<(CancellationToken, JoinSet<()>)>,
+        cancel: &CancellationToken,
+    ) {
+        let serving: Vec<(String, Target)> = client
+            .server_routes()
+            .iter()
+            .map(|r| (r.net_id.clone(), r.target.clone()))
+            .collect();
+        let wanted = !serving.is_empty() && !self.options.disable_server_routes;
+        if !serving.is_empty() && self.options.disable_server_routes {
+            warn!(
+                routes = serving.len(),
+                "management names this peer a routing peer; not routing (--disable-server-routes)"
+            );
+        }
+        for (net_id, target) in &serving {
+            info!(network = %net_id, target = ?target, "routing for the mesh");
+        }
+        *self.view.serving.write().unwrap_or_else(|e| e.into_inner()) =
+            if wanted { serving } else { Vec::new() };
+        match (wanted, forwarder.is_some()) {
+            (true, false) => {
+                let token = cancel.child_token();
+                let mut tasks = JoinSet::new();
+                let fwd = Forwarder::new(
+                    self.netstack.clone(),
+                    self.options.forwarder.clone(),
+                    self.view.forward.clone(),
+                );
+                tasks.spawn(fwd.run(token.clone()));
+                *forwarder = Some((token, tasks));
+            }
+            (false, true) => {
+                if let Some((token, _tasks)) = forwarder.take() {
+                    // The tasks end on the token; dropping the set aborts what is left.
+                    token.cancel();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn log_changes(&self, groups: &[GroupStatus]) {
+        let old = self.view.groups.read().unwrap_or_else(|e| e.into_inner());
+        for g in groups {
+            let before = old
+                .iter()
+                .find(|o| o.net_id == g.net_id && o.target == g.target)
+                .and_then(|o| o.elected.clone());
+            if before != g.elected {
+                let fqdn_or_key = |k: &Option<String>| k.clone().unwrap_or_else(|| "none".into());
+                info!(
+                    network = %g.net_id,
+                    target = ?g.target,
+                    from = %fqdn_or_key(&before),
+                    to = %fqdn_or_key(&g.elected),
+                    "route: routing peer elected"
+                );
+            }
+        }
+    }
+
+    /// The election's view of a routing peer.
+    fn peer_state(&self, key: &str) -> PeerState {
+        let Ok(k) = parse_key_string(key) else {
+            return PeerState::Unreachable;
+        };
+        match self.wg.peer(&k) {
+            Some(p) => state_of(&p),
+            None => PeerState::Unreachable,
+        }
+    }
+}
+
+/// Connected when it has a path that works (a relay whose remote is online, or a direct path)
+/// and was heard from lately; idle when it said GO_IDLE; unreachable otherwise.
+pub(crate) fn state_of(p: &Peer) -> PeerState {
+    let latency = p.paths().direct.and_then(|d| d.rtt).or_else(|| p.rtt.get());
+    let silent = p.time_since_rx().is_some_and(|t| t > SILENT_PEER);
+    match p.endpoint() {
+        Some(e) if e.is_usable() && !silent => match &e {
+            PeerEndpoint::Relay(relay, id) if !relay.is_online(id) => PeerState::Unreachable,
+            PeerEndpoint::Udp(_) => PeerState::Connected {
+                relayed: false,
+                latency,
+            },
+            _ => PeerState::Connected {
+                relayed: true,
+                latency,
+            },
+        },
+        _ if p.is_idle() => PeerState::Idle { latency },
+        _ => PeerState::Unreachable,
+    }
+}
