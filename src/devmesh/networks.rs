@@ -266,10 +266,11 @@ impl NetworksFile {
 
         // Routes: our own, then those of peers we see, distributed to us, in groups we do not
         // route ourselves.
+        let ha = |r: &RouteSpec| (r.net_id.clone(), r.network.clone(), r.domains.clone());
         let mut own_ha = BTreeSet::new();
-        for (index, r) in self.routes.iter().enumerate().filter(|(_, r)| r.enabled) {
+        for r in self.routes.iter().filter(|r| r.enabled) {
             if self.routers(r, peers).contains(&me) {
-                own_ha.insert(index);
+                own_ha.insert(ha(r));
             }
         }
         for (index, r) in self.routes.iter().enumerate().filter(|(_, r)| r.enabled) {
@@ -277,7 +278,7 @@ impl NetworksFile {
             let distributed = self.members(&r.groups, peers).contains(&me);
             for &q in &routers {
                 let mine = q == me;
-                if !mine && (!distributed || own_ha.contains(&index) || !sees(q)) {
+                if !mine && (!distributed || own_ha.contains(&ha(r)) || !sees(q)) {
                     continue;
                 }
                 let id = if r.peer_groups.is_empty() {

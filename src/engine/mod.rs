@@ -179,6 +179,7 @@ async fn start_static(
             fqdn: String::new(),
             names: MeshNames::default(),
             routes: None,
+            gates: Some(datapath.netstack.gate_counters().clone()),
             control: None,
         });
     }

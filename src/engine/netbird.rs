@@ -354,6 +354,7 @@ impl Engine {
                 fqdn: local.fqdn.clone(),
                 names: names.clone(),
                 routes: Some(routes_view.clone()),
+                gates: Some(datapath.netstack.gate_counters().clone()),
                 control: Some(crate::status::ControlView {
                     management_url: cfg.management_url.clone(),
                     management_synced: synced.clone(),

@@ -182,6 +182,18 @@ pub fn render(snap: &Snapshot, detail: bool) -> String {
             l.kind, l.addr, l.open_connections
         );
     }
+    for r in &snap.routes {
+        let via = match (&r.routing_peer, r.selected) {
+            (_, false) => "not selected".to_string(),
+            (Some(p), true) => format!("via {p}"),
+            (None, true) => "no routing peer reachable".to_string(),
+        };
+        let kind = if r.exit_node { " (exit node)" } else { "" };
+        let _ = writeln!(out, "Network {} {}{kind}: {via}", r.network, r.target);
+    }
+    if let Some(routing) = snap.routing.as_ref().filter(|r| !r.serving.is_empty()) {
+        let _ = writeln!(out, "Routing for the mesh: {}", routing.serving.join("; "));
+    }
     if snap.peers.is_empty() {
         return out;
     }

@@ -66,6 +66,8 @@ pub struct EngineView {
     pub names: MeshNames,
     /// Routes and routing (NetBird mode only).
     pub routes: Option<crate::engine::networks::RoutesView>,
+    /// The netstack's gates' counters (policy drops, routed flows).
+    pub gates: Option<Arc<crate::netstack::GateCounters>>,
     /// Management, signal and relays (NetBird mode only).
     pub control: Option<ControlView>,
 }
@@ -151,6 +153,8 @@ impl StatusHub {
                 .map(|l| l.status())
                 .collect(),
             ice: None,
+            routes: Vec::new(),
+            routing: None,
         };
         let Some(view) = engine.as_ref() else {
             snap.reason = Some("the engine is not running (starting or between retries)".into());
@@ -182,6 +186,11 @@ impl StatusHub {
             });
         }
         let names = view.names.by_address();
+        if let Some(r) = &view.routes {
+            let (routes, routing) = routes_status(r, &view.wg, &view.gates, &names);
+            snap.routes = routes;
+            snap.routing = Some(routing);
+        }
         snap.peers = view
             .wg
             .peers()
@@ -209,6 +218,74 @@ impl StatusHub {
         snap.ready = snap.reason.is_none();
         snap
     }
+}
+
+/// The routes view as status shows it: peers by name where the map names them.
+fn routes_status(
+    r: &crate::engine::networks::RoutesView,
+    wg: &WgDevice,
+    gates: &Option<Arc<crate::netstack::GateCounters>>,
+    names: &HashMap<IpAddr, String>,
+) -> (Vec<RouteStatus>, RoutingStatus) {
+    let name_of = |key: &str| -> String {
+        crate::control::envelope::parse_key_string(key)
+            .ok()
+            .and_then(|k| wg.peer(&k))
+            .and_then(|p| {
+                p.allowed_ips
+                    .iter()
+                    .find_map(|n| names.get(&n.addr()).cloned())
+            })
+            .unwrap_or_else(|| key.to_string())
+    };
+    let groups = r.groups.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let routes = groups
+        .iter()
+        .map(|g| RouteStatus {
+            network: g.net_id.clone(),
+            target: match &g.target {
+                crate::route::Target::Network(n) => n.to_string(),
+                crate::route::Target::Domains(d) => d.join(","),
+            },
+            exit_node: g.exit_node,
+            selected: g.selected,
+            peers: g.peers.iter().map(|k| name_of(k)).collect(),
+            routing_peer: g.elected.as_deref().map(name_of),
+        })
+        .collect();
+    let serving = r
+        .serving
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(net_id, target)| match target {
+            crate::route::Target::Network(n) => format!("{net_id} {n}"),
+            crate::route::Target::Domains(d) => format!("{net_id} {}", d.join(",")),
+        })
+        .collect();
+    let mut counters = BTreeMap::new();
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    if let Some(g) = gates {
+        counters.insert("denied_inbound".into(), get(&g.denied_inbound));
+        counters.insert("denied_routed".into(), get(&g.denied_routed));
+        counters.insert("not_routed".into(), get(&g.not_routed));
+        counters.insert("routed_overflow".into(), get(&g.routed_overflow));
+    }
+    let f = &r.forward;
+    for (name, v) in [
+        ("tcp_opened", &f.tcp_opened),
+        ("tcp_failed", &f.tcp_failed),
+        ("tcp_active", &f.tcp_active),
+        ("host_refused", &f.host_refused),
+        ("udp_flows_opened", &f.udp_flows_opened),
+        ("udp_flows_active", &f.udp_flows_active),
+        ("udp_dropped", &f.udp_dropped),
+        ("echo_answered", &f.echo_answered),
+        ("echo_failed", &f.echo_failed),
+    ] {
+        counters.insert(name.into(), get(v));
+    }
+    (routes, RoutingStatus { serving, counters })
 }
 
 /// How a peer is doing, from WireGuard's point of view. A peer counts as connected when we can
@@ -325,6 +402,39 @@ pub struct Snapshot {
     /// ICE's counters (absent on the static path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ice: Option<IceCounts>,
+    /// NetBird routes offered to us, each with its elected routing peer (NetBird mode).
+    #[serde(default)]
+    pub routes: Vec<RouteStatus>,
+    /// What this peer routes for others, and its gates' and forwarder's counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingStatus>,
+}
+
+/// One network (HA group) offered to us.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RouteStatus {
+    /// The network's name (NetID), what `--networks-select` takes.
+    pub network: String,
+    /// A prefix, or the domains of a DNS route.
+    pub target: String,
+    pub exit_node: bool,
+    /// On by the selection (`--networks-select` / `--networks-deselect`).
+    pub selected: bool,
+    /// The routing peers of the group (names where known).
+    pub peers: Vec<String>,
+    /// The routing peer carrying the network now (absent: none reachable, or not selected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing_peer: Option<String>,
+}
+
+/// This peer as a router, and its gates.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RoutingStatus {
+    /// Networks management has this peer route (empty: it routes nothing).
+    pub serving: Vec<String>,
+    /// Counters: gates (`denied_inbound`, `denied_routed`, `not_routed`, `routed_overflow`)
+    /// and the forwarder's flows.
+    pub counters: BTreeMap<String, u64>,
 }
 
 /// ICE since the engine started: pairs selected, direct paths lost, and input dropped by reason.

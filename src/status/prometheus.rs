@@ -95,6 +95,36 @@ pub fn render(snap: &Snapshot) -> String {
             .filter_map(|p| Some((peer(p), p.ice.as_ref()?.latency_ms? / 1000.0)))
             .collect(),
     );
+    family(
+        "route_info",
+        "gauge",
+        "NetBird networks offered to this peer: 1 per network, with its routing peer (empty: none).",
+        snap.routes
+            .iter()
+            .map(|r| {
+                let l = labels(&[
+                    ("network", &r.network),
+                    ("target", &r.target),
+                    ("exit_node", if r.exit_node { "true" } else { "false" }),
+                    ("selected", if r.selected { "true" } else { "false" }),
+                    ("routing_peer", r.routing_peer.as_deref().unwrap_or("")),
+                ]);
+                (l, 1.0)
+            })
+            .collect(),
+    );
+    if let Some(routing) = &snap.routing {
+        family(
+            "routing_events_total",
+            "counter",
+            "The policy gates and the routing peer's forwarder, by event.",
+            routing
+                .counters
+                .iter()
+                .map(|(event, n)| (labels(&[("event", event)]), *n as f64))
+                .collect(),
+        );
+    }
     if let Some(ice) = &snap.ice {
         family(
             "ice_agents_started_total",

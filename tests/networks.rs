@@ -1,0 +1,601 @@
+//! Issue 17's acceptance in network namespaces: NetBird routes through rootless routing peers,
+//! HA failover, an exit node, and access policies, with the dev mesh as management
+//! (`dev-mesh --networks FILE`). Every proxy runs unprivileged (user nobody, no capabilities).
+//!
+//!     client 198.18.1.2 ─┐                        ┌─ lan0 198.19.1.101 ─┐
+//!     router-a 198.18.2.2 ┼─ pub 198.18.0.1 (mesh) ┤                     ├─ "lan" br0 198.19.1.10
+//!     router-b 198.18.3.2 ┤                        └─ lan0 198.19.1.102 ─┘   (and 198.19.2.10)
+//!     outsider 198.18.4.2 ┘
+//!
+//! The LAN is reachable only from the routing peers' namespaces; a web server there answers
+//! `/whoami` with the address it sees, so the tests tell which router (or exit node) carried a
+//! request.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Proxy, binary};
+
+const KEY: &str = "D3V0000-0000-4000-8000-00000000017A";
+const MGMT_PORT: u16 = 33073;
+const STATUS_PORT: u16 = 19900;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A web server answering `/whoami` with the client's address, and files under its root.
+const WHOAMI: &str = r#"
+import http.server, sys
+class H(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.path == "/whoami":
+            body = self.client_address[0].encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            super().do_GET()
+    def log_message(self, *a):
+        pass
+root = sys.argv[3]
+http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])),
+    lambda *a, **k: H(*a, directory=root, **k)).serve_forever()
+"#;
+
+fn run(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Namespaces, the dev mesh, servers and peers; all removed on drop.
+struct Lab {
+    tag: String,
+    dir: PathBuf,
+    peers: Vec<String>,
+    children: Vec<Child>,
+    proxies: Vec<(String, Proxy)>,
+}
+
+impl Lab {
+    fn ns(&self, n: &str) -> String {
+        format!("nbn{}{n}", self.tag)
+    }
+
+    fn exec(&self, ns: &str, args: &[&str]) -> Output {
+        let ns = self.ns(ns);
+        run(&[&["ip", "netns", "exec", ns.as_str()], args].concat())
+    }
+
+    /// `peers`: host names; the ones starting with "router" get a leg on the LAN.
+    fn new(peers: &[&str], networks: &str) -> Self {
+        assert!(
+            common::is_root(),
+            "the networks lab needs root for network namespaces (CI runs as root)"
+        );
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{}x{n}", std::process::id() % 10000);
+        let dir = std::env::temp_dir().join(format!("netbird-proxy-net-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("www")).unwrap();
+        std::fs::write(dir.join("whoami.py"), WHOAMI).unwrap();
+        std::fs::write(dir.join("networks.toml"), networks).unwrap();
+        let mut lab = Lab {
+            tag,
+            dir,
+            peers: peers.iter().map(|s| s.to_string()).collect(),
+            children: Vec::new(),
+            proxies: Vec::new(),
+        };
+        let mut spaces = vec!["pub".to_string(), "lan".to_string()];
+        spaces.extend(lab.peers.iter().cloned());
+        for n in &spaces {
+            let ns = lab.ns(n);
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+            run(&["ip", "netns", "add", &ns]);
+            lab.exec(n, &["ip", "link", "set", "lo", "up"]);
+        }
+        lab.exec("pub", &["ip", "addr", "add", "198.18.0.1/32", "dev", "lo"]);
+        lab.exec("pub", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        lab.exec("lan", &["ip", "link", "add", "br0", "type", "bridge"]);
+        lab.exec("lan", &["ip", "link", "set", "br0", "up"]);
+        for a in ["198.19.1.10/24", "198.19.2.10/24"] {
+            lab.exec("lan", &["ip", "addr", "add", a, "dev", "br0"]);
+        }
+        let mut routers = 0;
+        for (i, name) in lab.peers.clone().iter().enumerate() {
+            let i = i + 1;
+            let (pub_ns, peer_ns) = (lab.ns("pub"), lab.ns(name));
+            let leg = format!("p{i}");
+            run(&[
+                "ip", "link", "add", "up0", "netns", &peer_ns, "type", "veth", "peer", "name",
+                &leg, "netns", &pub_ns,
+            ]);
+            lab.exec(
+                "pub",
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("198.18.{i}.1/24"),
+                    "dev",
+                    &leg,
+                ],
+            );
+            lab.exec("pub", &["ip", "link", "set", &leg, "up"]);
+            lab.exec(
+                name,
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("198.18.{i}.2/24"),
+                    "dev",
+                    "up0",
+                ],
+            );
+            lab.exec(name, &["ip", "link", "set", "up0", "up"]);
+            lab.exec(
+                name,
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("198.18.{i}.1"),
+                ],
+            );
+            if name.starts_with("router") {
+                routers += 1;
+                let lan_ns = lab.ns("lan");
+                let port = format!("l{i}");
+                run(&[
+                    "ip", "link", "add", "lan0", "netns", &peer_ns, "type", "veth", "peer", "name",
+                    &port, "netns", &lan_ns,
+                ]);
+                lab.exec("lan", &["ip", "link", "set", &port, "master", "br0"]);
+                lab.exec("lan", &["ip", "link", "set", &port, "up"]);
+                for net in [1, 2] {
+                    let a = format!("198.19.{net}.{}/24", 100 + routers);
+                    lab.exec(name, &["ip", "addr", "add", &a, "dev", "lan0"]);
+                }
+                lab.exec(name, &["ip", "link", "set", "lan0", "up"]);
+            }
+        }
+        // Servers: the LAN's web server on 80 and 8022, and one on the "internet" (pub).
+        lab.server("lan", "198.19.1.10", 80);
+        lab.server("lan", "198.19.1.10", 8022);
+        lab.server("lan", "198.19.2.10", 80);
+        lab.server("pub", "198.18.0.1", 8088);
+        // The dev mesh.
+        let mut mesh = Command::new("ip")
+            .args(["netns", "exec", &lab.ns("pub"), binary(), "dev-mesh"])
+            .args(["--listen", &format!("198.18.0.1:{MGMT_PORT}")])
+            .args(["--setup-key", KEY, "--domain", "mesh.test", "--networks"])
+            .arg(lab.dir.join("networks.toml"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(mesh.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(first.starts_with("management "), "dev mesh: {first}");
+        lab.children.push(mesh);
+        // A copy of the binary the unprivileged user can run.
+        let bin = lab.dir.join("netbird-proxy");
+        std::fs::copy(binary(), &bin).unwrap();
+        run(&[
+            "chmod",
+            "a+rx",
+            lab.dir.to_str().unwrap(),
+            bin.to_str().unwrap(),
+        ]);
+        lab
+    }
+
+    fn server(&mut self, ns: &str, ip: &str, port: u16) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns), "python3"])
+            .arg(self.dir.join("whoami.py"))
+            .args([ip, &port.to_string()])
+            .arg(self.dir.join("www"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+    }
+
+    /// Start peer `name` (unprivileged) with `args`; every peer serves status on loopback.
+    fn start(&mut self, name: &str, args: &[&str]) {
+        let home = self.dir.join(name);
+        std::fs::create_dir_all(&home).unwrap();
+        run(&["chown", "65534:65534", home.to_str().unwrap()]);
+        let state = home.join("state");
+        let mgmt = format!("http://198.18.0.1:{MGMT_PORT}");
+        let status = format!("127.0.0.1:{STATUS_PORT}");
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.ns(name),
+            "setpriv",
+            "--reuid",
+            "65534",
+        ])
+        .args(["--regid", "65534", "--clear-groups", "--inh-caps=-all"])
+        .args(["--bounding-set=-all", "--no-new-privs", "--"])
+        .arg(self.dir.join("netbird-proxy"))
+        .args([
+            "--management-url",
+            &mgmt,
+            "--setup-key",
+            KEY,
+            "--hostname",
+            name,
+        ])
+        .args(["--state", state.to_str().unwrap(), "--status-addr", &status])
+        .args(["--log-level", "info"])
+        .args(args);
+        let proxy = Proxy::spawn_command(cmd);
+        self.proxies.retain(|(n, _)| n != name);
+        self.proxies.push((name.to_string(), proxy));
+    }
+
+    fn stop(&mut self, name: &str) {
+        self.proxies.retain(|(n, _)| n != name);
+    }
+
+    fn logs(&self) -> String {
+        self.proxies
+            .iter()
+            .map(|(n, p)| format!("--- {n}:\n{}", p.log()))
+            .collect()
+    }
+
+    /// curl in `from`'s namespace through its SOCKS5 listener (1080), or its HTTP proxy (3128)
+    /// with `http`; (exit code, body).
+    fn curl(&self, from: &str, url: &str, http: bool, max_time: u32) -> (i32, String) {
+        let proxy = if http {
+            ["--proxy", "http://127.0.0.1:3128"]
+        } else {
+            ["--socks5-hostname", "127.0.0.1:1080"]
+        };
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(from), "curl", "-sS"])
+            .args(["--max-time", &max_time.to_string()])
+            .args(proxy)
+            .arg(url)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// Retry `curl` until it answers, up to `limit`; the body and how long it took.
+    fn fetch(&self, from: &str, url: &str, http: bool, limit: Duration) -> (String, Duration) {
+        let start = Instant::now();
+        loop {
+            let (code, body) = self.curl(from, url, http, 3);
+            if code == 0 {
+                return (body, start.elapsed());
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{from}: {url} not answered within {limit:?} (curl {code})\n{}\n{}",
+                serde_json::to_string_pretty(&self.status(from)).unwrap_or_default(),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn status(&self, of: &str) -> serde_json::Value {
+        let url = format!("http://127.0.0.1:{STATUS_PORT}/status");
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(of),
+                "curl",
+                "-s",
+                "--max-time",
+                "2",
+                &url,
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.proxies.clear();
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let mut spaces = vec!["pub".to_string(), "lan".to_string()];
+        spaces.extend(self.peers.iter().cloned());
+        for n in spaces {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(&n)])
+                .output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const CLIENT: &[&str] = &["--socks", "127.0.0.1:1080", "--http", "127.0.0.1:3128"];
+
+/// A routing peer without root carries a LAN to a client, through SOCKS5 and the HTTP proxy,
+/// masquerading as itself; its route rules limit ports and prefixes; its peer ACL limits what
+/// reaches its own exposed ports; a peer outside every policy reaches nothing.
+#[test]
+fn a_rootless_routing_peer_carries_a_lan_within_its_policies() {
+    let mut lab = Lab::new(
+        &["client", "router-a", "outsider"],
+        r#"
+[groups]
+clients = ["client"]
+routers = ["router-a"]
+outsiders = ["outsider"]
+dbs = []
+
+[[policies]]
+name = "web"
+sources = ["clients"]
+destinations = ["routers"]
+protocol = "tcp"
+ports = ["80"]
+
+[[routes]]
+net_id = "corp-lan"
+network = "198.19.1.0/24"
+peers = ["router-a"]
+groups = ["clients", "outsiders"]
+access_control_groups = ["routers"]
+
+[[routes]]
+net_id = "corp-db"
+network = "198.19.2.0/24"
+peers = ["router-a"]
+groups = ["clients"]
+access_control_groups = ["dbs"]
+"#,
+    );
+    // The router serves a web page of its own on mesh ports 80 and 22 (same server).
+    lab.server("router-a", "127.0.0.1", 8000);
+    lab.start(
+        "router-a",
+        &[
+            "--expose",
+            "80=127.0.0.1:8000",
+            "--expose",
+            "22=127.0.0.1:8000",
+        ],
+    );
+    lab.start("client", CLIENT);
+    lab.start("outsider", CLIENT);
+
+    let (body, took) = lab.fetch(
+        "client",
+        "http://198.19.1.10/whoami",
+        false,
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        body, "198.19.1.101",
+        "the LAN sees the router's address (masquerade)"
+    );
+    eprintln!("LAN reached through the routing peer {took:?} after start");
+    let (body, _) = lab.fetch(
+        "client",
+        "http://198.19.1.10/whoami",
+        true,
+        Duration::from_secs(5),
+    );
+    assert_eq!(body, "198.19.1.101", "through the HTTP proxy too");
+
+    // The route rules: TCP 80 only, and nothing of the second network (no policy for it).
+    assert_ne!(
+        lab.curl("client", "http://198.19.1.10:8022/whoami", false, 4)
+            .0,
+        0
+    );
+    assert_ne!(
+        lab.curl("client", "http://198.19.2.10/whoami", false, 4).0,
+        0
+    );
+    // The peer ACL: port 80 of the router itself, not 22.
+    let (body, _) = lab.fetch(
+        "client",
+        "http://router-a.mesh.test/whoami",
+        false,
+        Duration::from_secs(5),
+    );
+    assert_eq!(body, "127.0.0.1");
+    assert_ne!(
+        lab.curl("client", "http://router-a.mesh.test:22/whoami", false, 4)
+            .0,
+        0
+    );
+    // Status: the client's network and its routing peer; the router's counters.
+    let st = lab.status("client");
+    let lan = st["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["network"] == "corp-lan")
+        .cloned()
+        .unwrap();
+    assert_eq!(lan["routing_peer"], "router-a.mesh.test", "{st}");
+    let rt = lab.status("router-a");
+    let counters = &rt["routing"]["counters"];
+    assert!(counters["denied_routed"].as_u64().unwrap() >= 2, "{rt}");
+    assert!(counters["denied_inbound"].as_u64().unwrap() >= 1, "{rt}");
+    assert!(counters["tcp_opened"].as_u64().unwrap() >= 2, "{rt}");
+
+    // The outsider: no route, no peer.
+    assert_eq!(
+        lab.status("outsider")["routes"].as_array().map(Vec::len),
+        Some(0)
+    );
+    assert_ne!(
+        lab.curl("outsider", "http://198.19.1.10/whoami", false, 4)
+            .0,
+        0
+    );
+    assert_ne!(
+        lab.curl("outsider", "http://router-a.mesh.test/whoami", false, 4)
+            .0,
+        0
+    );
+}
+
+/// Two routing peers for one network: the better metric carries it; killed, the other takes
+/// over for new connections; back, the election returns to the better metric.
+#[test]
+fn ha_routing_peers_fail_over_and_back() {
+    let mut lab = Lab::new(
+        &["client", "router-a", "router-b"],
+        r#"
+[[routes]]
+net_id = "corp-lan"
+network = "198.19.1.0/24"
+peers = ["router-a"]
+metric = 100
+
+[[routes]]
+net_id = "corp-lan"
+network = "198.19.1.0/24"
+peers = ["router-b"]
+metric = 200
+"#,
+    );
+    lab.start("router-a", &[]);
+    lab.start("router-b", &[]);
+    lab.start("client", CLIENT);
+    let url = "http://198.19.1.10/whoami";
+    lab.fetch("client", url, false, Duration::from_secs(30));
+    // Whichever router connected first carries it at first; once both are, the lower metric.
+    let start = Instant::now();
+    while lab.curl("client", url, false, 2).1 != "198.19.1.101" {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the lower metric never won\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    lab.stop("router-a");
+    let killed = Instant::now();
+    let mut took = None;
+    while killed.elapsed() < Duration::from_secs(30) {
+        let (code, body) = lab.curl("client", url, false, 2);
+        if code == 0 && body == "198.19.1.102" {
+            took = Some(killed.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took = took.unwrap_or_else(|| panic!("no failover within 30 s\n{}", lab.logs()));
+    eprintln!("failover: new connections through router-b {took:?} after router-a was killed");
+
+    lab.start("router-a", &[]);
+    let back = Instant::now();
+    loop {
+        let (code, body) = lab.curl("client", url, false, 2);
+        if code == 0 && body == "198.19.1.101" {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "the better metric did not win back\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "failback to router-a {:?} after its restart",
+        back.elapsed()
+    );
+}
+
+/// An exit node: destinations outside the mesh leave from the exit node; deselected, from the
+/// client's own host.
+#[test]
+fn an_exit_node_carries_everything_outside_the_mesh_until_deselected() {
+    let mut lab = Lab::new(
+        &["client", "exit"],
+        r#"
+[[routes]]
+net_id = "exit-node"
+network = "0.0.0.0/0"
+peers = ["exit"]
+"#,
+    );
+    lab.start("exit", &[]);
+    lab.start("client", CLIENT);
+    let url = "http://198.18.0.1:8088/whoami";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = lab.curl("client", url, false, 3);
+        if code == 0 && body == "198.18.2.2" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not through the exit node: {body}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (body, _) = lab.fetch("client", url, true, Duration::from_secs(5));
+    assert_eq!(
+        body, "198.18.2.2",
+        "the HTTP proxy's egress is the exit node too"
+    );
+    let st = lab.status("client");
+    assert_eq!(st["routes"][0]["exit_node"], true, "{st}");
+
+    lab.stop("client");
+    lab.start(
+        "client",
+        &[CLIENT, &["--networks-deselect", "exit-node"]].concat(),
+    );
+    let start = Instant::now();
+    while lab.status("client")["routes"][0]["selected"] != false {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}",
+            lab.status("client")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (body, _) = lab.fetch("client", url, false, Duration::from_secs(10));
+    assert_eq!(
+        body, "198.18.1.2",
+        "deselected: straight from the client's host"
+    );
+}
