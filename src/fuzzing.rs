@@ -187,7 +187,7 @@ pub fn dns_answer(data: &[u8]) {
     let id = data
         .get(..2)
         .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
-    let _ = crate::proxy::dns::parse_answer(data, id);
+    let _ = crate::dns::parse_answer(data, id);
 }
 
 /// A CANDIDATE message's payload and an OFFER/ANSWER's credentials, as the negotiator reads

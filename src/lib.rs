@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod control;
 pub mod devmesh;
+pub mod dns;
 pub mod engine;
 pub mod firewall;
 pub mod forward;

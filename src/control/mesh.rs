@@ -85,6 +85,8 @@ pub enum Change {
     PeerAcl(crate::firewall::PeerAcl),
     /// The rules for flows we route changed.
     RouteAcl(crate::firewall::RouteAcl),
+    /// The DNS part changed: zones, nameserver groups, the forwarder port.
+    Dns(crate::dns::DnsConfig),
     /// Part of the map was refused (a route, a rule): why. The rest of the map stands.
     Refused(String),
 }
@@ -128,6 +130,7 @@ struct RawPolicy {
     firewall_is_empty: bool,
     route_rules: Vec<super::management::RouteFirewallRule>,
     dns_resolution: bool,
+    dns: Option<super::management::DnsConfig>,
 }
 
 /// Parse `PeerConfig.address`.
@@ -277,6 +280,7 @@ impl MeshState {
                 firewall_is_empty: map.firewall_rules_is_empty,
                 route_rules: map.routes_firewall_rules.clone(),
                 dns_resolution,
+                dns: map.dns_config.clone(),
             },
             &mut changes,
         );
@@ -317,6 +321,16 @@ impl MeshState {
                     .map(|e| Change::Refused(format!("route {e}"))),
             );
             changes.push(Change::RouteAcl(acl));
+        }
+        if raw.dns != old.dns || first {
+            let (dns, errors) =
+                crate::dns::DnsConfig::from_wire(&raw.dns.clone().unwrap_or_default());
+            changes.extend(
+                errors
+                    .into_iter()
+                    .map(|e| Change::Refused(format!("DNS: {e}"))),
+            );
+            changes.push(Change::Dns(dns));
         }
         self.raw_policy = Some(raw);
     }
@@ -381,6 +395,93 @@ mod tests {
         }
     }
 
+    /// The changes about peers only (the first map also carries its policy changes).
+    fn peer_changes(c: Vec<Change>) -> Vec<Change> {
+        c.into_iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    Change::PeerAdded(_)
+                        | Change::PeerRemoved(_)
+                        | Change::PeerChanged(_)
+                        | Change::PeerRenamed { .. }
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn routes_rules_and_dns_are_decoded_once_per_change_with_reasons_for_refused_entries() {
+        use crate::control::management::{FirewallRule, Route};
+        let me = key(1);
+        let mut s = MeshState::default();
+        let with = |serial: u64, routes: Vec<Route>, rules: Vec<FirewallRule>| {
+            let mut m = map(serial, "100.64.0.1/16", vec![peer(2, "100.64.0.2", "b")]);
+            let nm = m.network_map.as_mut().unwrap();
+            nm.routes = routes;
+            nm.firewall_rules = rules;
+            nm.firewall_rules_is_empty = nm.firewall_rules.is_empty();
+            m
+        };
+        let good = Route {
+            id: "r1".into(),
+            network: "198.19.1.0/24".into(),
+            network_type: 1,
+            peer: key(2),
+            metric: 100,
+            net_id: "lan".into(),
+            ..Default::default()
+        };
+        let bad = Route {
+            id: "r2".into(),
+            network: "not a prefix".into(),
+            network_type: 1,
+            peer: key(2),
+            metric: 100,
+            ..Default::default()
+        };
+        let rule = FirewallRule {
+            peer_ip: "100.64.0.2".into(),
+            protocol: 2,
+            port: "80".into(),
+            ..Default::default()
+        };
+        let c = s
+            .apply(&with(1, vec![good.clone(), bad], vec![rule.clone()]), &me)
+            .unwrap();
+        assert!(
+            c.iter()
+                .any(|c| matches!(c, Change::Routes(r) if r.len() == 1)),
+            "{c:?}"
+        );
+        assert!(
+            c.iter()
+                .any(|c| matches!(c, Change::Refused(r) if r.contains("r2")))
+        );
+        assert!(
+            c.iter()
+                .any(|c| matches!(c, Change::PeerAcl(a) if !a.is_open()))
+        );
+        assert!(c.iter().any(|c| matches!(c, Change::RouteAcl(_))));
+        assert!(c.iter().any(|c| matches!(c, Change::Dns(_))));
+        // The same map again: nothing to redo.
+        let c = s
+            .apply(&with(2, vec![good.clone()], vec![rule]), &me)
+            .unwrap();
+        assert!(
+            c.iter()
+                .all(|c| !matches!(c, Change::PeerAcl(_) | Change::Dns(_))),
+            "{c:?}"
+        );
+        assert!(c.iter().all(|c| !matches!(c, Change::Routes(_))), "{c:?}");
+        // Rules gone with the flag set: deny all.
+        let c = s.apply(&with(3, vec![good], vec![]), &me).unwrap();
+        assert!(
+            c.iter()
+                .any(|c| matches!(c, Change::PeerAcl(a) if !a.is_open() && a.is_empty()))
+        );
+    }
+
     #[test]
     fn peers_are_added_changed_renamed_and_removed() {
         let me = key(1);
@@ -395,6 +496,7 @@ mod tests {
                 &me,
             )
             .unwrap();
+        let c = peer_changes(c);
         assert!(
             matches!(&c[..], [Change::PeerAdded(p)] if p.fqdn == "b.mesh"),
             "own key skipped: {c:?}"

@@ -24,11 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::cli::{Expose, Forward};
+use crate::dns::{DnsState, MeshNames, Resolver};
 use crate::netstack::{Congestion, Netstack, NetstackConfig};
 use crate::packet::PacketPool;
 use crate::proxy::admission::Limits;
 use crate::proxy::dial::Dialer;
-use crate::proxy::dns::{MeshNames, Resolver};
 use crate::proxy::{Credentials, forward, http, socks5};
 use crate::status::{EngineView, ListenerMetrics, StatusHub};
 use crate::wg::config::Endpoint;
@@ -169,6 +169,7 @@ async fn start_static(
         dns_servers: config.interface.dns.clone(),
         dns_search: config.interface.dns_search.clone(),
         names: MeshNames::default(),
+        dns: None,
     };
     let hub = options.status.clone();
     let datapath = start_datapath(spec, options, cancel, tasks).await?;
@@ -198,6 +199,9 @@ pub struct DataPathSpec {
     pub dns_search: Vec<String>,
     /// Peer names from the network map (empty for a static config).
     pub names: MeshNames,
+    /// NetBird's DNS (zones, nameserver groups, DNS routes), fed by the engine; None builds
+    /// it from `dns_servers` and `dns_search`.
+    pub dns: Option<DnsState>,
 }
 
 /// A running data path: its tasks are in the `JoinSet` given to `start_datapath`.
@@ -253,15 +257,21 @@ pub async fn start_datapath(
             .run(to_stack, from_stack, relayed, cancel.child_token()),
     );
 
-    let mut dns = Vec::new();
-    for server in &spec.dns_servers {
-        if wg.route(*server).is_some() {
-            dns.push(*server);
-        } else {
-            warn!(%server, "DNS server is outside every peer's AllowedIPs; not used");
+    let dns_state = match spec.dns {
+        Some(state) => state,
+        None => {
+            let mut dns = Vec::new();
+            for server in &spec.dns_servers {
+                if wg.route(*server).is_some() {
+                    dns.push(*server);
+                } else {
+                    warn!(%server, "DNS server is outside every peer's AllowedIPs; not used");
+                }
+            }
+            DnsState::with_static(dns, spec.dns_search)
         }
-    }
-    let resolver = Resolver::new(netstack.clone(), spec.names, dns, spec.dns_search);
+    };
+    let resolver = Resolver::new(netstack.clone(), wg.clone(), spec.names, dns_state);
     if resolver.uses_tunnel() {
         info!("host names resolve through the tunnel");
     }

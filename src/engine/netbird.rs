@@ -30,7 +30,7 @@ use crate::control::management::host_config::Protocol;
 use crate::control::management_client::{ManagementClient, ManagementError, system_meta};
 use crate::control::mesh::{Change, MeshState, RemotePeer, parse_local};
 use crate::control::signal_client::{SignalClient, SignalError};
-use crate::proxy::dns::MeshNames;
+use crate::dns::MeshNames;
 use crate::wg::{PeerSpec, WgDevice};
 
 /// Keepalive NetBird uses towards every peer.
@@ -313,6 +313,7 @@ impl Engine {
 
         // Data path on our overlay address; peers and their names arrive with the network map.
         let names = MeshNames::default();
+        let dns = crate::dns::DnsState::default();
         let spec = DataPathSpec {
             private_key: cfg.private_key,
             listen_port: cfg.wg_port,
@@ -324,6 +325,7 @@ impl Engine {
             dns_servers: Vec::new(),
             dns_search: Vec::new(),
             names: names.clone(),
+            dns: Some(dns.clone()),
         };
         let datapath =
             start_datapath(spec, cfg.proxy.clone(), &self.cancel, &mut state.tasks).await?;
@@ -373,6 +375,7 @@ impl Engine {
             own_key: cfg.key_string(),
             options: cfg.networks.clone(),
             view: routes_view,
+            dns: dns.clone(),
         };
         state
             .tasks
@@ -397,6 +400,7 @@ impl Engine {
                 names,
                 routes: routes_tx,
                 netstack: datapath.netstack.clone(),
+                dns: dns.clone(),
             },
             self.lifeline(),
         ));
@@ -513,6 +517,8 @@ struct MapSinks {
     routes: tokio::sync::watch::Sender<Vec<crate::route::Route>>,
     /// Where the access rules go.
     netstack: crate::netstack::Netstack,
+    /// Where the DNS configuration goes.
+    dns: crate::dns::DnsState,
 }
 
 async fn follow_sync(
@@ -531,6 +537,7 @@ async fn follow_sync(
         names,
         routes,
         netstack,
+        dns,
     } = sinks;
     loop {
         let update = tokio::select! {
@@ -601,6 +608,14 @@ async fn follow_sync(
                 Change::RouteAcl(acl) => {
                     debug!(rules = acl.len(), "rules for routed flows applied");
                     netstack.set_route_acl(acl);
+                }
+                Change::Dns(config) => {
+                    debug!(
+                        zones = config.zones.len(),
+                        nameserver_groups = config.groups.len(),
+                        "DNS configuration applied"
+                    );
+                    dns.set_config(config);
                 }
                 Change::Refused(reason) => warn!("network map: {reason}"),
                 Change::PeerRenamed { .. } | Change::Signal(_) => {}

@@ -3,8 +3,14 @@
 //! router of a route. One task, under the engine's token; the forwarder and its flows are its
 //! children and end with it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
+
+use ipnet::IpNet;
+use tokio::sync::mpsc;
+
+use crate::dns::{DnsRoute, DnsState, Learned};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -50,12 +56,21 @@ pub(super) struct Networks {
     pub own_key: String,
     pub options: NetworkOptions,
     pub view: RoutesView,
+    /// DNS routes and the exit node go to the resolver; addresses it learns come back.
+    pub dns: DnsState,
 }
+
+/// Addresses DNS routes resolved, by route (HA key): they follow the route's elected peer.
+type LearnedAddrs = HashMap<String, BTreeSet<IpAddr>>;
 
 impl Networks {
     pub async fn run(self, mut routes: watch::Receiver<Vec<Route>>, cancel: CancellationToken) {
         let mut client = ClientRoutes::new(self.own_key.clone(), self.options.selection.clone());
         let mut forwarder: Option<(CancellationToken, JoinSet<()>)> = None;
+        let (learned_tx, mut learned_rx) = mpsc::channel::<Learned>(64);
+        self.dns.report_learned(learned_tx);
+        let mut learned: LearnedAddrs = HashMap::new();
+        let mut last: Option<crate::route::Outcome> = None;
         let mut tick = tokio::time::interval(ELECTION_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -70,26 +85,72 @@ impl Networks {
                     self.serve(&client, &mut forwarder, &cancel);
                 }
                 _ = tick.tick() => {}
+                Some(l) = learned_rx.recv() => {
+                    let set = learned.entry(l.route).or_default();
+                    let before = set.len();
+                    set.extend(l.addrs.iter().map(|a| a.to_canonical()));
+                    if set.len() != before && let Some(outcome) = &last {
+                        self.apply(outcome, &learned);
+                    }
+                    let _ = l.done.send(());
+                    continue;
+                }
             }
             if self.options.disable_client_routes {
                 continue;
             }
             if let Some(outcome) = client.update(|key| self.peer_state(key)) {
-                let mut routed: HashMap<[u8; 32], Vec<ipnet::IpNet>> = HashMap::new();
-                for (key, nets) in &outcome.prefixes {
-                    if let Ok(k) = parse_key_string(key) {
-                        routed.insert(k, nets.clone());
-                    }
-                }
-                self.wg.set_routed(routed);
+                self.apply(&outcome, &learned);
                 self.log_changes(&outcome.groups);
-                *self.view.groups.write().unwrap_or_else(|e| e.into_inner()) = outcome.groups;
+                *self.view.groups.write().unwrap_or_else(|e| e.into_inner()) =
+                    outcome.groups.clone();
+                last = Some(outcome);
             }
         }
         if let Some((token, mut tasks)) = forwarder.take() {
             token.cancel();
             tasks.shutdown().await;
         }
+    }
+
+    /// Put the elected routes on WireGuard (with what DNS routes learned) and tell the resolver
+    /// where DNS routes go and whether an exit node is in use.
+    fn apply(&self, outcome: &crate::route::Outcome, learned: &LearnedAddrs) {
+        let mut routed: HashMap<[u8; 32], Vec<IpNet>> = HashMap::new();
+        for (key, nets) in &outcome.prefixes {
+            if let Ok(k) = parse_key_string(key) {
+                routed.entry(k).or_default().extend(nets.iter().copied());
+            }
+        }
+        let port = self.dns.forwarder_port();
+        let mut dns_routes = Vec::new();
+        let mut exit_node = false;
+        for g in outcome.groups.iter().filter(|g| g.selected) {
+            let peer = g.elected.as_deref().and_then(|k| parse_key_string(k).ok());
+            match &g.target {
+                Target::Domains(domains) => {
+                    let route = format!("{}|{}", g.net_id, domains.join(","));
+                    let forwarder = peer
+                        .and_then(|k| self.wg.peer(&k))
+                        .and_then(|p| overlay_v4(&p))
+                        .map(|ip| SocketAddr::new(ip, port));
+                    if let (Some(k), Some(addrs)) = (peer, learned.get(&route)) {
+                        routed
+                            .entry(k)
+                            .or_default()
+                            .extend(addrs.iter().map(|a| IpNet::from(*a)));
+                    }
+                    dns_routes.push(DnsRoute {
+                        route,
+                        patterns: domains.clone(),
+                        forwarder,
+                    });
+                }
+                Target::Network(_) => exit_node |= g.exit_node && peer.is_some(),
+            }
+        }
+        self.wg.set_routed(routed);
+        self.dns.set_routes(dns_routes, exit_node);
     }
 
     /// Run the forwarder while we are the router of some route, stop it when we are not.
@@ -168,6 +229,14 @@ impl Networks {
             None => PeerState::Unreachable,
         }
     }
+}
+
+/// A peer's overlay IPv4 address (where its DNS forwarder listens).
+fn overlay_v4(p: &Peer) -> Option<IpAddr> {
+    p.allowed_ips
+        .iter()
+        .find(|n| n.addr().is_ipv4() && n.prefix_len() == 32)
+        .map(|n| n.addr())
 }
 
 /// Connected when it has a path that works (a relay whose remote is online, or a direct path)

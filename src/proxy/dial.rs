@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::dns::{ResolveError, Resolver};
+use crate::dns::{ResolveError, Resolver};
 use crate::netstack::{ConnectError, Netstack, TcpStream as MeshStream};
 use crate::wg::WgDevice;
 use crate::wg::device::PeerEndpoint;

@@ -3,7 +3,6 @@
 
 pub mod admission;
 pub mod dial;
-pub mod dns;
 pub mod forward;
 pub mod http;
 pub(crate) mod relay;

@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::control::envelope::key_string;
 use crate::control::signal_client::SignalClient;
+use crate::dns::MeshNames;
 use crate::engine::relays::Relays;
-use crate::proxy::dns::MeshNames;
 use crate::wg::WgDevice;
 use crate::wg::device::{Peer, PeerEndpoint};
 

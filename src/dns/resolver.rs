@@ -1,0 +1,534 @@
+//! The resolver: NetBird's chain (`plan`) with the I/O — queries for A and AAAA to nameservers
+//! through the netstack's UDP or from a host socket, the host resolver, CNAMEs of custom zones
+//! followed, DNS routes' answers put on their routing peer.
+//!
+//! The message codec (`build_query`, `parse_answer`) is pure and unit-tested; `Resolver` adds the
+//! exchange with timeouts and retries. Messages come from hickory-proto, not a hand-written codec.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use super::config::{NsGroup, valid_name};
+use super::plan::{DnsRoute, DnsState, Learned, Plan, Step};
+use super::zone::Local;
+use crate::wg::WgDevice;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::netstack::Netstack;
+
+/// Why a name did not resolve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("`{0}` is not a valid host name")]
+    InvalidName(String),
+    #[error("`{0}` does not exist")]
+    NotFound(String),
+    #[error("`{0}` has no address")]
+    NoAddress(String),
+    #[error("no answer from DNS server(s) for `{0}`")]
+    Timeout(String),
+    #[error("DNS lookup of `{0}` failed: {1}")]
+    Failed(String, String),
+}
+
+/// Encode a recursive query for `name` / `rtype` with transaction `id`.
+pub fn build_query(id: u16, name: &Name, rtype: RecordType) -> Vec<u8> {
+    let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(name.clone(), rtype));
+    msg.to_vec()
+        .expect("a single-question query always encodes")
+}
+
+/// What one response says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Addresses (possibly none: the name exists without this record type).
+    Addresses(Vec<IpAddr>),
+    /// NXDOMAIN.
+    NoSuchName,
+    /// A server failure or refusal: try another server.
+    ServerError(ResponseCode),
+}
+
+/// Decode a response to transaction `id`; `None` if the bytes are not that response.
+pub fn parse_answer(bytes: &[u8], id: u16) -> Option<Answer> {
+    let msg = Message::from_vec(bytes).ok()?;
+    if msg.metadata.id != id || msg.metadata.message_type != MessageType::Response {
+        return None;
+    }
+    match msg.metadata.response_code {
+        ResponseCode::NoError => {}
+        ResponseCode::NXDomain => return Some(Answer::NoSuchName),
+        other => return Some(Answer::ServerError(other)),
+    }
+    let addrs = msg
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect();
+    Some(Answer::Addresses(addrs))
+}
+
+/// Names of mesh peers (FQDNs from the network map), answered before any DNS server.
+#[derive(Clone, Debug, Default)]
+pub struct MeshNames(Arc<RwLock<HashMap<String, IpAddr>>>);
+
+impl MeshNames {
+    /// The address of `name` (case-insensitive, trailing dot ignored).
+    pub fn lookup(&self, name: &str) -> Option<IpAddr> {
+        let key = name.trim_end_matches('.').to_ascii_lowercase();
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .copied()
+    }
+
+    /// Every name by its address (one map, for looking up many peers at once).
+    pub fn by_address(&self) -> HashMap<IpAddr, String> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, a)| (*a, n.clone()))
+            .collect()
+    }
+
+    /// Replace every name at once.
+    pub fn replace(&self, names: impl IntoIterator<Item = (String, IpAddr)>) {
+        let map = names
+            .into_iter()
+            .map(|(n, ip)| (n.trim_end_matches('.').to_ascii_lowercase(), ip))
+            .collect();
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = map;
+    }
+}
+
+/// Resolves host names for the dialler, through NetBird's chain (`plan`).
+#[derive(Clone)]
+pub struct Resolver {
+    netstack: Netstack,
+    wg: Arc<WgDevice>,
+    names: MeshNames,
+    state: DnsState,
+}
+
+/// A CNAME chain longer than this is a loop.
+const MAX_CNAME_DEPTH: usize = 8;
+/// A DNS route's forwarder gets this long (`dnsinterceptor`).
+const DNS_ROUTE_TIMEOUT: Duration = Duration::from_secs(8);
+/// One nameserver alone gets this long (`UpstreamTimeout`).
+const SINGLE_SERVER_TIMEOUT: Duration = Duration::from_secs(4);
+/// Several share this much, each at least `MIN_SERVER_TIMEOUT`.
+const GROUP_BUDGET: Duration = Duration::from_secs(5);
+const MIN_SERVER_TIMEOUT: Duration = Duration::from_secs(2);
+/// The host resolver's bound.
+const HOST_TIMEOUT: Duration = Duration::from_secs(8);
+
+impl Resolver {
+    pub fn new(netstack: Netstack, wg: Arc<WgDevice>, names: MeshNames, state: DnsState) -> Self {
+        Self {
+            netstack,
+            wg,
+            names,
+            state,
+        }
+    }
+
+    /// Whether some names go to nameservers rather than the host resolver.
+    pub fn uses_tunnel(&self) -> bool {
+        !self.state.snapshot().groups.is_empty()
+    }
+
+    /// The addresses of `host` (an IP literal resolves to itself).
+    pub async fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, ResolveError> {
+        let host = host.trim_end_matches('.');
+        if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse() {
+            return Ok(vec![ip]);
+        }
+        if let Some(ip) = self.names.lookup(host) {
+            return Ok(vec![ip]);
+        }
+        if host.is_empty() || host.len() > 253 || !valid_name(&host.to_ascii_lowercase()) {
+            return Err(ResolveError::InvalidName(host.chars().take(253).collect()));
+        }
+        let plan = self.state.snapshot();
+        // A single-label name tries the search domains first, as a stub resolver does.
+        let mut candidates: Vec<String> = Vec::new();
+        if !host.contains('.') {
+            candidates.extend(plan.search.iter().map(|d| format!("{host}.{d}")));
+        }
+        candidates.push(host.to_string());
+        let mut last = ResolveError::NotFound(host.to_string());
+        for candidate in candidates {
+            match self.resolve_name(&plan, &candidate, 0).await {
+                Ok(addrs) => return Ok(addrs),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// One name through the chain.
+    async fn resolve_name(
+        &self,
+        plan: &Plan,
+        name: &str,
+        depth: usize,
+    ) -> Result<Vec<IpAddr>, ResolveError> {
+        let mut past_local = false;
+        loop {
+            return match plan.step(name, past_local) {
+                Step::DnsRoute(route) => self.dns_route(&route, name).await,
+                Step::Local => match plan.zones.lookup(name) {
+                    Local::Addresses(a) => Ok(a),
+                    Local::NoData => Err(ResolveError::NoAddress(name.to_string())),
+                    Local::NxDomain => Err(ResolveError::NotFound(name.to_string())),
+                    Local::FallThrough | Local::NotMine => {
+                        past_local = true;
+                        continue;
+                    }
+                    Local::Cname(target) if depth < MAX_CNAME_DEPTH => {
+                        Box::pin(self.resolve_name(plan, &target, depth + 1)).await
+                    }
+                    Local::Cname(_) => Err(ResolveError::Failed(
+                        name.to_string(),
+                        "CNAME chain too long".into(),
+                    )),
+                },
+                Step::Upstream(groups) => self.upstream(&groups, name).await,
+                Step::Host if plan.exit_node => self.host_through_tunnel(name).await,
+                Step::Host => self.resolve_host(name).await,
+            };
+        }
+    }
+
+    /// A DNS route: ask the elected routing peer's forwarder through the tunnel, and put the
+    /// answer's addresses on that peer before answering.
+    async fn dns_route(&self, route: &DnsRoute, name: &str) -> Result<Vec<IpAddr>, ResolveError> {
+        let Some(forwarder) = route.forwarder else {
+            return Err(ResolveError::Failed(
+                name.to_string(),
+                "DNS route without a reachable routing peer".into(),
+            ));
+        };
+        let addrs = self
+            .exchange(forwarder, name, DNS_ROUTE_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                // The forwarder answers SERVFAIL when it cannot resolve: say so plainly.
+                ResolveError::Timeout(n) => ResolveError::Failed(
+                    n,
+                    format!("the routing peer's DNS forwarder {forwarder} did not answer"),
+                ),
+                other => other,
+            })?;
+        if let Some(to) = self.state.learned() {
+            let (done, wait) = tokio::sync::oneshot::channel();
+            let learned = Learned {
+                route: route.route.clone(),
+                addrs: addrs.clone(),
+                done,
+            };
+            if to.send(learned).await.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
+            }
+        }
+        Ok(addrs)
+    }
+
+    /// Nameserver groups: raced; within a group, servers in turn.
+    async fn upstream(&self, groups: &[NsGroup], name: &str) -> Result<Vec<IpAddr>, ResolveError> {
+        let attempts = groups.iter().map(|g| Box::pin(self.group(g, name)));
+        match futures::future::select_ok(attempts).await {
+            Ok((addrs, _)) => Ok(addrs),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn group(&self, g: &NsGroup, name: &str) -> Result<Vec<IpAddr>, ResolveError> {
+        let per_server = if g.servers.len() <= 1 {
+            SINGLE_SERVER_TIMEOUT
+        } else {
+            (GROUP_BUDGET / g.servers.len() as u32).max(MIN_SERVER_TIMEOUT)
+        };
+        let deadline = Instant::now() + GROUP_BUDGET.max(per_server);
+        let mut last = ResolveError::Timeout(name.to_string());
+        for &server in &g.servers {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match self.exchange(server, name, per_server.min(left)).await {
+                Ok(a) => return Ok(a),
+                // An answer that settles it: no need to ask another server.
+                Err(e @ (ResolveError::NotFound(_) | ResolveError::NoAddress(_))) => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// The host's nameservers, asked through the tunnel (an exit node carries them).
+    async fn host_through_tunnel(&self, name: &str) -> Result<Vec<IpAddr>, ResolveError> {
+        let servers = host_nameservers();
+        let usable: Vec<SocketAddr> = servers
+            .iter()
+            .filter(|ip| !ip.is_loopback() && self.wg.route(**ip).is_some())
+            .map(|ip| SocketAddr::new(*ip, 53))
+            .collect();
+        if usable.is_empty() {
+            return Err(ResolveError::Failed(
+                name.to_string(),
+                "an exit node is in use and no nameserver can be asked through it (the host's \
+                 are loopback or none; add a primary nameserver group), so the name is not \
+                 sent to the host's resolver"
+                    .into(),
+            ));
+        }
+        let group = NsGroup {
+            servers: usable,
+            primary: true,
+            domains: Vec::new(),
+            search: false,
+        };
+        self.group(&group, name).await
+    }
+
+    async fn resolve_host(&self, host: &str) -> Result<Vec<IpAddr>, ResolveError> {
+        let lookup = tokio::net::lookup_host((host, 0));
+        match tokio::time::timeout(HOST_TIMEOUT, lookup).await {
+            Err(_) => Err(ResolveError::Timeout(host.to_string())),
+            Ok(Err(e)) => Err(ResolveError::Failed(host.to_string(), e.to_string())),
+            Ok(Ok(addrs)) => {
+                let mut out: Vec<IpAddr> = Vec::new();
+                for a in addrs {
+                    if !out.contains(&a.ip()) {
+                        out.push(a.ip());
+                    }
+                }
+                if out.is_empty() {
+                    Err(ResolveError::NoAddress(host.to_string()))
+                } else {
+                    Ok(out)
+                }
+            }
+        }
+    }
+
+    /// Ask one server for A and AAAA of `host`: through the tunnel when WireGuard routes the
+    /// server (a mesh peer, or inside a route: NetBird's iOS rule), from the host otherwise.
+    async fn exchange(
+        &self,
+        server: SocketAddr,
+        host: &str,
+        timeout: Duration,
+    ) -> Result<Vec<IpAddr>, ResolveError> {
+        let name = Name::from_str(&format!("{host}."))
+            .map_err(|_| ResolveError::InvalidName(host.to_string()))?;
+        let failed = |e: String| ResolveError::Failed(host.to_string(), e);
+        let socket = if self.wg.route(server.ip()).is_some() && !server.ip().is_loopback() {
+            Sock::Mesh(
+                self.netstack
+                    .udp_bind()
+                    .await
+                    .map_err(|e| failed(e.to_string()))?,
+            )
+        } else {
+            let bind: SocketAddr = if server.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            Sock::Host(
+                tokio::net::UdpSocket::bind(bind)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?,
+            )
+        };
+        let id_a: u16 = rand::random();
+        let id_aaaa = id_a.wrapping_add(1);
+        socket
+            .send_to(&build_query(id_a, &name, RecordType::A), server)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        socket
+            .send_to(&build_query(id_aaaa, &name, RecordType::AAAA), server)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let deadline = Instant::now() + timeout;
+        let mut v4: Option<Vec<IpAddr>> = None;
+        let mut v6: Option<Vec<IpAddr>> = None;
+        let mut nxdomain = false;
+        while v4.is_none() || v6.is_none() {
+            let recv = tokio::time::timeout_at(deadline, socket.recv_from()).await;
+            let Ok(Ok((bytes, from))) = recv else { break };
+            if from != server {
+                continue;
+            }
+            let (slot, id) = if v4.is_none() && parse_answer(&bytes, id_a).is_some() {
+                (&mut v4, id_a)
+            } else {
+                (&mut v6, id_aaaa)
+            };
+            match parse_answer(&bytes, id) {
+                Some(Answer::Addresses(a)) => *slot = Some(a),
+                Some(Answer::NoSuchName) => {
+                    nxdomain = true;
+                    *slot = Some(Vec::new());
+                }
+                Some(Answer::ServerError(code)) => {
+                    debug!(%server, ?code, host, "DNS server error");
+                    return Err(failed(format!("{server} answered {code}")));
+                }
+                None => {}
+            }
+        }
+        // IPv4 first: most mesh services listen there.
+        let mut addrs = v4.clone().unwrap_or_default();
+        addrs.extend(v6.clone().unwrap_or_default());
+        if !addrs.is_empty() {
+            return Ok(addrs);
+        }
+        if nxdomain {
+            return Err(ResolveError::NotFound(host.to_string()));
+        }
+        if v4.is_some() && v6.is_some() {
+            return Err(ResolveError::NoAddress(host.to_string()));
+        }
+        Err(ResolveError::Timeout(host.to_string()))
+    }
+}
+
+/// A UDP socket in the netstack or on the host.
+enum Sock {
+    Mesh(crate::netstack::UdpSocket),
+    Host(tokio::net::UdpSocket),
+}
+
+impl Sock {
+    async fn send_to(&self, data: &[u8], to: SocketAddr) -> std::io::Result<()> {
+        match self {
+            Sock::Mesh(s) => s.send_to(data, to),
+            Sock::Host(s) => s.send_to(data, to).await.map(|_| ()),
+        }
+    }
+
+    async fn recv_from(&self) -> std::io::Result<(Vec<u8>, SocketAddr)> {
+        match self {
+            Sock::Mesh(s) => s.recv_from().await,
+            Sock::Host(s) => {
+                let mut buf = vec![0u8; 4096];
+                let (n, from) = s.recv_from(&mut buf).await?;
+                buf.truncate(n);
+                Ok((buf, SocketAddr::new(from.ip().to_canonical(), from.port())))
+            }
+        }
+    }
+}
+
+/// The host's nameservers (`/etc/resolv.conf`).
+fn host_nameservers() -> Vec<IpAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().split('%').next()?.parse().ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::rr::Record;
+    use hickory_proto::rr::rdata::{A, AAAA};
+
+    fn name(s: &str) -> Name {
+        Name::from_str(s).unwrap()
+    }
+
+    fn response(id: u16, code: ResponseCode, records: Vec<Record>) -> Vec<u8> {
+        let mut msg = Message::new(id, MessageType::Response, OpCode::Query);
+        msg.metadata.response_code = code;
+        for r in records {
+            msg.answers.push(r);
+        }
+        msg.to_vec().unwrap()
+    }
+
+    #[test]
+    fn query_round_trips() {
+        let q = build_query(7, &name("web.mesh.test."), RecordType::AAAA);
+        let msg = Message::from_vec(&q).unwrap();
+        assert_eq!(msg.metadata.id, 7);
+        assert!(msg.metadata.recursion_desired);
+        assert_eq!(msg.queries[0].query_type(), RecordType::AAAA);
+        assert_eq!(msg.queries[0].name(), &name("web.mesh.test."));
+    }
+
+    #[test]
+    fn answers_are_decoded() {
+        let n = name("web.mesh.test.");
+        let bytes = response(
+            9,
+            ResponseCode::NoError,
+            vec![
+                Record::from_rdata(n.clone(), 60, RData::A(A("100.64.0.2".parse().unwrap()))),
+                Record::from_rdata(n, 60, RData::AAAA(AAAA("fd00::2".parse().unwrap()))),
+            ],
+        );
+        assert_eq!(
+            parse_answer(&bytes, 9),
+            Some(Answer::Addresses(vec![
+                "100.64.0.2".parse().unwrap(),
+                "fd00::2".parse().unwrap()
+            ]))
+        );
+        assert_eq!(parse_answer(&bytes, 10), None, "wrong transaction id");
+    }
+
+    #[test]
+    fn mesh_names_are_case_insensitive() {
+        let names = MeshNames::default();
+        names.replace([(
+            "Bravo.NetBird.Test.".to_string(),
+            "100.64.0.3".parse().unwrap(),
+        )]);
+        assert_eq!(
+            names.lookup("bravo.netbird.test"),
+            Some("100.64.0.3".parse().unwrap())
+        );
+        assert_eq!(
+            names.lookup("BRAVO.netbird.test."),
+            Some("100.64.0.3".parse().unwrap())
+        );
+        assert_eq!(names.lookup("alpha.netbird.test"), None);
+    }
+
+    #[test]
+    fn errors_and_garbage() {
+        let nx = response(1, ResponseCode::NXDomain, vec![]);
+        assert_eq!(parse_answer(&nx, 1), Some(Answer::NoSuchName));
+        let fail = response(1, ResponseCode::ServFail, vec![]);
+        assert_eq!(
+            parse_answer(&fail, 1),
+            Some(Answer::ServerError(ResponseCode::ServFail))
+        );
+        assert_eq!(parse_answer(b"\x00\x01garbage", 1), None);
+        assert_eq!(parse_answer(&[], 1), None);
+        let query = build_query(1, &name("x.test."), RecordType::A);
+        assert_eq!(parse_answer(&query, 1), None, "a query is not an answer");
+    }
+}
