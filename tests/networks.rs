@@ -111,7 +111,7 @@ impl Lab {
         lab.exec("pub", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         lab.exec("lan", &["ip", "link", "add", "br0", "type", "bridge"]);
         lab.exec("lan", &["ip", "link", "set", "br0", "up"]);
-        for a in ["198.19.1.10/24", "198.19.2.10/24"] {
+        for a in ["198.19.1.10/24", "198.19.2.10/24", "198.19.3.10/24"] {
             lab.exec("lan", &["ip", "addr", "add", a, "dev", "br0"]);
         }
         let mut routers = 0;
@@ -168,7 +168,7 @@ impl Lab {
                 ]);
                 lab.exec("lan", &["ip", "link", "set", &port, "master", "br0"]);
                 lab.exec("lan", &["ip", "link", "set", &port, "up"]);
-                for net in [1, 2] {
+                for net in [1, 2, 3] {
                     let a = format!("198.19.{net}.{}/24", 100 + routers);
                     lab.exec(name, &["ip", "addr", "add", &a, "dev", "lan0"]);
                 }
@@ -179,6 +179,7 @@ impl Lab {
         lab.server("lan", "198.19.1.10", 80);
         lab.server("lan", "198.19.1.10", 8022);
         lab.server("lan", "198.19.2.10", 80);
+        lab.server("lan", "198.19.3.10", 80);
         lab.server("pub", "198.18.0.1", 8088);
         // The dev mesh.
         let mut mesh = Command::new("ip")
@@ -207,6 +208,46 @@ impl Lab {
             bin.to_str().unwrap(),
         ]);
         lab
+    }
+
+    /// dnsmasq in `ns` on `ip`:53 with these host records (`name,address`), authoritative for
+    /// `domains` (unknown names there are NXDOMAIN).
+    fn dnsmasq(&mut self, ns: &str, ip: &str, records: &[&str], domains: &[&str]) {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.ns(ns),
+            "dnsmasq",
+            "--keep-in-foreground",
+        ])
+        .args([
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--user=root",
+        ])
+        .args(["--pid-file", "--port=53", &format!("--listen-address={ip}")]);
+        for r in records {
+            cmd.arg(format!("--host-record={r}"));
+        }
+        for d in domains {
+            cmd.arg(format!("--local=/{d}/"));
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+    }
+
+    /// The resolv.conf processes in `ns` see (`ip netns exec` mounts /etc/netns/NS/).
+    fn resolv_conf(&mut self, ns: &str, server: &str) {
+        let dir = PathBuf::from("/etc/netns").join(self.ns(ns));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("resolv.conf"), format!("nameserver {server}\n")).unwrap();
+        run(&["chmod", "-R", "a+rX", dir.to_str().unwrap()]);
     }
 
     fn server(&mut self, ns: &str, ip: &str, port: u16) {
@@ -340,6 +381,7 @@ impl Drop for Lab {
             let _ = Command::new("ip")
                 .args(["netns", "del", &self.ns(&n)])
                 .output();
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(self.ns(&n)));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -368,12 +410,33 @@ destinations = ["routers"]
 protocol = "tcp"
 ports = ["80"]
 
+[[policies]]
+name = "dns"
+sources = ["clients"]
+destinations = ["routers"]
+protocol = "udp"
+ports = ["53"]
+
 [[routes]]
 net_id = "corp-lan"
 network = "198.19.1.0/24"
 peers = ["router-a"]
 groups = ["clients", "outsiders"]
 access_control_groups = ["routers"]
+
+[[routes]]
+net_id = "corp-apps"
+domains = ["*.apps.internal"]
+peers = ["router-a"]
+groups = ["clients"]
+access_control_groups = ["routers"]
+
+[[nameservers]]
+name = "corp"
+servers = ["198.19.1.10"]
+domains = ["corp.internal"]
+search_domains = true
+groups = ["clients"]
 
 [[routes]]
 net_id = "corp-db"
@@ -383,6 +446,18 @@ groups = ["clients"]
 access_control_groups = ["dbs"]
 "#,
     );
+    // The LAN's DNS server, for the nameserver group and for the router's own resolver (which
+    // answers the DNS route's names).
+    lab.dnsmasq(
+        "lan",
+        "198.19.1.10",
+        &[
+            "app.corp.internal,198.19.1.10",
+            "web.apps.internal,198.19.3.10",
+        ],
+        &["corp.internal", "apps.internal"],
+    );
+    lab.resolv_conf("router-a", "198.19.1.10");
     // The router serves a web page of its own on mesh ports 80 and 22 (same server).
     lab.server("router-a", "127.0.0.1", 8000);
     lab.start(
@@ -415,6 +490,58 @@ access_control_groups = ["dbs"]
         Duration::from_secs(5),
     );
     assert_eq!(body, "198.19.1.101", "through the HTTP proxy too");
+
+    // Names: a nameserver group's match domain, asked through the tunnel (the server is in the
+    // LAN route), by SOCKS5 and the HTTP proxy; a single label through its search domain.
+    let (body, _) = lab.fetch(
+        "client",
+        "http://app.corp.internal/whoami",
+        false,
+        Duration::from_secs(10),
+    );
+    assert_eq!(body, "198.19.1.101");
+    let (body, _) = lab.fetch(
+        "client",
+        "http://app.corp.internal/whoami",
+        true,
+        Duration::from_secs(5),
+    );
+    assert_eq!(body, "198.19.1.101");
+    let (body, _) = lab.fetch("client", "http://app/whoami", false, Duration::from_secs(5));
+    assert_eq!(body, "198.19.1.101", "search domain");
+    assert_ne!(
+        lab.curl("client", "http://nope.corp.internal/whoami", false, 6)
+            .0,
+        0
+    );
+    // A DNS route: its names resolve at the router, and their address (outside every network
+    // route) is routed to it and allowed by its rules once resolved, not before.
+    assert_ne!(
+        lab.curl("client", "http://198.19.3.10/whoami", false, 4).0,
+        0,
+        "not routed before the name is resolved"
+    );
+    let (body, _) = lab.fetch(
+        "client",
+        "http://web.apps.internal/whoami",
+        false,
+        Duration::from_secs(10),
+    );
+    assert_eq!(body, "198.19.3.101");
+    let (body, _) = lab.fetch(
+        "client",
+        "http://web.apps.internal/whoami",
+        true,
+        Duration::from_secs(5),
+    );
+    assert_eq!(body, "198.19.3.101");
+    let (body, _) = lab.fetch(
+        "client",
+        "http://198.19.3.10/whoami",
+        false,
+        Duration::from_secs(5),
+    );
+    assert_eq!(body, "198.19.3.101", "the resolved address is routed now");
 
     // The route rules: TCP 80 only, and nothing of the second network (no policy for it).
     assert_ne!(

@@ -316,12 +316,16 @@ impl DevManagement {
                 routes_firewall_rules: policy.route_rules,
                 dns_config: Some(DnsConfig {
                     service_enable: true,
-                    custom_zones: vec![CustomZone {
+                    custom_zones: std::iter::once(CustomZone {
                         domain: format!("{}.", self.inner.settings.domain),
                         records,
                         ..Default::default()
-                    }],
-                    ..Default::default()
+                    })
+                    .chain(policy.zones)
+                    .collect(),
+                    name_server_groups: policy.nameserver_groups,
+                    // Every peer reports a NetBird version that takes the new port.
+                    forwarder_port: 22054,
                 }),
                 ..Default::default()
             }),

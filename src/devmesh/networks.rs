@@ -14,7 +14,10 @@ use std::path::Path;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::control::management::{FirewallRule, PortInfo, Route, RouteFirewallRule, port_info};
+use crate::control::management::{
+    CustomZone, FirewallRule, NameServer, NameServerGroup, PortInfo, Route, RouteFirewallRule,
+    SimpleRecord, port_info,
+};
 
 /// The file.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -27,6 +30,84 @@ pub struct NetworksFile {
     pub policies: Vec<Policy>,
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
+    #[serde(default)]
+    pub nameservers: Vec<NameserverSpec>,
+    #[serde(default)]
+    pub zones: Vec<ZoneSpec>,
+}
+
+/// A nameserver group.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NameserverSpec {
+    pub name: String,
+    /// `IP` or `IP:PORT` (53 by default).
+    pub servers: Vec<String>,
+    /// Match domains; none with `primary = true` (the default for every name).
+    #[serde(default)]
+    pub domains: Vec<String>,
+    #[serde(default)]
+    pub primary: bool,
+    #[serde(default)]
+    pub search_domains: bool,
+    /// Who gets it; default: All.
+    #[serde(default = "all_group")]
+    pub groups: Vec<String>,
+}
+
+/// A custom DNS zone.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneSpec {
+    pub domain: String,
+    #[serde(default)]
+    pub records: Vec<RecordSpec>,
+    #[serde(default)]
+    pub non_authoritative: bool,
+    #[serde(default)]
+    pub search_domain_disabled: bool,
+    #[serde(default = "all_group")]
+    pub groups: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RecordSpec {
+    pub name: String,
+    /// A, AAAA, CNAME, TXT, MX, SRV, PTR, NS.
+    #[serde(rename = "type")]
+    pub rtype: String,
+    pub value: String,
+    #[serde(default = "default_ttl")]
+    pub ttl: i64,
+}
+
+fn default_ttl() -> i64 {
+    300
+}
+
+/// DNS record type numbers by name.
+fn record_type(name: &str) -> Option<i64> {
+    Some(match name.to_ascii_uppercase().as_str() {
+        "A" => 1,
+        "NS" => 2,
+        "CNAME" => 5,
+        "PTR" => 12,
+        "MX" => 15,
+        "TXT" => 16,
+        "AAAA" => 28,
+        "SRV" => 33,
+        _ => return None,
+    })
+}
+
+/// `IP` or `IP:PORT`.
+fn nameserver(s: &str) -> Option<std::net::SocketAddr> {
+    s.parse().ok().or_else(|| {
+        s.parse::<IpAddr>()
+            .ok()
+            .map(|ip| std::net::SocketAddr::new(ip, 53))
+    })
 }
 
 /// An access policy rule: `sources` may open flows to `destinations`.
@@ -133,6 +214,8 @@ pub struct PeerPolicy {
     pub firewall_rules_is_empty: bool,
     pub routes: Vec<Route>,
     pub route_rules: Vec<RouteFirewallRule>,
+    pub nameserver_groups: Vec<NameServerGroup>,
+    pub zones: Vec<CustomZone>,
 }
 
 impl NetworksFile {
@@ -205,6 +288,50 @@ impl NetworksFile {
                 .chain(&r.groups)
                 .chain(&r.access_control_groups)
             {
+                group(g, &what)?;
+            }
+        }
+        for n in &self.nameservers {
+            let what = format!("nameservers {:?}", n.name);
+            if n.servers.is_empty() {
+                return Err(format!("{what}: no servers"));
+            }
+            for sv in &n.servers {
+                nameserver(sv).ok_or(format!("{what}: {sv:?} is not IP or IP:PORT"))?;
+            }
+            if !n.primary && n.domains.is_empty() {
+                return Err(format!("{what}: give match domains, or primary = true"));
+            }
+            for d in &n.domains {
+                if !crate::dns::config::valid_name(&crate::dns::config::normalize(d)) {
+                    return Err(format!("{what}: {d:?} is not a domain"));
+                }
+            }
+            for g in &n.groups {
+                group(g, &what)?;
+            }
+        }
+        for z in &self.zones {
+            let what = format!("zone {:?}", z.domain);
+            if !crate::dns::config::valid_name(&crate::dns::config::normalize(&z.domain)) {
+                return Err(format!("{what}: not a domain"));
+            }
+            for r in &z.records {
+                let t = record_type(&r.rtype).ok_or(format!(
+                    "{what}: record type {:?} is not supported",
+                    r.rtype
+                ))?;
+                // The same checks the peers apply.
+                crate::dns::zone::Record::from_wire(&SimpleRecord {
+                    name: r.name.clone(),
+                    r#type: t,
+                    class: "IN".into(),
+                    ttl: r.ttl,
+                    r_data: r.value.clone(),
+                })
+                .map_err(|e| format!("{what}: {}: {e}", r.name))?;
+            }
+            for g in &z.groups {
                 group(g, &what)?;
             }
         }
@@ -291,6 +418,51 @@ impl NetworksFile {
                     out.route_rules.extend(self.route_rules(r, &id, me, peers));
                 }
             }
+        }
+        // DNS: groups and zones distributed to us; a group we serve ourselves is left out.
+        for n in &self.nameservers {
+            if !self.members(&n.groups, peers).contains(&me) {
+                continue;
+            }
+            let servers: Vec<std::net::SocketAddr> =
+                n.servers.iter().filter_map(|s| nameserver(s)).collect();
+            if servers.iter().any(|s| s.ip() == IpAddr::V4(peers[me].ip)) {
+                continue;
+            }
+            out.nameserver_groups.push(NameServerGroup {
+                name_servers: servers
+                    .iter()
+                    .map(|s| NameServer {
+                        ip: s.ip().to_string(),
+                        ns_type: 1,
+                        port: i64::from(s.port()),
+                    })
+                    .collect(),
+                primary: n.primary,
+                domains: n.domains.clone(),
+                search_domains_enabled: n.search_domains,
+            });
+        }
+        for z in &self.zones {
+            if !self.members(&z.groups, peers).contains(&me) {
+                continue;
+            }
+            out.zones.push(CustomZone {
+                domain: format!("{}.", z.domain.trim_end_matches('.')),
+                records: z
+                    .records
+                    .iter()
+                    .map(|r| SimpleRecord {
+                        name: format!("{}.", r.name.trim_end_matches('.')),
+                        r#type: record_type(&r.rtype).unwrap_or(1),
+                        class: "IN".into(),
+                        ttl: r.ttl,
+                        r_data: r.value.clone(),
+                    })
+                    .collect(),
+                search_domain_disabled: z.search_domain_disabled,
+                non_authoritative: z.non_authoritative,
+            });
         }
         out
     }

@@ -67,6 +67,7 @@ impl Networks {
     pub async fn run(self, mut routes: watch::Receiver<Vec<Route>>, cancel: CancellationToken) {
         let mut client = ClientRoutes::new(self.own_key.clone(), self.options.selection.clone());
         let mut forwarder: Option<(CancellationToken, JoinSet<()>)> = None;
+        let (dns_domains, _) = watch::channel(Vec::new());
         let (learned_tx, mut learned_rx) = mpsc::channel::<Learned>(64);
         self.dns.report_learned(learned_tx);
         let mut learned: LearnedAddrs = HashMap::new();
@@ -82,7 +83,7 @@ impl Networks {
                     }
                     let list = routes.borrow_and_update().clone();
                     client.set_routes(list);
-                    self.serve(&client, &mut forwarder, &cancel);
+                    self.serve(&client, &mut forwarder, &dns_domains, &cancel);
                 }
                 _ = tick.tick() => {}
                 Some(l) = learned_rx.recv() => {
@@ -158,8 +159,19 @@ impl Networks {
         &self,
         client: &ClientRoutes,
         forwarder: &mut Option<(CancellationToken, JoinSet<()>)>,
+        dns_domains: &watch::Sender<Vec<String>>,
         cancel: &CancellationToken,
     ) {
+        let domains: Vec<String> = client
+            .server_routes()
+            .iter()
+            .filter_map(|r| match &r.target {
+                Target::Domains(d) => Some(d.clone()),
+                Target::Network(_) => None,
+            })
+            .flatten()
+            .collect();
+        dns_domains.send_replace(domains);
         let serving: Vec<(String, Target)> = client
             .server_routes()
             .iter()
@@ -187,6 +199,12 @@ impl Networks {
                     self.view.forward.clone(),
                 );
                 tasks.spawn(fwd.run(token.clone()));
+                // The DNS forwarder for our DNS routes (it answers REFUSED while there are none).
+                tasks.spawn(crate::forward::dns::serve(
+                    self.netstack.clone(),
+                    dns_domains.subscribe(),
+                    token.clone(),
+                ));
                 *forwarder = Some((token, tasks));
             }
             (false, true) => {

@@ -14,6 +14,7 @@
 //! proxy's own listeners included, by routing through us.
 //! Every task hangs off the forwarder's token; dropping the flow queue stops routing.
 
+pub mod dns;
 mod echo;
 mod udp;
 

@@ -198,6 +198,8 @@ enum Command {
         reply: oneshot::Sender<Result<TcpListener, ConnectError>>,
     },
     UdpBind {
+        /// A given port (a service such as the DNS forwarder), or None for an ephemeral one.
+        port: Option<u16>,
         reply: oneshot::Sender<Result<UdpSocket, ConnectError>>,
     },
     /// Become a routing peer: routed flows go to the returned queue.
@@ -372,7 +374,18 @@ impl Netstack {
     /// A UDP socket on an ephemeral port.
     pub async fn udp_bind(&self) -> Result<UdpSocket, ConnectError> {
         let (reply, rx) = oneshot::channel();
-        self.command(Command::UdpBind { reply }).await?;
+        self.command(Command::UdpBind { port: None, reply }).await?;
+        rx.await.map_err(|_| ConnectError::Stopped)?
+    }
+
+    /// A UDP socket on `port` of every mesh address (a service); fails if the port is taken.
+    pub async fn udp_bind_port(&self, port: u16) -> Result<UdpSocket, ConnectError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::UdpBind {
+            port: Some(port),
+            reply,
+        })
+        .await?;
         rx.await.map_err(|_| ConnectError::Stopped)?
     }
 
@@ -866,8 +879,8 @@ impl Stack {
             Command::Listen { port, reply } => {
                 let _ = reply.send(self.start_listen(port));
             }
-            Command::UdpBind { reply } => {
-                let _ = reply.send(self.udp_bind());
+            Command::UdpBind { port, reply } => {
+                let _ = reply.send(self.udp_bind(port));
             }
             Command::ServeRoutes { queue, reply } => {
                 let (tx, rx) = mpsc::channel(queue.max(1));
@@ -993,8 +1006,12 @@ impl Stack {
         Some(self.sockets.add(sock))
     }
 
-    fn udp_bind(&mut self) -> Result<UdpSocket, ConnectError> {
-        let port = self.alloc_port().ok_or(ConnectError::NoPorts)?;
+    fn udp_bind(&mut self, port: Option<u16>) -> Result<UdpSocket, ConnectError> {
+        let port = match port {
+            None => self.alloc_port().ok_or(ConnectError::NoPorts)?,
+            Some(p) if p != 0 && self.ports_in_use.insert(p) => p,
+            Some(p) => return Err(ConnectError::PortInUse(p)),
+        };
         let meta = || vec![udp::PacketMetadata::EMPTY; UDP_QUEUE];
         let mut sock = udp::Socket::new(
             udp::PacketBuffer::new(meta(), vec![0; 64 * 1024]),
