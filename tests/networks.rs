@@ -682,6 +682,28 @@ network = "0.0.0.0/0"
 peers = ["exit"]
 "#,
     );
+    // The client host's resolver is a DNS server on the "internet"; an nftables counter sees
+    // every DNS query the client's host sends itself (not inside the tunnel).
+    lab.dnsmasq(
+        "pub",
+        "198.18.0.1",
+        &["site.example,198.18.0.1"],
+        &["example"],
+    );
+    lab.resolv_conf("client", "198.18.0.1");
+    lab.exec(
+        "client",
+        &["nft", "add table inet t; add counter inet t dns; add chain inet t out { type filter hook output priority 0; }; add rule inet t out udp dport 53 counter name dns"],
+    );
+    let host_dns_queries = |lab: &Lab| -> u64 {
+        let out = lab.exec("client", &["nft", "list", "counter", "inet", "t", "dns"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("counter: {text}"))
+    };
     lab.start("exit", &[]);
     lab.start("client", CLIENT);
     let url = "http://198.18.0.1:8088/whoami";
@@ -705,6 +727,20 @@ peers = ["exit"]
     );
     let st = lab.status("client");
     assert_eq!(st["routes"][0]["exit_node"], true, "{st}");
+    // A name nothing in the mesh answers: the host's nameserver is asked through the exit node,
+    // never by the host itself.
+    let (body, _) = lab.fetch(
+        "client",
+        "http://site.example:8088/whoami",
+        false,
+        Duration::from_secs(10),
+    );
+    assert_eq!(body, "198.18.2.2");
+    assert_eq!(
+        host_dns_queries(&lab),
+        0,
+        "no DNS query left the client's host"
+    );
 
     lab.stop("client");
     lab.start(
@@ -724,5 +760,16 @@ peers = ["exit"]
     assert_eq!(
         body, "198.18.1.2",
         "deselected: straight from the client's host"
+    );
+    let (body, _) = lab.fetch(
+        "client",
+        "http://site.example:8088/whoami",
+        false,
+        Duration::from_secs(10),
+    );
+    assert_eq!(body, "198.18.1.2");
+    assert!(
+        host_dns_queries(&lab) > 0,
+        "the host resolver answers without an exit node"
     );
 }
