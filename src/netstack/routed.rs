@@ -87,7 +87,18 @@ pub(super) struct Accepting {
     pub dst: SocketAddr,
     pub reply: oneshot::Sender<Result<TcpStream, ConnectError>>,
     pub since: Instant,
+    /// The interface poll count when its SYN was queued: a socket still listening after the
+    /// next poll did not take it.
+    pub injected_at: u64,
 }
+
+/// An accept waiting for the destination's listening socket to be taken: smoltcp hands a SYN
+/// to the first listening socket on its endpoint, so only one may listen per endpoint at once.
+pub(super) type Deferred = (
+    SocketAddr,
+    SocketAddr,
+    oneshot::Sender<Result<TcpStream, ConnectError>>,
+);
 
 /// The stack's side of a routing peer: the forwarder's queue and the TCP flows in flight.
 pub(super) struct Intake {
@@ -97,6 +108,7 @@ pub(super) struct Intake {
     /// Routed TCP connections smoltcp holds a socket for.
     pub flows: HashSet<(SocketAddr, SocketAddr)>,
     pub accepting: Vec<Accepting>,
+    pub deferred: std::collections::VecDeque<Deferred>,
 }
 
 impl Intake {
@@ -106,6 +118,7 @@ impl Intake {
             held: HashMap::new(),
             flows: HashSet::new(),
             accepting: Vec::new(),
+            deferred: std::collections::VecDeque::new(),
         }
     }
 
@@ -122,6 +135,13 @@ impl Intake {
     ) -> Option<Vec<u8>> {
         let key = (h.src_addr(), h.dst_addr());
         if self.flows.contains(&key) {
+            if h.syn {
+                // A retransmitted SYN of a connection whose socket has it already: that socket
+                // resends its SYN-ACK itself, and another flow's listening socket on the same
+                // destination must never see this SYN.
+                spare.push(packet);
+                return None;
+            }
             return Some(packet);
         }
         if !h.syn {

@@ -749,6 +749,13 @@ impl Stack {
             let _ = reply.send(Err(ConnectError::Stopped));
             return;
         };
+        let listening = intake.accepting.iter().any(|a| {
+            a.dst == dst && self.sockets.get::<tcp::Socket>(a.handle).state() == tcp::State::Listen
+        });
+        if listening {
+            intake.deferred.push_back((src, dst, reply));
+            return;
+        }
         let Some((syn, _)) = intake.held.remove(&(src, dst)) else {
             let _ = reply.send(Err(ConnectError::Refused));
             return;
@@ -777,6 +784,7 @@ impl Stack {
             dst,
             reply,
             since: Instant::now(),
+            injected_at: self.polls,
         });
         // First in line, so it meets its socket in the next poll.
         self.device.rx.push_front(syn);
@@ -810,7 +818,9 @@ impl Stack {
             let sock = self.sockets.get_mut::<tcp::Socket>(a.handle);
             let state = sock.state();
             let waiting = matches!(state, tcp::State::Listen | tcp::State::SynReceived);
-            if waiting && !a.reply.is_closed() && !intake.hold_expired(a, now) {
+            // Still listening after a poll since its SYN was queued: the SYN was not taken.
+            let missed = state == tcp::State::Listen && self.polls > a.injected_at + 1;
+            if waiting && !missed && !a.reply.is_closed() && !intake.hold_expired(a, now) {
                 i += 1;
                 continue;
             }
@@ -834,6 +844,21 @@ impl Stack {
                 conn.abort(self.sockets.get_mut::<tcp::Socket>(a.handle), self.polls);
             }
             self.conns.push(conn);
+        }
+        // Accepts that waited for their destination's listening socket to be taken.
+        let deferred = std::mem::take(&mut intake.deferred);
+        for (src, dst, reply) in deferred {
+            if reply.is_closed() {
+                if let Some((syn, _)) = self
+                    .intake
+                    .as_mut()
+                    .and_then(|i| i.held.remove(&(src, dst)))
+                {
+                    self.spare.push(syn);
+                }
+                continue;
+            }
+            self.accept_routed(src, dst, reply);
         }
     }
 
@@ -1872,6 +1897,57 @@ mod tests {
             .await
             .is_err()
         );
+        cancel.cancel();
+        let _ = forwarder.await;
+    }
+
+    /// Many connections at once to one routed destination: each is handed to the socket of
+    /// its own SYN (smoltcp gives a SYN to the first socket listening on the endpoint, so the
+    /// stack lets only one listen there at a time), never cross-wired.
+    #[tokio::test]
+    async fn concurrent_routed_connections_to_one_destination_are_not_cross_wired() {
+        let (a, b, cancel) = pair();
+        let mut flows = b.serve_routes(256).await.unwrap();
+        let acl = crate::control::management::RouteFirewallRule {
+            source_ranges: vec!["0.0.0.0/0".into()],
+            destination: "0.0.0.0/0".into(),
+            protocol: 1,
+            ..Default::default()
+        };
+        b.set_route_acl(crate::firewall::RouteAcl::from_wire(&[acl], true).0);
+        let b2 = b.clone();
+        let forwarder = tokio::spawn(async move {
+            while let Some(flow) = flows.recv().await {
+                let RoutedFlow::Tcp { src, dst } = flow else {
+                    continue;
+                };
+                let b3 = b2.clone();
+                tokio::spawn(async move {
+                    // Answer each with the source port its stream says it has.
+                    let mut s = b3.accept_routed(src, dst).await.unwrap();
+                    let said = s.peer_addr().port().to_string();
+                    assert_eq!(said, src.port().to_string());
+                    s.write_all(said.as_bytes()).await.unwrap();
+                    s.shutdown().await.unwrap();
+                });
+            }
+        });
+        let mut clients = Vec::new();
+        for _ in 0..64 {
+            let a = a.clone();
+            clients.push(tokio::spawn(async move {
+                let mut c = a.connect(addr("198.19.1.10", 80)).await.unwrap();
+                let mut got = String::new();
+                c.read_to_string(&mut got).await.unwrap();
+                assert_eq!(got, c.local_addr().port().to_string(), "its own stream");
+            }));
+        }
+        for c in clients {
+            tokio::time::timeout(Duration::from_secs(20), c)
+                .await
+                .unwrap()
+                .unwrap();
+        }
         cancel.cancel();
         let _ = forwarder.await;
     }
