@@ -153,6 +153,60 @@ pub fn management_sync(data: &[u8]) {
         for r in &routes {
             let _ = (r.ha_key(), r.is_exit_node());
         }
+        // The whole client route state: groups, selection, election.
+        let mut client = crate::route::ClientRoutes::new(
+            own.to_string(),
+            crate::route::Selection::from_flags(&["a".into()], &["b".into()]),
+        );
+        client.set_routes(routes);
+        let _ = client.update(|_| crate::route::PeerState::Connected {
+            relayed: true,
+            latency: None,
+        });
+        // The rules, evaluated on a few flows.
+        let (peer, _) =
+            crate::firewall::PeerAcl::from_wire(&map.firewall_rules, map.firewall_rules_is_empty);
+        let (route, _) = crate::firewall::RouteAcl::from_wire(&map.routes_firewall_rules, true);
+        for (src, dst, proto, port) in [
+            ("100.64.0.2", "100.64.0.1", crate::firewall::Proto::Tcp, 80),
+            ("100.64.0.3", "10.0.0.1", crate::firewall::Proto::Udp, 53),
+            ("::1", "2001:db8::1", crate::firewall::Proto::Icmp, 0),
+        ] {
+            let flow = crate::firewall::Flow {
+                src: src.parse().expect("literal"),
+                dst: dst.parse().expect("literal"),
+                proto,
+                dst_port: port,
+            };
+            let _ = (peer.allows(&flow), route.allows(&flow));
+        }
+        // DNS: the chain for a few names.
+        let (dns, _) =
+            crate::dns::DnsConfig::from_wire(&map.dns_config.clone().unwrap_or_default());
+        let state = crate::dns::DnsState::default();
+        state.set_config(dns);
+        let plan = state.snapshot();
+        for name in ["a.netbird.cloud", "x", "*.corp.example", "b.a.example.com."] {
+            let _ = (plan.step(name, false), plan.zones.lookup(name));
+        }
+    }
+}
+
+/// A packet from WireGuard as the netstack's gates read it, and the RST that refuses it.
+pub fn network_packet(data: &[u8]) {
+    if let Some(h) = crate::netstack::raw::inspect(data) {
+        let _ = (h.flow(), h.src_addr(), h.dst_addr());
+    }
+    let mut out = Vec::new();
+    let _ = crate::netstack::raw::rst_for_syn(data, &mut out);
+}
+
+/// A query to the routing peer's DNS forwarder, parsed, matched and answered.
+pub fn dns_forwarder_query(data: &[u8]) {
+    let patterns = vec!["*.corp.example".to_string(), "db.example".to_string()];
+    if let Ok(q) = crate::forward::dns::Query::parse(data, &patterns) {
+        let _ = q.reply(&Ok(vec!["198.19.1.10".parse().expect("literal")]));
+        let _ = q.reply(&Err(hickory_proto::op::ResponseCode::ServFail));
     }
 }
 
@@ -287,4 +341,6 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("ice_candidate", ice_candidate),
     ("ice_demux", ice_demux),
     ("turn_message", turn_message),
+    ("network_packet", network_packet),
+    ("dns_forwarder_query", dns_forwarder_query),
 ];
