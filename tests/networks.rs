@@ -79,6 +79,19 @@ impl Lab {
         run(&[&["ip", "netns", "exec", ns.as_str()], args].concat())
     }
 
+    /// A command in `ns`: (exit code, stdout).
+    fn exec_status(&self, ns: &str, args: &[&str]) -> (i32, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns)])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
     /// `peers`: host names; the ones starting with "router" get a leg on the LAN.
     fn new(peers: &[&str], networks: &str) -> Self {
         assert!(
@@ -963,4 +976,55 @@ domains = ["corp.internal"]
         rss_after <= rss_before + 96 * 1024,
         "RSS {rss_before} -> {rss_after} KiB"
     );
+}
+
+/// Ingress ports (`forwardingRules`): a host port of a gateway peer carries outside clients to
+/// a mesh peer's port — what NetBird's own netstack mode cannot do.
+#[test]
+fn ingress_ports_carry_outside_clients_to_a_mesh_peer() {
+    let mut lab = Lab::new(
+        &["gateway", "web"],
+        r#"
+[[ingress]]
+peer = "gateway"
+port = "18080-18081"
+target = "web"
+target_port = "80-81"
+"#,
+    );
+    lab.server("web", "127.0.0.1", 8000);
+    lab.start("web", &["--expose", "80=127.0.0.1:8000"]);
+    lab.start("gateway", &[]);
+    // From outside the mesh (the "internet" namespace) to the gateway's host port.
+    let start = Instant::now();
+    loop {
+        let out = lab.exec_status(
+            "pub",
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "3",
+                "http://198.18.1.2:18080/whoami",
+            ],
+        );
+        if out.0 == 0 {
+            assert_eq!(out.1, "127.0.0.1", "the web peer's exposed port answered");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "ingress port not served: {}\n{}",
+            out.1,
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!("ingress port answered {:?} after start", start.elapsed());
+    // The range's second port maps to the target's second port, where nothing listens.
+    let out = lab.exec_status(
+        "pub",
+        &["curl", "-sS", "--max-time", "5", "http://198.18.1.2:18081/"],
+    );
+    assert_ne!(out.0, 0);
 }

@@ -85,6 +85,8 @@ pub enum Change {
     PeerAcl(crate::firewall::PeerAcl),
     /// The rules for flows we route changed.
     RouteAcl(crate::firewall::RouteAcl),
+    /// Ingress ports this peer serves changed (`forwardingRules`).
+    Ingress(Vec<crate::forward::ingress::IngressRule>),
     /// The DNS part changed: zones, nameserver groups, the forwarder port.
     Dns(crate::dns::DnsConfig),
     /// Part of the map was refused (a route, a rule): why. The rest of the map stands.
@@ -131,6 +133,7 @@ struct RawPolicy {
     route_rules: Vec<super::management::RouteFirewallRule>,
     dns_resolution: bool,
     dns: Option<super::management::DnsConfig>,
+    forwarding: Vec<super::management::ForwardingRule>,
 }
 
 /// Parse `PeerConfig.address`.
@@ -281,6 +284,7 @@ impl MeshState {
                 route_rules: map.routes_firewall_rules.clone(),
                 dns_resolution,
                 dns: map.dns_config.clone(),
+                forwarding: map.forwarding_rules.clone(),
             },
             &mut changes,
         );
@@ -321,6 +325,11 @@ impl MeshState {
                     .map(|e| Change::Refused(format!("route {e}"))),
             );
             changes.push(Change::RouteAcl(acl));
+        }
+        if raw.forwarding != old.forwarding || first {
+            let (rules, errors) = crate::forward::ingress::decode(&raw.forwarding);
+            changes.extend(errors.into_iter().map(Change::Refused));
+            changes.push(Change::Ingress(rules));
         }
         if raw.dns != old.dns || first {
             let (dns, errors) =

@@ -314,6 +314,7 @@ impl DevManagement {
                 firewall_rules_is_empty: policy.firewall_rules_is_empty,
                 routes_firewall_rules_is_empty: policy.route_rules.is_empty(),
                 routes_firewall_rules: policy.route_rules,
+                forwarding_rules: policy.forwarding_rules,
                 dns_config: Some(DnsConfig {
                     service_enable: true,
                     custom_zones: std::iter::once(CustomZone {

@@ -34,6 +34,29 @@ pub struct NetworksFile {
     pub nameservers: Vec<NameserverSpec>,
     #[serde(default)]
     pub zones: Vec<ZoneSpec>,
+    #[serde(default)]
+    pub ingress: Vec<IngressSpec>,
+}
+
+/// An ingress port: host port(s) of a gateway peer forwarded to a port of another peer.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IngressSpec {
+    /// The gateway peer (host name).
+    pub peer: String,
+    /// tcp or udp.
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    /// Host port or range on the gateway ("8080", "8000-8010").
+    pub port: String,
+    /// The peer that receives (host name).
+    pub target: String,
+    /// Its port, or a range as long as `port`'s.
+    pub target_port: String,
+}
+
+fn tcp() -> String {
+    "tcp".into()
 }
 
 /// A nameserver group.
@@ -216,6 +239,7 @@ pub struct PeerPolicy {
     pub route_rules: Vec<RouteFirewallRule>,
     pub nameserver_groups: Vec<NameServerGroup>,
     pub zones: Vec<CustomZone>,
+    pub forwarding_rules: Vec<crate::control::management::ForwardingRule>,
 }
 
 impl NetworksFile {
@@ -309,6 +333,26 @@ impl NetworksFile {
             }
             for g in &n.groups {
                 group(g, &what)?;
+            }
+        }
+        for i in &self.ingress {
+            let what = format!("ingress {} {}", i.peer, i.port);
+            if !matches!(i.protocol.to_ascii_lowercase().as_str(), "tcp" | "udp") {
+                return Err(format!(
+                    "{what}: protocol {:?} is not tcp or udp",
+                    i.protocol
+                ));
+            }
+            let (a, b) = parse_ports(&i.port)
+                .ok_or(format!("{what}: {:?} is not a port or range", i.port))?;
+            let (c, d) = parse_ports(&i.target_port).ok_or(format!(
+                "{what}: {:?} is not a port or range",
+                i.target_port
+            ))?;
+            if c != d && d - c != b - a {
+                return Err(format!(
+                    "{what}: target range is not as long as the port range"
+                ));
             }
         }
         for z in &self.zones {
@@ -418,6 +462,40 @@ impl NetworksFile {
                     out.route_rules.extend(self.route_rules(r, &id, me, peers));
                 }
             }
+        }
+        // Ingress ports we are the gateway of, towards peers that are registered.
+        for i in self
+            .ingress
+            .iter()
+            .filter(|i| same_host(&i.peer, &peers[me].hostname))
+        {
+            let Some(target) = peers.iter().find(|p| same_host(&i.target, &p.hostname)) else {
+                continue;
+            };
+            let info = |s: &str| {
+                let (a, b) = parse_ports(s).expect("checked at load");
+                Some(PortInfo {
+                    port_selection: Some(if a == b {
+                        port_info::PortSelection::Port(u32::from(a))
+                    } else {
+                        port_info::PortSelection::Range(port_info::Range {
+                            start: u32::from(a),
+                            end: u32::from(b),
+                        })
+                    }),
+                })
+            };
+            out.forwarding_rules
+                .push(crate::control::management::ForwardingRule {
+                    protocol: if i.protocol.eq_ignore_ascii_case("udp") {
+                        3
+                    } else {
+                        2
+                    },
+                    destination_port: info(&i.port),
+                    translated_address: target.ip.octets().to_vec(),
+                    translated_port: info(&i.target_port),
+                });
         }
         // DNS: groups and zones distributed to us; a group we serve ourselves is left out.
         for n in &self.nameservers {

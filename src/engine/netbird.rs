@@ -369,6 +369,7 @@ impl Engine {
         let (events_tx, events_rx) = mpsc::channel(256);
         // Routes: elected and applied by their own task; the map's routes reach it by a watch.
         let (routes_tx, routes_rx) = tokio::sync::watch::channel(Vec::new());
+        let (ingress_tx, ingress_rx) = tokio::sync::watch::channel(Vec::new());
         let networks = super::networks::Networks {
             wg: datapath.wg.clone(),
             netstack: datapath.netstack.clone(),
@@ -379,7 +380,7 @@ impl Engine {
         };
         state
             .tasks
-            .spawn(networks.run(routes_rx, self.cancel.clone()));
+            .spawn(networks.run(routes_rx, ingress_rx, self.cancel.clone()));
         let source = SyncSource {
             url: cfg.management_url.clone(),
             private_key: cfg.private_key,
@@ -401,6 +402,7 @@ impl Engine {
                 routes: routes_tx,
                 netstack: datapath.netstack.clone(),
                 dns: dns.clone(),
+                ingress: ingress_tx,
             },
             self.lifeline(),
         ));
@@ -519,6 +521,8 @@ struct MapSinks {
     netstack: crate::netstack::Netstack,
     /// Where the DNS configuration goes.
     dns: crate::dns::DnsState,
+    /// Ingress ports, for the networks task.
+    ingress: tokio::sync::watch::Sender<Vec<crate::forward::ingress::IngressRule>>,
 }
 
 async fn follow_sync(
@@ -538,6 +542,7 @@ async fn follow_sync(
         routes,
         netstack,
         dns,
+        ingress,
     } = sinks;
     loop {
         let update = tokio::select! {
@@ -608,6 +613,9 @@ async fn follow_sync(
                 Change::RouteAcl(acl) => {
                     debug!(rules = acl.len(), "rules for routed flows applied");
                     netstack.set_route_acl(acl);
+                }
+                Change::Ingress(rules) => {
+                    ingress.send_replace(rules);
                 }
                 Change::Dns(config) => {
                     debug!(

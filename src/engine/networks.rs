@@ -64,7 +64,19 @@ pub(super) struct Networks {
 type LearnedAddrs = HashMap<String, BTreeSet<IpAddr>>;
 
 impl Networks {
-    pub async fn run(self, mut routes: watch::Receiver<Vec<Route>>, cancel: CancellationToken) {
+    pub async fn run(
+        self,
+        mut routes: watch::Receiver<Vec<Route>>,
+        ingress: watch::Receiver<Vec<crate::forward::ingress::IngressRule>>,
+        cancel: CancellationToken,
+    ) {
+        // Ingress ports follow their own rules; owned here, so they end with this task.
+        let mut aux = JoinSet::new();
+        aux.spawn(crate::forward::ingress::serve(
+            self.netstack.clone(),
+            ingress,
+            cancel.child_token(),
+        ));
         let mut client = ClientRoutes::new(self.own_key.clone(), self.options.selection.clone());
         let mut forwarder: Option<(CancellationToken, JoinSet<()>)> = None;
         let (dns_domains, _) = watch::channel(Vec::new());

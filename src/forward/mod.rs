@@ -16,6 +16,7 @@
 
 pub mod dns;
 mod echo;
+pub mod ingress;
 mod udp;
 
 use std::net::{IpAddr, SocketAddr};
@@ -241,7 +242,7 @@ impl HostGuard {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Two netstacks back to back; B routes with a real forwarder towards real host sockets on
     //! loopback (allowed here with `allow_host`, which is what it guards).
     use super::*;
@@ -249,7 +250,8 @@ mod tests {
     use crate::packet::PacketPool;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn pair() -> (Netstack, Netstack, CancellationToken) {
+    /// Two netstacks back to back: A 100.64.0.1, B 100.64.0.2.
+    pub(crate) fn pair() -> (Netstack, Netstack, CancellationToken) {
         let pool = Arc::new(PacketPool::new(1500, 64));
         let (a_out, b_in) = mpsc::channel(256);
         let (b_out, a_in) = mpsc::channel(256);
