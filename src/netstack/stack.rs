@@ -1952,6 +1952,68 @@ mod tests {
         let _ = forwarder.await;
     }
 
+    /// ICMP echo to our address is answered while the peer ACL allows it, dropped once
+    /// management's rules leave the sender out.
+    #[tokio::test]
+    async fn echo_requests_follow_the_peer_acl() {
+        let pool = Arc::new(PacketPool::new(1500, 8));
+        let (to_stack, from_wg) = mpsc::channel(8);
+        let (to_wg, mut out) = mpsc::channel(8);
+        let cancel = CancellationToken::new();
+        let config = NetstackConfig::new(vec![format!("{B}/16").parse().unwrap()], 1420);
+        let (b, task) = Netstack::new(config, from_wg, to_wg, pool, cancel.clone());
+        tokio::spawn(task);
+        let mut echo = Vec::new();
+        // An echo request is an echo reply's mirror: build a reply from A to B, flip its type.
+        assert!(raw::echo_reply_v4(
+            A.parse().unwrap(),
+            B.parse().unwrap(),
+            9,
+            1,
+            b"ping",
+            &mut echo
+        ));
+        let at = 20;
+        echo[at] = 8;
+        echo[at + 2] = 0;
+        echo[at + 3] = 0;
+        let sum = {
+            let mut acc = 0u32;
+            for c in echo[at..].chunks(2) {
+                acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+            while acc > 0xffff {
+                acc = (acc & 0xffff) + (acc >> 16);
+            }
+            !(acc as u16)
+        };
+        echo[at + 2..at + 4].copy_from_slice(&sum.to_be_bytes());
+        assert!(raw::inspect(&echo).unwrap().echo_request);
+        to_stack.send(echo.clone()).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(2), out.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let h = raw::inspect(&reply).unwrap();
+        assert_eq!((h.proto, h.dst), (Proto::Icmp, A.parse().unwrap()));
+        // Rules that allow only TCP 80 from A: the echo is dropped and counted.
+        let allow_80 = crate::control::management::FirewallRule {
+            peer_ip: A.into(),
+            protocol: 2,
+            port: "80".into(),
+            ..Default::default()
+        };
+        b.set_peer_acl(crate::firewall::PeerAcl::from_wire(&[allow_80], true).0);
+        to_stack.send(echo).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), out.recv())
+                .await
+                .is_err()
+        );
+        assert_eq!(b.gate_counters().denied_inbound.load(Ordering::Relaxed), 1);
+        cancel.cancel();
+    }
+
     #[tokio::test]
     async fn the_peer_acl_gates_new_inbound_flows_but_not_replies_to_ours() {
         let (a, b, cancel) = pair();
