@@ -36,6 +36,57 @@ pub struct NetworksFile {
     pub zones: Vec<ZoneSpec>,
     #[serde(default)]
     pub ingress: Vec<IngressSpec>,
+    /// NetBird "Networks": routers and the resources behind them (networks.md §6).
+    #[serde(default)]
+    pub networks: Vec<NetworkSpec>,
+}
+
+/// A Network: its routing peers and its resources; a policy whose destinations include a
+/// resource's group gives the policy's sources a route to that resource through every router.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    pub name: String,
+    pub routers: Vec<RouterSpec>,
+    pub resources: Vec<ResourceSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSpec {
+    #[serde(default)]
+    pub peers: Vec<String>,
+    #[serde(default)]
+    pub peer_groups: Vec<String>,
+    #[serde(default = "default_metric")]
+    pub metric: i64,
+    #[serde(default = "yes")]
+    pub masquerade: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceSpec {
+    /// Its name: the NetID clients select.
+    pub name: String,
+    /// An IP, a prefix, or a domain (`*.` allowed).
+    pub address: String,
+    /// Groups it belongs to (policies name these as destinations).
+    pub groups: Vec<String>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+/// A resource's target: a prefix, or a domain.
+fn resource_target(address: &str) -> Option<Result<IpNet, String>> {
+    if let Ok(ip) = address.parse::<IpAddr>() {
+        return Some(Ok(IpNet::from(ip)));
+    }
+    if let Ok(net) = address.parse::<IpNet>() {
+        return Some(Ok(net.trunc()));
+    }
+    let d = crate::dns::config::normalize(address);
+    crate::dns::config::valid_name(&d).then_some(Err(d))
 }
 
 /// An ingress port: host port(s) of a gateway peer forwarded to a port of another peer.
@@ -263,8 +314,32 @@ impl NetworksFile {
     }
 
     fn check(&self) -> Result<(), String> {
+        let resource_groups: BTreeSet<&String> = self
+            .networks
+            .iter()
+            .flat_map(|n| n.resources.iter().flat_map(|r| &r.groups))
+            .collect();
+        for n in &self.networks {
+            let what = format!("network {:?}", n.name);
+            for r in &n.resources {
+                if resource_target(&r.address).is_none() {
+                    return Err(format!(
+                        "{what}: resource {:?}: {:?} is not an IP, prefix or domain",
+                        r.name, r.address
+                    ));
+                }
+            }
+            for r in &n.routers {
+                if r.peers.is_empty() && r.peer_groups.is_empty() {
+                    return Err(format!("{what}: a router without peers or peer_groups"));
+                }
+                if !(1..=9999).contains(&r.metric) {
+                    return Err(format!("{what}: metric {} outside 1..=9999", r.metric));
+                }
+            }
+        }
         let group = |g: &String, what: &str| {
-            if g == "All" || self.groups.contains_key(g) {
+            if g == "All" || self.groups.contains_key(g) || resource_groups.contains(g) {
                 Ok(())
             } else {
                 Err(format!("{what}: no group {g:?}"))
@@ -431,6 +506,9 @@ impl NetworksFile {
                 }
             }
             out.firewall_rules_is_empty = out.firewall_rules.is_empty();
+        }
+        self.network_resources(me, peers, &mut out, &mut visible);
+        if has_policies {
             out.visible = Some(visible.clone());
         }
         let sees = |q: usize| !has_policies || visible.contains(&q);
@@ -543,6 +621,102 @@ impl NetworksFile {
             });
         }
         out
+    }
+
+    /// Networks' resources as routes (networks.md §6): a source of a policy towards a resource
+    /// gets it through every router of its network, and sees the routers; a router gets its
+    /// own route with the policies' rules, and sees the sources.
+    fn network_resources(
+        &self,
+        me: usize,
+        peers: &[Member],
+        out: &mut PeerPolicy,
+        visible: &mut BTreeSet<usize>,
+    ) {
+        for (ni, n) in self.networks.iter().enumerate() {
+            let mut routers: Vec<(usize, &RouterSpec)> = Vec::new();
+            for r in &n.routers {
+                let mut members = self.members(&r.peer_groups, peers);
+                for (i, p) in peers.iter().enumerate() {
+                    if r.peers.iter().any(|h| same_host(h, &p.hostname)) {
+                        members.insert(i);
+                    }
+                }
+                routers.extend(members.into_iter().map(|m| (m, r)));
+            }
+            for (ri, res) in n.resources.iter().enumerate().filter(|(_, r)| r.enabled) {
+                let applied: Vec<&Policy> = self
+                    .policies
+                    .iter()
+                    .filter(|p| p.enabled && p.destinations.iter().any(|d| res.groups.contains(d)))
+                    .collect();
+                if applied.is_empty() {
+                    continue;
+                }
+                let sources: BTreeSet<usize> = applied
+                    .iter()
+                    .flat_map(|p| self.members(&p.sources, peers))
+                    .collect();
+                let target = resource_target(&res.address).expect("checked at load");
+                let (network, network_type, domains) = match &target {
+                    Ok(net) => (
+                        net.to_string(),
+                        if net.addr().is_ipv4() { 1 } else { 2 },
+                        vec![],
+                    ),
+                    Err(d) => ("192.0.2.0/32".to_string(), 3, vec![d.clone()]),
+                };
+                let id = format!("net{ni}res{ri}");
+                let route = |router: usize, spec: &RouterSpec| Route {
+                    id: format!("{id}:{}", peers[router].hostname),
+                    network: network.clone(),
+                    network_type,
+                    peer: peers[router].key.clone(),
+                    metric: spec.metric,
+                    masquerade: spec.masquerade,
+                    net_id: res.name.clone(),
+                    domains: domains.clone(),
+                    keep_route: true,
+                    skip_auto_apply: false,
+                };
+                let i_route = routers.iter().any(|(r, _)| *r == me);
+                if i_route {
+                    let spec = routers.iter().find(|(r, _)| *r == me).expect("checked").1;
+                    let own = route(me, spec);
+                    for p in &applied {
+                        let srcs: Vec<String> = self
+                            .members(&p.sources, peers)
+                            .into_iter()
+                            .filter(|&q| q != me)
+                            .map(|q| format!("{}/32", peers[q].ip))
+                            .collect();
+                        if srcs.is_empty() {
+                            continue;
+                        }
+                        for port in port_infos(&p.ports) {
+                            out.route_rules.push(RouteFirewallRule {
+                                source_ranges: srcs.clone(),
+                                action: action(&p.action).unwrap_or(0),
+                                destination: network.clone(),
+                                protocol: protocol(&p.protocol).unwrap_or(1),
+                                port_info: port,
+                                is_dynamic: network_type == 3,
+                                domains: domains.clone(),
+                                route_id: own.id.clone(),
+                                ..Default::default()
+                            });
+                        }
+                    }
+                    visible.extend(sources.iter().filter(|&&q| q != me));
+                    out.routes.push(own);
+                } else if sources.contains(&me) {
+                    for (r, spec) in &routers {
+                        visible.insert(*r);
+                        out.routes.push(route(*r, spec));
+                    }
+                }
+            }
+        }
     }
 
     fn routers(&self, r: &RouteSpec, peers: &[Member]) -> BTreeSet<usize> {
@@ -849,6 +1023,64 @@ groups = ["clients"]
             r.route_rules[0].source_ranges,
             vec!["0.0.0.0/0".to_string()]
         );
+    }
+
+    #[test]
+    fn network_resources_become_routes_for_policy_sources_and_rules_for_routers() {
+        let f = NetworksFile::parse(
+            r#"
+[groups]
+clients = ["client"]
+
+[[policies]]
+name = "to-db"
+sources = ["clients"]
+destinations = ["db-res"]
+protocol = "tcp"
+ports = ["5432"]
+
+[[networks]]
+name = "corp"
+routers = [{ peers = ["router-a"], metric = 10 }, { peers = ["router-b"] }]
+resources = [
+  { name = "db", address = "198.19.1.20", groups = ["db-res"] },
+  { name = "apps", address = "*.apps.example", groups = ["db-res"] },
+  { name = "unused", address = "198.19.9.0/24", groups = ["nobody"] },
+]
+"#,
+        )
+        .unwrap();
+        let client = f.policy_for(0, &peers());
+        assert_eq!(client.visible, Some(BTreeSet::from([1, 2])), "the routers");
+        let db: Vec<_> = client.routes.iter().filter(|r| r.net_id == "db").collect();
+        assert_eq!(db.len(), 2, "one HA group through both routers");
+        assert_eq!(
+            (db[0].network.as_str(), db[0].metric),
+            ("198.19.1.20/32", 10)
+        );
+        assert!(db.iter().all(|r| r.keep_route));
+        let apps = client.routes.iter().find(|r| r.net_id == "apps").unwrap();
+        assert_eq!(
+            (apps.network_type, apps.domains.clone()),
+            (3, vec!["*.apps.example".to_string()])
+        );
+        assert!(
+            client.routes.iter().all(|r| r.net_id != "unused"),
+            "no policy applies"
+        );
+
+        let router = f.policy_for(1, &peers());
+        assert!(
+            router.visible.as_ref().unwrap().contains(&0),
+            "sees the source"
+        );
+        assert!(router.routes.iter().all(|r| r.peer == "key-router-a"));
+        let (acl, errors) = RouteAcl::from_wire(&router.route_rules, true);
+        assert!(errors.is_empty());
+        assert!(acl.allows(&flow("100.64.0.1", "198.19.1.20", Proto::Tcp, 5432)));
+        assert!(!acl.allows(&flow("100.64.0.1", "198.19.1.21", Proto::Tcp, 5432)));
+        assert!(!acl.allows(&flow("100.64.0.4", "198.19.1.20", Proto::Tcp, 5432)));
+        assert!(f.policy_for(3, &peers()).routes.is_empty(), "the outsider");
     }
 
     #[test]
