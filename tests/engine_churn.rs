@@ -5,6 +5,10 @@
 //! its credentials back and runs an agent (srflx requests to the dev mesh's STUN server,
 //! checks, often a selected pair) that must end with the engine. Every tenth iteration lets
 //! the engine live long enough for that before stopping it.
+//!
+//! Networks are on too: every churned peer routes a network and a DNS route and serves an
+//! ingress port (so each engine starts and stops a forwarder, a DNS forwarder and a host
+//! listener), and the anchor, their client, elects a router among them as they come and go.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,10 +22,35 @@ use tokio_util::sync::CancellationToken;
 
 const SETUP_KEY: &str = "D3V0000-0000-4000-8000-00000000000B";
 
+const NETWORKS: &str = r#"
+[groups]
+churners = ["churn0", "churn1", "churn2", "churn3"]
+
+[[routes]]
+net_id = "churn-lan"
+network = "198.19.77.0/24"
+peer_groups = ["churners"]
+
+[[routes]]
+net_id = "churn-apps"
+domains = ["*.churn.test"]
+peer_groups = ["churners"]
+
+[[ingress]]
+peer = "churn1"
+port = "38777"
+target = "anchor"
+target_port = "80"
+"#;
+
 async fn mesh() -> DevMesh {
-    DevMesh::start(DevMeshConfig::local(SETUP_KEY, "mesh.test"))
-        .await
-        .unwrap()
+    let networks = netbird_proxy::devmesh::networks::NetworksFile::parse(NETWORKS).unwrap();
+    DevMesh::start(DevMeshConfig {
+        networks: Some(networks),
+        ..DevMeshConfig::local(SETUP_KEY, "mesh.test")
+    })
+    .await
+    .unwrap()
 }
 
 /// A churned engine: one of four identities, so the anchor's map stays small.
@@ -102,7 +131,13 @@ async fn random_start_stop_interleavings_neither_hang_nor_leak() {
         assert_eq!(engine.task_count().await, 0, "iteration {i}");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let ice = hub.snapshot().ice.expect("the anchor's ICE counters");
+    let snap = hub.snapshot();
+    assert!(
+        snap.routes.iter().any(|r| r.network == "churn-lan"),
+        "the anchor never saw the churned routers' network: {:?}",
+        snap.routes
+    );
+    let ice = snap.ice.expect("the anchor's ICE counters");
     assert!(
         ice.pairs_selected > 0,
         "no churned engine ever got an ICE pair: the interleavings did not exercise ICE ({ice:?})"
