@@ -1,8 +1,9 @@
 //! Mesh rows (`E2E_ONLY=mesh`): two netbird-proxy peers of a dev mesh, each in its own network
 //! namespace, meeting through the dev mesh's relay in a third (`--force-relay`), the same with
 //! ICE (direct UDP once ICE selects a pair; the time from start to that is printed) — the
-//! paths NetBird users take — beside the same two namespaces joined by static WireGuard
-//! configs (direct UDP), run interleaved in one go.
+//! paths NetBird users take — B as a NetBird routing peer for its own address (`routed`: A's
+//! connections re-originated by B's forwarder from host sockets) — beside the same two
+//! namespaces joined by static WireGuard configs (direct UDP), run interleaved in one go.
 //!
 //! ```text
 //!   ns A 198.18.10.2 ── veth ── ns H (hub, router) ── veth ── ns B 198.18.11.2
@@ -409,6 +410,61 @@ fn direct_path(bed: &mut MeshBed) -> MeshPath {
     }
 }
 
+/// B as a routing peer (NetBird route `bench-lan` = B's underlay address, direct with ICE): A
+/// forwards to that address, B's forwarder re-originates each connection from a host socket to
+/// the bench server there. The cost of routing next to `direct`, which reaches the same server
+/// through an exposed port.
+fn routed_path(bed: &mut MeshBed) -> MeshPath {
+    let (a, b) = (bed.ns("a"), bed.ns("b"));
+    let management = format!("http://{HUB_A}:{MANAGEMENT_PORT}");
+    let state = |name: &str| bed.dir.join(format!("{name}-routed.state"));
+    let peer_b = Proxy::start_in(
+        Some(&b),
+        &[
+            "--management-url",
+            &management,
+            "--setup-key",
+            SETUP_KEY,
+            "--hostname",
+            "brouted",
+            "--state",
+            state("b").to_str().unwrap(),
+            // The route's target is B's own address: allowed here on purpose.
+            "--route-to-host",
+        ],
+    );
+    let peer_a = Proxy::start_in(
+        Some(&a),
+        &[
+            "--management-url",
+            &management,
+            "--setup-key",
+            SETUP_KEY,
+            "--hostname",
+            "arouted",
+            "--state",
+            state("a").to_str().unwrap(),
+            "--forward",
+            &format!("127.0.0.1:0:{B_ADDR}:{SERVER_PORT}"),
+            "--mesh-only",
+        ],
+    );
+    MeshPath {
+        name: "routed",
+        forward: peer_a.forwards[0],
+        pids: vec![peer_a.pid(), peer_b.pid()],
+        _proxies: vec![peer_a, peer_b],
+    }
+}
+
+/// The dev mesh's account for the routed row.
+const NETWORKS: &str = r#"
+[[routes]]
+net_id = "bench-lan"
+network = "198.18.11.2/32"
+peers = ["brouted"]
+"#;
+
 /// The same two namespaces with static configs: A's WireGuard endpoint is B across H (or,
 /// impaired, H's impairment relay in front of B).
 fn static_path(bed: &mut MeshBed, impaired: bool) -> MeshPath {
@@ -568,6 +624,7 @@ fn condition(bed: &mut MeshBed, mesh_pid: u32, impaired: bool, report: &mut Vec<
     let mut paths = vec![relayed_path(bed, mesh_pid, impaired)];
     if !impaired {
         paths.push(direct_path(bed));
+        paths.push(routed_path(bed));
     }
     paths.push(static_path(bed, impaired));
     let static_index = paths.len() - 1;
@@ -639,9 +696,14 @@ pub fn run() -> bool {
     }
     let mut bed = MeshBed::new();
     let h = bed.ns("h");
-    // The bench server in B, on B's loopback (both peers expose it).
+    // The bench server in B, on B's loopback (both peers expose it), and on B's address for
+    // the routed row.
     let server = format!("127.0.0.1:{SERVER_PORT}");
     bed.spawn(self_command(Some(&bed.ns("b"))).args(["serve", &server]));
+    let routed_server = format!("{B_ADDR}:{SERVER_PORT}");
+    bed.spawn(self_command(Some(&bed.ns("b"))).args(["serve", &routed_server]));
+    let networks = bed.dir.join("networks.toml");
+    std::fs::write(&networks, NETWORKS).unwrap();
     let mesh = Command::new("ip")
         .args([
             "netns",
@@ -651,7 +713,8 @@ pub fn run() -> bool {
             "dev-mesh",
         ])
         .args(["--listen", &format!("{HUB_A}:{MANAGEMENT_PORT}")])
-        .args(["--setup-key", SETUP_KEY, "--domain", DOMAIN])
+        .args(["--setup-key", SETUP_KEY, "--domain", DOMAIN, "--networks"])
+        .arg(&networks)
         .env("NB_LOG_LEVEL", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -56,6 +56,8 @@ pub enum Answer {
     NoSuchName,
     /// A server failure or refusal: try another server.
     ServerError(ResponseCode),
+    /// The answer did not fit in UDP (TC): ask again over TCP.
+    Truncated,
 }
 
 /// Decode a response to transaction `id`; `None` if the bytes are not that response.
@@ -65,6 +67,7 @@ pub fn parse_answer(bytes: &[u8], id: u16) -> Option<Answer> {
         return None;
     }
     match msg.metadata.response_code {
+        ResponseCode::NoError if msg.metadata.truncation => return Some(Answer::Truncated),
         ResponseCode::NoError => {}
         ResponseCode::NXDomain => return Some(Answer::NoSuchName),
         other => return Some(Answer::ServerError(other)),
@@ -385,6 +388,15 @@ impl Resolver {
             };
             match parse_answer(&bytes, id) {
                 Some(Answer::Addresses(a)) => *slot = Some(a),
+                Some(Answer::Truncated) => {
+                    let rtype = if id == id_a {
+                        RecordType::A
+                    } else {
+                        RecordType::AAAA
+                    };
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    *slot = Some(self.exchange_tcp(server, &name, rtype, id, left).await?);
+                }
                 Some(Answer::NoSuchName) => {
                     nxdomain = true;
                     *slot = Some(Vec::new());
@@ -411,6 +423,72 @@ impl Resolver {
         Err(ResolveError::Timeout(host.to_string()))
     }
 }
+
+impl Resolver {
+    /// One query over TCP (after a truncated UDP answer), through the tunnel when WireGuard
+    /// routes the server, from the host otherwise; RFC 1035's two-byte length framing.
+    async fn exchange_tcp(
+        &self,
+        server: SocketAddr,
+        name: &Name,
+        rtype: RecordType,
+        id: u16,
+        timeout: Duration,
+    ) -> Result<Vec<IpAddr>, ResolveError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let host = name.to_ascii();
+        let failed = |e: String| ResolveError::Failed(host.clone(), e);
+        let exchange = async {
+            let mut stream: Box<dyn Stream> =
+                if self.wg.route(server.ip()).is_some() && !server.ip().is_loopback() {
+                    Box::new(
+                        self.netstack
+                            .connect(server)
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    )
+                } else {
+                    Box::new(
+                        tokio::net::TcpStream::connect(server)
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    )
+                };
+            let query = build_query(id, name, rtype);
+            let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&query);
+            stream.write_all(&framed).await.map_err(|e| e.to_string())?;
+            let mut len = [0u8; 2];
+            stream
+                .read_exact(&mut len)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            stream
+                .read_exact(&mut answer)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(answer)
+        };
+        let answer = match tokio::time::timeout(timeout, exchange).await {
+            Err(_) => return Err(ResolveError::Timeout(host)),
+            Ok(Err(e)) => return Err(failed(format!("{server} over TCP: {e}"))),
+            Ok(Ok(a)) => a,
+        };
+        match parse_answer(&answer, id) {
+            Some(Answer::Addresses(a)) => Ok(a),
+            Some(Answer::NoSuchName) => Err(ResolveError::NotFound(host)),
+            Some(Answer::ServerError(code)) => Err(failed(format!("{server} answered {code}"))),
+            Some(Answer::Truncated) | None => {
+                Err(failed(format!("{server}: no usable TCP answer")))
+            }
+        }
+    }
+}
+
+/// A byte stream to a nameserver (in the netstack or on the host).
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
 /// A UDP socket in the netstack or on the host.
 enum Sock {
@@ -530,5 +608,86 @@ mod tests {
         assert_eq!(parse_answer(&[], 1), None);
         let query = build_query(1, &name("x.test."), RecordType::A);
         assert_eq!(parse_answer(&query, 1), None, "a query is not an answer");
+    }
+
+    /// A resolver over real host sockets, with a primary nameserver group at `server`.
+    fn resolver(server: SocketAddr) -> (Resolver, tokio_util::sync::CancellationToken) {
+        let pool = Arc::new(crate::packet::PacketPool::new(1500, 4));
+        let wg = Arc::new(WgDevice::new([7; 32], 0, Vec::new(), pool.clone()).unwrap());
+        let (_tx, from_wg) = tokio::sync::mpsc::channel(4);
+        let (to_wg, _rx) = tokio::sync::mpsc::channel(4);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let config =
+            crate::netstack::NetstackConfig::new(vec!["100.64.0.1/16".parse().unwrap()], 1280);
+        let (netstack, task) =
+            crate::netstack::Netstack::new(config, from_wg, to_wg, pool, cancel.clone());
+        tokio::spawn(task);
+        let state = DnsState::default();
+        state.set_config(crate::dns::DnsConfig {
+            enabled: true,
+            groups: vec![NsGroup {
+                servers: vec![server],
+                primary: true,
+                domains: Vec::new(),
+                search: false,
+            }],
+            ..Default::default()
+        });
+        (
+            Resolver::new(netstack, wg, MeshNames::default(), state),
+            cancel,
+        )
+    }
+
+    /// A nameserver that answers every UDP query truncated and the same query over TCP in
+    /// full: the resolver asks again over TCP, as upstream does.
+    #[tokio::test]
+    async fn a_truncated_answer_is_asked_again_over_tcp() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server = udp.local_addr().unwrap();
+        let tcp = tokio::net::TcpListener::bind(server).await.unwrap();
+        let answer = |query: &[u8], truncated: bool| {
+            let q = Message::from_vec(query).unwrap();
+            let mut msg = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
+            msg.metadata.truncation = truncated;
+            let question = q.queries[0].clone();
+            if !truncated && question.query_type() == RecordType::A {
+                msg.answers.push(Record::from_rdata(
+                    question.name().clone(),
+                    60,
+                    RData::A(A("198.19.1.10".parse().unwrap())),
+                ));
+            }
+            msg.add_query(question);
+            msg.to_vec().unwrap()
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let (n, from) = udp.recv_from(&mut buf).await.unwrap();
+                udp.send_to(&answer(&buf[..n], true), from).await.unwrap();
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = tcp.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut len = [0u8; 2];
+                    s.read_exact(&mut len).await.unwrap();
+                    let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    s.read_exact(&mut q).await.unwrap();
+                    let a = answer(&q, false);
+                    s.write_all(&(a.len() as u16).to_be_bytes()).await.unwrap();
+                    s.write_all(&a).await.unwrap();
+                });
+            }
+        });
+        let (r, cancel) = resolver(server);
+        assert_eq!(
+            r.resolve("big.corp.example").await.unwrap(),
+            vec!["198.19.1.10".parse::<IpAddr>().unwrap()]
+        );
+        cancel.cancel();
     }
 }
