@@ -518,7 +518,7 @@ impl Sock {
 }
 
 /// The host's nameservers (`/etc/resolv.conf`).
-fn host_nameservers() -> Vec<IpAddr> {
+pub(crate) fn host_nameservers() -> Vec<IpAddr> {
     std::fs::read_to_string("/etc/resolv.conf")
         .unwrap_or_default()
         .lines()

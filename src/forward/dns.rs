@@ -2,8 +2,8 @@
 //! DNS routes here (our overlay address, UDP 22054, and 5353 which NetBird DNATs to it); the
 //! host resolves them, the answer goes back with TTL 60, and the addresses open the route ACL
 //! of the matching domain so the flows that follow are forwarded. A name outside our DNS
-//! routes is REFUSED; A and AAAA are answered, other types with NODATA (NetBird asks the host
-//! for MX, TXT, SRV and the like: not done here).
+//! routes is REFUSED; A and AAAA come from the host resolver (so `/etc/hosts` counts), other
+//! types (MX, TXT, SRV, ...) from the host's nameserver. UDP only.
 //!
 //! `Query::parse` and `reply` are pure; `serve` does the I/O.
 
@@ -136,6 +136,16 @@ pub async fn serve(
     domains: watch::Receiver<Vec<String>>,
     cancel: CancellationToken,
 ) {
+    serve_with(netstack, domains, None, cancel).await
+}
+
+/// `serve`, asking `upstream` instead of the host's nameserver for types other than A/AAAA.
+pub async fn serve_with(
+    netstack: Netstack,
+    domains: watch::Receiver<Vec<String>>,
+    upstream: Option<SocketAddr>,
+    cancel: CancellationToken,
+) {
     let mut sockets = Vec::new();
     for port in FORWARDER_PORTS {
         match netstack.udp_bind_port(port).await {
@@ -176,6 +186,15 @@ pub async fn serve(
                 let socket = socket.clone();
                 let netstack = netstack.clone();
                 lookups.spawn(async move {
+                    if !matches!(query.qtype, RecordType::A | RecordType::AAAA) {
+                        // Other types: the host's nameserver answers, as NetBird's forwarder
+                        // asks the host resolver.
+                        let reply = relay_to_host(&query, upstream)
+                            .await
+                            .unwrap_or_else(|| query.reply(&Err(ResponseCode::ServFail)));
+                        let _ = socket.send_to(&reply, from);
+                        return;
+                    }
                     let result = lookup(&query).await;
                     if let Ok(addrs) = &result
                         && !addrs.is_empty()
@@ -193,6 +212,39 @@ pub async fn serve(
         _ = cancel.cancelled() => {}
         _ = futures::future::join_all(tasks) => {}
     }
+}
+
+/// Ask the host's first nameserver (`/etc/resolv.conf`) the query as it came; its answer,
+/// truncated with TC past 512 bytes (no EDNS here). None when there is none or it is silent.
+async fn relay_to_host(q: &Query, upstream: Option<SocketAddr>) -> Option<Vec<u8>> {
+    let server = match upstream {
+        Some(s) => s,
+        None => SocketAddr::new(*crate::dns::resolver::host_nameservers().first()?, 53),
+    };
+    let bind: SocketAddr = if server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = tokio::net::UdpSocket::bind(bind).await.ok()?;
+    socket.connect(server).await.ok()?;
+    socket.send(&q.message.to_vec().ok()?).await.ok()?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let mut answer = Message::from_vec(&buf[..n]).ok()?;
+    if answer.metadata.id != q.message.metadata.id {
+        return None;
+    }
+    let bytes = answer.to_vec().ok()?;
+    if bytes.len() <= 512 {
+        return Some(bytes);
+    }
+    answer.answers.clear();
+    answer.metadata.truncation = true;
+    answer.to_vec().ok()
 }
 
 /// Resolve with the host resolver; both families, filtered when the reply is built.
@@ -230,6 +282,97 @@ mod tests {
 
     fn q(name: &str, t: RecordType) -> Vec<u8> {
         build_query(7, &Name::from_str(name).unwrap(), t)
+    }
+
+    /// A mesh peer asks the forwarder through the tunnel: A from the host resolver (and the
+    /// address opened in the route ACL), TXT from the nameserver, other names REFUSED.
+    #[tokio::test]
+    async fn the_forwarder_answers_over_the_mesh() {
+        use crate::control::management::RouteFirewallRule;
+        use crate::firewall::{Flow, Proto, RouteAcl};
+        let (a, b, cancel) = crate::forward::tests::pair();
+        // The route rule of a DNS route: open only for what the forwarder resolved.
+        let rule = RouteFirewallRule {
+            source_ranges: vec!["0.0.0.0/0".into()],
+            protocol: 1,
+            is_dynamic: true,
+            domains: vec!["localhost".into()],
+            ..Default::default()
+        };
+        b.set_route_acl(RouteAcl::from_wire(&[rule], true).0);
+        // A nameserver answering TXT queries.
+        let ns = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let ns_addr = ns.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let (n, from) = ns.recv_from(&mut buf).await.unwrap();
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                let mut r = response(&q);
+                r.answers.push(Record::from_rdata(
+                    q.queries[0].name().clone(),
+                    60,
+                    RData::TXT(hickory_proto::rr::rdata::TXT::new(vec!["hello".into()])),
+                ));
+                ns.send_to(&r.to_vec().unwrap(), from).await.unwrap();
+            }
+        });
+        let (_tx, domains) = watch::channel(vec!["localhost".to_string()]);
+        let fwd = tokio::spawn(serve_with(
+            b.clone(),
+            domains,
+            Some(ns_addr),
+            cancel.child_token(),
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = a.udp_bind().await.unwrap();
+        let to: SocketAddr = "100.64.0.2:22054".parse().unwrap();
+        let ask = |name: &str, t: RecordType| build_query(9, &Name::from_str(name).unwrap(), t);
+        let flow = Flow {
+            src: "100.64.0.1".parse().unwrap(),
+            dst: "127.0.0.1".parse().unwrap(),
+            proto: Proto::Tcp,
+            dst_port: 80,
+        };
+        assert!(
+            !b.route_acl_allows(&flow),
+            "closed before the name is resolved"
+        );
+        s.send_to(&ask("localhost.", RecordType::A), to).unwrap();
+        let r = answer(&s).await;
+        assert_eq!(r.answers.len(), 1, "{r:?}");
+        assert!(
+            b.route_acl_allows(&flow),
+            "the resolved address is open now"
+        );
+        s.send_to(&ask("localhost.", RecordType::TXT), to).unwrap();
+        let r = answer(&s).await;
+        assert!(matches!(&r.answers[0].data, RData::TXT(_)), "{r:?}");
+        s.send_to(&ask("example.org.", RecordType::A), to).unwrap();
+        assert_eq!(
+            answer(&s).await.metadata.response_code,
+            ResponseCode::Refused
+        );
+        // The same on 5353, NetBird's client port.
+        s.send_to(
+            &ask("example.org.", RecordType::A),
+            "100.64.0.2:5353".parse().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            answer(&s).await.metadata.response_code,
+            ResponseCode::Refused
+        );
+        cancel.cancel();
+        let _ = fwd.await;
+    }
+
+    async fn answer(s: &crate::netstack::UdpSocket) -> Message {
+        let (bytes, _) = tokio::time::timeout(Duration::from_secs(5), s.recv_from())
+            .await
+            .unwrap()
+            .unwrap();
+        Message::from_vec(&bytes).unwrap()
     }
 
     #[test]

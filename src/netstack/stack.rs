@@ -279,6 +279,11 @@ impl Netstack {
             .add_resolved(pattern, ips);
     }
 
+    /// Whether the route ACL lets this flow through now.
+    pub fn route_acl_allows(&self, flow: &crate::firewall::Flow) -> bool {
+        read(&self.rules).route.allows(flow)
+    }
+
     /// What the gates dropped and routed.
     pub fn gate_counters(&self) -> &Arc<GateCounters> {
         &self.counters
