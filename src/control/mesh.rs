@@ -331,9 +331,10 @@ impl MeshState {
             changes.extend(errors.into_iter().map(Change::Refused));
             changes.push(Change::Ingress(rules));
         }
-        if raw.dns != old.dns || first {
-            let (dns, errors) =
+        if raw.dns != old.dns || raw.dns_resolution != old.dns_resolution || first {
+            let (mut dns, errors) =
                 crate::dns::DnsConfig::from_wire(&raw.dns.clone().unwrap_or_default());
+            dns.routing_peer_resolution = raw.dns_resolution;
             changes.extend(
                 errors
                     .into_iter()

@@ -28,6 +28,9 @@ pub struct DnsConfig {
     pub groups: Vec<NsGroup>,
     /// The routing peers' DNS forwarder port (0 from management means 5353).
     pub forwarder_port: u16,
+    /// `PeerConfig.RoutingPeerDnsResolutionEnabled`: DNS routes are resolved by the routing
+    /// peer's forwarder; off, by this peer (upstream's legacy dynamic routes).
+    pub routing_peer_resolution: bool,
 }
 
 /// Where DNS-route queries go when management says nothing (`ForwarderClientPort`).
@@ -126,6 +129,7 @@ impl DnsConfig {
                 zones: if c.service_enable { zones } else { Vec::new() },
                 groups: if c.service_enable { groups } else { Vec::new() },
                 forwarder_port,
+                routing_peer_resolution: true,
             },
             errors,
         )

@@ -43,14 +43,30 @@ pub struct Plan {
     pub search: Vec<String>,
     /// An exit node carries everything else: the host's nameservers are asked through it.
     pub exit_node: bool,
+    /// DNS routes' names go to the routing peer's forwarder; off, the rest of the chain
+    /// resolves them here (and the addresses still go on the routing peer).
+    pub routing_peer_resolution: bool,
 }
 
 impl Plan {
     /// The handler for `name`; `past_local` after a NonAuthoritative zone fell through.
     pub fn step(&self, name: &str, past_local: bool) -> Step {
+        self.step_from(name, past_local, true)
+    }
+
+    /// The DNS route a name belongs to, if any.
+    pub fn dns_route(&self, name: &str) -> Option<DnsRoute> {
+        match self.step(name, false) {
+            Step::DnsRoute(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// `step`, leaving DNS routes out when `routes` is false.
+    pub fn step_from(&self, name: &str, past_local: bool, routes: bool) -> Step {
         let name = normalize(name);
         let mut best: Option<(usize, &DnsRoute)> = None;
-        for r in &self.routes {
+        for r in self.routes.iter().filter(|_| routes) {
             for p in &r.patterns {
                 let hit = match p.strip_prefix("*.") {
                     Some(base) => name.len() > base.len() && in_domain(&name, base),
@@ -207,6 +223,8 @@ impl DnsState {
             groups,
             search,
             exit_node: p.exit_node,
+            routing_peer_resolution: p.config.routing_peer_resolution
+                || p.config == DnsConfig::default(),
         });
     }
 }
@@ -250,6 +268,7 @@ mod tests {
             ],
             search: Vec::new(),
             exit_node: false,
+            routing_peer_resolution: true,
         }
     }
 

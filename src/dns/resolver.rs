@@ -176,7 +176,7 @@ impl Resolver {
         candidates.push(host.to_string());
         let mut last = ResolveError::NotFound(host.to_string());
         for candidate in candidates {
-            match self.resolve_name(&plan, &candidate, 0).await {
+            match self.resolve_name(&plan, &candidate, 0, true).await {
                 Ok(addrs) => return Ok(addrs),
                 Err(e) => last = e,
             }
@@ -184,17 +184,28 @@ impl Resolver {
         Err(last)
     }
 
-    /// One name through the chain.
+    /// One name through the chain; `routes` false leaves DNS routes out (a DNS route's name
+    /// resolved here when routing peers do not resolve them).
     async fn resolve_name(
         &self,
         plan: &Plan,
         name: &str,
         depth: usize,
+        routes: bool,
     ) -> Result<Vec<IpAddr>, ResolveError> {
         let mut past_local = false;
         loop {
-            return match plan.step(name, past_local) {
-                Step::DnsRoute(route) => self.dns_route(&route, name).await,
+            return match plan.step_from(name, past_local, routes) {
+                Step::DnsRoute(route) if plan.routing_peer_resolution => {
+                    self.dns_route(&route, name).await
+                }
+                Step::DnsRoute(route) => {
+                    // Resolved here by the rest of the chain; the addresses still go on the
+                    // route's routing peer.
+                    let addrs = Box::pin(self.resolve_name(plan, name, depth, false)).await?;
+                    self.learned(&route, &addrs).await;
+                    Ok(addrs)
+                }
                 Step::Local => match plan.zones.lookup(name) {
                     Local::Addresses(a) => Ok(a),
                     Local::NoData => Err(ResolveError::NoAddress(name.to_string())),
@@ -204,7 +215,7 @@ impl Resolver {
                         continue;
                     }
                     Local::Cname(target) if depth < MAX_CNAME_DEPTH => {
-                        Box::pin(self.resolve_name(plan, &target, depth + 1)).await
+                        Box::pin(self.resolve_name(plan, &target, depth + 1, true)).await
                     }
                     Local::Cname(_) => Err(ResolveError::Failed(
                         name.to_string(),
@@ -238,18 +249,23 @@ impl Resolver {
                 ),
                 other => other,
             })?;
+        self.learned(route, &addrs).await;
+        Ok(addrs)
+    }
+
+    /// A DNS route's answer: its addresses go on the route's routing peer before it is used.
+    async fn learned(&self, route: &DnsRoute, addrs: &[IpAddr]) {
         if let Some(to) = self.state.learned() {
             let (done, wait) = tokio::sync::oneshot::channel();
             let learned = Learned {
                 route: route.route.clone(),
-                addrs: addrs.clone(),
+                addrs: addrs.to_vec(),
                 done,
             };
             if to.send(learned).await.is_ok() {
                 let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
             }
         }
-        Ok(addrs)
     }
 
     /// Nameserver groups: raced; within a group, servers in turn.
@@ -375,6 +391,9 @@ impl Resolver {
         let mut v4: Option<Vec<IpAddr>> = None;
         let mut v6: Option<Vec<IpAddr>> = None;
         let mut nxdomain = false;
+        // One type refused or failed (a server without AAAA data answers REFUSED) does not
+        // spoil the other's addresses; it decides only when nothing else came.
+        let mut failure: Option<ResolveError> = None;
         while v4.is_none() || v6.is_none() {
             let recv = tokio::time::timeout_at(deadline, socket.recv_from()).await;
             let Ok(Ok((bytes, from))) = recv else { break };
@@ -395,7 +414,17 @@ impl Resolver {
                         RecordType::AAAA
                     };
                     let left = deadline.saturating_duration_since(Instant::now());
-                    *slot = Some(self.exchange_tcp(server, &name, rtype, id, left).await?);
+                    match self.exchange_tcp(server, &name, rtype, id, left).await {
+                        Ok(a) => *slot = Some(a),
+                        Err(ResolveError::NotFound(_)) => {
+                            nxdomain = true;
+                            *slot = Some(Vec::new());
+                        }
+                        Err(e) => {
+                            failure = Some(e);
+                            *slot = Some(Vec::new());
+                        }
+                    }
                 }
                 Some(Answer::NoSuchName) => {
                     nxdomain = true;
@@ -403,7 +432,8 @@ impl Resolver {
                 }
                 Some(Answer::ServerError(code)) => {
                     debug!(%server, ?code, host, "DNS server error");
-                    return Err(failed(format!("{server} answered {code}")));
+                    failure = Some(failed(format!("{server} answered {code}")));
+                    *slot = Some(Vec::new());
                 }
                 None => {}
             }
@@ -416,6 +446,9 @@ impl Resolver {
         }
         if nxdomain {
             return Err(ResolveError::NotFound(host.to_string()));
+        }
+        if let Some(e) = failure {
+            return Err(e);
         }
         if v4.is_some() && v6.is_some() {
             return Err(ResolveError::NoAddress(host.to_string()));
@@ -688,6 +721,66 @@ mod tests {
             r.resolve("big.corp.example").await.unwrap(),
             vec!["198.19.1.10".parse::<IpAddr>().unwrap()]
         );
+        cancel.cancel();
+    }
+
+    /// Without routing-peer resolution (`RoutingPeerDnsResolutionEnabled` off), a DNS route's
+    /// name is resolved here by the rest of the chain, and its addresses still go to the route.
+    #[tokio::test]
+    async fn dns_routes_resolve_here_when_routing_peers_do_not() {
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server = udp.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let (n, from) = udp.recv_from(&mut buf).await.unwrap();
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                let mut msg = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
+                let question = q.queries[0].clone();
+                if question.query_type() == RecordType::A {
+                    msg.answers.push(Record::from_rdata(
+                        question.name().clone(),
+                        60,
+                        RData::A(A("198.19.3.10".parse().unwrap())),
+                    ));
+                } else {
+                    // A server that refuses AAAA: the A answer still counts.
+                    msg.metadata.response_code = ResponseCode::Refused;
+                }
+                msg.add_query(question);
+                udp.send_to(&msg.to_vec().unwrap(), from).await.unwrap();
+            }
+        });
+        let (r, cancel) = resolver(server);
+        let route = DnsRoute {
+            route: "apps|*.apps.example".into(),
+            patterns: vec!["*.apps.example".into()],
+            forwarder: None,
+        };
+        r.state.set_routes(vec![route], false);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        r.state.report_learned(tx);
+        tokio::spawn(async move {
+            while let Some(l) = rx.recv().await {
+                assert_eq!(l.route, "apps|*.apps.example");
+                assert_eq!(l.addrs, vec!["198.19.3.10".parse::<IpAddr>().unwrap()]);
+                let _ = l.done.send(());
+            }
+        });
+        assert!(!r.state.snapshot().routing_peer_resolution);
+        assert_eq!(
+            r.resolve("web.apps.example").await.unwrap(),
+            vec!["198.19.3.10".parse::<IpAddr>().unwrap()]
+        );
+        // With routing-peer resolution on and no routing peer, the name fails.
+        let on = crate::dns::DnsConfig {
+            enabled: true,
+            groups: r.state.snapshot().groups.clone(),
+            routing_peer_resolution: true,
+            ..Default::default()
+        };
+        r.state.set_config(on);
+        assert!(r.resolve("web.apps.example").await.is_err());
         cancel.cancel();
     }
 }
