@@ -20,7 +20,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Proxy, binary, random_bytes, sha256_file, sha256_hex};
+use common::{Proxy, binary, random_bytes, run, sha256_file, sha256_hex};
 
 const KEY: &str = "D3V0000-0000-4000-8000-00000000001C";
 const MGMT_PORT: u16 = 33073;
@@ -45,19 +45,6 @@ struct Lab {
     children: Vec<Child>,
     a: Option<Proxy>,
     b: Option<Proxy>,
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 impl Lab {

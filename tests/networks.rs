@@ -18,7 +18,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Proxy, binary};
+use common::{Proxy, binary, run};
 
 const KEY: &str = "D3V0000-0000-4000-8000-00000000017A";
 const MGMT_PORT: u16 = 33073;
@@ -46,19 +46,6 @@ root = sys.argv[3]
 http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])),
     lambda *a, **k: H(*a, directory=root, **k)).serve_forever()
 "#;
-
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// Namespaces, the dev mesh, servers and peers; all removed on drop.
 struct Lab {

@@ -902,7 +902,7 @@ fn action(s: &str) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::firewall::{Flow, PeerAcl, Proto, RouteAcl};
+    use crate::firewall::{PeerAcl, Proto, RouteAcl};
 
     const FILE: &str = r#"
 [groups]
@@ -943,14 +943,7 @@ groups = ["clients"]
             .collect()
     }
 
-    fn flow(src: &str, dst: &str, proto: Proto, port: u16) -> Flow {
-        Flow {
-            src: src.parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            proto,
-            dst_port: port,
-        }
-    }
+    use crate::firewall::flow;
 
     #[test]
     fn a_client_sees_its_routers_and_gets_their_routes_in_one_ha_group() {

@@ -127,6 +127,30 @@ impl Action {
     }
 }
 
+/// A rule's protocol and action, or why it cannot be enforced.
+fn proto_and_action(protocol: i32, action: i32) -> Result<(RuleProto, Action), String> {
+    let proto = RuleProto::from_wire(protocol)
+        .ok_or_else(|| format!("protocol {protocol} is not enforced"))?;
+    let action = Action::from_wire(action).ok_or_else(|| format!("unknown action {action}"))?;
+    Ok((proto, action))
+}
+
+/// At most 60 characters of a value quoted in an error.
+fn trunc(s: &str) -> String {
+    s.chars().take(60).collect()
+}
+
+/// A flow for tests.
+#[cfg(test)]
+pub(crate) fn flow(src: &str, dst: &str, proto: Proto, dst_port: u16) -> Flow {
+    Flow {
+        src: src.parse().expect("test address"),
+        dst: dst.parse().expect("test address"),
+        proto,
+        dst_port,
+    }
+}
+
 /// Why a rule was skipped (logged; the other rules stand).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("firewall rule {index}: {reason}; skipped")]

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use super::{Action, Flow, Ports, RuleError, RuleProto};
+use super::{Action, Flow, Ports, RuleError, RuleProto, proto_and_action, trunc};
 use crate::control::management;
 
 /// One rule after decoding.
@@ -51,13 +51,12 @@ impl PeerAcl {
             if r.direction != 0 {
                 continue;
             }
-            let Some(proto) = RuleProto::from_wire(r.protocol) else {
-                errors.push(err(format!("protocol {} is not enforced", r.protocol)));
-                continue;
-            };
-            let Some(action) = Action::from_wire(r.action) else {
-                errors.push(err(format!("unknown action {}", r.action)));
-                continue;
+            let (proto, action) = match proto_and_action(r.protocol, r.action) {
+                Ok(pa) => pa,
+                Err(e) => {
+                    errors.push(err(e));
+                    continue;
+                }
             };
             let source = match source_of(r) {
                 Ok(s) => s,
@@ -176,10 +175,6 @@ pub fn decode_compact_addr(b: &[u8]) -> Result<IpAddr, String> {
     }
 }
 
-fn trunc(s: &str) -> String {
-    s.chars().take(60).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,12 +193,7 @@ mod tests {
     }
 
     fn flow(src: &str, proto: Proto, port: u16) -> Flow {
-        Flow {
-            src: src.parse().unwrap(),
-            dst: "100.64.0.2".parse().unwrap(),
-            proto,
-            dst_port: port,
-        }
+        crate::firewall::flow(src, "100.64.0.2", proto, port)
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::{Action, Flow, Ports, RuleError, RuleProto};
+use super::{Action, Flow, Ports, RuleError, RuleProto, proto_and_action, trunc};
 use crate::control::management;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,13 +69,12 @@ impl RouteAcl {
                     continue;
                 }
             };
-            let Some(proto) = RuleProto::from_wire(r.protocol) else {
-                errors.push(err(format!("protocol {} is not enforced", r.protocol)));
-                continue;
-            };
-            let Some(action) = Action::from_wire(r.action) else {
-                errors.push(err(format!("unknown action {}", r.action)));
-                continue;
+            let (proto, action) = match proto_and_action(r.protocol, r.action) {
+                Ok(pa) => pa,
+                Err(e) => {
+                    errors.push(err(e));
+                    continue;
+                }
             };
             let ports = match Ports::from_port_info(r.port_info.as_ref()) {
                 Ok(p) => p.unwrap_or(Ports::Any),
@@ -177,10 +176,6 @@ impl RouteAcl {
     }
 }
 
-fn trunc(s: &str) -> String {
-    s.chars().take(60).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,14 +195,7 @@ mod tests {
         }
     }
 
-    fn flow(src: &str, dst: &str, proto: Proto, port: u16) -> Flow {
-        Flow {
-            src: src.parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            proto,
-            dst_port: port,
-        }
-    }
+    use crate::firewall::flow;
 
     #[test]
     fn no_rules_forward_nothing() {

@@ -321,18 +321,8 @@ impl Netstack {
     /// Send a UDP datagram from `from` (a routed destination) to `to` (a mesh peer) straight to
     /// WireGuard. False when it was dropped: too large for the MTU, or WireGuard's queue full.
     pub fn send_udp(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> bool {
-        let mut buf = self.pool.get();
-        if !raw::udp_packet(from, to, payload, self.mtu, &mut buf) {
-            self.pool.put(buf);
-            return false;
-        }
-        match self.to_wg.try_send(buf) {
-            Ok(()) => true,
-            Err(e) => {
-                self.pool.put(e.into_inner());
-                false
-            }
-        }
+        let mtu = self.mtu;
+        self.send_raw(|buf| raw::udp_packet(from, to, payload, mtu, buf))
     }
 
     /// Send a packet built by `build` (false: nothing to send) straight to WireGuard.

@@ -30,6 +30,11 @@ pub const DEAD_PEER_NET: &str = "100.99.0.0/16";
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 pub fn sh(args: &[&str]) {
+    run(args);
+}
+
+/// Run a command that must succeed; its output.
+pub fn run(args: &[&str]) -> std::process::Output {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -40,6 +45,7 @@ pub fn sh(args: &[&str]) {
         args,
         String::from_utf8_lossy(&out.stderr)
     );
+    out
 }
 
 pub fn sh_quiet(args: &[&str]) {
