@@ -45,6 +45,9 @@ pub struct RoutesView {
     pub forward: Arc<ForwardCounters>,
 }
 
+/// Addresses one DNS route may put on its routing peer (each is a WireGuard route entry).
+const MAX_LEARNED: usize = 1024;
+
 /// How often connection states are looked at for a new election.
 const ELECTION_TICK: Duration = Duration::from_millis(500);
 /// A peer heard from less recently than this (keepalives are every 25 s) is taken as gone.
@@ -99,9 +102,15 @@ impl Networks {
                 }
                 _ = tick.tick() => {}
                 Some(l) = learned_rx.recv() => {
-                    let set = learned.entry(l.route).or_default();
+                    let set = learned.entry(l.route.clone()).or_default();
                     let before = set.len();
-                    set.extend(l.addrs.iter().map(|a| a.to_canonical()));
+                    for a in l.addrs.iter().map(|a| a.to_canonical()) {
+                        if set.len() >= MAX_LEARNED && !set.contains(&a) {
+                            warn!(route = %l.route, "DNS route: over {MAX_LEARNED} addresses learned; new ones are not routed");
+                            break;
+                        }
+                        set.insert(a);
+                    }
                     if set.len() != before && let Some(outcome) = &last {
                         self.apply(outcome, &learned);
                     }

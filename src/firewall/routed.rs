@@ -13,6 +13,9 @@ use ipnet::IpNet;
 use super::{Action, Flow, Ports, RuleError, RuleProto, proto_and_action, trunc};
 use crate::control::management;
 
+/// Resolved addresses kept per DNS-route pattern.
+pub const MAX_RESOLVED: usize = 4096;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Destination {
     Prefix(IpNet),
@@ -138,11 +141,19 @@ impl RouteAcl {
 
     /// The DNS forwarder resolved `domain` (the pattern that matched, e.g. `*.corp.example`) to
     /// these addresses: flows to them pass the rules of that domain from now on.
+    /// At most `MAX_RESOLVED` addresses per pattern are kept (a wildcard over a large zone
+    /// would otherwise grow without bound).
     pub fn add_resolved(&mut self, pattern: &str, ips: impl IntoIterator<Item = IpAddr>) {
-        self.resolved
+        let set = self
+            .resolved
             .entry(pattern.to_ascii_lowercase())
-            .or_default()
-            .extend(ips.into_iter().map(|ip| ip.to_canonical()));
+            .or_default();
+        for ip in ips {
+            if set.len() >= MAX_RESOLVED {
+                break;
+            }
+            set.insert(ip.to_canonical());
+        }
     }
 
     /// Whether this peer forwards a new flow.

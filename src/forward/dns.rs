@@ -27,6 +27,8 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(15);
 const TTL: u32 = 60;
 /// Lookups in flight per port; beyond it queries get SERVFAIL at once.
 const MAX_LOOKUPS: usize = 256;
+/// Host resolver threads busy at once for the forwarder.
+const MAX_LOOKUP_THREADS: usize = 32;
 
 /// A question this forwarder answers.
 #[derive(Debug, PartialEq, Eq)]
@@ -157,7 +159,11 @@ pub async fn serve_with(
         return;
     }
     info!(ports = ?FORWARDER_PORTS, "DNS forwarder for this peer's DNS routes listening on the mesh");
+    // getaddrinfo runs on blocking threads that a timeout or an abort does not stop: each
+    // holds a permit until it returns, so a flood of slow names cannot use up the pool.
+    let threads = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LOOKUP_THREADS));
     let serve_one = |socket: UdpSocket| {
+        let threads = threads.clone();
         let netstack = netstack.clone();
         let domains = domains.clone();
         async move {
@@ -170,8 +176,8 @@ pub async fn serve_with(
                     Some(_) = lookups.join_next(), if !lookups.is_empty() => continue,
                 };
                 let Ok((bytes, from)) = received else { return };
-                let patterns = domains.borrow().clone();
-                let query = match Query::parse(&bytes, &patterns) {
+                let parsed = Query::parse(&bytes, &domains.borrow());
+                let query = match parsed {
                     Ok(q) => q,
                     Err(Refusal::Garbage) => continue,
                     Err(Refusal::Reply(r)) => {
@@ -185,6 +191,7 @@ pub async fn serve_with(
                 }
                 let socket = socket.clone();
                 let netstack = netstack.clone();
+                let threads = threads.clone();
                 lookups.spawn(async move {
                     if !matches!(query.qtype, RecordType::A | RecordType::AAAA) {
                         // Other types: the host's nameserver answers, as NetBird's forwarder
@@ -195,7 +202,7 @@ pub async fn serve_with(
                         let _ = socket.send_to(&reply, from);
                         return;
                     }
-                    let result = lookup(&query).await;
+                    let result = lookup(&query, &threads).await;
                     if let Ok(addrs) = &result
                         && !addrs.is_empty()
                     {
@@ -248,22 +255,32 @@ async fn relay_to_host(q: &Query, upstream: Option<SocketAddr>) -> Option<Vec<u8
 }
 
 /// Resolve with the host resolver; both families, filtered when the reply is built.
-async fn lookup(q: &Query) -> Result<Vec<IpAddr>, ResponseCode> {
+async fn lookup(
+    q: &Query,
+    threads: &std::sync::Arc<tokio::sync::Semaphore>,
+) -> Result<Vec<IpAddr>, ResponseCode> {
     if !matches!(q.qtype, RecordType::A | RecordType::AAAA) {
         return Ok(Vec::new());
     }
+    let Ok(permit) = threads.clone().try_acquire_owned() else {
+        return Err(ResponseCode::ServFail);
+    };
     let host = q.name.clone();
-    match tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((host.as_str(), 0))).await {
-        Err(_) => Err(ResponseCode::ServFail),
-        Ok(Err(e))
+    let resolve = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), 0)).map(|a| a.collect::<Vec<_>>())
+    });
+    match tokio::time::timeout(LOOKUP_TIMEOUT, resolve).await {
+        Err(_) | Ok(Err(_)) => Err(ResponseCode::ServFail),
+        Ok(Ok(Err(e)))
             if e.to_string().contains("not known") || e.kind() == std::io::ErrorKind::NotFound =>
         {
             Err(ResponseCode::NXDomain)
         }
-        Ok(Err(_)) => Err(ResponseCode::ServFail),
-        Ok(Ok(addrs)) => {
+        Ok(Ok(Err(_))) => Err(ResponseCode::ServFail),
+        Ok(Ok(Ok(addrs))) => {
             let mut out: Vec<IpAddr> = Vec::new();
-            for a in addrs.map(|a: SocketAddr| a.ip()) {
+            for a in addrs.into_iter().map(|a: SocketAddr| a.ip()) {
                 if !out.contains(&a) {
                     out.push(a);
                 }

@@ -128,6 +128,9 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let mut running: HashMap<(IngressProto, u16), (SocketAddr, CancellationToken)> = HashMap::new();
+    // Ports that could not be bound: said once, tried again every second (a listener whose
+    // target just changed still holds its port until its task has ended).
+    let mut failing: HashMap<(IngressProto, u16), String> = HashMap::new();
     let mut tasks = JoinSet::new();
     loop {
         let mut wanted: BTreeMap<(IngressProto, u16), SocketAddr> = BTreeMap::new();
@@ -152,37 +155,45 @@ pub async fn serve(
             let token = cancel.child_token();
             let (proto, port) = key;
             let listen = SocketAddr::from(([0, 0, 0, 0], port));
-            match proto {
-                IngressProto::Tcp => match tokio::net::TcpListener::bind(listen).await {
-                    Ok(l) => {
-                        info!(port, %target, "ingress port: TCP to the mesh");
-                        tasks.spawn(serve_tcp(l, netstack.clone(), target, token.clone()));
+            let bound = match proto {
+                IngressProto::Tcp => tokio::net::TcpListener::bind(listen).await.map(|l| {
+                    tasks.spawn(serve_tcp(l, netstack.clone(), target, token.clone()));
+                }),
+                IngressProto::Udp => tokio::net::UdpSocket::bind(listen).await.map(|s| {
+                    tasks.spawn(serve_udp(
+                        Arc::new(s),
+                        netstack.clone(),
+                        target,
+                        token.clone(),
+                    ));
+                }),
+            };
+            match bound {
+                Ok(()) => {
+                    info!(port, ?proto, %target, "ingress port: to the mesh");
+                    failing.remove(&key);
+                    running.insert(key, (target, token));
+                }
+                Err(e) => {
+                    let said = e.to_string();
+                    if failing.get(&key) != Some(&said) {
+                        warn!(port, ?proto, %target, "ingress port: cannot listen: {said}; retrying");
                     }
-                    Err(e) => {
-                        warn!(port, %target, "ingress port: cannot listen on TCP {port}: {e}")
-                    }
-                },
-                IngressProto::Udp => match tokio::net::UdpSocket::bind(listen).await {
-                    Ok(s) => {
-                        info!(port, %target, "ingress port: UDP to the mesh");
-                        tasks.spawn(serve_udp(
-                            Arc::new(s),
-                            netstack.clone(),
-                            target,
-                            token.clone(),
-                        ));
-                    }
-                    Err(e) => {
-                        warn!(port, %target, "ingress port: cannot listen on UDP {port}: {e}")
-                    }
-                },
+                    failing.insert(key, said);
+                }
             }
-            running.insert(key, (target, token));
         }
+        failing.retain(|key, _| {
+            rules
+                .borrow()
+                .iter()
+                .any(|r| r.proto == key.0 && (r.listen.0..=r.listen.1).contains(&key.1))
+        });
         tokio::select! {
             _ = cancel.cancelled() => break,
             r = rules.changed() => if r.is_err() { break },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)), if !failing.is_empty() => {}
         }
     }
     tasks.shutdown().await;

@@ -813,28 +813,32 @@ impl Stack {
             let sock = self.sockets.get_mut::<tcp::Socket>(a.handle);
             let state = sock.state();
             let waiting = matches!(state, tcp::State::Listen | tcp::State::SynReceived);
-            // Still listening after a poll since its SYN was queued: the SYN was not taken.
-            let missed = state == tcp::State::Listen && self.polls > a.injected_at + 1;
+            // Still listening after a poll since its SYN was queued, and the SYN is no longer
+            // queued (smoltcp takes nothing while WireGuard's queue is full): it was not taken.
+            let missed = state == tcp::State::Listen
+                && self.polls > a.injected_at + 1
+                && !self.device.rx.iter().any(|p| {
+                    raw::inspect(p)
+                        .is_some_and(|h| h.syn && h.src_addr() == a.src && h.dst_addr() == a.dst)
+                });
             if waiting && !missed && !a.reply.is_closed() && !intake.hold_expired(a, now) {
                 i += 1;
                 continue;
             }
             let a = intake.accepting.swap_remove(i);
             let established = !waiting && state != tcp::State::Closed && !a.reply.is_closed();
+            let shared = Shared::new(self.config.ring, self.wake.clone());
+            let mut conn = Conn::new(a.handle, shared.clone(), a.dst, a.src);
+            conn.routed = true;
             if !established {
-                let sock = self.sockets.get_mut::<tcp::Socket>(a.handle);
-                sock.abort();
-                intake.flows.remove(&(a.src, a.dst));
-                let size = sock.recv_capacity();
-                self.sockets.remove(a.handle);
-                self.buffers.give_back(size);
+                // Given up: a RST goes out with the next poll (a half-open client learns at
+                // once), then the socket, its flow and its buffers go (`pump`).
                 let _ = a.reply.send(Err(ConnectError::Refused));
+                conn.abort(self.sockets.get_mut::<tcp::Socket>(a.handle), self.polls);
+                self.conns.push(conn);
                 continue;
             }
-            let shared = Shared::new(self.config.ring, self.wake.clone());
-            let stream = TcpStream::new(shared.clone(), a.dst, a.src);
-            let mut conn = Conn::new(a.handle, shared, a.dst, a.src);
-            conn.routed = true;
+            let stream = TcpStream::new(shared, a.dst, a.src);
             if a.reply.send(Ok(stream)).is_err() {
                 conn.abort(self.sockets.get_mut::<tcp::Socket>(a.handle), self.polls);
             }
@@ -854,6 +858,31 @@ impl Stack {
                 continue;
             }
             self.accept_routed(src, dst, reply);
+        }
+    }
+
+    /// Stop routing: held SYNs go back to the pool, half-open routed sockets are reset and
+    /// freed (a stale one would otherwise listen on its destination for ever); established
+    /// routed connections end with their users.
+    fn drop_intake(&mut self) {
+        let Some(intake) = self.intake.take() else {
+            return;
+        };
+        self.spare.extend(intake.held.into_values().map(|(p, _)| p));
+        for a in intake.accepting {
+            let _ = a.reply.send(Err(ConnectError::Stopped));
+            let mut conn = Conn::new(
+                a.handle,
+                Shared::new(self.config.ring, self.wake.clone()),
+                a.dst,
+                a.src,
+            );
+            conn.routed = true;
+            conn.abort(self.sockets.get_mut::<tcp::Socket>(a.handle), self.polls);
+            self.conns.push(conn);
+        }
+        for (_, _, reply) in intake.deferred {
+            let _ = reply.send(Err(ConnectError::Stopped));
         }
     }
 
@@ -905,6 +934,7 @@ impl Stack {
             Command::ServeRoutes { queue, reply } => {
                 let (tx, rx) = mpsc::channel(queue.max(1));
                 if reply.send(rx).is_ok() {
+                    self.drop_intake();
                     self.intake = Some(Intake::new(tx));
                 }
             }
@@ -1063,7 +1093,7 @@ impl Stack {
             .is_some_and(|i| i.to_forwarder.is_closed())
         {
             // The forwarder is gone: routing stops; its open connections end with their users.
-            self.intake = None;
+            self.drop_intake();
         }
         self.pump_accepting(now);
         let mut i = 0;

@@ -60,8 +60,15 @@ impl Selection {
                 .map(|c| c.net_id)
                 .min()
         };
-        let exit = chosen_exit(&|c| self.selected.contains(c.net_id))
-            .or_else(|| chosen_exit(&|c| !c.skip_auto_apply));
+        // `select A B` deselects what it does not name, exit nodes included: management's
+        // choice of exit node applies only while the user chose nothing.
+        let exit = chosen_exit(&|c| self.selected.contains(c.net_id)).or_else(|| {
+            if self.selected.is_empty() {
+                chosen_exit(&|c| !c.skip_auto_apply)
+            } else {
+                None
+            }
+        });
         let explicit = candidates
             .iter()
             .any(|c| !c.exit && self.selected.contains(c.net_id));
@@ -137,9 +144,13 @@ mod tests {
             c("k8s", false, false),
             c("exit", true, false),
         ];
-        assert_eq!(sel(&["k8s"], &[]).apply(&cands), vec![false, true, true]);
+        assert_eq!(sel(&["k8s"], &[]).apply(&cands), vec![false, true, false]);
         assert_eq!(
             sel(&["k8s,db"], &["db"]).apply(&cands),
+            vec![false, true, false]
+        );
+        assert_eq!(
+            sel(&["k8s,exit"], &[]).apply(&cands),
             vec![false, true, true]
         );
     }

@@ -255,12 +255,14 @@ impl Peer {
 
     fn allows_source(&self, ip: IpAddr) -> bool {
         self.allowed_ips.iter().any(|n| n.contains(&ip))
-            || self
-                .routed
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .any(|n| n.contains(&ip))
+    }
+
+    fn routed_contains(&self, ip: IpAddr) -> bool {
+        self.routed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|n| n.contains(&ip))
     }
 
     /// The routed prefixes this peer carries now.
@@ -408,7 +410,11 @@ impl WgDevice {
             .cloned()
             .unwrap_or_default();
         for net in &routed {
-            table.routes.insert(*net, index as usize);
+            // A routed prefix never takes another peer's own prefix (an address a DNS route
+            // learned may be a peer's overlay address).
+            if !table.routes.has_exact(*net) {
+                table.routes.insert(*net, index as usize);
+            }
         }
         table.by_key.insert(spec.public_key, index);
         let tunn = Tunn::new(
@@ -443,7 +449,12 @@ impl WgDevice {
         let old = std::mem::take(&mut table.routed);
         for (key, nets) in &old {
             if let Some(&index) = table.by_key.get(key) {
-                for net in nets {
+                let own = table
+                    .by_index
+                    .get(&index)
+                    .map(|p| p.allowed_ips.clone())
+                    .unwrap_or_default();
+                for net in nets.iter().filter(|n| !own.contains(n)) {
                     table.routes.remove(*net, index as usize);
                 }
             }
@@ -451,19 +462,13 @@ impl WgDevice {
         for (key, nets) in &routed {
             if let Some(&index) = table.by_key.get(key) {
                 for net in nets {
-                    table.routes.insert(*net, index as usize);
+                    // The old routed entries are gone: an exact entry left is a peer's own
+                    // prefix, which a route never takes over.
+                    if !table.routes.has_exact(*net) {
+                        table.routes.insert(*net, index as usize);
+                    }
                 }
             }
-        }
-        // A routed prefix may have displaced a peer's own (an overlay /32 inside a route):
-        // the peers' own AllowedIPs win back.
-        let own: Vec<(IpNet, u32)> = table
-            .by_index
-            .iter()
-            .flat_map(|(&i, p)| p.allowed_ips.iter().map(move |n| (*n, i)))
-            .collect();
-        for (net, index) in own {
-            table.routes.insert(net, index as usize);
         }
         for peer in table.by_index.values() {
             let key = peer.public_key.to_bytes();
@@ -471,6 +476,17 @@ impl WgDevice {
             *peer.routed.write().unwrap_or_else(|e| e.into_inner()) = nets;
         }
         table.routed = routed;
+    }
+
+    /// Whether `peer` may send packets from `ip`: its own AllowedIPs, or a routed prefix
+    /// through which WireGuard would send to `ip` via this very peer (cryptokey routing: an
+    /// exit node's 0.0.0.0/0 does not let it speak for another peer's more specific address).
+    fn source_allowed(&self, peer: &Peer, ip: IpAddr) -> bool {
+        peer.allows_source(ip)
+            || (peer.routed_contains(ip)
+                && self
+                    .route(ip)
+                    .is_some_and(|p| std::ptr::eq(Arc::as_ptr(&p), peer)))
     }
 
     /// The peer with this public key.
@@ -782,7 +798,7 @@ impl WgDevice {
             return None;
         };
         peer.roam(src);
-        if !peer.allows_source(from) {
+        if !self.source_allowed(peer, from) {
             peer.counters.rx_spoofed.fetch_add(1, Ordering::Relaxed);
             debug!(peer = %short_key(&peer.public_key), %from, "dropped packet: source outside AllowedIPs");
             self.pool.put(out);
@@ -1192,24 +1208,14 @@ mod tests {
         assert!(dev.route(ip("198.19.1.10")).is_none());
         dev.set_routed(HashMap::from([(a.public_key, vec![lan])]));
         assert_eq!(key_of(&dev.route(ip("198.19.1.10")).unwrap()), a.public_key);
-        assert!(
-            dev.peer(&a.public_key)
-                .unwrap()
-                .allows_source(ip("198.19.1.10"))
-        );
-        assert!(
-            !dev.peer(&b.public_key)
-                .unwrap()
-                .allows_source(ip("198.19.1.10"))
-        );
+        let allowed =
+            |key: &[u8; 32], at: &str| dev.source_allowed(&dev.peer(key).unwrap(), ip(at));
+        assert!(allowed(&a.public_key, "198.19.1.10"));
+        assert!(!allowed(&b.public_key, "198.19.1.10"));
         // Failover: the prefix moves.
         dev.set_routed(HashMap::from([(b.public_key, vec![lan])]));
         assert_eq!(key_of(&dev.route(ip("198.19.1.10")).unwrap()), b.public_key);
-        assert!(
-            !dev.peer(&a.public_key)
-                .unwrap()
-                .allows_source(ip("198.19.1.10"))
-        );
+        assert!(!allowed(&a.public_key, "198.19.1.10"));
         // Re-created (new AllowedIPs from the map): it keeps its routed prefix.
         dev.add_peer(spec(2, "100.64.0.4/32"));
         assert_eq!(key_of(&dev.route(ip("198.19.1.10")).unwrap()), b.public_key);
@@ -1223,7 +1229,16 @@ mod tests {
         assert_eq!(key_of(&dev.route(ip("203.0.113.7")).unwrap()), a.public_key);
         assert_eq!(key_of(&dev.route(ip("100.64.0.4")).unwrap()), b.public_key);
         assert!(dev.route(ip("198.19.1.10")).is_some());
+        // The exit node speaks for the internet, never for another peer's address.
+        assert!(allowed(&a.public_key, "203.0.113.7"));
+        assert!(!allowed(&a.public_key, "100.64.0.4"), "B's own address");
+        // A routed /32 equal to a peer's own address does not take it, and survives updates.
+        let b_own: IpNet = "100.64.0.4/32".parse().unwrap();
+        dev.set_routed(HashMap::from([(a.public_key, vec![b_own])]));
+        assert_eq!(key_of(&dev.route(ip("100.64.0.4")).unwrap()), b.public_key);
+        dev.set_routed(HashMap::from([(b.public_key, vec![b_own])]));
         dev.set_routed(HashMap::new());
+        assert_eq!(key_of(&dev.route(ip("100.64.0.4")).unwrap()), b.public_key);
         assert!(dev.route(ip("203.0.113.7")).is_none());
         assert!(dev.route(ip("100.64.0.9")).is_none());
     }

@@ -41,6 +41,12 @@ impl AllowedIps {
             .map(|&(_, peer)| peer)
     }
 
+    /// Whether exactly this prefix is routed (to anyone).
+    pub fn has_exact(&self, net: IpNet) -> bool {
+        let net = net.trunc();
+        self.entries.iter().any(|(n, _)| *n == net)
+    }
+
     /// Drop `net` if it is routed to `peer`.
     pub fn remove(&mut self, net: IpNet, peer: usize) {
         let net = net.trunc();
