@@ -676,11 +676,12 @@ mod exec {
         {
             return code;
         }
-        let ready_line = Arc::new(Mutex::new(None::<String>));
+        let ready_line = Arc::new(Mutex::new(None::<ReadyInfo>));
         let on_ready: super::OnReady = {
             let line = ready_line.clone();
             Arc::new(move |ready| {
-                *line.lock().unwrap_or_else(|e| e.into_inner()) = Some(ready.to_string());
+                let bound = ready.listeners.iter().map(|(k, a, _)| (*k, *a)).collect();
+                *line.lock().unwrap_or_else(|e| e.into_inner()) = Some((ready.to_string(), bound));
             })
         };
         let mut peer = tokio::spawn(super::run_peer(
@@ -708,10 +709,10 @@ mod exec {
     async fn supervise(
         hub: &netbird_proxy::status::StatusHub,
         peer: &mut tokio::task::JoinHandle<ExitCode>,
-        ready_line: &Mutex<Option<String>>,
+        ready_line: &Mutex<Option<ReadyInfo>>,
         ready_timeout: Duration,
         command: Vec<String>,
-        env: Vec<(String, String)>,
+        env: ProxyEnv,
     ) -> Option<i32> {
         let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut quit)) = (
             signal(SignalKind::terminate()),
@@ -743,9 +744,16 @@ mod exec {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
-        if let Some(line) = ready_line.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            eprintln!("{line}");
-        }
+        let ready = ready_line.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let bound = match ready {
+            Some((line, bound)) => {
+                eprintln!("{line}");
+                bound
+            }
+            None => Vec::new(),
+        };
+        // The listeners' bound addresses: a port 0 asked for is the port the system gave.
+        let env = env.vars(&bound);
 
         let mut child = match tokio::process::Command::new(&command[0])
             .args(&command[1..])
@@ -826,9 +834,49 @@ mod exec {
         }
     }
 
-    /// ALL_PROXY, HTTP_PROXY, HTTPS_PROXY, NO_PROXY and their lower-case forms.
-    fn proxy_env(run: &RunArgs) -> Result<Vec<(String, String)>, String> {
+    /// The ready line and the listeners' bound addresses (kind, address).
+    type ReadyInfo = (String, Vec<(&'static str, SocketAddr)>);
+
+    /// What the command's proxy variables are made of: the listeners asked for and their
+    /// credentials (checked before the peer starts).
+    struct ProxyEnv {
+        socks: Option<SocketAddr>,
+        http: Option<SocketAddr>,
+        socks_auth: Option<Credentials>,
+        http_auth: Option<Credentials>,
+    }
+
+    fn proxy_env(run: &RunArgs) -> Result<ProxyEnv, String> {
         let (socks_auth, http_auth) = run.credentials()?;
+        Ok(ProxyEnv {
+            socks: run.socks.first().copied(),
+            http: run.http.first().copied(),
+            socks_auth,
+            http_auth,
+        })
+    }
+
+    impl ProxyEnv {
+        /// ALL_PROXY, HTTP_PROXY, HTTPS_PROXY, NO_PROXY and their lower-case forms, with the
+        /// listeners' bound addresses where known.
+        fn vars(&self, bound: &[(&'static str, SocketAddr)]) -> Vec<(String, String)> {
+            let first = |kind: &str| bound.iter().find(|(k, _)| *k == kind).map(|(_, a)| *a);
+            proxy_vars(
+                first("socks5").or(self.socks),
+                first("http").or(self.http),
+                self.socks_auth.as_ref(),
+                self.http_auth.as_ref(),
+            )
+        }
+    }
+
+    /// ALL_PROXY, HTTP_PROXY, HTTPS_PROXY, NO_PROXY and their lower-case forms.
+    fn proxy_vars(
+        socks: Option<SocketAddr>,
+        http: Option<SocketAddr>,
+        socks_auth: Option<&Credentials>,
+        http_auth: Option<&Credentials>,
+    ) -> Vec<(String, String)> {
         let url = |scheme: &str, addr: SocketAddr, auth: Option<&Credentials>| {
             let ip = if addr.ip().is_unspecified() {
                 "127.0.0.1".to_string()
@@ -842,14 +890,8 @@ mod exec {
                 .unwrap_or_default();
             format!("{scheme}://{user}{ip}:{}", addr.port())
         };
-        let socks = run
-            .socks
-            .first()
-            .map(|a| url("socks5h", *a, socks_auth.as_ref()));
-        let http = run
-            .http
-            .first()
-            .map(|a| url("http", *a, http_auth.as_ref()));
+        let socks = socks.map(|a| url("socks5h", a, socks_auth));
+        let http = http.map(|a| url("http", a, http_auth));
         let mut env = Vec::new();
         let mut set = |name: &str, value: &Option<String>| {
             if let Some(v) = value {
@@ -860,7 +902,7 @@ mod exec {
         set("ALL_PROXY", &socks.clone().or_else(|| http.clone()));
         set("HTTP_PROXY", &http.clone().or_else(|| socks.clone()));
         set("HTTPS_PROXY", &http.or(socks));
-        set("NO_PROXY", &Some("localhost,127.0.0.1".into()));
-        Ok(env)
+        set("NO_PROXY", &Some("localhost,127.0.0.1,::1".into()));
+        env
     }
 }

@@ -29,11 +29,41 @@ fn exec_runs_curl_through_the_mesh_and_passes_on_exit_codes_and_signals() {
     let state = TempDir::new("exec");
     let web = LocalServer::start("exec-web");
     std::fs::write(web.dir.join("index.html"), b"page through exec\n").unwrap();
+    // An HTTP/1.0 origin too (Python's plain http.server), on bravo's mesh port 81.
+    let old_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut http10 = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &old_port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .arg("--directory")
+        .arg(&web.dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        || std::net::TcpStream::connect(("127.0.0.1", old_port)).is_ok(),
+        "python http.server",
+    );
     let _bravo = join(
         &mesh,
         &state.0,
         "bravo",
-        &["--expose", &format!("80={}", web.port)],
+        &[
+            "--expose",
+            &format!("80={}", web.port),
+            "--expose",
+            &format!("81=127.0.0.1:{old_port}"),
+        ],
     );
 
     // The page, through the variables exec sets (curl reads ALL_PROXY/http_proxy itself).
@@ -56,9 +86,43 @@ fn exec_runs_curl_through_the_mesh_and_passes_on_exit_codes_and_signals() {
     assert!(err.contains("socks5h://127.0.0.1:"), "{err}");
     assert!(err.contains(" http://127.0.0.1:"), "{err}");
     assert!(
-        err.contains("localhost,127.0.0.1 unset"),
-        "the setup key leaked: {err}"
+        err.contains("localhost,127.0.0.1,::1 unset"),
+        "NO_PROXY without ::1, or the setup key leaked: {err}"
     );
+    // Port 0 asked for: the variables carry the ports the listeners got.
+    let mut c = Command::new(binary());
+    c.args(["exec", "--management-url", &mesh.management])
+        .args(["--hostname", "alpha", "--log-level", "warn"])
+        .args(["--socks", "0", "--http", "127.0.0.1:0", "--state"])
+        .arg(state.0.join("alpha"))
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo \"$ALL_PROXY $HTTP_PROXY\" >&2; \
+             curl -sS --max-time 20 http://bravo.mesh.test/index.html && \
+             curl -sS --max-time 20 --proxy \"$HTTP_PROXY\" http://bravo.mesh.test/index.html && \
+             curl -sS --max-time 20 -o /dev/null -w 'version %{http_version}' \
+               --proxy \"$HTTP_PROXY\" http://bravo.mesh.test:81/index.html >&2",
+        ])
+        .env("NB_SETUP_KEY", &mesh.setup_key);
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(
+        out.stdout, b"page through exec\npage through exec\n",
+        "{err}"
+    );
+    assert!(
+        !err.contains(":0 ") && !err.contains(":0\n"),
+        "port 0 exported: {err}"
+    );
+    assert!(
+        err.contains("version 1.1"),
+        "an HTTP/1.0 origin's status line reached the client: {err}"
+    );
+    let _ = http10.kill();
+    let _ = http10.wait();
     // This run registered alpha, so it logged alpha out and dropped the dead key.
     assert!(!state.0.join("alpha").exists(), "{err}");
 

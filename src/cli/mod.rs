@@ -318,7 +318,7 @@ pub enum Command {
         detail: bool,
     },
     /// Join the mesh, wait until ready, and run CMD with ALL_PROXY, HTTP_PROXY, HTTPS_PROXY
-    /// (and lower-case forms) pointing at our listeners and NO_PROXY=localhost,127.0.0.1;
+    /// (and lower-case forms) pointing at our listeners and NO_PROXY=localhost,127.0.0.1,::1;
     /// signals go to CMD, and we exit with its status once the peer has shut down. Without
     /// --socks/--http, both listen on free loopback ports.
     Exec {

@@ -50,7 +50,7 @@ pub enum DialError {
     NetworkUnreachable(String),
     #[error("host unreachable: {0}")]
     HostUnreachable(String),
-    #[error("{0} did not answer within {1:?}")]
+    #[error("{0} did not answer within {1:.1?}")]
     TimedOut(SocketAddr, Duration),
     #[error("{0} refused the connection")]
     Refused(SocketAddr),

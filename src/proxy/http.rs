@@ -300,6 +300,9 @@ async fn forward(req: Request<Incoming>, from: SocketAddr, dialer: Dialer) -> Re
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             parts.headers.append(header::VIA, via().clone());
+            // We speak HTTP/1.1 to our clients whatever the origin speaks (RFC 9110 §2.5): an
+            // HTTP/1.0 status line passed on would make clients drop the proxy connection.
+            parts.version = http::Version::HTTP_11;
             debug!(%from, %target, status = %parts.status, "http: forwarded");
             Response::from_parts(parts, body.boxed())
         }
