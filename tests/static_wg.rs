@@ -172,11 +172,18 @@ fn two_hundred_concurrent_socks_connections() {
         out
     });
     let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    let log = proxy.log();
+    let tail: String = {
+        let mut t: Vec<char> = log.chars().rev().take(4000).collect();
+        t.reverse();
+        t.into_iter().collect()
+    };
     assert!(
         failed.is_empty(),
-        "{} of {CONNS} failed: {:?}",
+        "{} of {CONNS} failed: {:?}\nproxy log (end):\n{}",
         failed.len(),
-        failed.first()
+        failed.first(),
+        tail
     );
 }
 
