@@ -202,6 +202,7 @@ async fn run(cli: Cli) -> ExitCode {
     // is what a routing peer or exit node starts as. Said once, so a forgotten flag is seen.
     if run.socks.is_empty()
         && run.http.is_empty()
+        && run.proxy.is_empty()
         && run.forward.is_empty()
         && run.expose.is_empty()
     {
@@ -283,6 +284,7 @@ async fn run_peer(
     let options = ProxyOptions {
         socks: run.socks,
         http: run.http,
+        proxy: run.proxy,
         forwards: run.forward,
         exposes: run.expose,
         socks_auth,

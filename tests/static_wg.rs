@@ -551,3 +551,53 @@ fn sigterm_exits_zero_quickly_and_frees_ports() {
         std::net::TcpListener::bind(http).expect("HTTP port freed");
     }
 }
+
+/// SOCKS5 and HTTP on one port (`--proxy`): curl with `socks5h://` and with `-x http://`
+/// against the same port, with each protocol's credentials; a SOCKS4 client gets SOCKS4's
+/// "rejected" instead of a reset.
+#[test]
+fn one_port_serves_socks5_and_http_with_their_credentials() {
+    let bed = Testbed::new(BedOptions::default());
+    let proxy = Proxy::start(
+        &bed.proxy_config(""),
+        &[
+            "--proxy",
+            "0",
+            "--socks-auth",
+            "alice:s3cret",
+            "--http-auth",
+            "bob:hunter2",
+        ],
+    );
+    let port = proxy
+        .ready_line
+        .split("; ")
+        .find_map(|p| p.strip_prefix("proxy "))
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("no proxy listener: {}", proxy.ready_line));
+    let socks = format!("socks5h://alice:s3cret@{port}");
+    let (code, body, err) = curl(&["-x", &socks, &url("/index.html")]);
+    assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
+    let http = format!("http://bob:hunter2@{port}");
+    let (code, body, err) = curl(&["-x", &http, &url("/index.html")]);
+    assert_eq!((code, body.as_slice()), (0, BODY), "{err}");
+    let (code, body, err) = curl(&["-p", "-x", &http, &url("/index.html")]);
+    assert_eq!((code, body.as_slice()), (0, BODY), "CONNECT: {err}");
+    // Without credentials, or with the other protocol's: refused by each protocol's rules.
+    let (code, _, _) = curl(&["-x", &format!("socks5h://{port}"), &url("/index.html")]);
+    assert_ne!(code, 0);
+    let (code, _) = http_status(&["-x", &format!("http://{port}"), &url("/index.html")]);
+    assert_eq!(code, "407");
+    let (code, _) = http_status(&[
+        "-x",
+        &format!("http://alice:s3cret@{port}"),
+        &url("/index.html"),
+    ]);
+    assert_eq!(code, "407");
+    // SOCKS4: an answer, not a reset.
+    let mut s = std::net::TcpStream::connect(port).unwrap();
+    s.write_all(&[4, 1, 0, 80, 100, 64, 0, 2, 0]).unwrap();
+    let mut reply = [0u8; 8];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[..2], [0, 91]);
+}

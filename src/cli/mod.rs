@@ -82,6 +82,11 @@ pub struct RunArgs {
     #[arg(long, env = "NB_HTTP", value_name = "[ADDR:]PORT", value_delimiter = ',', value_parser = parse_listen)]
     pub http: Vec<SocketAddr>,
 
+    /// SOCKS5 and the HTTP proxy on one port, told apart by each client's first byte (with
+    /// --socks-auth and --http-auth for each); a bare PORT binds 127.0.0.1. Repeatable.
+    #[arg(long, env = "NB_PROXY", value_name = "[ADDR:]PORT", value_delimiter = ',', value_parser = parse_listen)]
+    pub proxy: Vec<SocketAddr>,
+
     /// Forward a local TCP port to HOST:PORT through the mesh. Repeatable.
     #[arg(long, env = "NB_FORWARD", value_name = "[ADDR:]LPORT:HOST:PORT", value_delimiter = ',', value_parser = parse_forward)]
     pub forward: Vec<Forward>,
@@ -261,6 +266,13 @@ impl RunArgs {
         if self.http_auth.is_none() {
             for a in self.http.iter().filter(|a| open(a)) {
                 found.push(format!("--http {a} (add --http-auth USER:PASS)"));
+            }
+        }
+        if self.socks_auth.is_none() || self.http_auth.is_none() {
+            for a in self.proxy.iter().filter(|a| open(a)) {
+                found.push(format!(
+                    "--proxy {a} (add --socks-auth USER:PASS and --http-auth USER:PASS)"
+                ));
             }
         }
         for f in self.forward.iter().filter(|f| open(&f.listen)) {

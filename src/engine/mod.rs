@@ -46,6 +46,8 @@ const POOL_IDLE: usize = 4096;
 pub struct ProxyOptions {
     pub socks: Vec<SocketAddr>,
     pub http: Vec<SocketAddr>,
+    /// SOCKS5 and HTTP on one port each (`--proxy`).
+    pub proxy: Vec<SocketAddr>,
     pub forwards: Vec<Forward>,
     pub exposes: Vec<Expose>,
     pub socks_auth: Option<Credentials>,
@@ -322,6 +324,20 @@ pub async fn start_datapath(
             metrics("http", *addr, bound),
             options.limits.clone(),
             dialer.clone(),
+            http_auth.clone(),
+            cancel.child_token(),
+        ));
+    }
+    for addr in &options.proxy {
+        let l = bind(*addr, "proxy").await?;
+        let bound = l.local_addr().unwrap_or(*addr);
+        ready.listeners.push(("proxy", bound, String::new()));
+        tasks.spawn(crate::proxy::mixed::serve(
+            l,
+            metrics("proxy", *addr, bound),
+            options.limits.clone(),
+            dialer.clone(),
+            socks_auth.clone(),
             http_auth.clone(),
             cancel.child_token(),
         ));

@@ -43,11 +43,25 @@ pub async fn serve(
     auth: Option<Arc<Credentials>>,
     cancel: CancellationToken,
 ) {
-    let tunnels = cancel.clone();
+    let counters = metrics.clone();
+    let handle_client = client_handler(metrics, &limits, dialer, auth, cancel.clone());
+    serve_clients(listener, counters, &limits, cancel, handle_client, refuse).await
+}
+
+/// What serves one admitted HTTP proxy client (its requests counted in `metrics`); CONNECT
+/// tunnels end with `cancel`.
+pub(crate) fn client_handler(
+    metrics: Arc<ListenerMetrics>,
+    limits: &Limits,
+    dialer: Dialer,
+    auth: Option<Arc<Credentials>>,
+    cancel: CancellationToken,
+) -> impl Fn(TcpStream, SocketAddr, Arc<Ticket>) -> super::socks5::BoxFuture + Send + Sync + 'static
+{
+    let tunnels = cancel;
     let header_timeout = limits.handshake_timeout;
     let idle = limits.idle_timeout;
-    let counters = metrics.clone();
-    let handle_client = move |client: TcpStream, from: SocketAddr, ticket: Arc<Ticket>| {
+    move |client: TcpStream, from: SocketAddr, ticket: Arc<Ticket>| {
         let dialer = dialer.clone();
         let auth = auth.clone();
         let tunnels = tunnels.clone();
@@ -77,7 +91,7 @@ pub async fn serve(
                 Ok::<_, Infallible>(resp)
             }
         });
-        async move {
+        Box::pin(async move {
             // The handshake timeout bounds the wait for the first request head; the idle
             // timeout then covers the connection, a keep-alive client waiting between requests
             // included. (Hyper's own header timeout is off: it would also run while an idle
@@ -123,9 +137,8 @@ pub async fn serve(
                     debug!(%from, "http: no request within {header_timeout:?}");
                 }
             }
-        }
-    };
-    serve_clients(listener, counters, &limits, cancel, handle_client, refuse).await
+        })
+    }
 }
 
 /// What a CONNECT tunnel lives under: the listener's cancellation, and the client's place in
@@ -138,7 +151,7 @@ struct Tunnel {
 }
 
 /// Say no to a client over the connection limits: 503 with a reason, then close.
-async fn refuse(mut client: TcpStream) {
+pub(crate) async fn refuse(mut client: TcpStream) {
     use tokio::io::AsyncWriteExt;
     let body = "netbird-proxy: too many connections; try again later\n";
     let resp = format!(

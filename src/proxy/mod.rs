@@ -5,6 +5,7 @@ pub mod admission;
 pub mod dial;
 pub mod forward;
 pub mod http;
+pub mod mixed;
 pub(crate) mod relay;
 pub mod socks5;
 

@@ -43,35 +43,44 @@ pub async fn serve(
     auth: Option<Arc<Credentials>>,
     cancel: CancellationToken,
 ) {
-    let timeout = limits.handshake_timeout;
-    let idle = limits.idle_timeout;
     let refuse_auth = auth.is_some();
-    serve_clients(
-        listener,
-        metrics.clone(),
-        &limits,
-        cancel,
-        move |client, from, ticket| {
-            let metrics = metrics.clone();
-            let dialer = dialer.clone();
-            let auth = auth.clone();
-            async move {
-                let client = Client {
-                    stream: client,
-                    from,
-                    ticket,
-                    timeout,
-                    idle,
-                };
-                if let Some(result) = handle(client, dialer, auth, &metrics).await {
-                    metrics.count(&result);
-                }
-            }
-        },
-        move |client| refuse(client, refuse_auth),
-    )
+    let handler = client_handler(metrics.clone(), &limits, dialer, auth);
+    serve_clients(listener, metrics, &limits, cancel, handler, move |client| {
+        refuse(client, refuse_auth)
+    })
     .await
 }
+
+/// What serves one admitted SOCKS5 client (its results counted in `metrics`).
+pub(crate) fn client_handler(
+    metrics: Arc<ListenerMetrics>,
+    limits: &Limits,
+    dialer: Dialer,
+    auth: Option<Arc<Credentials>>,
+) -> impl Fn(TcpStream, SocketAddr, Arc<Ticket>) -> BoxFuture + Send + Sync + 'static {
+    let timeout = limits.handshake_timeout;
+    let idle = limits.idle_timeout;
+    move |client, from, ticket| {
+        let metrics = metrics.clone();
+        let dialer = dialer.clone();
+        let auth = auth.clone();
+        Box::pin(async move {
+            let client = Client {
+                stream: client,
+                from,
+                ticket,
+                timeout,
+                idle,
+            };
+            if let Some(result) = handle(client, dialer, auth, &metrics).await {
+                metrics.count(&result);
+            }
+        })
+    }
+}
+
+/// A client's whole life, boxed (the one-port listener picks a protocol per client).
+pub(crate) type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// An admitted client.
 struct Client {
@@ -87,7 +96,7 @@ struct Client {
 /// Say no to a client over the connection limits, in words SOCKS5 has: without
 /// authentication, answer its request with 0x01 (general failure); with authentication
 /// required, refuse its methods (0xFF) rather than check a password for nothing.
-async fn refuse(mut client: TcpStream, auth_required: bool) {
+pub(crate) async fn refuse(mut client: TcpStream, auth_required: bool) {
     if !auth_required {
         if let Ok(proto) = Socks5ServerProtocol::accept_no_auth(client).await
             && let Ok((proto, _, _)) = proto.read_command().await
