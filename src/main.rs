@@ -630,25 +630,12 @@ mod exec {
     const LOGOUT_TIMEOUT: Duration = Duration::from_secs(5);
 
     pub async fn run(mut run: RunArgs, ready_timeout: Duration, command: Vec<String>) -> ExitCode {
-        // Fixed ports, so a rebuilt engine binds the same ones the child was told about. Both
-        // probes stay bound until both ports are known, so they differ.
-        if run.socks.is_empty() && run.http.is_empty() {
-            let probes = (
-                std::net::TcpListener::bind("127.0.0.1:0"),
-                std::net::TcpListener::bind("127.0.0.1:0"),
-            );
-            match probes {
-                (Ok(s), Ok(h)) => match (s.local_addr(), h.local_addr()) {
-                    (Ok(s), Ok(h)) => {
-                        run.socks.push(s);
-                        run.http.push(h);
-                    }
-                    (Err(e), _) | (_, Err(e)) => {
-                        eprintln!("netbird-proxy exec: no free loopback port: {e}");
-                        return ExitCode::from(1);
-                    }
-                },
-                (Err(e), _) | (_, Err(e)) => {
+        // One port for SOCKS5 and HTTP, fixed, so a rebuilt engine binds the same one the
+        // child was told about.
+        if run.socks.is_empty() && run.http.is_empty() && run.proxy.is_empty() {
+            match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+                Ok(addr) => run.proxy.push(addr),
+                Err(e) => {
                     eprintln!("netbird-proxy exec: no free loopback port: {e}");
                     return ExitCode::from(1);
                 }
@@ -851,8 +838,8 @@ mod exec {
     fn proxy_env(run: &RunArgs) -> Result<ProxyEnv, String> {
         let (socks_auth, http_auth) = run.credentials()?;
         Ok(ProxyEnv {
-            socks: run.socks.first().copied(),
-            http: run.http.first().copied(),
+            socks: run.socks.first().or(run.proxy.first()).copied(),
+            http: run.http.first().or(run.proxy.first()).copied(),
             socks_auth,
             http_auth,
         })
@@ -864,8 +851,8 @@ mod exec {
         fn vars(&self, bound: &[(&'static str, SocketAddr)]) -> Vec<(String, String)> {
             let first = |kind: &str| bound.iter().find(|(k, _)| *k == kind).map(|(_, a)| *a);
             proxy_vars(
-                first("socks5").or(self.socks),
-                first("http").or(self.http),
+                first("socks5").or(first("proxy")).or(self.socks),
+                first("http").or(first("proxy")).or(self.http),
                 self.socks_auth.as_ref(),
                 self.http_auth.as_ref(),
             )

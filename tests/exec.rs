@@ -85,6 +85,16 @@ fn exec_runs_curl_through_the_mesh_and_passes_on_exit_codes_and_signals() {
     assert_eq!(out.stdout, b"page through exec\n", "{err}");
     assert!(err.contains("socks5h://127.0.0.1:"), "{err}");
     assert!(err.contains(" http://127.0.0.1:"), "{err}");
+    // Without listeners given, SOCKS5 and HTTP share one port.
+    let port_after = |prefix: &str| -> String {
+        let rest = &err[err.find(prefix).unwrap() + prefix.len()..];
+        rest.chars().take_while(|c| c.is_ascii_digit()).collect()
+    };
+    assert_eq!(
+        port_after("socks5h://127.0.0.1:"),
+        port_after(" http://127.0.0.1:"),
+        "{err}"
+    );
     assert!(
         err.contains("localhost,127.0.0.1,::1 unset"),
         "NO_PROXY without ::1, or the setup key leaked: {err}"

@@ -332,7 +332,7 @@ pub enum Command {
     /// Join the mesh, wait until ready, and run CMD with ALL_PROXY, HTTP_PROXY, HTTPS_PROXY
     /// (and lower-case forms) pointing at our listeners and NO_PROXY=localhost,127.0.0.1,::1;
     /// signals go to CMD, and we exit with its status once the peer has shut down. Without
-    /// --socks/--http, both listen on free loopback ports.
+    /// --socks/--http/--proxy, SOCKS5 and HTTP share one free loopback port.
     Exec {
         #[command(flatten)]
         run: Box<RunArgs>,
