@@ -62,6 +62,7 @@ pub(crate) async fn serve_clients<F, Fut, R, RFut>(
             },
         };
         let _ = client.set_nodelay(true);
+        debug!(%from, "accepted");
         let ticket = match gate.admit().await {
             Ok(t) => Arc::new(t),
             Err(admission::Refusal::Full) => {
