@@ -210,6 +210,21 @@ pub fn dns_forwarder_query(data: &[u8]) {
     }
 }
 
+/// A client's datagram to a SOCKS5 UDP association: its header read in place; for an address
+/// destination, a reply header written before the payload must read back the same.
+pub fn socks5_udp_header(data: &[u8]) {
+    use crate::proxy::udp::wire;
+    let Ok(r) = wire::parse(data) else { return };
+    assert!(r.payload.len() <= data.len());
+    if let wire::Dest::Addr(a) = r.dest {
+        let mut buf = vec![0u8; wire::MAX_REPLY_HEADER + r.payload.len()];
+        buf[wire::MAX_REPLY_HEADER..].copy_from_slice(r.payload);
+        let start = wire::write_reply_header(&mut buf[..wire::MAX_REPLY_HEADER], a);
+        let back = wire::parse(&buf[start..]).expect("a header we wrote reads back");
+        assert_eq!((back.frag, back.dest, back.payload), (0, r.dest, r.payload));
+    }
+}
+
 /// A signal message: the envelope decoded and opened, the body decoded, and the fields the
 /// negotiator reads (relay URL, relay server IP) interpreted.
 pub fn signal_message(data: &[u8]) {
@@ -343,4 +358,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("turn_message", turn_message),
     ("network_packet", network_packet),
     ("dns_forwarder_query", dns_forwarder_query),
+    ("socks5_udp_header", socks5_udp_header),
 ];

@@ -299,6 +299,7 @@ async fn run_peer(
         status: hub,
         limits: netbird_proxy::proxy::admission::Limits {
             idle_timeout: Some(run.idle_timeout).filter(|d| !d.is_zero()),
+            udp_idle_timeout: run.udp_timeout,
             ..netbird_proxy::proxy::admission::Limits::new(
                 run.max_connections_per_listener as usize,
                 run.max_connections as usize,
@@ -435,6 +436,7 @@ async fn run_demo(socks: std::net::SocketAddr, http: std::net::SocketAddr) -> Ex
                 exposes: vec![netbird_proxy::cli::Expose {
                     mesh_port: 80,
                     local: page,
+                    udp: false,
                 }],
                 ..Default::default()
             },

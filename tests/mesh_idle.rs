@@ -158,6 +158,7 @@ async fn an_idle_peer_gets_no_offers_until_traffic_wakes_it() {
             exposes: vec![Expose {
                 mesh_port: 7000,
                 local: echo,
+                udp: false,
             }],
             ..Default::default()
         },

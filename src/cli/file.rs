@@ -255,6 +255,10 @@ pub fn render(run: &RunArgs) -> String {
         "idle_timeout",
         Some(text(format!("{}ms", run.idle_timeout.as_millis()))),
     );
+    put(
+        "udp_timeout",
+        Some(text(format!("{}ms", run.udp_timeout.as_millis()))),
+    );
     put("status_addr", run.status_addr.map(|a| text(a.to_string())));
     put(
         "ready_peers",

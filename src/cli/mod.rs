@@ -87,13 +87,15 @@ pub struct RunArgs {
     #[arg(long, env = "NB_PROXY", value_name = "[ADDR:]PORT", value_delimiter = ',', value_parser = parse_listen)]
     pub proxy: Vec<SocketAddr>,
 
-    /// Forward a local TCP port to HOST:PORT through the mesh. Repeatable.
-    #[arg(long, env = "NB_FORWARD", value_name = "[ADDR:]LPORT:HOST:PORT", value_delimiter = ',', value_parser = parse_forward)]
+    /// Forward a local TCP port to HOST:PORT through the mesh; a `/udp` suffix forwards a UDP
+    /// port instead (one flow per local client). Repeatable.
+    #[arg(long, env = "NB_FORWARD", value_name = "[ADDR:]LPORT:HOST:PORT[/udp]", value_delimiter = ',', value_parser = parse_forward)]
     pub forward: Vec<Forward>,
 
     /// Expose a local TCP service on our mesh address: connections to MESHPORT on the overlay
-    /// IP are forwarded to ADDR:PORT (a bare PORT means 127.0.0.1). Repeatable.
-    #[arg(long, env = "NB_EXPOSE", value_name = "MESHPORT=[ADDR:]PORT", value_delimiter = ',', value_parser = parse_expose)]
+    /// IP are forwarded to ADDR:PORT (a bare PORT means 127.0.0.1); a `/udp` suffix exposes a
+    /// UDP service instead. Repeatable.
+    #[arg(long, env = "NB_EXPOSE", value_name = "MESHPORT=[ADDR:]PORT[/udp]", value_delimiter = ',', value_parser = parse_expose)]
     pub expose: Vec<Expose>,
 
     /// Require this user name and password on the SOCKS5 listeners (RFC 1929).
@@ -133,6 +135,11 @@ pub struct RunArgs {
     /// byte has moved either way for this long; 0 never closes one.
     #[arg(long, env = "NB_IDLE_TIMEOUT", value_name = "DURATION", default_value = "15m", value_parser = parse_duration_or_zero)]
     pub idle_timeout: Duration,
+
+    /// End a SOCKS5 UDP association, or a UDP forward's or exposed port's client flow, after
+    /// this long without a datagram either way.
+    #[arg(long, env = "NB_UDP_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub udp_timeout: Duration,
 
     /// Let SOCKS5, HTTP proxy, forward and status listeners on non-loopback addresses run
     /// without authentication (only on a network you trust: anyone who reaches them uses
@@ -438,6 +445,8 @@ pub enum Command {
 pub struct Forward {
     pub listen: SocketAddr,
     pub target: Target,
+    /// UDP rather than TCP.
+    pub udp: bool,
 }
 
 /// One `--expose`.
@@ -445,10 +454,23 @@ pub struct Forward {
 pub struct Expose {
     pub mesh_port: u16,
     pub local: SocketAddr,
+    /// UDP rather than TCP.
+    pub udp: bool,
 }
 
-/// `MESHPORT=[ADDR:]PORT`.
+/// A `/udp` or `/tcp` suffix (as docker's `-p`): the rest, and whether it is UDP.
+fn protocol_suffix(s: &str) -> Result<(&str, bool), String> {
+    match s.rsplit_once('/') {
+        None => Ok((s, false)),
+        Some((rest, "udp")) => Ok((rest, true)),
+        Some((rest, "tcp")) => Ok((rest, false)),
+        Some((_, other)) => Err(format!("`/{other}` is not /tcp or /udp")),
+    }
+}
+
+/// `MESHPORT=[ADDR:]PORT[/udp]`.
 pub fn parse_expose(s: &str) -> Result<Expose, String> {
+    let (s, udp) = protocol_suffix(s)?;
     let (mesh, local) = s
         .split_once('=')
         .ok_or_else(|| format!("`{s}` is not MESHPORT=[ADDR:]PORT"))?;
@@ -460,6 +482,7 @@ pub fn parse_expose(s: &str) -> Result<Expose, String> {
     Ok(Expose {
         mesh_port,
         local: parse_listen(local)?,
+        udp,
     })
 }
 
@@ -472,9 +495,10 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("`{s}` is not PORT or ADDR:PORT (IPv6 as [ADDR]:PORT)"))
 }
 
-/// `[ADDR:]LPORT:HOST:PORT`, HOST an IP (IPv6 in brackets) or a name.
+/// `[ADDR:]LPORT:HOST:PORT[/udp]`, HOST an IP (IPv6 in brackets) or a name.
 pub fn parse_forward(s: &str) -> Result<Forward, String> {
-    let bad = || format!("`{s}` is not [ADDR:]LPORT:HOST:PORT");
+    let bad = || format!("`{s}` is not [ADDR:]LPORT:HOST:PORT[/udp]");
+    let (s, udp) = protocol_suffix(s)?;
     let (rest, port) = s.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
     let (listen, host) = if let Some(open) = rest.strip_suffix(']') {
@@ -491,7 +515,11 @@ pub fn parse_forward(s: &str) -> Result<Forward, String> {
         Ok(ip) => Target::Addr(SocketAddr::new(ip, port)),
         Err(_) => Target::Host(host.to_string(), port),
     };
-    Ok(Forward { listen, target })
+    Ok(Forward {
+        listen,
+        target,
+        udp,
+    })
 }
 
 /// `10s`, `500ms`, `2m`, or plain seconds; not zero.
@@ -577,7 +605,14 @@ mod tests {
         let f = parse_forward("[::1]:8080:[fd00::2]:80").unwrap();
         assert_eq!(f.listen, "[::1]:8080".parse().unwrap());
         assert_eq!(f.target, Target::Addr("[fd00::2]:80".parse().unwrap()));
+        assert!(!f.udp);
+        let f = parse_forward("5353:dns.mesh:53/udp").unwrap();
+        assert_eq!(f.target, Target::Host("dns.mesh".into(), 53));
+        assert!(f.udp);
+        assert!(!parse_forward("5353:dns.mesh:53/tcp").unwrap().udp);
         for bad in [
+            "8080:host:53/sctp",
+            "8080:host:53/",
             "8080",
             "8080:host",
             "x:host:80",
@@ -607,14 +642,17 @@ mod tests {
             parse_expose("80=8080").unwrap(),
             Expose {
                 mesh_port: 80,
-                local: "127.0.0.1:8080".parse().unwrap()
+                local: "127.0.0.1:8080".parse().unwrap(),
+                udp: false,
             }
         );
+        let e = parse_expose("554=8554/udp").unwrap();
+        assert_eq!((e.mesh_port, e.local.port(), e.udp), (554, 8554, true));
         assert_eq!(
             parse_expose("22=10.1.2.3:2222").unwrap().local,
             "10.1.2.3:2222".parse().unwrap()
         );
-        for bad in ["80", "0=1", "x=1", "80=host:1"] {
+        for bad in ["80", "0=1", "x=1", "80=host:1", "80=1/quic"] {
             assert!(parse_expose(bad).is_err(), "{bad}");
         }
     }

@@ -342,7 +342,51 @@ pub async fn start_datapath(
             cancel.child_token(),
         ));
     }
-    for f in &options.forwards {
+    for f in options.forwards.iter().filter(|f| f.udp) {
+        let socket = tokio::net::UdpSocket::bind(f.listen)
+            .await
+            .map_err(|source| DataPathError::Listen {
+                addr: f.listen,
+                what: "UDP forward",
+                source,
+            })?;
+        let bound = socket.local_addr().unwrap_or(f.listen);
+        ready
+            .listeners
+            .push(("forward", bound, format!("->{}/udp", f.target)));
+        tasks.spawn(crate::proxy::udp::flows::serve_forward(
+            socket,
+            metrics("forward-udp", f.listen, bound),
+            options.limits.per_listener,
+            options.limits.udp_idle_timeout,
+            dialer.clone(),
+            f.target.clone(),
+            cancel.child_token(),
+        ));
+    }
+    for e in options.exposes.iter().filter(|e| e.udp) {
+        let socket =
+            netstack
+                .udp_serve(e.mesh_port)
+                .await
+                .map_err(|err| DataPathError::Expose {
+                    port: e.mesh_port,
+                    reason: err.to_string(),
+                })?;
+        let mesh_addr = spec_first_addr(&ready.mesh, e.mesh_port);
+        ready
+            .listeners
+            .push(("expose", mesh_addr, format!("->{}/udp", e.local)));
+        tasks.spawn(crate::proxy::udp::flows::serve_exposed(
+            socket,
+            metrics("expose-udp", mesh_addr, mesh_addr),
+            e.local,
+            options.limits.per_listener,
+            options.limits.udp_idle_timeout,
+            cancel.child_token(),
+        ));
+    }
+    for f in options.forwards.iter().filter(|f| !f.udp) {
         let l = bind(f.listen, "forward").await?;
         let bound = l.local_addr().unwrap_or(f.listen);
         ready
@@ -357,7 +401,7 @@ pub async fn start_datapath(
             cancel.child_token(),
         ));
     }
-    for e in &options.exposes {
+    for e in options.exposes.iter().filter(|e| !e.udp) {
         let listener = netstack
             .listen(e.mesh_port)
             .await

@@ -200,6 +200,9 @@ enum Command {
     UdpBind {
         /// A given port (a service such as the DNS forwarder), or None for an ephemeral one.
         port: Option<u16>,
+        /// Datagrams to it start flows the peer ACL decides on (an exposed port), rather than
+        /// answer ours.
+        gated: bool,
         reply: oneshot::Sender<Result<UdpSocket, ConnectError>>,
     },
     /// Become a routing peer: routed flows go to the returned queue.
@@ -369,7 +372,12 @@ impl Netstack {
     /// A UDP socket on an ephemeral port.
     pub async fn udp_bind(&self) -> Result<UdpSocket, ConnectError> {
         let (reply, rx) = oneshot::channel();
-        self.command(Command::UdpBind { port: None, reply }).await?;
+        self.command(Command::UdpBind {
+            port: None,
+            gated: false,
+            reply,
+        })
+        .await?;
         rx.await.map_err(|_| ConnectError::Stopped)?
     }
 
@@ -378,6 +386,20 @@ impl Netstack {
         let (reply, rx) = oneshot::channel();
         self.command(Command::UdpBind {
             port: Some(port),
+            gated: false,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| ConnectError::Stopped)?
+    }
+
+    /// A UDP service on `port` of every mesh address whose every datagram is a new inbound
+    /// flow for the peer ACL (`FirewallRules`), as a TCP SYN to an exposed port is.
+    pub async fn udp_serve(&self, port: u16) -> Result<UdpSocket, ConnectError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::UdpBind {
+            port: Some(port),
+            gated: true,
             reply,
         })
         .await?;
@@ -450,6 +472,8 @@ struct UdpEntry {
     handle: SocketHandle,
     shared: Arc<UdpShared>,
     port: u16,
+    /// Inbound datagrams pass the peer ACL (see `Netstack::udp_serve`).
+    gated: bool,
 }
 
 enum Event {
@@ -620,8 +644,13 @@ impl Stack {
                 Event::Stop => break,
                 Event::Command(Some(cmd)) => self.handle_command(cmd),
                 // Every handle is gone: nothing can use a new connection, but existing streams
-                // still can, so keep serving them until they finish.
-                Event::Command(None) if self.conns.is_empty() && self.listeners.is_empty() => {
+                // and UDP sockets (an exposed UDP port holds no handle) still can, so keep
+                // serving them.
+                Event::Command(None)
+                    if self.conns.is_empty()
+                        && self.listeners.is_empty()
+                        && self.udp.is_empty() =>
+                {
                     break;
                 }
                 Event::Command(None) => commands_open = false,
@@ -643,8 +672,13 @@ impl Stack {
         if self.config.addresses.iter().any(|n| n.addr() == h.dst) {
             let new_flow = match h.proto {
                 Proto::Tcp => h.syn,
-                // Replies to a socket of ours pass; anything else would start a flow.
-                Proto::Udp => !self.udp.iter().any(|u| u.port == h.dst_port),
+                // Replies to a socket of ours pass; anything else, and anything to an exposed
+                // port, starts a flow.
+                Proto::Udp => self
+                    .udp
+                    .iter()
+                    .find(|u| u.port == h.dst_port)
+                    .is_none_or(|u| u.gated),
                 Proto::Icmp => h.echo_request,
                 Proto::Other(_) => false,
             };
@@ -928,8 +962,8 @@ impl Stack {
             Command::Listen { port, reply } => {
                 let _ = reply.send(self.start_listen(port));
             }
-            Command::UdpBind { port, reply } => {
-                let _ = reply.send(self.udp_bind(port));
+            Command::UdpBind { port, gated, reply } => {
+                let _ = reply.send(self.udp_bind(port, gated));
             }
             Command::ServeRoutes { queue, reply } => {
                 let (tx, rx) = mpsc::channel(queue.max(1));
@@ -1056,7 +1090,7 @@ impl Stack {
         Some(self.sockets.add(sock))
     }
 
-    fn udp_bind(&mut self, port: Option<u16>) -> Result<UdpSocket, ConnectError> {
+    fn udp_bind(&mut self, port: Option<u16>, gated: bool) -> Result<UdpSocket, ConnectError> {
         let port = match port {
             None => self.alloc_port().ok_or(ConnectError::NoPorts)?,
             Some(p) if p != 0 && self.ports_in_use.insert(p) => p,
@@ -1072,11 +1106,12 @@ impl Stack {
             return Err(ConnectError::NoPorts);
         }
         let handle = self.sockets.add(sock);
-        let shared = UdpShared::new(self.wake.clone());
+        let shared = UdpShared::new(self.wake.clone(), self.pool.clone(), self.config.mtu);
         self.udp.push(UdpEntry {
             handle,
             shared: shared.clone(),
             port,
+            gated,
         });
         Ok(UdpSocket::new(shared, port))
     }
@@ -1259,6 +1294,7 @@ impl Stack {
                 if let Err(e) = sock.send_slice(&data, to_endpoint(to)) {
                     debug!(%to, "udp send: {e:?}");
                 }
+                entry.shared.pool.put(data);
             }
             let mut got = false;
             while let Ok((data, meta)) = sock.recv() {
@@ -1266,8 +1302,8 @@ impl Stack {
                     st.rx_dropped += 1;
                     continue;
                 }
-                st.rx
-                    .push_back((from_endpoint(meta.endpoint), data.to_vec()));
+                let data = entry.shared.copy(data);
+                st.rx.push_back((from_endpoint(meta.endpoint), data));
                 got = true;
             }
             if got && let Some(w) = st.rx_waker.take() {

@@ -35,7 +35,13 @@ pub struct Limits {
     /// An established connection on which nothing moved either way for this long is closed
     /// (None: never).
     pub idle_timeout: Option<Duration>,
+    /// A UDP association or forwarded UDP flow with no datagram either way for this long ends.
+    pub udp_idle_timeout: Duration,
 }
+
+/// UDP idle timeout unless configured: a minute, as NAT mappings commonly last; a client that
+/// keeps a flow open sends more often than that.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Limits {
     /// Limits whose global cap is `total`, with the default idle timeout.
@@ -45,6 +51,7 @@ impl Limits {
             total: Arc::new(Semaphore::new(total)),
             handshake_timeout,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
         }
     }
 }

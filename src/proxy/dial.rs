@@ -20,7 +20,7 @@ use tracing::debug;
 use crate::dns::{ResolveError, Resolver};
 use crate::netstack::{ConnectError, Netstack, TcpStream as MeshStream};
 use crate::wg::WgDevice;
-use crate::wg::device::PeerEndpoint;
+use crate::wg::device::{Peer, PeerEndpoint};
 
 /// How often a dial waiting for a peer's endpoint looks again.
 const ENDPOINT_POLL: Duration = Duration::from_millis(50);
@@ -120,6 +120,14 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// Where traffic for an address goes.
+pub(crate) enum Route {
+    /// Through the tunnel to this peer.
+    Mesh(Arc<Peer>),
+    /// Out of the host's own network.
+    Host,
+}
+
 /// Opens streams to targets.
 #[derive(Clone)]
 pub struct Dialer {
@@ -174,10 +182,49 @@ impl Dialer {
         }
     }
 
-    async fn dial_addr(&self, addr: SocketAddr, timeout: Duration) -> Result<Stream, DialError> {
+    /// Where traffic for `addr` goes: through the tunnel to the peer whose AllowedIPs hold it,
+    /// or out of the host; an error when neither may carry it.
+    pub(crate) fn route(&self, addr: SocketAddr) -> Result<Route, DialError> {
         // This host's loopback is never anyone's route, an exit node's default route included.
         let routable = !addr.ip().is_loopback() && !addr.ip().is_unspecified();
         if let Some(peer) = self.wg.route(addr.ip()).filter(|_| routable) {
+            return Ok(Route::Mesh(peer));
+        }
+        // The mesh's own network is never reached from the host: an address there without a
+        // peer is a peer that is offline or gone.
+        if self
+            .netstack
+            .addresses()
+            .iter()
+            .any(|net| net.trunc().contains(&addr.ip()))
+        {
+            return Err(DialError::HostUnreachable(format!(
+                "{addr}: no peer with this mesh address is connected"
+            )));
+        }
+        if !self.allow_direct {
+            return Err(DialError::NotAllowed(addr.ip()));
+        }
+        Ok(Route::Host)
+    }
+
+    /// The mesh's netstack (for UDP sockets on our mesh address).
+    pub(crate) fn netstack(&self) -> &Netstack {
+        &self.netstack
+    }
+
+    /// Wake an idle peer: traffic for it is about to come.
+    pub(crate) fn want(&self, peer: &Arc<Peer>) {
+        self.wg.want(peer);
+    }
+
+    /// The addresses of `host`, as a dial resolves them.
+    pub(crate) async fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, ResolveError> {
+        self.resolver.resolve(host).await
+    }
+
+    async fn dial_addr(&self, addr: SocketAddr, timeout: Duration) -> Result<Stream, DialError> {
+        if let Route::Mesh(peer) = self.route(addr)? {
             // A peer still being set up (relay negotiation) gets the connect timeout to
             // become reachable, so a first request right after start-up does not fail.
             let deadline = Instant::now() + timeout;
@@ -221,21 +268,6 @@ impl Dialer {
                 }
                 Ok(Err(e)) => Err(DialError::Other(addr, e.to_string())),
             };
-        }
-        // The mesh's own network is never dialled from the host: an address there without a
-        // peer is a peer that is offline or gone.
-        if self
-            .netstack
-            .addresses()
-            .iter()
-            .any(|net| net.trunc().contains(&addr.ip()))
-        {
-            return Err(DialError::HostUnreachable(format!(
-                "{addr}: no peer with this mesh address is connected"
-            )));
-        }
-        if !self.allow_direct {
-            return Err(DialError::NotAllowed(addr.ip()));
         }
         match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
             Err(_) => Err(DialError::TimedOut(addr, timeout)),

@@ -8,6 +8,7 @@ pub mod http;
 pub mod mixed;
 pub(crate) mod relay;
 pub mod socks5;
+pub mod udp;
 
 use std::fmt;
 use std::future::Future;

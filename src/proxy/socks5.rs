@@ -18,6 +18,7 @@ use tracing::{debug, info};
 use super::admission::{Limits, Ticket};
 use super::dial::{DialError, Dialer, Target};
 use super::relay;
+use super::udp;
 use super::{Credentials, serve_clients};
 use crate::status::ListenerMetrics;
 
@@ -60,6 +61,7 @@ pub(crate) fn client_handler(
 ) -> impl Fn(TcpStream, SocketAddr, Arc<Ticket>) -> BoxFuture + Send + Sync + 'static {
     let timeout = limits.handshake_timeout;
     let idle = limits.idle_timeout;
+    let udp_idle = limits.udp_idle_timeout;
     move |client, from, ticket| {
         let metrics = metrics.clone();
         let dialer = dialer.clone();
@@ -71,6 +73,7 @@ pub(crate) fn client_handler(
                 ticket,
                 timeout,
                 idle,
+                udp_idle,
             };
             if let Some(result) = handle(client, dialer, auth, &metrics).await {
                 metrics.count(&result);
@@ -91,6 +94,8 @@ struct Client {
     timeout: Duration,
     /// Of the established relay.
     idle: Option<Duration>,
+    /// Of a UDP association.
+    udp_idle: Duration,
 }
 
 /// Say no to a client over the connection limits, in words SOCKS5 has: without
@@ -131,7 +136,10 @@ async fn handle(
         ticket,
         timeout,
         idle,
+        udp_idle,
     } = client;
+    // Where the client reached us: a UDP association's relay socket is bound there.
+    let local = client.local_addr().ok();
     let negotiated = tokio::time::timeout(timeout, async {
         let proto = match &auth {
             None => Socks5ServerProtocol::accept_no_auth(client).await?,
@@ -160,6 +168,9 @@ async fn handle(
         Ok(Ok(r)) => r,
     };
     ticket.established();
+    if let (Socks5Command::UDPAssociate, Some(local)) = (&cmd, local) {
+        return associate(proto, from, local, &target, dialer, metrics, udp_idle).await;
+    }
     if !matches!(cmd, Socks5Command::TCPConnect) {
         info!(%from, ?cmd, "socks: command not supported");
         let _ = proto.reply_error(&ReplyError::CommandNotSupported).await;
@@ -191,6 +202,52 @@ async fn handle(
     metrics.count("0x00");
     debug!(%from, %target, "socks: connected");
     relay::client(&mut client, &mut upstream, idle, metrics, from, &target).await;
+    None
+}
+
+/// UDP ASSOCIATE: a relay socket on the address the client reached us at, announced in the
+/// reply, then datagrams until the control connection closes (see `udp::associate`).
+async fn associate(
+    proto: Socks5ServerProtocol<TcpStream, fast_socks5::server::states::CommandRead>,
+    from: SocketAddr,
+    local: SocketAddr,
+    announced: &TargetAddr,
+    dialer: Dialer,
+    metrics: &ListenerMetrics,
+    idle: Duration,
+) -> Option<String> {
+    let relay = match tokio::net::UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
+        Ok(s) => s,
+        Err(e) => {
+            info!(%from, "socks: UDP ASSOCIATE: cannot open a relay socket: {e}");
+            let _ = proto.reply_error(&ReplyError::GeneralFailure).await;
+            return Some(code(&ReplyError::GeneralFailure));
+        }
+    };
+    let bound = relay.local_addr().unwrap_or(local);
+    // The client's announced port counts; its announced address is where it will send from,
+    // which for us must be the control connection's address anyway.
+    let port = match announced {
+        TargetAddr::Ip(a) => a.port(),
+        TargetAddr::Domain(_, p) => *p,
+    };
+    let expected = udp::associate::Expected {
+        ip: from.ip(),
+        port,
+    };
+    let control = match proto.reply_success(bound).await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(%from, "socks: reply: {e}");
+            return Some("0x00".into());
+        }
+    };
+    metrics.count("0x00");
+    debug!(%from, relay = %bound, "socks: UDP association open");
+    let targets = udp::targets::Targets::new(dialer, metrics.udp.clone());
+    let end =
+        udp::associate::run(control, relay, expected, targets, metrics.udp.clone(), idle).await;
+    debug!(%from, ?end, "socks: UDP association ended");
     None
 }
 

@@ -520,6 +520,97 @@ pub struct ListenerStatus {
     /// Client connections closed because nothing moved either way for the idle timeout.
     #[serde(default)]
     pub idle_closed: u64,
+    /// UDP relaying (SOCKS5 UDP ASSOCIATE, UDP forwards and exposed ports), once used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpStatus>,
+}
+
+/// What a listener relayed over UDP.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UdpStatus {
+    /// Associations (SOCKS5) or client flows (forwards, exposed ports) open now.
+    pub open: i64,
+    /// Opened since start.
+    pub opened: u64,
+    /// Datagrams and payload bytes towards targets and back to clients.
+    pub datagrams_to_target: u64,
+    pub bytes_to_target: u64,
+    pub datagrams_to_client: u64,
+    pub bytes_to_client: u64,
+    /// Datagrams dropped, by reason (fragmented, foreign_source, malformed, too_big,
+    /// unreachable, not_allowed, unresolved, queue_full, unsolicited, send_error).
+    pub dropped: BTreeMap<String, u64>,
+}
+
+/// UDP relaying counters of one listener.
+#[derive(Debug, Default)]
+pub struct UdpCounters {
+    open: AtomicI64,
+    opened: AtomicU64,
+    datagrams_to_target: AtomicU64,
+    bytes_to_target: AtomicU64,
+    datagrams_to_client: AtomicU64,
+    bytes_to_client: AtomicU64,
+    dropped: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl UdpCounters {
+    /// An association or flow is open until the guard drops.
+    pub fn open(self: &Arc<Self>) -> UdpOpen {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        UdpOpen(self.clone())
+    }
+
+    /// One datagram of `len` payload bytes relayed towards its target.
+    pub fn to_target(&self, len: usize) {
+        self.datagrams_to_target.fetch_add(1, Ordering::Relaxed);
+        self.bytes_to_target
+            .fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    /// One datagram of `len` payload bytes relayed back to the client.
+    pub fn to_client(&self, len: usize) {
+        self.datagrams_to_client.fetch_add(1, Ordering::Relaxed);
+        self.bytes_to_client
+            .fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    /// One datagram dropped for `reason`.
+    pub fn drop_one(&self, reason: &'static str) {
+        *self
+            .dropped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    fn status(&self) -> Option<UdpStatus> {
+        let opened = self.opened.load(Ordering::Relaxed);
+        let dropped = self.dropped.lock().unwrap_or_else(|e| e.into_inner());
+        if opened == 0 && dropped.is_empty() {
+            return None;
+        }
+        Some(UdpStatus {
+            open: self.open.load(Ordering::Relaxed),
+            opened,
+            datagrams_to_target: self.datagrams_to_target.load(Ordering::Relaxed),
+            bytes_to_target: self.bytes_to_target.load(Ordering::Relaxed),
+            datagrams_to_client: self.datagrams_to_client.load(Ordering::Relaxed),
+            bytes_to_client: self.bytes_to_client.load(Ordering::Relaxed),
+            dropped: dropped.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        })
+    }
+}
+
+/// Keeps a UDP association or flow counted as open.
+pub struct UdpOpen(Arc<UdpCounters>);
+
+impl Drop for UdpOpen {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counters of one listener.
@@ -533,6 +624,8 @@ pub struct ListenerMetrics {
     max: AtomicU64,
     results: Mutex<BTreeMap<String, u64>>,
     idle_closed: AtomicU64,
+    /// UDP relaying through this listener.
+    pub udp: Arc<UdpCounters>,
 }
 
 impl ListenerMetrics {
@@ -546,6 +639,7 @@ impl ListenerMetrics {
             open: AtomicI64::new(0),
             results: Mutex::new(BTreeMap::new()),
             idle_closed: AtomicU64::new(0),
+            udp: Arc::default(),
         }
     }
 
@@ -592,6 +686,7 @@ impl ListenerMetrics {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
             idle_closed: self.idle_closed.load(Ordering::Relaxed),
+            udp: self.udp.status(),
         }
     }
 }

@@ -218,6 +218,68 @@ pub fn render(snap: &Snapshot) -> String {
             .map(|l| (listener(l), l.idle_closed as f64))
             .collect(),
     );
+    let udp = |l: &super::ListenerStatus, extra: (&str, &str)| {
+        labels(&[("kind", &l.kind), ("listener", &l.addr), extra])
+    };
+    family(
+        "udp_open",
+        "gauge",
+        "UDP associations (SOCKS5) or client flows (forwards, exposed ports) open on the listener.",
+        snap.listeners
+            .iter()
+            .filter_map(|l| Some((listener(l), l.udp.as_ref()?.open as f64)))
+            .collect(),
+    );
+    family(
+        "udp_datagrams_total",
+        "counter",
+        "Datagrams relayed, by direction (to_target, to_client).",
+        snap.listeners
+            .iter()
+            .filter_map(|l| Some((l, l.udp.as_ref()?)))
+            .flat_map(|(l, u)| {
+                [
+                    (
+                        udp(l, ("direction", "to_target")),
+                        u.datagrams_to_target as f64,
+                    ),
+                    (
+                        udp(l, ("direction", "to_client")),
+                        u.datagrams_to_client as f64,
+                    ),
+                ]
+            })
+            .collect(),
+    );
+    family(
+        "udp_bytes_total",
+        "counter",
+        "Payload bytes relayed over UDP, by direction (to_target, to_client).",
+        snap.listeners
+            .iter()
+            .filter_map(|l| Some((l, l.udp.as_ref()?)))
+            .flat_map(|(l, u)| {
+                [
+                    (udp(l, ("direction", "to_target")), u.bytes_to_target as f64),
+                    (udp(l, ("direction", "to_client")), u.bytes_to_client as f64),
+                ]
+            })
+            .collect(),
+    );
+    family(
+        "udp_dropped_total",
+        "counter",
+        "Datagrams dropped, by reason.",
+        snap.listeners
+            .iter()
+            .filter_map(|l| Some((l, l.udp.as_ref()?)))
+            .flat_map(|(l, u)| {
+                u.dropped
+                    .iter()
+                    .map(move |(reason, n)| (udp(l, ("reason", reason)), *n as f64))
+            })
+            .collect(),
+    );
     family(
         "proxy_requests_total",
         "counter",
