@@ -52,6 +52,10 @@ fn main() -> ExitCode {
             | Command::Man,
         ) => "warn".into(),
         Some(Command::Exec { run, .. }) => run.log_level.clone(),
+        // Standard output is the connection, and ssh shows our standard error: quiet unless
+        // asked.
+        Some(Command::Nc { run, .. }) if run.log_level == "info" => "warn".into(),
+        Some(Command::Nc { run, .. }) => run.log_level.clone(),
         None => cli.run.log_level.clone(),
     };
     if let Err(e) = init_logging(&log_level, &log_format) {
@@ -193,6 +197,20 @@ async fn run(cli: Cli) -> ExitCode {
     }) = cli.command
     {
         return exec::run(*run, ready_timeout, command).await;
+    }
+    if let Some(Command::Nc {
+        run,
+        ready_timeout,
+        host,
+        port,
+    }) = cli.command
+    {
+        // Exit at once: tokio's reader of standard input is a blocking thread that a runtime
+        // shutdown would wait for, and ssh waits for us after the far end closed.
+        let code = nc::run(*run, ready_timeout, &host, port).await;
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::process::exit(code);
     }
     let run = cli.run;
     if let Err(code) = refuse_open_listeners(&run) {
@@ -614,6 +632,125 @@ fn spawn_signal_handler(cancel: CancellationToken) {
 
 /// `netbird-proxy exec [options] -- CMD ARGS...`: the peer in this process, CMD as a child that
 /// uses it through the usual proxy variables.
+mod nc {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use netbird_proxy::cli::RunArgs;
+    use netbird_proxy::cli::nc;
+    use netbird_proxy::proxy::Credentials;
+    use tokio_util::sync::CancellationToken;
+
+    /// Where `status` and `wait` look for a running proxy unless told.
+    const DEFAULT_STATUS: u16 = 9099;
+
+    /// The session's exit status: 0 when the far end closed after a session, 1 when the
+    /// connection could not be made, 2 for bad options.
+    pub async fn run(mut run: RunArgs, ready_timeout: Duration, host: &str, port: u16) -> i32 {
+        let status = run
+            .status_addr
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_STATUS)));
+        let (auth, _) = match run.credentials() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("netbird-proxy nc: {e}");
+                return 2;
+            }
+        };
+        if let Some(socks) = nc::running_proxy(status).await {
+            return session(socks, auth.as_ref(), host, port).await;
+        }
+        if run.setup_key.is_none() && run.wg_config.is_none() {
+            eprintln!(
+                "netbird-proxy nc: no proxy answers at {status} (--status-addr), and no \
+                 --setup-key or --wg-config to join the mesh with"
+            );
+            return 1;
+        }
+        // Our own peer, serving only us: a SOCKS5 port on loopback with credentials nobody
+        // else knows.
+        let secret = Credentials::parse(&format!("nc:{:032x}", rand::random::<u128>()))
+            .expect("valid credentials");
+        run.socks = vec![SocketAddr::from(([127, 0, 0, 1], 0))];
+        run.http.clear();
+        run.proxy.clear();
+        run.forward.clear();
+        run.expose.clear();
+        run.status_addr = None;
+        run.socks_auth = None;
+        let hub = super::new_hub(&run);
+        let cancel = CancellationToken::new();
+        let bound = Arc::new(Mutex::new(None::<SocketAddr>));
+        let on_ready: super::OnReady = {
+            let bound = bound.clone();
+            Arc::new(move |ready| {
+                let socks = ready.listeners.iter().find(|(k, _, _)| *k == "socks5");
+                *bound.lock().unwrap_or_else(|e| e.into_inner()) = socks.map(|(_, a, _)| *a);
+            })
+        };
+        let mut peer = {
+            let mut options = run;
+            // The credentials go in as the engine reads them: through RunArgs.
+            options.socks_auth = Some(secret_text(&secret));
+            tokio::spawn(super::run_peer(
+                options,
+                Some(hub.clone()),
+                cancel.clone(),
+                on_ready,
+            ))
+        };
+        let deadline = Instant::now() + ready_timeout;
+        let socks = loop {
+            let ready = hub.snapshot().ready;
+            let addr = *bound.lock().unwrap_or_else(|e| e.into_inner());
+            if let (true, Some(a)) = (ready, addr) {
+                break a;
+            }
+            if Instant::now() >= deadline {
+                let reason = hub.snapshot().reason.unwrap_or_default();
+                eprintln!(
+                    "netbird-proxy nc: not connected to the mesh after {ready_timeout:.1?}: {reason}"
+                );
+                cancel.cancel();
+                let _ = peer.await;
+                return 1;
+            }
+            tokio::select! {
+                _ = &mut peer => return 1,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        };
+        let code = session(socks, Some(&secret), host, port).await;
+        cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), peer).await;
+        code
+    }
+
+    fn secret_text(c: &Credentials) -> String {
+        // Credentials keep their parts private; the URL form is USER:PASS percent-encoded,
+        // and ours needs no encoding.
+        c.url_userinfo()
+    }
+
+    async fn session(socks: SocketAddr, auth: Option<&Credentials>, host: &str, port: u16) -> i32 {
+        let conn = match nc::connect(socks, auth, host, port).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("netbird-proxy nc: {e}");
+                return 1;
+            }
+        };
+        match nc::pump(conn, tokio::io::stdin(), tokio::io::stdout()).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("netbird-proxy nc: {e}");
+                1
+            }
+        }
+    }
+}
+
 mod exec {
     use std::net::SocketAddr;
     use std::process::ExitCode;

@@ -2,13 +2,14 @@
 # Installs what the integration tests and the end-to-end benchmark need, when it is missing (as
 # root, with apt-get): wireguard-go and tools, iproute2 (namespaces), nftables (the roaming
 # test's NAT), curl, dnsmasq, ping, python3 with PyNaCl, prometheus_client and
-# PyYAML, aioice, iperf3, groff (renders the man page), coturn (a TURN server).
+# PyYAML, aioice, iperf3, groff (renders the man page), coturn (a TURN server), openssh-server
+# (`nc` as ssh's ProxyCommand).
 set -euo pipefail
 
 need=()
 for pair in wireguard-go:wireguard-go wg:wireguard-tools ip:iproute2 curl:curl \
             dnsmasq:dnsmasq-base ping:iputils-ping python3:python3 iperf3:iperf3 groff:groff-base \
-            nft:nftables turnserver:coturn; do
+            nft:nftables turnserver:coturn sshd:openssh-server; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if ((${#need[@]})); then

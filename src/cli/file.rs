@@ -33,14 +33,14 @@ pub enum ConfigError {
 pub fn parse(argv: Vec<OsString>) -> Result<Cli, ConfigError> {
     let cmd = Cli::command();
     let matches = cmd.clone().try_get_matches_from(&argv)?;
-    // Where the run options are: at the top, or under `exec`.
+    // Where the run options are: at the top, or under `exec` or `nc`.
     let (run_matches, run_cmd, insert_at) = match matches.subcommand() {
         None => (&matches, cmd.clone(), 1),
-        Some(("exec", sub)) => {
-            let at = argv.iter().position(|a| a == "exec").map_or(1, |i| i + 1);
+        Some((name @ ("exec" | "nc"), sub)) => {
+            let at = argv.iter().position(|a| a == name).map_or(1, |i| i + 1);
             (
                 sub,
-                cmd.find_subcommand("exec").cloned().unwrap_or(cmd.clone()),
+                cmd.find_subcommand(name).cloned().unwrap_or(cmd.clone()),
                 at,
             )
         }
@@ -288,7 +288,7 @@ pub fn render(run: &RunArgs) -> String {
 pub fn run_args(cli: &Cli) -> Option<&RunArgs> {
     match &cli.command {
         None => Some(&cli.run),
-        Some(Command::Exec { run, .. }) => Some(run),
+        Some(Command::Exec { run, .. } | Command::Nc { run, .. }) => Some(run),
         Some(_) => None,
     }
 }

@@ -4,6 +4,7 @@
 //! the file.
 
 pub mod file;
+pub mod nc;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -349,6 +350,22 @@ pub enum Command {
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
+    },
+    /// Standard input and output joined to TCP HOST PORT in the mesh, for ssh's ProxyCommand
+    /// (`ssh -o ProxyCommand='netbird-proxy nc %h %p' HOST`), git over ssh and scp: through the
+    /// SOCKS5 listener of a proxy running here (found at its --status-addr, default
+    /// 127.0.0.1:9099; --socks-auth for its credentials), or, with none running, by joining the
+    /// mesh itself with the usual options. Exit status 1 when the connection fails.
+    Nc {
+        #[command(flatten)]
+        run: Box<RunArgs>,
+        /// How long joining the mesh may take when no proxy is running.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+        ready_timeout: Duration,
+        /// A mesh name, an IP, or any name the proxy resolves.
+        host: String,
+        /// The TCP port.
+        port: u16,
     },
     /// Print a shell completion script (e.g. `netbird-proxy completions bash >
     /// /etc/bash_completion.d/netbird-proxy`).

@@ -150,6 +150,17 @@ impl Credentials {
         format!("{}:{}", enc(&self.user), enc(&self.pass))
     }
 
+    /// RFC 1929's username/password request (VER 1), for a SOCKS5 client of ours.
+    pub fn socks5_auth_request(&self) -> Vec<u8> {
+        let mut req = Vec::with_capacity(3 + self.user.len() + self.pass.len());
+        req.push(1);
+        req.push(self.user.len() as u8);
+        req.extend_from_slice(&self.user);
+        req.push(self.pass.len() as u8);
+        req.extend_from_slice(&self.pass);
+        req
+    }
+
     /// Compare in constant time (for equal lengths), so timing does not leak the password.
     pub fn check(&self, user: &[u8], pass: &[u8]) -> bool {
         let user_ok = self.user.ct_eq(user);

@@ -190,7 +190,7 @@ impl Testbed {
             .arg(&server)
             .args(["--bind", PEER_IP, "--bind6", PEER_IP6])
             .args(["--http-port", &HTTP_PORT.to_string()])
-            .args(["--echo-port", &ECHO_PORT.to_string()])
+            .args(["--echo-port", &ECHO_PORT.to_string(), "--udp"])
             .arg("--dir")
             .arg(dir.join("www"))
             .stdout(Stdio::null())

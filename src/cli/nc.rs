@@ -1,0 +1,240 @@
+//! `netbird-proxy nc HOST PORT`: standard input and output joined to one TCP connection into the
+//! mesh, for `ssh -o ProxyCommand='netbird-proxy nc %h %p' host`, git over ssh and scp.
+//!
+//! The connection goes through a SOCKS5 listener: a running proxy's (found through its status
+//! endpoint), or, with none running, one this process opens on loopback for itself after
+//! joining the mesh (with random credentials, so no other local user borrows it). Either way
+//! the name is resolved by the proxy (mesh names, NetBird DNS), exactly as for any client.
+//!
+//! Like OpenBSD's nc: end of input half-closes the connection and output goes on until the
+//! far end closes; a failed connection is one line on stderr and exit status 1.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::proxy::Credentials;
+
+/// How long the status endpoint of a running proxy has to answer.
+const STATUS_WAIT: Duration = Duration::from_secs(2);
+
+/// Why the connection could not be made, in words nc users know.
+#[derive(Debug, thiserror::Error)]
+pub enum NcError {
+    #[error("cannot reach the proxy at {0}: {1}")]
+    Proxy(SocketAddr, io::Error),
+    #[error("the proxy at {0} did not speak SOCKS5")]
+    NotSocks(SocketAddr),
+    #[error("the proxy at {0} wants a user name and password (--socks-auth or NB_SOCKS_AUTH)")]
+    AuthRequired(SocketAddr),
+    #[error("the proxy at {0} refused the user name and password")]
+    AuthRefused(SocketAddr),
+    #[error("connect to {host} port {port} (tcp) failed: {reason}")]
+    Connect {
+        host: String,
+        port: u16,
+        reason: &'static str,
+    },
+    #[error("{0} is not a host name or address")]
+    BadHost(String),
+}
+
+/// The SOCKS5 listener of a proxy running on this machine, from its status endpoint at
+/// `status`; None when nothing answers there or it serves no SOCKS5.
+pub async fn running_proxy(status: SocketAddr) -> Option<SocketAddr> {
+    let (snap, _) = tokio::time::timeout(STATUS_WAIT, crate::status::client::snapshot(status))
+        .await
+        .ok()?
+        .ok()?;
+    snap.listeners
+        .iter()
+        .filter(|l| l.kind == "socks5" || l.kind == "proxy")
+        .find_map(|l| l.addr.parse::<SocketAddr>().ok())
+        .map(|a| {
+            // A listener on every address is reached on loopback.
+            if a.ip().is_unspecified() {
+                let lo = if a.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                };
+                SocketAddr::new(lo, a.port())
+            } else {
+                a
+            }
+        })
+}
+
+/// CONNECT to `host`:`port` through the SOCKS5 listener at `socks`.
+pub async fn connect(
+    socks: SocketAddr,
+    auth: Option<&Credentials>,
+    host: &str,
+    port: u16,
+) -> Result<TcpStream, NcError> {
+    let proxy = |e| NcError::Proxy(socks, e);
+    let mut s = TcpStream::connect(socks).await.map_err(proxy)?;
+    let _ = s.set_nodelay(true);
+    let method = if auth.is_some() { 2 } else { 0 };
+    s.write_all(&[5, 1, method]).await.map_err(proxy)?;
+    let mut choice = [0u8; 2];
+    s.read_exact(&mut choice).await.map_err(proxy)?;
+    match choice {
+        [5, 0] => {}
+        [5, 2] => {
+            let creds = auth.ok_or(NcError::AuthRequired(socks))?;
+            s.write_all(&creds.socks5_auth_request())
+                .await
+                .map_err(proxy)?;
+            let mut status = [0u8; 2];
+            s.read_exact(&mut status).await.map_err(proxy)?;
+            if status[1] != 0 {
+                return Err(NcError::AuthRefused(socks));
+            }
+        }
+        [5, 0xff] if auth.is_none() => return Err(NcError::AuthRequired(socks)),
+        [5, 0xff] => return Err(NcError::AuthRefused(socks)),
+        _ => return Err(NcError::NotSocks(socks)),
+    }
+    s.write_all(&connect_request(host, port)?)
+        .await
+        .map_err(proxy)?;
+    // VER REP RSV ATYP, then the bound address (skipped) and port.
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).await.map_err(proxy)?;
+    if head[0] != 5 {
+        return Err(NcError::NotSocks(socks));
+    }
+    if head[1] != 0 {
+        return Err(NcError::Connect {
+            host: host.to_string(),
+            port,
+            reason: reply_reason(head[1]),
+        });
+    }
+    let rest = match head[3] {
+        1 => 4 + 2,
+        4 => 16 + 2,
+        3 => {
+            let mut len = [0u8; 1];
+            s.read_exact(&mut len).await.map_err(proxy)?;
+            usize::from(len[0]) + 2
+        }
+        _ => return Err(NcError::NotSocks(socks)),
+    };
+    let mut bound = [0u8; 258];
+    s.read_exact(&mut bound[..rest]).await.map_err(proxy)?;
+    Ok(s)
+}
+
+/// A CONNECT request for `host` (an IP or a name, sent as a name for the proxy to resolve).
+fn connect_request(host: &str, port: u16) -> Result<Vec<u8>, NcError> {
+    let mut req = vec![5, 1, 0];
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => {
+            req.push(1);
+            req.extend_from_slice(&ip.octets());
+        }
+        Ok(std::net::IpAddr::V6(ip)) => {
+            req.push(4);
+            req.extend_from_slice(&ip.octets());
+        }
+        Err(_) => {
+            if host.is_empty() || host.len() > 255 {
+                return Err(NcError::BadHost(host.to_string()));
+            }
+            req.push(3);
+            req.push(host.len() as u8);
+            req.extend_from_slice(host.as_bytes());
+        }
+    }
+    req.extend_from_slice(&port.to_be_bytes());
+    Ok(req)
+}
+
+/// What a SOCKS5 reply code means, worded as nc words the system's errors.
+fn reply_reason(code: u8) -> &'static str {
+    match code {
+        1 => "General failure",
+        2 => "Not allowed by the proxy's policy",
+        3 => "Network is unreachable",
+        4 => "No route to host",
+        5 => "Connection refused",
+        6 => "Connection timed out",
+        7 => "Command not supported",
+        8 => "Address type not supported",
+        _ => "Unknown error",
+    }
+}
+
+/// Copy `input` to the connection and the connection to `output` until the far end closes.
+/// End of input half-closes the connection (the far end sees EOF and can still answer), as
+/// scp and git over ssh need.
+pub async fn pump<I, O>(conn: TcpStream, mut input: I, mut output: O) -> io::Result<()>
+where
+    I: AsyncRead + Unpin,
+    O: AsyncWrite + Unpin,
+{
+    let (mut from_far, mut to_far) = conn.into_split();
+    let upload = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = input.read(&mut buf).await?;
+            if n == 0 {
+                to_far.shutdown().await?;
+                return Ok::<_, io::Error>(());
+            }
+            to_far.write_all(&buf[..n]).await?;
+        }
+    };
+    let download = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = from_far.read(&mut buf).await?;
+            if n == 0 {
+                output.flush().await?;
+                return Ok::<_, io::Error>(());
+            }
+            output.write_all(&buf[..n]).await?;
+            output.flush().await?;
+        }
+    };
+    tokio::pin!(upload, download);
+    // The far end closing ends the session, whether or not input has ended; an upload error
+    // (the far end reset) ends it too.
+    let mut uploading = true;
+    loop {
+        tokio::select! {
+            r = &mut download => return r,
+            r = &mut upload, if uploading => {
+                r?;
+                uploading = false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_send_names_for_the_proxy_to_resolve() {
+        assert_eq!(
+            connect_request("db.mesh", 22).unwrap(),
+            [&[5, 1, 0, 3, 7][..], b"db.mesh", &[0, 22]].concat()
+        );
+        assert_eq!(
+            connect_request("100.64.0.2", 22).unwrap(),
+            vec![5, 1, 0, 1, 100, 64, 0, 2, 0, 22]
+        );
+        let v6 = connect_request("[fd64::2]", 22).unwrap();
+        assert_eq!((v6[3], v6.len()), (4, 4 + 16 + 2));
+        assert!(connect_request("", 22).is_err());
+        assert!(connect_request(&"a".repeat(256), 22).is_err());
+    }
+}
