@@ -302,6 +302,7 @@ async fn run_peer(
     let options = ProxyOptions {
         socks: run.socks,
         http: run.http,
+        unix_mode: run.unix_mode,
         proxy: run.proxy,
         forwards: run.forward,
         exposes: run.expose,
@@ -468,8 +469,8 @@ async fn run_demo(socks: std::net::SocketAddr, http: std::net::SocketAddr) -> Ex
             peer(
                 "proxy",
                 ProxyOptions {
-                    socks: vec![socks],
-                    http: vec![http],
+                    socks: vec![netbird_proxy::cli::ListenAddr::Tcp(socks)],
+                    http: vec![netbird_proxy::cli::ListenAddr::Tcp(http)],
                     allow_direct: true,
                     connect_timeout: Duration::from_secs(10),
                     ..Default::default()
@@ -672,7 +673,10 @@ mod nc {
         // else knows.
         let secret = Credentials::parse(&format!("nc:{:032x}", rand::random::<u128>()))
             .expect("valid credentials");
-        run.socks = vec![SocketAddr::from(([127, 0, 0, 1], 0))];
+        run.socks = vec![netbird_proxy::cli::ListenAddr::Tcp(SocketAddr::from((
+            [127, 0, 0, 1],
+            0,
+        )))];
         run.http.clear();
         run.proxy.clear();
         run.forward.clear();
@@ -771,7 +775,8 @@ mod exec {
     pub async fn run(mut run: RunArgs, ready_timeout: Duration, command: Vec<String>) -> ExitCode {
         // One port for SOCKS5 and HTTP, fixed, so a rebuilt engine binds the same one the
         // child was told about.
-        if run.socks.is_empty() && run.http.is_empty() && run.proxy.is_empty() {
+        let tcp = |l: &[netbird_proxy::cli::ListenAddr]| l.iter().any(|a| a.tcp().is_some());
+        if !tcp(&run.socks) && !tcp(&run.http) && run.proxy.is_empty() {
             match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
                 Ok(addr) => run.proxy.push(addr),
                 Err(e) => {
@@ -977,8 +982,17 @@ mod exec {
     fn proxy_env(run: &RunArgs) -> Result<ProxyEnv, String> {
         let (socks_auth, http_auth) = run.credentials()?;
         Ok(ProxyEnv {
-            socks: run.socks.first().or(run.proxy.first()).copied(),
-            http: run.http.first().or(run.proxy.first()).copied(),
+            // The variables name TCP listeners: few programs reach a proxy on a Unix socket.
+            socks: run
+                .socks
+                .iter()
+                .find_map(|l| l.tcp())
+                .or(run.proxy.first().copied()),
+            http: run
+                .http
+                .iter()
+                .find_map(|l| l.tcp())
+                .or(run.proxy.first().copied()),
             socks_auth,
             http_auth,
         })

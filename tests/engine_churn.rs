@@ -63,7 +63,7 @@ fn config(url: &str, identity: u8) -> MeshConfig {
         private_key: [identity + 1; 32],
         wg_port: 0,
         proxy: ProxyOptions {
-            socks: vec![socks],
+            socks: vec![netbird_proxy::cli::ListenAddr::Tcp(socks)],
             connect_timeout: Duration::from_secs(5),
             ..Default::default()
         },

@@ -125,8 +125,10 @@ async fn a_failing_start_leaves_no_task_socket_or_listener() {
             &mesh.management_url,
             wg_port,
             ProxyOptions {
-                http: vec![loopback0()],
-                socks: vec![taken.local_addr().unwrap()],
+                http: vec![netbird_proxy::cli::ListenAddr::Tcp(loopback0())],
+                socks: vec![netbird_proxy::cli::ListenAddr::Tcp(
+                    taken.local_addr().unwrap(),
+                )],
                 ..Default::default()
             },
         ),
@@ -156,8 +158,8 @@ async fn a_failing_start_leaves_no_task_socket_or_listener() {
             &mesh.management_url,
             wg_port,
             ProxyOptions {
-                http: vec![loopback0()],
-                socks: vec![loopback0()],
+                http: vec![netbird_proxy::cli::ListenAddr::Tcp(loopback0())],
+                socks: vec![netbird_proxy::cli::ListenAddr::Tcp(loopback0())],
                 ..Default::default()
             },
         ),

@@ -169,7 +169,9 @@ async fn an_idle_peer_gets_no_offers_until_traffic_wakes_it() {
         "alpha",
         a_key,
         ProxyOptions {
-            socks: vec!["127.0.0.1:0".parse().unwrap()],
+            socks: vec![netbird_proxy::cli::ListenAddr::Tcp(
+                "127.0.0.1:0".parse().unwrap(),
+            )],
             connect_timeout: Duration::from_secs(5),
             ..Default::default()
         },

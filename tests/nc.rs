@@ -86,31 +86,6 @@ fn start_sshd(bed: &Testbed) -> Sshd {
     Sshd { child, key }
 }
 
-fn chown_nobody(path: &Path) {
-    let ok = Command::new("chown")
-        .arg("65534:65534")
-        .arg(path)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "chown {}", path.display());
-}
-
-/// A command run as uid/gid 65534 with no capabilities, as an ordinary user runs ssh.
-fn as_nobody(program: &str) -> Command {
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-        .args([
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-            "--no-new-privs",
-            "--",
-        ])
-        .arg(program)
-        .env("HOME", "/nonexistent");
-    cmd
-}
-
 /// ssh's options: our key, no host key checks or config, `nc` as the ProxyCommand.
 fn ssh_options(key: &Path, nc_args: &str) -> Vec<String> {
     vec![

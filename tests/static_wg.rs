@@ -210,9 +210,12 @@ fn two_hundred_concurrent_socks_connections() {
                 .map(|p| format!(":{p}"))
         })
         .collect();
+    // Per-connection lines name the client (`from`, perhaps between colour codes).
     let interesting: Vec<&str> = log
         .lines()
-        .filter(|l| !l.contains("from=") || failed_ports.iter().any(|p| l.contains(p.as_str())))
+        .filter(|l| {
+            !l.contains("127.0.0.1:") || failed_ports.iter().any(|p| l.contains(p.as_str()))
+        })
         .collect();
     let tail = interesting[interesting.len().saturating_sub(80)..].join("\n");
     let wg_log = std::fs::read_to_string(bed.dir.join("wireguard-go.log")).unwrap_or_default();
@@ -268,7 +271,10 @@ async fn echo_through_socks(
         steps += &format!(", request answered {:.2?}", started.elapsed());
         read.map_err(|e| format!("conn {seed}: connect reply: {e} [{steps}]"))?;
         if reply[1] != 0 {
-            return Err(format!("conn {seed}: connect reply: {:#04x}", reply[1]));
+            return Err(format!(
+                "conn {seed}: connect reply: {:#04x} [{steps}]",
+                reply[1]
+            ));
         }
         let (mut r, mut w) = s.into_split();
         let data = sent.clone();
@@ -450,13 +456,10 @@ fn bad_input_is_answered_and_service_continues() {
     assert!(buf.is_empty(), "garbage greeting answered with {buf:?}");
     still_serving();
 
-    // BIND and UDP ASSOCIATE: 0x07; an unknown address type: 0x08.
+    // BIND: 0x07 (UDP ASSOCIATE is served: tests/udp.rs); an unknown address type: 0x08.
     let mut bind = connect_v4(PEER_IP, 80);
     bind[1] = 2;
     assert_eq!(socks_connect(socks, None, &bind).unwrap().1[1], 0x07);
-    let mut udp = connect_v4(PEER_IP, 80);
-    udp[1] = 3;
-    assert_eq!(socks_connect(socks, None, &udp).unwrap().1[1], 0x07);
     let mut bad_atyp = connect_v4(PEER_IP, 80);
     bad_atyp[3] = 9;
     assert_eq!(socks_connect(socks, None, &bad_atyp).unwrap().1[1], 0x08);

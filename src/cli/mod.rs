@@ -16,6 +16,7 @@ use crate::devmesh::Services;
 use crate::netstack::Congestion;
 use crate::proxy::Credentials;
 use crate::proxy::dial::Target;
+pub use crate::proxy::unix::ListenAddr;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -75,13 +76,19 @@ pub struct RunArgs {
     #[arg(long, env = "NB_WG_CONFIG", value_name = "FILE")]
     pub wg_config: Option<PathBuf>,
 
-    /// SOCKS5 listener; a bare PORT binds 127.0.0.1. Repeatable (env: comma-separated).
-    #[arg(long, env = "NB_SOCKS", value_name = "[ADDR:]PORT", value_delimiter = ',', value_parser = parse_listen)]
-    pub socks: Vec<SocketAddr>,
+    /// SOCKS5 listener; a bare PORT binds 127.0.0.1, `unix:PATH` listens on a Unix socket
+    /// (mode --unix-mode). Repeatable (env: comma-separated).
+    #[arg(long, env = "NB_SOCKS", value_name = "[ADDR:]PORT|unix:PATH", value_delimiter = ',', value_parser = parse_listen_addr)]
+    pub socks: Vec<ListenAddr>,
 
-    /// HTTP proxy listener (CONNECT and absolute-form); a bare PORT binds 127.0.0.1. Repeatable.
-    #[arg(long, env = "NB_HTTP", value_name = "[ADDR:]PORT", value_delimiter = ',', value_parser = parse_listen)]
-    pub http: Vec<SocketAddr>,
+    /// HTTP proxy listener (CONNECT and absolute-form); a bare PORT binds 127.0.0.1,
+    /// `unix:PATH` listens on a Unix socket. Repeatable.
+    #[arg(long, env = "NB_HTTP", value_name = "[ADDR:]PORT|unix:PATH", value_delimiter = ',', value_parser = parse_listen_addr)]
+    pub http: Vec<ListenAddr>,
+
+    /// Permissions of Unix-socket listeners (octal): who on this machine may use them.
+    #[arg(long, env = "NB_UNIX_MODE", value_name = "MODE", default_value = "600", value_parser = crate::proxy::unix::parse_mode)]
+    pub unix_mode: u32,
 
     /// SOCKS5 and the HTTP proxy on one port, told apart by each client's first byte (with
     /// --socks-auth and --http-auth for each); a bare PORT binds 127.0.0.1. Repeatable.
@@ -267,12 +274,12 @@ impl RunArgs {
         let open = |a: &SocketAddr| !a.ip().is_loopback();
         let mut found = Vec::new();
         if self.socks_auth.is_none() {
-            for a in self.socks.iter().filter(|a| open(a)) {
+            for a in self.socks.iter().filter_map(ListenAddr::tcp).filter(open) {
                 found.push(format!("--socks {a} (add --socks-auth USER:PASS)"));
             }
         }
         if self.http_auth.is_none() {
-            for a in self.http.iter().filter(|a| open(a)) {
+            for a in self.http.iter().filter_map(ListenAddr::tcp).filter(open) {
                 found.push(format!("--http {a} (add --http-auth USER:PASS)"));
             }
         }
@@ -501,6 +508,15 @@ pub fn parse_expose(s: &str) -> Result<Expose, String> {
         local: parse_listen(local)?,
         udp,
     })
+}
+
+/// `[ADDR:]PORT` or `unix:PATH`.
+pub fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
+    match s.strip_prefix("unix:") {
+        Some("") => Err("`unix:` needs a path".into()),
+        Some(path) => Ok(ListenAddr::Unix(PathBuf::from(path))),
+        None => parse_listen(s).map(ListenAddr::Tcp),
+    }
 }
 
 /// `[ADDR:]PORT`; a bare port binds loopback, so nothing is exposed by accident.

@@ -29,6 +29,7 @@ use crate::netstack::{Congestion, Netstack, NetstackConfig};
 use crate::packet::PacketPool;
 use crate::proxy::admission::Limits;
 use crate::proxy::dial::Dialer;
+use crate::proxy::unix::{ListenAddr, UnixSocketListener};
 use crate::proxy::{Credentials, forward, http, socks5};
 use crate::status::{EngineView, ListenerMetrics, StatusHub};
 use crate::wg::config::Endpoint;
@@ -44,8 +45,10 @@ const POOL_IDLE: usize = 4096;
 /// The listeners and policies of the proxy side.
 #[derive(Clone, Debug, Default)]
 pub struct ProxyOptions {
-    pub socks: Vec<SocketAddr>,
-    pub http: Vec<SocketAddr>,
+    pub socks: Vec<ListenAddr>,
+    pub http: Vec<ListenAddr>,
+    /// Permissions of Unix-socket listeners.
+    pub unix_mode: u32,
     /// SOCKS5 and HTTP on one port each (`--proxy`).
     pub proxy: Vec<SocketAddr>,
     pub forwards: Vec<Forward>,
@@ -81,6 +84,12 @@ pub enum DataPathError {
     Socket(std::io::Error),
     #[error("cannot expose mesh port {port}: {reason}")]
     Expose { port: u16, reason: String },
+    #[error("cannot listen on unix:{} for {what}: {source}", path.display())]
+    ListenUnix {
+        path: std::path::PathBuf,
+        what: &'static str,
+        source: crate::proxy::unix::UnixBindError,
+    },
     #[error("cannot listen on {addr} for {what}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -96,6 +105,8 @@ pub struct Ready {
     pub wireguard: SocketAddr,
     /// (kind, bound address, detail) per listener.
     pub listeners: Vec<(&'static str, SocketAddr, String)>,
+    /// (kind, path) per Unix-socket listener.
+    pub unix: Vec<(&'static str, std::path::PathBuf)>,
 }
 
 impl fmt::Display for Ready {
@@ -104,6 +115,9 @@ impl fmt::Display for Ready {
         write!(f, "netbird-proxy ready: mesh {}", mesh.join(","))?;
         for (kind, addr, detail) in &self.listeners {
             write!(f, "; {kind} {addr}{detail}")?;
+        }
+        for (kind, path) in &self.unix {
+            write!(f, "; {kind} unix:{}", path.display())?;
         }
         write!(f, "; wireguard udp {}", self.wireguard)
     }
@@ -289,6 +303,7 @@ pub async fn start_datapath(
         mesh: spec.addresses,
         wireguard: wg_addr,
         listeners: Vec::new(),
+        unix: Vec::new(),
     };
     let metrics = |kind: &'static str, configured: SocketAddr, bound: SocketAddr| {
         let m = match &options.status {
@@ -302,31 +317,71 @@ pub async fn start_datapath(
     };
     let socks_auth = options.socks_auth.map(Arc::new);
     let http_auth = options.http_auth.map(Arc::new);
-    for addr in &options.socks {
-        let l = bind(*addr, "socks5").await?;
-        let bound = l.local_addr().unwrap_or(*addr);
-        ready.listeners.push(("socks5", bound, String::new()));
-        tasks.spawn(socks5::serve(
-            l,
-            metrics("socks5", *addr, bound),
-            options.limits.clone(),
-            dialer.clone(),
-            socks_auth.clone(),
-            cancel.child_token(),
-        ));
+    let unix_metrics = |kind: &'static str, path: &std::path::Path| {
+        let m = match &options.status {
+            Some(hub) => hub.unix_listener(kind, path),
+            None => Arc::new(ListenerMetrics::new_unix(kind, path)),
+        };
+        m.set_max_connections(options.limits.per_listener);
+        m
+    };
+    for listen in &options.socks {
+        match listen {
+            ListenAddr::Tcp(addr) => {
+                let l = bind(*addr, "socks5").await?;
+                let bound = l.local_addr().unwrap_or(*addr);
+                ready.listeners.push(("socks5", bound, String::new()));
+                tasks.spawn(socks5::serve(
+                    l,
+                    metrics("socks5", *addr, bound),
+                    options.limits.clone(),
+                    dialer.clone(),
+                    socks_auth.clone(),
+                    cancel.child_token(),
+                ));
+            }
+            ListenAddr::Unix(path) => {
+                let l = bind_unix(path, options.unix_mode, "socks5")?;
+                ready.unix.push(("socks5", path.clone()));
+                tasks.spawn(socks5::serve(
+                    l,
+                    unix_metrics("socks5", path),
+                    options.limits.clone(),
+                    dialer.clone(),
+                    socks_auth.clone(),
+                    cancel.child_token(),
+                ));
+            }
+        }
     }
-    for addr in &options.http {
-        let l = bind(*addr, "http").await?;
-        let bound = l.local_addr().unwrap_or(*addr);
-        ready.listeners.push(("http", bound, String::new()));
-        tasks.spawn(http::serve(
-            l,
-            metrics("http", *addr, bound),
-            options.limits.clone(),
-            dialer.clone(),
-            http_auth.clone(),
-            cancel.child_token(),
-        ));
+    for listen in &options.http {
+        match listen {
+            ListenAddr::Tcp(addr) => {
+                let l = bind(*addr, "http").await?;
+                let bound = l.local_addr().unwrap_or(*addr);
+                ready.listeners.push(("http", bound, String::new()));
+                tasks.spawn(http::serve(
+                    l,
+                    metrics("http", *addr, bound),
+                    options.limits.clone(),
+                    dialer.clone(),
+                    http_auth.clone(),
+                    cancel.child_token(),
+                ));
+            }
+            ListenAddr::Unix(path) => {
+                let l = bind_unix(path, options.unix_mode, "http")?;
+                ready.unix.push(("http", path.clone()));
+                tasks.spawn(http::serve(
+                    l,
+                    unix_metrics("http", path),
+                    options.limits.clone(),
+                    dialer.clone(),
+                    http_auth.clone(),
+                    cancel.child_token(),
+                ));
+            }
+        }
     }
     for addr in &options.proxy {
         let l = bind(*addr, "proxy").await?;
@@ -438,10 +493,20 @@ fn spec_first_addr(mesh: &[IpNet], port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
+fn bind_unix(
+    path: &std::path::Path,
+    mode: u32,
+    what: &'static str,
+) -> Result<UnixSocketListener, DataPathError> {
+    UnixSocketListener::bind(path, mode).map_err(|source| DataPathError::ListenUnix {
+        path: path.to_path_buf(),
+        what,
+        source,
+    })
+}
+
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, DataPathError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| DataPathError::Listen { addr, what, source })
+    crate::proxy::listen_tcp(addr).map_err(|source| DataPathError::Listen { addr, what, source })
 }
 
 async fn resolve_endpoint(host: &str, port: u16, line: usize) -> Result<SocketAddr, DataPathError> {

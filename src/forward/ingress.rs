@@ -156,7 +156,7 @@ pub async fn serve(
             let (proto, port) = key;
             let listen = SocketAddr::from(([0, 0, 0, 0], port));
             let bound = match proto {
-                IngressProto::Tcp => tokio::net::TcpListener::bind(listen).await.map(|l| {
+                IngressProto::Tcp => crate::proxy::listen_tcp(listen).map(|l| {
                     tasks.spawn(serve_tcp(l, netstack.clone(), target, token.clone()));
                 }),
                 IngressProto::Udp => tokio::net::UdpSocket::bind(listen).await.map(|s| {

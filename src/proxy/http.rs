@@ -19,7 +19,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -35,8 +34,8 @@ type Body = BoxBody<Bytes, hyper::Error>;
 const REALM: &str = "netbird-proxy";
 
 /// Serve the HTTP proxy on `listener` until `cancel` fires.
-pub async fn serve(
-    listener: TcpListener,
+pub(crate) async fn serve<L: super::Accept>(
+    listener: L,
     metrics: Arc<ListenerMetrics>,
     limits: Limits,
     dialer: Dialer,
@@ -50,18 +49,17 @@ pub async fn serve(
 
 /// What serves one admitted HTTP proxy client (its requests counted in `metrics`); CONNECT
 /// tunnels end with `cancel`.
-pub(crate) fn client_handler(
+pub(crate) fn client_handler<S: super::ClientStream>(
     metrics: Arc<ListenerMetrics>,
     limits: &Limits,
     dialer: Dialer,
     auth: Option<Arc<Credentials>>,
     cancel: CancellationToken,
-) -> impl Fn(TcpStream, SocketAddr, Arc<Ticket>) -> super::socks5::BoxFuture + Send + Sync + 'static
-{
+) -> impl Fn(S, SocketAddr, Arc<Ticket>) -> super::socks5::BoxFuture + Send + Sync + 'static {
     let tunnels = cancel;
     let header_timeout = limits.handshake_timeout;
     let idle = limits.idle_timeout;
-    move |client: TcpStream, from: SocketAddr, ticket: Arc<Ticket>| {
+    move |client: S, from: SocketAddr, ticket: Arc<Ticket>| {
         let dialer = dialer.clone();
         let auth = auth.clone();
         let tunnels = tunnels.clone();
@@ -86,7 +84,7 @@ pub(crate) fn client_handler(
                     idle,
                     metrics: metrics.clone(),
                 };
-                let resp = handle(req, from, dialer, auth.as_deref(), tunnel).await;
+                let resp = handle(req, from, dialer, auth.as_deref(), tunnel, S::UNIX).await;
                 metrics.count(resp.status().as_str());
                 Ok::<_, Infallible>(resp)
             }
@@ -151,7 +149,7 @@ struct Tunnel {
 }
 
 /// Say no to a client over the connection limits: 503 with a reason, then close.
-pub(crate) async fn refuse(mut client: TcpStream) {
+pub(crate) async fn refuse<S: super::ClientStream>(mut client: S) {
     use tokio::io::AsyncWriteExt;
     let body = "netbird-proxy: too many connections; try again later\n";
     let resp = format!(
@@ -168,6 +166,7 @@ async fn handle(
     dialer: Dialer,
     auth: Option<&Credentials>,
     tunnel: Tunnel,
+    origin_form_by_host: bool,
 ) -> Response<Body> {
     if let Some(creds) = auth
         && !authorized(req.headers(), creds)
@@ -186,7 +185,7 @@ async fn handle(
     if req.method() == Method::CONNECT {
         connect(req, from, dialer, tunnel).await
     } else {
-        forward(req, from, dialer).await
+        forward(req, from, dialer, origin_form_by_host).await
     }
 }
 
@@ -239,8 +238,36 @@ async fn connect(
     Response::new(empty())
 }
 
-/// `METHOD http://host[:port]/path` → the same request in origin-form to the host.
-async fn forward(req: Request<Incoming>, from: SocketAddr, dialer: Dialer) -> Response<Body> {
+/// `METHOD http://host[:port]/path` → the same request in origin-form to the host. With
+/// `origin_form_by_host` (a Unix-socket listener), `METHOD /path` goes to its `Host`.
+async fn forward(
+    req: Request<Incoming>,
+    from: SocketAddr,
+    dialer: Dialer,
+    origin_form_by_host: bool,
+) -> Response<Body> {
+    let mut req = req;
+    if origin_form_by_host && req.uri().scheme().is_none() {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        match format!("http://{host}{path}").parse::<Uri>() {
+            Ok(uri) if !host.is_empty() => *req.uri_mut() = uri,
+            _ => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "an origin-form request needs a Host header naming where it goes",
+                );
+            }
+        }
+    }
     let uri = req.uri().clone();
     match uri.scheme_str() {
         Some("http") => {}

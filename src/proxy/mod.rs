@@ -9,6 +9,7 @@ pub mod mixed;
 pub(crate) mod relay;
 pub mod socks5;
 pub mod udp;
+pub mod unix;
 
 use std::fmt;
 use std::future::Future;
@@ -17,7 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use subtle::ConstantTimeEq;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -28,23 +30,88 @@ const REFUSALS_IN_FLIGHT: usize = 64;
 /// Bound on answering one refused client.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Connections a listener's kernel queue holds before we accept them. std's (and so
+/// `TcpListener::bind`'s) 128 overflowed when 200 clients connected at once: the kernel dropped
+/// SYNs and those clients waited a 1 s retransmission. The kernel caps it at `somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A TCP listener for clients on `addr`, with a backlog for bursts of clients.
+pub fn listen_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// What a client of a proxy listener is connected over: TCP, or a Unix socket.
+pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// A Unix socket: its HTTP clients (`curl --unix-socket`) send origin-form requests, which
+    /// go to their Host, as Docker's socket users expect.
+    const UNIX: bool;
+    /// The address the client reached us at (where a UDP association's relay socket is
+    /// bound); None over a Unix socket, which has no UDP counterpart.
+    fn local_ip_addr(&self) -> Option<SocketAddr>;
+}
+
+impl ClientStream for TcpStream {
+    const UNIX: bool = false;
+    fn local_ip_addr(&self) -> Option<SocketAddr> {
+        self.local_addr().ok()
+    }
+}
+
+impl ClientStream for UnixStream {
+    const UNIX: bool = true;
+    fn local_ip_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+}
+
+/// Where a Unix-socket client is said to come from in logs and counters: it has no address,
+/// and the socket file's permissions already decided who may connect.
+pub const UNIX_CLIENT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
+/// A listener proxy clients arrive on.
+pub(crate) trait Accept: Send + 'static {
+    type Stream: ClientStream;
+    /// The next client and where it comes from.
+    fn accept_client(
+        &self,
+    ) -> impl Future<Output = std::io::Result<(Self::Stream, SocketAddr)>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = TcpStream;
+    async fn accept_client(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
+        let (client, from) = self.accept().await?;
+        let _ = client.set_nodelay(true);
+        Ok((client, from))
+    }
+}
+
 /// Accept on `listener` until `cancel` fires; each admitted client runs `handle` in a task of
 /// its own that the same cancellation stops, so a shutdown ends every connection of the
 /// listener. Admission follows `limits` (see `admission`): a client over the caps gets
 /// `refuse` (a protocol-level "no"), one evicted during its handshake is closed. `handle`
 /// calls `Ticket::established` once the client's handshake is complete. `metrics` counts open
 /// connections, refusals and evictions.
-pub(crate) async fn serve_clients<F, Fut, R, RFut>(
-    listener: TcpListener,
+pub(crate) async fn serve_clients<L, F, Fut, R, RFut>(
+    listener: L,
     metrics: Arc<ListenerMetrics>,
     limits: &admission::Limits,
     cancel: CancellationToken,
     handle: F,
     refuse: R,
 ) where
-    F: Fn(TcpStream, SocketAddr, Arc<admission::Ticket>) -> Fut,
+    L: Accept,
+    F: Fn(L::Stream, SocketAddr, Arc<admission::Ticket>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
-    R: Fn(TcpStream) -> RFut,
+    R: Fn(L::Stream) -> RFut,
     RFut: Future<Output = ()> + Send + 'static,
 {
     let gate = admission::Gate::new(limits);
@@ -52,7 +119,7 @@ pub(crate) async fn serve_clients<F, Fut, R, RFut>(
     loop {
         let (client, from) = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
+            r = listener.accept_client() => match r {
                 Ok(c) => c,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -62,7 +129,6 @@ pub(crate) async fn serve_clients<F, Fut, R, RFut>(
                 }
             },
         };
-        let _ = client.set_nodelay(true);
         debug!(%from, "accepted");
         let ticket = match gate.admit().await {
             Ok(t) => Arc::new(t),
@@ -179,6 +245,25 @@ impl std::str::FromStr for Credentials {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 300 clients connecting at once before any is accepted all complete their handshake
+    /// (with std's backlog of 128 the kernel dropped the SYNs beyond it: a 1 s retransmission,
+    /// far beyond the half second each connect may take here).
+    #[tokio::test]
+    async fn a_burst_of_clients_fits_in_the_listen_backlog() {
+        let listener = listen_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clients = tokio::task::spawn_blocking(move || {
+            (0..300)
+                .map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        let failed = clients.iter().filter(|c| c.is_err()).count();
+        assert_eq!(failed, 0, "clients that could not connect");
+        drop(listener);
+    }
 
     #[test]
     fn credentials_parse_check_and_redact() {

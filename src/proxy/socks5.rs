@@ -11,7 +11,6 @@ use std::time::Duration;
 use fast_socks5::server::Socks5ServerProtocol;
 use fast_socks5::util::target_addr::TargetAddr;
 use fast_socks5::{ReplyError, Socks5Command};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -19,7 +18,7 @@ use super::admission::{Limits, Ticket};
 use super::dial::{DialError, Dialer, Target};
 use super::relay;
 use super::udp;
-use super::{Credentials, serve_clients};
+use super::{Accept, ClientStream, Credentials, serve_clients};
 use crate::status::ListenerMetrics;
 
 /// SOCKS reply for a failed dial.
@@ -36,8 +35,8 @@ pub fn reply_for(err: &DialError) -> ReplyError {
 }
 
 /// Serve SOCKS5 on `listener` until `cancel` fires.
-pub async fn serve(
-    listener: TcpListener,
+pub(crate) async fn serve<L: Accept>(
+    listener: L,
     metrics: Arc<ListenerMetrics>,
     limits: Limits,
     dialer: Dialer,
@@ -53,12 +52,12 @@ pub async fn serve(
 }
 
 /// What serves one admitted SOCKS5 client (its results counted in `metrics`).
-pub(crate) fn client_handler(
+pub(crate) fn client_handler<S: ClientStream>(
     metrics: Arc<ListenerMetrics>,
     limits: &Limits,
     dialer: Dialer,
     auth: Option<Arc<Credentials>>,
-) -> impl Fn(TcpStream, SocketAddr, Arc<Ticket>) -> BoxFuture + Send + Sync + 'static {
+) -> impl Fn(S, SocketAddr, Arc<Ticket>) -> BoxFuture + Send + Sync + 'static {
     let timeout = limits.handshake_timeout;
     let idle = limits.idle_timeout;
     let udp_idle = limits.udp_idle_timeout;
@@ -86,8 +85,8 @@ pub(crate) fn client_handler(
 pub(crate) type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// An admitted client.
-struct Client {
-    stream: TcpStream,
+struct Client<S> {
+    stream: S,
     from: SocketAddr,
     ticket: Arc<Ticket>,
     /// For greeting, authentication and request together.
@@ -101,7 +100,7 @@ struct Client {
 /// Say no to a client over the connection limits, in words SOCKS5 has: without
 /// authentication, answer its request with 0x01 (general failure); with authentication
 /// required, refuse its methods (0xFF) rather than check a password for nothing.
-pub(crate) async fn refuse(mut client: TcpStream, auth_required: bool) {
+pub(crate) async fn refuse<S: ClientStream>(mut client: S, auth_required: bool) {
     if !auth_required {
         if let Ok(proto) = Socks5ServerProtocol::accept_no_auth(client).await
             && let Ok((proto, _, _)) = proto.read_command().await
@@ -124,8 +123,8 @@ pub(crate) async fn refuse(mut client: TcpStream, auth_required: bool) {
 /// Serve one client. A success is counted in `metrics` as soon as it is answered (the relay
 /// may last hours); a failure is returned for the counters: the reply code sent, or `timeout`
 /// / `rejected` for a handshake that never reached a request.
-async fn handle(
-    client: Client,
+async fn handle<S: ClientStream>(
+    client: Client<S>,
     dialer: Dialer,
     auth: Option<Arc<Credentials>>,
     metrics: &ListenerMetrics,
@@ -139,7 +138,7 @@ async fn handle(
         udp_idle,
     } = client;
     // Where the client reached us: a UDP association's relay socket is bound there.
-    let local = client.local_addr().ok();
+    let local = client.local_ip_addr();
     let negotiated = tokio::time::timeout(timeout, async {
         let proto = match &auth {
             None => Socks5ServerProtocol::accept_no_auth(client).await?,
@@ -207,8 +206,8 @@ async fn handle(
 
 /// UDP ASSOCIATE: a relay socket on the address the client reached us at, announced in the
 /// reply, then datagrams until the control connection closes (see `udp::associate`).
-async fn associate(
-    proto: Socks5ServerProtocol<TcpStream, fast_socks5::server::states::CommandRead>,
+async fn associate<S: ClientStream>(
+    proto: Socks5ServerProtocol<S, fast_socks5::server::states::CommandRead>,
     from: SocketAddr,
     local: SocketAddr,
     announced: &TargetAddr,

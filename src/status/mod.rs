@@ -130,6 +130,25 @@ impl StatusHub {
         l
     }
 
+    /// The counters of the Unix-socket listener of `kind` at `path` (the same ones across
+    /// engine restarts).
+    pub fn unix_listener(
+        &self,
+        kind: &'static str,
+        path: &std::path::Path,
+    ) -> Arc<ListenerMetrics> {
+        let mut all = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = all
+            .iter()
+            .find(|l| l.kind == kind && l.unix_path.as_deref() == Some(path))
+        {
+            return l.clone();
+        }
+        let l = Arc::new(ListenerMetrics::new_unix(kind, path));
+        all.push(l.clone());
+        l
+    }
+
     /// Everything, now.
     pub fn snapshot(&self) -> Snapshot {
         let engine = self.engine.read().unwrap_or_else(|e| e.into_inner());
@@ -626,6 +645,8 @@ pub struct ListenerMetrics {
     idle_closed: AtomicU64,
     /// UDP relaying through this listener.
     pub udp: Arc<UdpCounters>,
+    /// A Unix-socket listener's path (its address in /status and /metrics).
+    unix_path: Option<std::path::PathBuf>,
 }
 
 impl ListenerMetrics {
@@ -640,6 +661,16 @@ impl ListenerMetrics {
             results: Mutex::new(BTreeMap::new()),
             idle_closed: AtomicU64::new(0),
             udp: Arc::default(),
+            unix_path: None,
+        }
+    }
+
+    /// Counters of a Unix-socket listener at `path`, not registered anywhere.
+    pub fn new_unix(kind: &'static str, path: &std::path::Path) -> Self {
+        let none = SocketAddr::from(([0, 0, 0, 0], 0));
+        Self {
+            unix_path: Some(path.to_path_buf()),
+            ..Self::new(kind, none, none)
         }
     }
 
@@ -673,11 +704,14 @@ impl ListenerMetrics {
     fn status(&self) -> ListenerStatus {
         ListenerStatus {
             kind: self.kind.to_string(),
-            addr: self
-                .bound
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .to_string(),
+            addr: match &self.unix_path {
+                Some(p) => format!("unix:{}", p.display()),
+                None => self
+                    .bound
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .to_string(),
+            },
             open_connections: self.open.load(Ordering::Relaxed),
             max_connections: self.max.load(Ordering::Relaxed),
             requests: self

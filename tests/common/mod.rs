@@ -711,3 +711,29 @@ pub fn connect_v4(ip: &str, port: u16) -> Vec<u8> {
     r.extend(port.to_be_bytes());
     r
 }
+
+/// `program` run as uid/gid 65534 with no capabilities, as an ordinary user runs it.
+pub fn as_nobody(program: &str) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .args([
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--",
+        ])
+        .arg(program)
+        .env("HOME", "/nonexistent");
+    cmd
+}
+
+/// Give `path` to uid/gid 65534 (for files an unprivileged process must own).
+pub fn chown_nobody(path: &Path) {
+    let ok = Command::new("chown")
+        .arg("65534:65534")
+        .arg(path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "chown {}", path.display());
+}
