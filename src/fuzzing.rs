@@ -210,6 +210,17 @@ pub fn dns_forwarder_query(data: &[u8]) {
     }
 }
 
+/// A client's first bytes on a one-port listener (`--proxy`): told apart by the first byte
+/// (peeked, as `mixed` does), then through the protocol it announces.
+pub fn proxy_first_bytes(data: &[u8]) {
+    use crate::proxy::mixed::{Protocol, sniff};
+    match data.first().and_then(|b| sniff(*b)) {
+        Some(Protocol::Socks5) => socks5_request(data),
+        Some(Protocol::Http) => http_request(data),
+        Some(Protocol::Socks4) | None => {}
+    }
+}
+
 /// A client's datagram to a SOCKS5 UDP association: its header read in place; for an address
 /// destination, a reply header written before the payload must read back the same.
 pub fn socks5_udp_header(data: &[u8]) {
@@ -359,4 +370,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("network_packet", network_packet),
     ("dns_forwarder_query", dns_forwarder_query),
     ("socks5_udp_header", socks5_udp_header),
+    ("proxy_first_bytes", proxy_first_bytes),
 ];

@@ -58,7 +58,8 @@ fn main() -> ExitCode {
         Some(Command::Nc { run, .. }) => run.log_level.clone(),
         None => cli.run.log_level.clone(),
     };
-    if let Err(e) = init_logging(&log_level, &log_format) {
+    let access_log = netbird_proxy::cli::file::run_args(&cli).is_some_and(|r| r.access_log);
+    if let Err(e) = init_logging(&log_level, &log_format, access_log) {
         eprintln!("netbird-proxy: {e}");
         return ExitCode::from(2);
     }
@@ -583,7 +584,7 @@ fn host_name() -> String {
 
 /// Logging to stderr at `level` (RUST_LOG instead when set and the level is the default),
 /// as text or JSON lines.
-fn init_logging(level: &str, format: &str) -> Result<(), String> {
+fn init_logging(level: &str, format: &str, access_log: bool) -> Result<(), String> {
     let rust_log = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
     let level = match rust_log {
         Some(filter) if level == "info" => filter,
@@ -598,8 +599,11 @@ fn init_logging(level: &str, format: &str) -> Result<(), String> {
     } else {
         ",smoltcp=info,boringtun=info,h2=info,tower=info,hyper_util=info"
     };
+    // The access log is its own switch, whatever the level.
+    let access = if access_log { "info" } else { "off" };
     let filter = EnvFilter::try_new(format!(
-        "{level}{quiet},fast_socks5=info,is=info,turn_client_proto=warn,stun_proto=warn"
+        "{level}{quiet},fast_socks5=info,is=info,turn_client_proto=warn,stun_proto=warn,{}={access}",
+        netbird_proxy::proxy::access::TARGET
     ))
     .map_err(|e| format!("--log-level `{level}`: {e}"))?;
     let builder = tracing_subscriber::fmt()

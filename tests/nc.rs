@@ -71,18 +71,7 @@ fn start_sshd(bed: &Testbed) -> Sshd {
         .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
         .spawn()
         .expect("sshd");
-    wait_for(
-        Duration::from_secs(10),
-        || {
-            Command::new("ip")
-                .args(["netns", "exec", &bed.ns, "bash", "-c"])
-                .arg(format!("exec 3<>/dev/tcp/{PEER_IP}/22"))
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        },
-        "sshd listening",
-    );
+    bed.wait_listening(22, "sshd listening");
     Sshd { child, key }
 }
 
@@ -117,7 +106,7 @@ fn run_output(cmd: &mut Command, what: &str) -> Output {
     out
 }
 
-/// Item 3 with a running proxy: ssh runs a command, scp copies 8 MiB there and back intact
+/// Item 3 with a running proxy: ssh runs a command, scp copies 20 MiB there and back intact
 /// (both finish: half-close is right), and git clones, commits and pushes over ssh; all as an
 /// unprivileged user through `nc`.
 #[test]
@@ -149,7 +138,7 @@ fn ssh_scp_and_git_work_through_nc_and_a_running_proxy() {
     let work = bed.dir.join("nc-work");
     std::fs::create_dir_all(&work).unwrap();
     chown_nobody(&work);
-    let data = random_bytes(8 << 20);
+    let data = random_bytes(20 << 20);
     let local = work.join("big.bin");
     std::fs::write(&local, &data).unwrap();
     chown_nobody(&local);

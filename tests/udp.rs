@@ -8,6 +8,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::mesh::free_port_block;
@@ -237,12 +238,19 @@ fn socks5_udp_drops_what_it_must_and_ends_with_its_control_connection() {
         let mut foreign = header(0, echo);
         foreign.extend_from_slice(b"from another port");
         other.send_to(&foreign, relay).await.unwrap();
+        // Another source IP altogether (loopback has the whole 127/8).
+        let stranger = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        stranger.send_to(&foreign, relay).await.unwrap();
         let nothing = tokio::time::timeout(Duration::from_secs(1), async {
             tokio::select! {
                 r = client.recv_from(&mut buf) => r.map(|(n, _)| n),
                 r = async {
                     let mut b2 = [0u8; 64];
                     other.recv_from(&mut b2).await.map(|(n, _)| n)
+                } => r,
+                r = async {
+                    let mut b3 = [0u8; 64];
+                    stranger.recv_from(&mut b3).await.map(|(n, _)| n)
                 } => r,
             }
         })
@@ -285,6 +293,16 @@ fn socks5_udp_drops_what_it_must_and_ends_with_its_control_connection() {
             &m,
             "netbird_proxy_udp_dropped_total",
             &["reason=\"malformed\""]
+        ),
+        Some(2.0),
+        "{m}"
+    );
+    // One from another port, one from another IP.
+    assert_eq!(
+        metric(
+            &m,
+            "netbird_proxy_udp_dropped_total",
+            &["reason=\"foreign_source\""]
         ),
         Some(2.0),
         "{m}"
@@ -565,4 +583,460 @@ fn udp_crosses_a_relayed_mesh() {
 #[test]
 fn udp_crosses_a_direct_mesh() {
     udp_across_the_mesh(false);
+}
+
+/// Item 7: with --access-log (JSON here), one line per finished connection, association and
+/// request — listener, client, target as asked and as reached, path, bytes, result — and
+/// none without it.
+#[test]
+fn the_access_log_has_a_line_per_connection_association_and_request() {
+    let bed = Testbed::new(BedOptions::default());
+    bed.random_file("big.bin", 300_000);
+    let args = [
+        "--socks",
+        "0",
+        "--http",
+        "0",
+        "--forward",
+        &format!("0:{PEER_IP}:{HTTP_PORT}"),
+    ];
+    let proxy = Proxy::start(
+        &bed.proxy_config(""),
+        &[&args[..], &["--access-log", "--log-format", "json"]].concat(),
+    );
+    let socks = proxy.socks.unwrap().to_string();
+    let http = format!("http://{}", proxy.http.unwrap());
+    let big = format!("http://{PEER_IP}:{HTTP_PORT}/big.bin");
+    for curl_args in [
+        vec!["--socks5", socks.as_str(), big.as_str()],
+        vec!["-x", http.as_str(), big.as_str()],
+        vec!["-p", "-x", http.as_str(), big.as_str()],
+    ] {
+        let (code, body, err) = curl(&curl_args);
+        assert_eq!((code, body.len()), (0, 300_000), "{err}");
+    }
+    let forwarded = format!("http://{}/big.bin", proxy.forwards[0]);
+    assert_eq!(curl(&[&forwarded]).1.len(), 300_000);
+    let refused = format!("http://{PEER_IP}:1/");
+    assert_ne!(curl(&["--socks5", &socks, &refused]).0, 0);
+    runtime().block_on(async {
+        let control = TcpStream::connect(proxy.socks.unwrap()).await.unwrap();
+        let dgram = fast_socks5::client::Socks5Datagram::bind(control, "127.0.0.1:0")
+            .await
+            .unwrap();
+        let echo: SocketAddr = format!("{PEER_IP}:{ECHO_PORT}").parse().unwrap();
+        let (got, _) = socks_round_trip(&dgram, echo, &[7u8; 500]).await;
+        assert_eq!(got.len(), 500);
+    });
+    // The lines come when each session ends: wait for all six.
+    let lines = || -> Vec<serde_json::Value> {
+        proxy
+            .log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "netbird_proxy::access")
+            .map(|v| v["fields"].clone())
+            .collect()
+    };
+    let start = Instant::now();
+    while lines().len() < 6 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lines = lines();
+    let find = |kind: &str, result: &str, pred: &dyn Fn(&serde_json::Value) -> bool| {
+        lines
+            .iter()
+            .find(|f| f["kind"] == kind && f["result"] == result && pred(f))
+            .unwrap_or_else(|| panic!("no {kind} {result} line in {lines:#?}"))
+            .clone()
+    };
+    let peer_http = format!("{PEER_IP}:{HTTP_PORT}");
+    let socks_ok = find("socks5", "0x00", &|f| f["target"] == peer_http.as_str());
+    assert_eq!(socks_ok["resolved"], peer_http.as_str());
+    assert_eq!(socks_ok["path"], "direct");
+    assert!(
+        socks_ok["bytes_down"].as_u64().unwrap() > 300_000,
+        "{socks_ok}"
+    );
+    assert!(socks_ok["bytes_up"].as_u64().unwrap() > 50, "{socks_ok}");
+    assert!(
+        socks_ok["client"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    assert!(socks_ok["listener"].as_str().unwrap() == proxy.socks.unwrap().to_string());
+    let refused_line = find("socks5", "0x05", &|_| true);
+    assert_eq!(refused_line["path"], "-");
+    let get = find("http", "200", &|f| f["target"] == big.as_str());
+    assert_eq!(get["path"], "direct");
+    let tunnel = find("http", "200", &|f| f["target"] == peer_http.as_str());
+    assert!(tunnel["bytes_down"].as_u64().unwrap() > 300_000, "{tunnel}");
+    let fwd = find("forward", "ok", &|_| true);
+    assert!(fwd["bytes_down"].as_u64().unwrap() > 300_000, "{fwd}");
+    let udp = find("socks5", "0x00", &|f| f["target"] == "UDP ASSOCIATE");
+    assert_eq!(
+        (udp["bytes_up"].as_u64(), udp["bytes_down"].as_u64()),
+        (Some(500), Some(500))
+    );
+
+    // Off by default (a second proxy with the same key: the first goes first).
+    drop(proxy);
+    let quiet = Proxy::start(&bed.proxy_config(""), &args);
+    let url = format!("http://{PEER_IP}:{HTTP_PORT}/index.html");
+    assert_eq!(
+        curl(&["--socks5", &quiet.socks.unwrap().to_string(), &url]).0,
+        0
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !quiet.log().contains("netbird_proxy::access"),
+        "{}",
+        quiet.log()
+    );
+}
+
+/// Acceptance, real clients: `dig` asks dnsmasq through a UDP forward, and PySocks (an
+/// independent SOCKS5 UDP client) asks it through UDP ASSOCIATE, by IP, and reaches the echo
+/// by name.
+#[test]
+fn dig_and_pysocks_ask_dnsmasq_through_the_proxy() {
+    let bed = Testbed::new(BedOptions { dns: true });
+    let config = bed.proxy_config(&format!("DNS = {PEER_IP}"));
+    let proxy = Proxy::start(
+        &config,
+        &[
+            "--socks",
+            "0",
+            "--mesh-only",
+            "--forward",
+            &format!("0:{PEER_IP}:53/udp"),
+        ],
+    );
+    let port = proxy.forwards[0].port().to_string();
+    let out = Command::new("dig")
+        .args(["@127.0.0.1", "-p", &port, "+short", "+tries=5", "+time=2"])
+        .arg("web.mesh.test")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{PEER_IP}\n"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let socks = proxy.socks.unwrap();
+    let script = format!(
+        r#"
+import socket, socks, struct, sys
+def ask(sock, payload, to):
+    for _ in range(5):
+        sock.sendto(payload, to)
+        try:
+            return sock.recvfrom(4096)
+        except socket.timeout:
+            pass
+    sys.exit("no answer from %r" % (to,))
+s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+s.set_proxy(socks.SOCKS5, "{ip}", {port}, rdns=True)
+s.settimeout(2)
+q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(l)]) + l.encode() for l in "web.mesh.test".split(".")) + b"\0"
+q += struct.pack(">HH", 1, 1)
+answer, src = ask(s, q, ("{peer}", 53))
+assert answer[:2] == b"\x12\x34", answer
+assert socket.inet_aton("{peer}") in answer, answer
+echo, src = ask(s, b"by name through pysocks", ("web.mesh.test", {echo}))
+assert echo == b"by name through pysocks", echo
+print("ok", src)
+"#,
+        ip = socks.ip(),
+        port = socks.port(),
+        peer = PEER_IP,
+        echo = ECHO_PORT,
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+type Boxed<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// What `windowed_echo` sends through: a SOCKS5 UDP association or a plain UDP socket.
+trait EchoEnd: Send + Sync + 'static {
+    fn send(self: Arc<Self>, payload: Vec<u8>, to: SocketAddr) -> Boxed<()>;
+    fn recv(self: Arc<Self>) -> Boxed<Vec<u8>>;
+}
+
+impl EchoEnd for Datagram {
+    fn send(self: Arc<Self>, payload: Vec<u8>, to: SocketAddr) -> Boxed<()> {
+        Box::pin(async move {
+            self.send_to(&payload, to).await.unwrap();
+        })
+    }
+    fn recv(self: Arc<Self>) -> Boxed<Vec<u8>> {
+        Box::pin(async move {
+            let mut buf = vec![0u8; 2048];
+            let (n, _) = self.recv_from(&mut buf).await.unwrap();
+            buf.truncate(n);
+            buf
+        })
+    }
+}
+
+impl EchoEnd for UdpSocket {
+    fn send(self: Arc<Self>, payload: Vec<u8>, to: SocketAddr) -> Boxed<()> {
+        Box::pin(async move {
+            self.send_to(&payload, to).await.unwrap();
+        })
+    }
+    fn recv(self: Arc<Self>) -> Boxed<Vec<u8>> {
+        Box::pin(async move {
+            let mut buf = vec![0u8; 2048];
+            let (n, _) = self.recv_from(&mut buf).await.unwrap();
+            buf.truncate(n);
+            buf
+        })
+    }
+}
+
+/// Send `count` sequenced datagrams of `len` bytes to `to` through `end`, at most `window`
+/// waiting for their echo, and return how many came back (each checked). No retries: a lost
+/// one stays lost.
+async fn windowed_echo<E: EchoEnd>(
+    count: u32,
+    len: usize,
+    window: u32,
+    end: Arc<E>,
+    to: SocketAddr,
+) -> u32 {
+    let payload = |seq: u32| {
+        let mut p = vec![(seq % 251) as u8; len];
+        p[..4].copy_from_slice(&seq.to_be_bytes());
+        p
+    };
+    let (mut next, mut back) = (0u32, 0u32);
+    let mut seen = vec![false; count as usize];
+    loop {
+        while next < count && next - back < window {
+            end.clone().send(payload(next), to).await;
+            next += 1;
+        }
+        if back == count {
+            return back;
+        }
+        match tokio::time::timeout(Duration::from_secs(3), end.clone().recv()).await {
+            Ok(got) => {
+                let seq = u32::from_be_bytes(got[..4].try_into().unwrap());
+                assert_eq!(got, payload(seq), "datagram {seq} came back altered");
+                if !std::mem::replace(&mut seen[seq as usize], true) {
+                    back += 1;
+                }
+            }
+            // Whatever is still out is lost.
+            Err(_) => return back,
+        }
+    }
+}
+
+/// Acceptance: 10 000 datagrams echoed through one SOCKS5 UDP association with none lost on a
+/// clean path (a window of 32 in flight, no retries).
+#[test]
+fn ten_thousand_datagrams_through_an_association_none_lost() {
+    let bed = Testbed::new(BedOptions::default());
+    let proxy = Proxy::start(&bed.proxy_config(""), &["--socks", "0"]);
+    let socks = proxy.socks.unwrap();
+    let back = runtime().block_on(async {
+        let control = TcpStream::connect(socks).await.unwrap();
+        let dgram = Arc::new(
+            fast_socks5::client::Socks5Datagram::bind(control, "127.0.0.1:0")
+                .await
+                .unwrap(),
+        );
+        let echo: SocketAddr = format!("{PEER_IP}:{ECHO_PORT}").parse().unwrap();
+        // The path is up before counting starts.
+        socks_round_trip(&dgram, echo, &[0u8; 8]).await;
+        windowed_echo(10_000, 1000, 32, dgram, echo).await
+    });
+    assert_eq!(back, 10_000, "datagrams lost on a clean path");
+}
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Acceptance: a UDP forward carries 16 MiB of sequenced datagrams with none lost on a clean
+/// path; then 500 client addresses come and go, every flow ends after the idle timeout, and
+/// the memory they took is given back.
+#[test]
+fn udp_forward_carries_16_mib_and_500_clients_churn_and_drain() {
+    let bed = Testbed::new(BedOptions::default());
+    let status = free_port_block(1);
+    let proxy = Proxy::start(
+        &bed.proxy_config(""),
+        &[
+            "--forward",
+            &format!("0:{PEER_IP}:{ECHO_PORT}/udp"),
+            "--udp-timeout",
+            "3s",
+            "--status-addr",
+            &status.to_string(),
+        ],
+    );
+    let forward = proxy.forwards[0];
+    let start_rss = rss_kib(proxy.pid());
+    const LEN: usize = 1200;
+    let count = (16u32 << 20).div_ceil(LEN as u32);
+    let (back, peak) = runtime().block_on(async {
+        let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        // The path is up before counting starts.
+        let mut buf = vec![0u8; 2048];
+        loop {
+            sock.send_to(&[0u8; 8], forward).await.unwrap();
+            if tokio::time::timeout(Duration::from_secs(1), sock.recv_from(&mut buf))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+        let back = windowed_echo(count, LEN, 64, sock, forward).await;
+        let streamed_rss = rss_kib(proxy.pid());
+        eprintln!("proxy RSS: {start_rss} KiB at start, {streamed_rss} KiB after 16 MiB");
+
+        // 500 client addresses, each answered once.
+        let mut clients = Vec::new();
+        for _ in 0..500 {
+            clients.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        }
+        let mut answered = 0;
+        for (i, c) in clients.iter().enumerate() {
+            let mut buf = [0u8; 64];
+            for _ in 0..5 {
+                c.send_to(format!("client {i}").as_bytes(), forward)
+                    .await
+                    .unwrap();
+                if let Ok(r) =
+                    tokio::time::timeout(Duration::from_secs(1), c.recv_from(&mut buf)).await
+                {
+                    assert_eq!(&buf[..r.unwrap().0], format!("client {i}").as_bytes());
+                    answered += 1;
+                    break;
+                }
+            }
+        }
+        assert_eq!(answered, 500);
+        (back, (streamed_rss, rss_kib(proxy.pid())))
+    });
+    let (streamed, peak) = peak;
+    let m = metrics(status);
+    assert_eq!(
+        back, count,
+        "datagrams lost on a clean path ({count} sent)\n{m}"
+    );
+    assert!(
+        metric(&m, "netbird_proxy_udp_open", &["forward-udp"]).unwrap_or(0.0) >= 500.0,
+        "{m}"
+    );
+    // Every flow ends after the idle timeout, and their memory goes back.
+    wait_metrics(status, "every flow ended", |m| {
+        metric(m, "netbird_proxy_udp_open", &["forward-udp"]) == Some(0.0)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let drained = rss_kib(proxy.pid());
+    eprintln!("proxy RSS: {peak} KiB with 500 flows, {drained} KiB after they ended");
+    // At least most of what the flows took is given back (allocator slack aside).
+    assert!(
+        drained < streamed + (peak - streamed) / 4,
+        "memory not given back: {streamed} KiB before the 500 flows, {peak} KiB with them, \
+         {drained} KiB after"
+    );
+}
+
+/// Acceptance: an exposed UDP port carries 16 MiB of sequenced datagrams from the peer (a
+/// Python sender in its namespace, 64 in flight) to a local echo and back, none lost.
+#[test]
+fn exposed_udp_port_carries_16_mib_from_the_peer() {
+    let bed = Testbed::new(BedOptions::default());
+    let service = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let service_port = service.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = service.recv_from(&mut buf) {
+            let _ = service.send_to(&buf[..n], from);
+        }
+    });
+    let _proxy = Proxy::start(
+        &bed.proxy_config(""),
+        &["--expose", &format!("5301={service_port}/udp")],
+    );
+    let script = format!(
+        r#"
+import socket, struct, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1)
+to = ("{proxy}", 5301)
+for _ in range(20):
+    s.sendto(b"\xff" * 8, to)
+    try:
+        s.recvfrom(2048); break
+    except socket.timeout:
+        pass
+else:
+    sys.exit("the exposed port never answered")
+LEN = 1200
+count = ((16 << 20) + LEN - 1) // LEN
+def payload(seq):
+    return struct.pack(">I", seq) + bytes([seq % 251]) * (LEN - 4)
+s.settimeout(3)
+sent = back = 0
+seen = bytearray(count)
+while back < count:
+    while sent < count and sent - back < 64:
+        s.sendto(payload(sent), to); sent += 1
+    try:
+        d, _ = s.recvfrom(2048)
+    except socket.timeout:
+        break
+    seq = struct.unpack(">I", d[:4])[0]
+    if d != payload(seq):
+        sys.exit("datagram %d altered" % seq)
+    if not seen[seq]:
+        seen[seq] = 1; back += 1
+print(count, back)
+"#,
+        proxy = PROXY_IP
+    );
+    let out = bed.exec(&["python3", "-c", &script]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nums: Vec<u64> = text
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(
+        nums[0],
+        nums[1],
+        "lost {} of {} datagrams",
+        nums[0] - nums[1],
+        nums[0]
+    );
+    assert!(nums[0] >= (16 << 20) / 1200);
 }

@@ -259,6 +259,12 @@ pub struct RunArgs {
     )]
     pub log_level: String,
 
+    /// One log line per finished client connection, UDP association or flow and HTTP request
+    /// (target `netbird_proxy::access`: listener, client, target as asked and as reached,
+    /// path, bytes each way, duration, result), in the --log-format of the other logs.
+    #[arg(long, env = "NB_ACCESS_LOG")]
+    pub access_log: bool,
+
     /// Log format: text (for people) or json (one object per line, for log collectors).
     #[arg(long, env = "NB_LOG_FORMAT", value_name = "text|json", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

@@ -485,6 +485,8 @@ enum Event {
 
 /// Inbound packets handed to smoltcp per loop round, so commands and users are served between
 /// bursts.
+/// Bytes of smoltcp's send ring of a UDP socket.
+const UDP_TX_RING: usize = 16 * 1024;
 const RX_BATCH: usize = 64;
 /// Listening sockets a port may have at once: its SYN backlog. smoltcp's listening socket takes
 /// one handshake, so a port keeps `NetstackConfig::backlog` of them and, when more SYNs are
@@ -1097,9 +1099,13 @@ impl Stack {
             Some(p) => return Err(ConnectError::PortInUse(p)),
         };
         let meta = || vec![udp::PacketMetadata::EMPTY; UDP_QUEUE];
+        // Each pump moves what smoltcp holds to the socket's own queue, so its rings only
+        // bridge one poll. Receiving, one poll may hand a socket a whole batch (RX_BATCH
+        // packets) before the pump runs: the ring holds that many full-size datagrams (its
+        // pages are touched only as it fills). Sending, our queue waits for room: small.
         let mut sock = udp::Socket::new(
-            udp::PacketBuffer::new(meta(), vec![0; 64 * 1024]),
-            udp::PacketBuffer::new(meta(), vec![0; 64 * 1024]),
+            udp::PacketBuffer::new(meta(), vec![0; RX_BATCH * self.config.mtu]),
+            udp::PacketBuffer::new(meta(), vec![0; UDP_TX_RING]),
         );
         if sock.bind(port).is_err() {
             self.ports_in_use.remove(&port);
@@ -1287,25 +1293,32 @@ impl Stack {
                 self.ports_in_use.remove(&e.port);
                 continue;
             }
-            while sock.can_send() {
-                let Some((to, data)) = st.tx.pop_front() else {
-                    break;
-                };
-                if let Err(e) = sock.send_slice(&data, to_endpoint(to)) {
-                    debug!(%to, "udp send: {e:?}");
+            // A datagram smoltcp has no room for yet stays first in our queue (the poll
+            // drains smoltcp's ring, and the next pump goes on): nothing is dropped here.
+            while let Some((to, data)) = st.tx.pop_front() {
+                match sock.send_slice(&data, to_endpoint(to)) {
+                    Ok(()) => entry.shared.pool.put(data),
+                    Err(udp::SendError::BufferFull) => {
+                        st.tx.push_front((to, data));
+                        break;
+                    }
+                    Err(e) => {
+                        debug!(%to, "udp send: {e:?}");
+                        st.tx_failed += 1;
+                        entry.shared.pool.put(data);
+                    }
                 }
-                entry.shared.pool.put(data);
             }
+            // With our queue full, what smoltcp holds stays there until the reader catches
+            // up; only a full smoltcp ring drops (as a full kernel socket buffer does).
             let mut got = false;
-            while let Ok((data, meta)) = sock.recv() {
-                if st.rx.len() >= UDP_QUEUE {
-                    st.rx_dropped += 1;
-                    continue;
-                }
+            while st.rx.len() < UDP_QUEUE {
+                let Ok((data, meta)) = sock.recv() else { break };
                 let data = entry.shared.copy(data);
                 st.rx.push_back((from_endpoint(meta.endpoint), data));
                 got = true;
             }
+            st.rx_dropped = sock.rx_dropped();
             if got && let Some(w) = st.rx_waker.take() {
                 w.wake();
             }

@@ -14,7 +14,8 @@ use tokio::sync::Notify;
 
 use crate::packet::PacketPool;
 
-/// Datagrams queued per direction.
+/// Datagrams queued per direction (and smoltcp's datagram slots per ring: at least a poll's
+/// batch of received packets).
 pub(crate) const UDP_QUEUE: usize = 64;
 
 /// IPv4 and UDP headers: what a datagram's payload gives up of the tunnel's MTU.
@@ -27,6 +28,8 @@ pub(crate) struct UdpState {
     pub rx: VecDeque<(SocketAddr, Vec<u8>)>,
     pub tx: VecDeque<(SocketAddr, Vec<u8>)>,
     pub rx_dropped: u64,
+    /// Datagrams smoltcp refused to send (an unaddressable destination).
+    pub tx_failed: u64,
     pub rx_waker: Option<Waker>,
     pub dropped: bool,
     pub closed: bool,

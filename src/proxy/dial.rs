@@ -208,6 +208,30 @@ impl Dialer {
         Ok(Route::Host)
     }
 
+    /// Where a connected stream goes, for the access log: the address reached and the path.
+    pub(crate) fn path_of(&self, stream: &Stream) -> (Option<SocketAddr>, &'static str) {
+        match stream {
+            Stream::Mesh(s) => {
+                let to = s.peer_addr();
+                (Some(to), self.mesh_path(to.ip()))
+            }
+            Stream::Direct(s) => (s.peer_addr().ok(), "host"),
+        }
+    }
+
+    /// The path to the mesh peer that carries `ip` now: `direct` (UDP, ICE included),
+    /// `relayed` (NetBird's relay), `turn` (an ICE relay candidate), or `host` when no peer
+    /// carries it.
+    pub(crate) fn mesh_path(&self, ip: IpAddr) -> &'static str {
+        match self.wg.route(ip).and_then(|p| p.endpoint()) {
+            Some(PeerEndpoint::Udp(_)) => "direct",
+            Some(PeerEndpoint::Relay(..)) => "relayed",
+            Some(PeerEndpoint::Turn(..)) => "turn",
+            None if self.wg.route(ip).is_some() => "-",
+            None => "host",
+        }
+    }
+
     /// The mesh's netstack (for UDP sockets on our mesh address).
     pub(crate) fn netstack(&self) -> &Netstack {
         &self.netstack

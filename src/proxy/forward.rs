@@ -31,10 +31,26 @@ pub async fn serve(
         let target = target.clone();
         let metrics = metrics.clone();
         async move {
+            let started = tokio::time::Instant::now();
+            let mut entry = super::access::Entry {
+                listener: &metrics,
+                client: from,
+                target: &target,
+                resolved: None,
+                path: "",
+                up: 0,
+                down: 0,
+                started,
+                result: "error",
+            };
             match dialer.dial(&target).await {
                 Ok(mut upstream) => {
                     metrics.count("ok");
-                    relay::client(&mut client, &mut upstream, idle, &metrics, from, &target).await;
+                    (entry.resolved, entry.path) = dialer.path_of(&upstream);
+                    let r =
+                        relay::client(&mut client, &mut upstream, idle, &metrics, from, &target)
+                            .await;
+                    (entry.up, entry.down, entry.result) = (r.up, r.down, "ok");
                 }
                 // The client sees the connection close; the reason goes to the log.
                 Err(e) => {
@@ -42,6 +58,7 @@ pub async fn serve(
                     warn!(%from, %target, "forward: {e}")
                 }
             }
+            entry.log();
         }
     };
     // Over the limits, a forwarded client can only be closed.
@@ -72,19 +89,35 @@ pub async fn serve_exposed(
             let _open = open;
             let from = client.peer_addr();
             let work = async {
-                match tokio::net::TcpStream::connect(local).await {
+                let started = tokio::time::Instant::now();
+                let (result, relayed) = match tokio::net::TcpStream::connect(local).await {
                     Ok(mut upstream) => {
                         metrics.count("ok");
                         let _ = upstream.set_nodelay(true);
-                        relay::client(&mut client, &mut upstream, idle, &metrics, from, &local)
-                            .await;
+                        let r =
+                            relay::client(&mut client, &mut upstream, idle, &metrics, from, &local)
+                                .await;
+                        ("ok", Some(r))
                     }
                     // The mesh client sees the connection close; the reason goes to the log.
                     Err(e) => {
                         metrics.count("error");
-                        warn!(%from, %local, "expose: {e}")
+                        warn!(%from, %local, "expose: {e}");
+                        ("error", None)
                     }
+                };
+                super::access::Entry {
+                    listener: &metrics,
+                    client: from,
+                    target: &local,
+                    resolved: relayed.map(|_| local),
+                    path: if relayed.is_some() { "host" } else { "" },
+                    up: relayed.map_or(0, |r| r.up),
+                    down: relayed.map_or(0, |r| r.down),
+                    started,
+                    result,
                 }
+                .log();
             };
             tokio::select! {
                 _ = cancel.cancelled() => {}

@@ -65,6 +65,8 @@ pub(crate) fn client_handler<S: super::ClientStream>(
         let tunnels = tunnels.clone();
         let metrics = metrics.clone();
         let conn_metrics = metrics.clone();
+        // The upstream connection this client's requests reuse (see `Upstreams`).
+        let kept_upstream = Arc::new(Upstreams::default());
         // Told of each request head; the first ends the client's handshake time.
         let head_arrived = Arc::new(Notify::new());
         let heads = head_arrived.clone();
@@ -77,6 +79,7 @@ pub(crate) fn client_handler<S: super::ClientStream>(
             let tunnels = tunnels.clone();
             let metrics = metrics.clone();
             let hold = ticket.clone();
+            let upstreams = kept_upstream.clone();
             async move {
                 let tunnel = Tunnel {
                     cancel: tunnels,
@@ -84,8 +87,36 @@ pub(crate) fn client_handler<S: super::ClientStream>(
                     idle,
                     metrics: metrics.clone(),
                 };
-                let resp = handle(req, from, dialer, auth.as_deref(), tunnel, S::UNIX).await;
+                let started = tokio::time::Instant::now();
+                let asked = req.uri().to_string();
+                let tunnelled = req.method() == Method::CONNECT;
+                let mut resp = handle(
+                    req,
+                    from,
+                    dialer,
+                    auth.as_deref(),
+                    tunnel,
+                    S::UNIX,
+                    &upstreams,
+                )
+                .await;
                 metrics.count(resp.status().as_str());
+                let reached = resp.extensions_mut().remove::<Reached>();
+                // An open tunnel is logged when it ends, with its bytes.
+                if !(tunnelled && resp.status() == StatusCode::OK) {
+                    super::access::Entry {
+                        listener: &metrics,
+                        client: from,
+                        target: &asked,
+                        resolved: reached.as_ref().and_then(|r| r.resolved),
+                        path: reached.as_ref().map_or("", |r| r.path),
+                        up: 0,
+                        down: 0,
+                        started,
+                        result: resp.status().as_str(),
+                    }
+                    .log();
+                }
                 Ok::<_, Infallible>(resp)
             }
         });
@@ -139,6 +170,14 @@ pub(crate) fn client_handler<S: super::ClientStream>(
     }
 }
 
+/// Where a forwarded request went, for the access log (a response extension, taken off before
+/// the response leaves).
+#[derive(Clone, Copy)]
+struct Reached {
+    resolved: Option<SocketAddr>,
+    path: &'static str,
+}
+
 /// What a CONNECT tunnel lives under: the listener's cancellation, and the client's place in
 /// the connection limits (held while the tunnel runs, after hyper has let go).
 struct Tunnel {
@@ -167,6 +206,7 @@ async fn handle(
     auth: Option<&Credentials>,
     tunnel: Tunnel,
     origin_form_by_host: bool,
+    upstreams: &Upstreams,
 ) -> Response<Body> {
     if let Some(creds) = auth
         && !authorized(req.headers(), creds)
@@ -185,7 +225,7 @@ async fn handle(
     if req.method() == Method::CONNECT {
         connect(req, from, dialer, tunnel).await
     } else {
-        forward(req, from, dialer, origin_form_by_host).await
+        forward(req, from, dialer, origin_form_by_host, upstreams).await
     }
 }
 
@@ -206,26 +246,31 @@ async fn connect(
             "CONNECT needs an authority-form target, HOST:PORT",
         );
     };
+    let started = tokio::time::Instant::now();
     let mut upstream = match dialer.dial(&target).await {
         Ok(s) => s,
         Err(e) => return dial_failure(&e, from, &target),
     };
+    let (resolved, path) = dialer.path_of(&upstream);
     debug!(%from, %target, "http: CONNECT established");
     tokio::spawn(async move {
         let _hold = tunnel.hold;
+        let mut relayed = None;
         let relay = async {
             match hyper::upgrade::on(req).await {
                 Ok(upgraded) => {
                     let io = &mut TokioIo::new(upgraded);
-                    relay::client(
-                        io,
-                        &mut upstream,
-                        tunnel.idle,
-                        &tunnel.metrics,
-                        from,
-                        &target,
-                    )
-                    .await;
+                    relayed = Some(
+                        relay::client(
+                            io,
+                            &mut upstream,
+                            tunnel.idle,
+                            &tunnel.metrics,
+                            from,
+                            &target,
+                        )
+                        .await,
+                    );
                 }
                 Err(e) => debug!(%from, "http: upgrade failed: {e}"),
             }
@@ -234,6 +279,18 @@ async fn connect(
             _ = tunnel.cancel.cancelled() => {}
             _ = relay => {}
         }
+        super::access::Entry {
+            listener: &tunnel.metrics,
+            client: from,
+            target: &target,
+            resolved,
+            path,
+            up: relayed.map_or(0, |r| r.up),
+            down: relayed.map_or(0, |r| r.down),
+            started,
+            result: "200",
+        }
+        .log();
     });
     Response::new(empty())
 }
@@ -245,6 +302,7 @@ async fn forward(
     from: SocketAddr,
     dialer: Dialer,
     origin_form_by_host: bool,
+    upstreams: &Upstreams,
 ) -> Response<Body> {
     let mut req = req;
     if origin_form_by_host && req.uri().scheme().is_none() {
@@ -295,8 +353,19 @@ async fn forward(
     }
     let target = target_of(authority.host(), authority.port_u16().unwrap_or(80));
 
+    // An upgrade (a WebSocket through an absolute-form GET) passes through: its `Upgrade`
+    // and `Connection: upgrade` go to the origin, and after the origin's 101 the two sides
+    // are joined (RFC 9110 §7.8).
+    let upgrade = upgrade_asked(req.headers());
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = &upgrade {
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     // Host from the URI, without any `user:pass@` part.
     let host = match authority.port() {
         Some(port) => format!("{}:{port}", authority.host()),
@@ -315,43 +384,178 @@ async fn forward(
     parts.version = http::Version::HTTP_11;
     let upstream_req = Request::from_parts(parts, body);
 
-    let upstream = match dialer.dial(&target).await {
-        Ok(s) => s,
-        Err(e) => return dial_failure(&e, from, &target),
+    // The client's previous request to the same origin left a connection: use it again
+    // (an upgraded connection is never kept).
+    let kept = match upgrade {
+        None => upstreams.take(&target).await,
+        Some(_) => None,
     };
-    let (mut sender, conn) = match hyper::client::conn::http1::Builder::new()
+    let reused = kept.is_some();
+    let (mut sender, reached) = match kept {
+        Some(k) => k,
+        None => match open_upstream(&dialer, &target).await {
+            Ok(k) => k,
+            Err(resp) => {
+                if let Some(DialFailure(e)) = resp.extensions().get::<DialFailure>() {
+                    info!(%from, %target, "http: {e}");
+                }
+                return resp;
+            }
+        },
+    };
+    let sent = match sender.try_send_request(upstream_req).await {
+        Ok(resp) => Ok(resp),
+        // The kept connection was closed by the origin before our request went out: the
+        // request is intact, so it goes on a new connection.
+        Err(mut e) if reused && e.message().is_some() => {
+            let retry = e.take_message().expect("checked");
+            debug!(%from, %target, "http: kept upstream connection closed; reconnecting");
+            match open_upstream(&dialer, &target).await {
+                Ok((fresh, _)) => {
+                    sender = fresh;
+                    sender.send_request(retry).await
+                }
+                Err(resp) => return resp,
+            }
+        }
+        Err(e) => Err(e.into_error()),
+    };
+    match sent {
+        Ok(mut resp) => {
+            let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            match (switching, client_upgrade) {
+                (true, Some(client_side)) => {
+                    let origin_side = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(join_upgraded(client_side, origin_side, from));
+                }
+                (false, None) => upstreams.keep(target.clone(), sender, reached),
+                _ => {}
+            }
+            let (mut parts, body) = resp.into_parts();
+            let protocol = parts.headers.get(header::UPGRADE).cloned();
+            strip_hop_by_hop(&mut parts.headers);
+            if switching && let Some(protocol) = protocol {
+                parts.headers.insert(header::UPGRADE, protocol);
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            }
+            parts.headers.append(header::VIA, via().clone());
+            // We speak HTTP/1.1 to our clients whatever the origin speaks (RFC 9110 §2.5): an
+            // HTTP/1.0 status line passed on would make clients drop the proxy connection.
+            parts.version = http::Version::HTTP_11;
+            debug!(%from, %target, status = %parts.status, reused, "http: forwarded");
+            parts.extensions.insert(reached);
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => {
+            info!(%from, %target, "http: upstream failed: {e}");
+            let mut resp = error_response(
+                StatusCode::BAD_GATEWAY,
+                &format!("upstream {target} failed: {e}"),
+            );
+            resp.extensions_mut().insert(reached);
+            resp
+        }
+    }
+}
+
+/// The protocol an upgrade request asks for: its `Upgrade` header, when `Connection` names
+/// `upgrade`.
+fn upgrade_asked(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// After a 101: the client's and the origin's connections joined until either closes.
+async fn join_upgraded(
+    client: hyper::upgrade::OnUpgrade,
+    origin: hyper::upgrade::OnUpgrade,
+    from: SocketAddr,
+) {
+    match tokio::try_join!(client, origin) {
+        Ok((client, origin)) => {
+            let mut client = TokioIo::new(client);
+            let mut origin = TokioIo::new(origin);
+            relay::bidirectional(&mut client, &mut origin, None).await;
+        }
+        Err(e) => debug!(%from, "http: upgrade failed: {e}"),
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+
+/// A dial failure, carried in its error response for the log line.
+#[derive(Clone)]
+struct DialFailure(String);
+
+/// A new connection to `target`, ready for a request; on failure the response to send.
+async fn open_upstream(
+    dialer: &Dialer,
+    target: &Target,
+) -> Result<(Sender, Reached), Response<Body>> {
+    let upstream = match dialer.dial(target).await {
+        Ok(s) => s,
+        Err(e) => {
+            let mut resp = error_response(status_for(&e), &e.to_string());
+            resp.extensions_mut().insert(DialFailure(e.to_string()));
+            return Err(resp);
+        }
+    };
+    let (resolved, path) = dialer.path_of(&upstream);
+    let reached = Reached { resolved, path };
+    match hyper::client::conn::http1::Builder::new()
         .preserve_header_case(true)
         .title_case_headers(true)
         .handshake(TokioIo::new(upstream))
         .await
     {
-        Ok(pair) => pair,
-        Err(e) => {
-            return error_response(StatusCode::BAD_GATEWAY, &format!("upstream {target}: {e}"));
-        }
-    };
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            debug!("http: upstream connection: {e}");
-        }
-    });
-    match sender.send_request(upstream_req).await {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            parts.headers.append(header::VIA, via().clone());
-            // We speak HTTP/1.1 to our clients whatever the origin speaks (RFC 9110 §2.5): an
-            // HTTP/1.0 status line passed on would make clients drop the proxy connection.
-            parts.version = http::Version::HTTP_11;
-            debug!(%from, %target, status = %parts.status, "http: forwarded");
-            Response::from_parts(parts, body.boxed())
+        Ok((sender, conn)) => {
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    debug!("http: upstream connection: {e}");
+                }
+            });
+            Ok((sender, reached))
         }
         Err(e) => {
-            info!(%from, %target, "http: upstream failed: {e}");
-            error_response(
-                StatusCode::BAD_GATEWAY,
-                &format!("upstream {target} failed: {e}"),
-            )
+            let mut resp =
+                error_response(StatusCode::BAD_GATEWAY, &format!("upstream {target}: {e}"));
+            resp.extensions_mut().insert(reached);
+            Err(resp)
+        }
+    }
+}
+
+/// The upstream connection one client's last absolute-form request used, kept for its next
+/// request to the same origin (HTTP/1.1 keep-alive both sides: pip, apt and browsers send
+/// many requests to one host). One per client connection, dropped with it.
+#[derive(Default)]
+pub(crate) struct Upstreams(tokio::sync::Mutex<Option<(Target, Sender, Reached)>>);
+
+impl Upstreams {
+    /// The kept connection to `target`, once it is ready for another request.
+    async fn take(&self, target: &Target) -> Option<(Sender, Reached)> {
+        let (kept, mut sender, reached) = self.0.lock().await.take()?;
+        if &kept != target || sender.is_closed() {
+            return None;
+        }
+        // Ready once the previous response's body has been read to its end.
+        match tokio::time::timeout(Duration::from_secs(1), sender.ready()).await {
+            Ok(Ok(())) => Some((sender, reached)),
+            _ => None,
+        }
+    }
+
+    fn keep(&self, target: Target, sender: Sender, reached: Reached) {
+        if let Ok(mut slot) = self.0.try_lock() {
+            *slot = Some((target, sender, reached));
         }
     }
 }

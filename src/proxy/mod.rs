@@ -1,6 +1,7 @@
 //! What ordinary programs talk to: SOCKS5 and HTTP proxy listeners and port forwards, all
 //! sharing one dialler (`dial`) that routes into the mesh or, when allowed, out of the host.
 
+pub mod access;
 pub mod admission;
 pub mod dial;
 pub mod forward;

@@ -25,7 +25,7 @@ use crate::status::ListenerMetrics;
 const COPY_BUFFER: usize = 64 * 1024;
 
 /// How a relay ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ended {
     /// Both sides finished, or one failed.
     Finished,
@@ -58,6 +58,16 @@ where
     }
 }
 
+/// How a client's relay went: how it ended and the bytes each way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Relayed {
+    pub ended: Ended,
+    /// From the client towards its target.
+    pub up: u64,
+    /// From the target back to the client.
+    pub down: u64,
+}
+
 /// A listener's client relayed to its upstream ([`bidirectional`]); a close for idleness is
 /// counted on the listener (`idle_closed` in /status and /metrics) and logged.
 pub async fn client<A, B>(
@@ -67,17 +77,68 @@ pub async fn client<A, B>(
     metrics: &ListenerMetrics,
     from: SocketAddr,
     to: &(dyn Display + Sync),
-) -> Ended
+) -> Relayed
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let ended = bidirectional(client, upstream, idle).await;
+    let mut counted = Counted {
+        inner: client,
+        read: 0,
+        written: 0,
+    };
+    let ended = bidirectional(&mut counted, upstream, idle).await;
     if ended == Ended::Idle {
         metrics.count_idle_close();
         debug!(%from, %to, "{}: closed after {idle:?} idle", metrics.kind);
     }
-    ended
+    Relayed {
+        ended,
+        up: counted.read,
+        down: counted.written,
+    }
+}
+
+/// A stream that counts the bytes read from and written to it (one owner: plain integers).
+struct Counted<'a, S: ?Sized> {
+    inner: &'a mut S,
+    read: u64,
+    written: u64,
+}
+
+impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut *self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written += n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
 }
 
 async fn copy<A, B>(a: &mut A, b: &mut B)

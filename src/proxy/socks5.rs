@@ -74,9 +74,23 @@ pub(crate) fn client_handler<S: ClientStream>(
                 idle,
                 udp_idle,
             };
-            if let Some(result) = handle(client, dialer, auth, &metrics).await {
-                metrics.count(&result);
+            let started = tokio::time::Instant::now();
+            let o = handle(client, dialer, auth, &metrics).await;
+            if !o.counted {
+                metrics.count(&o.result);
             }
+            super::access::Entry {
+                listener: &metrics,
+                client: from,
+                target: &o.target,
+                resolved: o.resolved,
+                path: o.path,
+                up: o.up,
+                down: o.down,
+                started,
+                result: &o.result,
+            }
+            .log();
         })
     }
 }
@@ -120,15 +134,40 @@ pub(crate) async fn refuse<S: ClientStream>(mut client: S, auth_required: bool) 
     }
 }
 
-/// Serve one client. A success is counted in `metrics` as soon as it is answered (the relay
-/// may last hours); a failure is returned for the counters: the reply code sent, or `timeout`
-/// / `rejected` for a handshake that never reached a request.
+/// How a client's session went, for the counters and the access log.
+#[derive(Default)]
+struct Outcome {
+    /// The reply code sent, or `timeout` / `rejected` for a handshake that never reached a
+    /// request.
+    result: String,
+    /// Already counted in the listener's metrics (a success is counted when answered: the
+    /// relay may last hours).
+    counted: bool,
+    /// As the client asked (`-` before a request).
+    target: String,
+    resolved: Option<SocketAddr>,
+    path: &'static str,
+    up: u64,
+    down: u64,
+}
+
+impl Outcome {
+    fn failed(result: impl Into<String>, target: impl std::fmt::Display) -> Self {
+        Self {
+            result: result.into(),
+            target: target.to_string(),
+            ..Self::default()
+        }
+    }
+}
+
+/// Serve one client until its session ends.
 async fn handle<S: ClientStream>(
     client: Client<S>,
     dialer: Dialer,
     auth: Option<Arc<Credentials>>,
     metrics: &ListenerMetrics,
-) -> Option<String> {
+) -> Outcome {
     let Client {
         stream: client,
         from,
@@ -156,13 +195,13 @@ async fn handle<S: ClientStream>(
     let (proto, cmd, target) = match negotiated {
         Err(_) => {
             debug!(%from, "socks: handshake timed out");
-            return Some("timeout".into());
+            return Outcome::failed("timeout", "-");
         }
         Ok(Err(e)) => {
             // Bad version, no acceptable method, wrong password, bad address type or unknown
             // command: fast-socks5 has already answered where the protocol allows an answer.
             info!(%from, "socks: rejected: {e}");
-            return Some("rejected".into());
+            return Outcome::failed("rejected", "-");
         }
         Ok(Ok(r)) => r,
     };
@@ -173,7 +212,7 @@ async fn handle<S: ClientStream>(
     if !matches!(cmd, Socks5Command::TCPConnect) {
         info!(%from, ?cmd, "socks: command not supported");
         let _ = proto.reply_error(&ReplyError::CommandNotSupported).await;
-        return Some(code(&ReplyError::CommandNotSupported));
+        return Outcome::failed(code(&ReplyError::CommandNotSupported), format!("{cmd:?}"));
     }
     let target = match target {
         TargetAddr::Ip(addr) => Target::Addr(addr),
@@ -185,9 +224,10 @@ async fn handle<S: ClientStream>(
             let reply = reply_for(&e);
             info!(%from, %target, "socks: {e} (reply {:#04x})", reply.as_u8());
             let _ = proto.reply_error(&reply).await;
-            return Some(code(&reply));
+            return Outcome::failed(code(&reply), &target);
         }
     };
+    let (resolved, path) = dialer.path_of(&upstream);
     let bound = upstream
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
@@ -195,13 +235,21 @@ async fn handle<S: ClientStream>(
         Ok(c) => c,
         Err(e) => {
             debug!(%from, "socks: reply: {e}");
-            return Some("0x00".into());
+            return Outcome::failed("0x00", &target);
         }
     };
     metrics.count("0x00");
     debug!(%from, %target, "socks: connected");
-    relay::client(&mut client, &mut upstream, idle, metrics, from, &target).await;
-    None
+    let relayed = relay::client(&mut client, &mut upstream, idle, metrics, from, &target).await;
+    Outcome {
+        result: "0x00".into(),
+        counted: true,
+        target: target.to_string(),
+        resolved,
+        path,
+        up: relayed.up,
+        down: relayed.down,
+    }
 }
 
 /// UDP ASSOCIATE: a relay socket on the address the client reached us at, announced in the
@@ -214,13 +262,14 @@ async fn associate<S: ClientStream>(
     dialer: Dialer,
     metrics: &ListenerMetrics,
     idle: Duration,
-) -> Option<String> {
+) -> Outcome {
+    const ASKED: &str = "UDP ASSOCIATE";
     let relay = match tokio::net::UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
         Ok(s) => s,
         Err(e) => {
             info!(%from, "socks: UDP ASSOCIATE: cannot open a relay socket: {e}");
             let _ = proto.reply_error(&ReplyError::GeneralFailure).await;
-            return Some(code(&ReplyError::GeneralFailure));
+            return Outcome::failed(code(&ReplyError::GeneralFailure), ASKED);
         }
     };
     let bound = relay.local_addr().unwrap_or(local);
@@ -238,16 +287,24 @@ async fn associate<S: ClientStream>(
         Ok(c) => c,
         Err(e) => {
             debug!(%from, "socks: reply: {e}");
-            return Some("0x00".into());
+            return Outcome::failed("0x00", ASKED);
         }
     };
     metrics.count("0x00");
     debug!(%from, relay = %bound, "socks: UDP association open");
     let targets = udp::targets::Targets::new(dialer, metrics.udp.clone());
-    let end =
+    let done =
         udp::associate::run(control, relay, expected, targets, metrics.udp.clone(), idle).await;
-    debug!(%from, ?end, "socks: UDP association ended");
-    None
+    debug!(%from, end = ?done.end, "socks: UDP association ended");
+    Outcome {
+        result: "0x00".into(),
+        counted: true,
+        target: ASKED.into(),
+        resolved: Some(bound),
+        path: "udp",
+        up: done.up,
+        down: done.down,
+    }
 }
 
 fn code(reply: &ReplyError) -> String {

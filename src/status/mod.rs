@@ -597,12 +597,20 @@ impl UdpCounters {
 
     /// One datagram dropped for `reason`.
     pub fn drop_one(&self, reason: &'static str) {
+        self.drop_many(reason, 1);
+    }
+
+    /// `n` datagrams dropped for `reason`.
+    pub fn drop_many(&self, reason: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
         *self
             .dropped
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(reason)
-            .or_default() += 1;
+            .or_default() += n;
     }
 
     fn status(&self) -> Option<UdpStatus> {
@@ -679,6 +687,18 @@ impl ListenerMetrics {
         self.max.store(max as u64, Ordering::Relaxed);
     }
 
+    /// The listener's address as /status shows it (`unix:PATH` for a Unix socket).
+    pub fn address(&self) -> String {
+        match &self.unix_path {
+            Some(p) => format!("unix:{}", p.display()),
+            None => self
+                .bound
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .to_string(),
+        }
+    }
+
     /// Count one request that ended in `result`.
     pub fn count(&self, result: &str) {
         let mut r = self.results.lock().unwrap_or_else(|e| e.into_inner());
@@ -704,14 +724,7 @@ impl ListenerMetrics {
     fn status(&self) -> ListenerStatus {
         ListenerStatus {
             kind: self.kind.to_string(),
-            addr: match &self.unix_path {
-                Some(p) => format!("unix:{}", p.display()),
-                None => self
-                    .bound
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .to_string(),
-            },
+            addr: self.address(),
             open_connections: self.open.load(Ordering::Relaxed),
             max_connections: self.max.load(Ordering::Relaxed),
             requests: self

@@ -437,6 +437,23 @@ impl Testbed {
         (path, format!("{} {len}\n", sha256_hex(&data)))
     }
 
+    /// Wait until something accepts TCP connections on the peer's `PEER_IP:port` (a server
+    /// the test started in the namespace).
+    pub fn wait_listening(&self, port: u16, what: &str) {
+        wait_for(
+            Duration::from_secs(10),
+            || {
+                Command::new("ip")
+                    .args(["netns", "exec", &self.ns, "bash", "-c"])
+                    .arg(format!("exec 3<>/dev/tcp/{PEER_IP}/{port}"))
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            },
+            what,
+        );
+    }
+
     /// Run a command inside the namespace.
     pub fn exec(&self, args: &[&str]) -> std::process::Output {
         Command::new("ip")

@@ -50,6 +50,16 @@ pub(crate) enum End {
     Error(String),
 }
 
+/// How an association went: how it ended, and the payload bytes each way.
+#[derive(Debug)]
+pub(crate) struct Associated {
+    pub end: End,
+    /// Towards targets.
+    pub up: u64,
+    /// Back to the client.
+    pub down: u64,
+}
+
 /// Relay one association until it ends.
 pub(crate) async fn run<C: AsyncRead + Unpin>(
     mut control: C,
@@ -58,8 +68,10 @@ pub(crate) async fn run<C: AsyncRead + Unpin>(
     mut targets: Targets,
     counters: Arc<UdpCounters>,
     idle: Duration,
-) -> End {
+) -> Associated {
     let _open = counters.open();
+    let (mut up, mut down) = (0u64, 0u64);
+    let done = |end, up, down| Associated { end, up, down };
     // One byte more than the largest datagram relayed tells a bigger one (cut by the kernel)
     // from one that fits.
     let mut from_client = vec![0u8; MAX_REPLY_HEADER + MAX_DATAGRAM + 1];
@@ -72,12 +84,12 @@ pub(crate) async fn run<C: AsyncRead + Unpin>(
             r = control.read(&mut ctl) => match r {
                 // Anything the client sends on the control connection means nothing to us.
                 Ok(n) if n > 0 => {}
-                _ => return End::Closed,
+                _ => return done(End::Closed, up, down),
             },
             r = relay.recv_from(&mut from_client) => {
                 let (n, src) = match r {
                     Ok(r) => r,
-                    Err(e) => return End::Error(e.to_string()),
+                    Err(e) => return done(End::Error(e.to_string()), up, down),
                 };
                 if !expected.admits(src) {
                     counters.drop_one("foreign_source");
@@ -89,7 +101,7 @@ pub(crate) async fn run<C: AsyncRead + Unpin>(
                 }
                 client = Some(src);
                 deadline = Instant::now() + idle;
-                forward(&from_client[..n], &mut targets, &counters).await;
+                up += forward(&from_client[..n], &mut targets, &counters).await;
             }
             r = recv_any(
                 targets.mesh.as_ref(),
@@ -116,29 +128,31 @@ pub(crate) async fn run<C: AsyncRead + Unpin>(
                 match relay.send_to(&to_client[start..MAX_REPLY_HEADER + n], client).await {
                     Ok(_) => {
                         counters.to_client(n);
+                        down += n as u64;
                         deadline = Instant::now() + idle;
                     }
                     Err(_) => counters.drop_one("send_error"),
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => return End::Idle,
+            _ = tokio::time::sleep_until(deadline) => return done(End::Idle, up, down),
         }
     }
 }
 
 /// One datagram from the client: read its header, find its destination, send its payload.
-async fn forward(datagram: &[u8], targets: &mut Targets, counters: &UdpCounters) {
+/// The payload bytes sent (0 when dropped).
+async fn forward(datagram: &[u8], targets: &mut Targets, counters: &UdpCounters) -> u64 {
     let request = match wire::parse(datagram) {
         Ok(r) => r,
         Err(e) => {
             debug!("udp: dropped a datagram: {e}");
             counters.drop_one("malformed");
-            return;
+            return 0;
         }
     };
     if request.frag != 0 {
         counters.drop_one("fragmented");
-        return;
+        return 0;
     }
     let to = match request.dest {
         Dest::Addr(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
@@ -146,12 +160,18 @@ async fn forward(datagram: &[u8], targets: &mut Targets, counters: &UdpCounters)
             Some(a) => a,
             None => {
                 counters.drop_one("unresolved");
-                return;
+                return 0;
             }
         },
     };
     match targets.send(request.payload, to).await {
-        Ok(()) => counters.to_target(request.payload.len()),
-        Err(reason) => counters.drop_one(reason),
+        Ok(()) => {
+            counters.to_target(request.payload.len());
+            request.payload.len() as u64
+        }
+        Err(reason) => {
+            counters.drop_one(reason);
+            0
+        }
     }
 }

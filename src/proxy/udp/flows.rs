@@ -89,6 +89,9 @@ impl Flows {
             Some(Ok(from)) => {
                 debug!(client = %from, "udp: flow ended");
                 self.map.remove(&from);
+                if self.map.is_empty() {
+                    give_back_freed_memory();
+                }
             }
             Some(Err(e)) => warn!("udp flow task: {e}"),
             None => std::future::pending().await,
@@ -178,15 +181,35 @@ async fn forward_flow(
         }
     };
     metrics.count("ok");
+    let started = Instant::now();
+    let path = dialer.mesh_path(to.ip());
+    let (mut up, mut down) = (0u64, 0u64);
+    let log = |up, down| {
+        crate::proxy::access::Entry {
+            listener: &metrics,
+            client: ctx.client,
+            target: &target,
+            resolved: Some(to),
+            path,
+            up,
+            down,
+            started,
+            result: "ok",
+        }
+        .log()
+    };
     let mut targets = Targets::new(dialer, ctx.counters.clone());
     let mut reply = vec![0u8; MAX_DATAGRAM + 1];
     let mut deadline = Instant::now() + ctx.idle;
     loop {
         tokio::select! {
             d = ctx.rx.recv() => {
-                let Some(d) = d else { return };
+                let Some(d) = d else { return log(up, down) };
                 match targets.send(&d, to).await {
-                    Ok(()) => ctx.counters.to_target(d.len()),
+                    Ok(()) => {
+                        ctx.counters.to_target(d.len());
+                        up += d.len() as u64;
+                    }
                     Err(reason) => ctx.counters.drop_one(reason),
                 }
                 ctx.pool.put(d);
@@ -203,12 +226,15 @@ async fn forward_flow(
                     continue;
                 }
                 match ctx.socket.send_to(&reply[..n], ctx.client).await {
-                    Ok(_) => ctx.counters.to_client(n),
+                    Ok(_) => {
+                        ctx.counters.to_client(n);
+                        down += n as u64;
+                    }
                     Err(_) => ctx.counters.drop_one("send_error"),
                 }
                 deadline = Instant::now() + ctx.idle;
             }
-            _ = tokio::time::sleep_until(deadline) => return,
+            _ = tokio::time::sleep_until(deadline) => return log(up, down),
         }
     }
 }
@@ -228,12 +254,16 @@ pub async fn serve_exposed(
     let counters = metrics.udp.clone();
     let mut flows = Flows::new(max_flows, counters.clone());
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut drops_seen = 0;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = flows.reap() => {}
             r = socket.recv_into(&mut buf) => {
                 let Ok((n, peer)) = r else { return };
+                let dropped = socket.dropped();
+                counters.drop_many("receive_queue_full", dropped - drops_seen);
+                drops_seen = dropped;
                 let start = |rx, pool| {
                     exposed_flow(FlowCtx {
                         rx,
@@ -271,14 +301,33 @@ async fn exposed_flow(
         }
     };
     metrics.count("ok");
+    let started = Instant::now();
+    let (mut up, mut down) = (0u64, 0u64);
+    let log = |up, down| {
+        crate::proxy::access::Entry {
+            listener: &metrics,
+            client: ctx.client,
+            target: &local,
+            resolved: Some(local),
+            path: "host",
+            up,
+            down,
+            started,
+            result: "ok",
+        }
+        .log()
+    };
     let mut reply = vec![0u8; MAX_DATAGRAM + 1];
     let mut deadline = Instant::now() + ctx.idle;
     loop {
         tokio::select! {
             d = ctx.rx.recv() => {
-                let Some(d) = d else { return };
+                let Some(d) = d else { return log(up, down) };
                 match service.send(&d).await {
-                    Ok(_) => ctx.counters.to_target(d.len()),
+                    Ok(_) => {
+                        ctx.counters.to_target(d.len());
+                        up += d.len() as u64;
+                    }
                     // Nothing listens there (ICMP port unreachable from an earlier datagram).
                     Err(_) => ctx.counters.drop_one("send_error"),
                 }
@@ -292,13 +341,29 @@ async fn exposed_flow(
                     continue;
                 }
                 match ctx.socket.send_to(&reply[..n], ctx.client) {
-                    Ok(()) => ctx.counters.to_client(n),
+                    Ok(()) => {
+                        ctx.counters.to_client(n);
+                        down += n as u64;
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => ctx.counters.drop_one("too_big"),
                     Err(_) => ctx.counters.drop_one("queue_full"),
                 }
                 deadline = Instant::now() + ctx.idle;
             }
-            _ = tokio::time::sleep_until(deadline) => return,
+            _ = tokio::time::sleep_until(deadline) => return log(up, down),
         }
+    }
+}
+
+/// Return the memory of ended flows to the system. Hundreds of flows leave their sockets'
+/// buffers spread over the heap, and the allocator keeps freed pages that are not at its top:
+/// after a burst of clients the process would stay at its peak. glibc's `malloc_trim` hands
+/// back every free page. Called when a listener's last flow ends.
+fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists and advises the kernel
+    // about free pages; it takes no pointers and is thread-safe in glibc.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

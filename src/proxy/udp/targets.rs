@@ -31,6 +31,8 @@ pub(crate) struct Targets {
     pub host6: Option<tokio::net::UdpSocket>,
     contacted: HashMap<SocketAddr, Instant>,
     names: HashMap<(String, u16), SocketAddr>,
+    /// The mesh socket's receive drops already counted.
+    mesh_drops: u64,
 }
 
 impl Targets {
@@ -43,6 +45,7 @@ impl Targets {
             host6: None,
             contacted: HashMap::new(),
             names: HashMap::new(),
+            mesh_drops: 0,
         }
     }
 
@@ -122,8 +125,15 @@ impl Targets {
         }
     }
 
-    /// Whether a datagram from `from` answers something this client sent.
+    /// Whether a datagram from `from` answers something this client sent. (Also counts the
+    /// replies the mesh socket had to drop since the last call: its queue was full.)
     pub fn solicited(&mut self, from: SocketAddr) -> bool {
+        if let Some(mesh) = &self.mesh {
+            let dropped = mesh.dropped();
+            self.counters
+                .drop_many("receive_queue_full", dropped - self.mesh_drops);
+            self.mesh_drops = dropped;
+        }
         match self.contacted.get_mut(&from) {
             Some(at) => {
                 *at = Instant::now();

@@ -120,6 +120,8 @@ pub struct Socket<'a> {
     tx_buffer: PacketBuffer<'a>,
     /// The time-to-live (IPv4) or hop limit (IPv6) value used in outgoing packets.
     hop_limit: Option<u8>,
+    /// netbird-proxy patch: datagrams dropped because the receive buffer was full.
+    rx_dropped: u64,
     #[cfg(feature = "async")]
     rx_waker: WakerRegistration,
     #[cfg(feature = "async")]
@@ -134,6 +136,7 @@ impl<'a> Socket<'a> {
             rx_buffer,
             tx_buffer,
             hop_limit: None,
+            rx_dropped: 0,
             #[cfg(feature = "async")]
             rx_waker: WakerRegistration::new(),
             #[cfg(feature = "async")]
@@ -255,6 +258,12 @@ impl<'a> Socket<'a> {
     #[inline]
     pub fn is_open(&self) -> bool {
         self.endpoint.port != 0
+    }
+
+    /// netbird-proxy patch: datagrams dropped so far because the receive buffer was full.
+    #[inline]
+    pub fn rx_dropped(&self) -> u64 {
+        self.rx_dropped
     }
 
     /// Check whether the transmit buffer is full.
@@ -521,11 +530,15 @@ impl<'a> Socket<'a> {
 
         match self.rx_buffer.enqueue(size, metadata) {
             Ok(buf) => buf.copy_from_slice(payload),
-            Err(_) => net_trace!(
-                "udp:{}:{}: buffer full, dropped incoming packet",
-                self.endpoint,
-                remote_endpoint
-            ),
+            Err(_) => {
+                // netbird-proxy patch: counted, so the drop is seen.
+                self.rx_dropped += 1;
+                net_trace!(
+                    "udp:{}:{}: buffer full, dropped incoming packet",
+                    self.endpoint,
+                    remote_endpoint
+                )
+            }
         }
 
         #[cfg(feature = "async")]
