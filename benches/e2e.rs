@@ -60,6 +60,7 @@ fn main() {
         Some("client") => client(&args[2..]),
         Some("impair") => impair(&args[2..]),
         Some("tcpdelay") => mesh::tcp_delay(&args[2..]),
+        Some("udpecho") => udp_echo(&args[2]),
         _ => orchestrate(),
     }
 }
@@ -223,6 +224,46 @@ fn client(args: &[String]) {
             }
             println!("RESULT {:.0}", done as f64 / start.elapsed().as_secs_f64());
         }
+        // UDP through a forward: 1200-byte sequenced datagrams, at most UDP_WINDOW waiting for
+        // their echo, for N seconds; the echoed payload's rate, and the datagrams lost.
+        "udp" => {
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            sock.connect(target).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut out = vec![0x5au8; UDP_DATAGRAM];
+            let mut buf = vec![0u8; 2048];
+            let (mut sent, mut received, mut bytes, mut outstanding) = (0u64, 0u64, 0u64, 0u64);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(n) {
+                while outstanding < UDP_WINDOW {
+                    out[..8].copy_from_slice(&sent.to_be_bytes());
+                    sock.send(&out).unwrap();
+                    sent += 1;
+                    outstanding += 1;
+                }
+                match sock.recv(&mut buf) {
+                    Ok(got) => {
+                        received += 1;
+                        outstanding -= 1;
+                        bytes += got as u64;
+                    }
+                    // A second without an answer: what is in flight is given up on.
+                    Err(_) => outstanding = 0,
+                }
+            }
+            let secs = start.elapsed().as_secs_f64();
+            // Late answers count as arrived (not towards the rate).
+            sock.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            while sock.recv(&mut buf).is_ok() {
+                received += 1;
+            }
+            println!(
+                "RESULT {:.1} {} {sent}",
+                bytes as f64 * 8.0 / secs / 1e6,
+                sent.saturating_sub(received)
+            );
+        }
         "hold" => {
             let mut held = Vec::with_capacity(n as usize);
             for _ in 0..n {
@@ -236,6 +277,19 @@ fn client(args: &[String]) {
             let _ = std::io::stdin().read_line(&mut line);
         }
         other => panic!("unknown client kind {other}"),
+    }
+}
+
+/// Datagram size and window of the UDP rows.
+const UDP_DATAGRAM: usize = 1200;
+const UDP_WINDOW: u64 = 64;
+
+/// A UDP echo on `addr` (the UDP rows' server, in the peer's namespace).
+fn udp_echo(addr: &str) {
+    let sock = std::net::UdpSocket::bind(addr).expect("udp echo bind");
+    let mut buf = vec![0u8; 65536];
+    while let Ok((n, from)) = sock.recv_from(&mut buf) {
+        let _ = sock.send_to(&buf[..n], from);
     }
 }
 

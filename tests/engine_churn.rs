@@ -64,6 +64,17 @@ fn config(url: &str, identity: u8) -> MeshConfig {
         wg_port: 0,
         proxy: ProxyOptions {
             socks: vec![netbird_proxy::cli::ListenAddr::Tcp(socks)],
+            // UDP listeners and their flows belong to the same cancellation tree.
+            forwards: vec![netbird_proxy::cli::Forward {
+                listen: socks,
+                target: netbird_proxy::proxy::dial::Target::Host("anchor.mesh.test".into(), 53),
+                udp: true,
+            }],
+            exposes: vec![netbird_proxy::cli::Expose {
+                mesh_port: 5353,
+                local: "127.0.0.1:53".parse().unwrap(),
+                udp: true,
+            }],
             connect_timeout: Duration::from_secs(5),
             ..Default::default()
         },
@@ -99,9 +110,22 @@ async fn random_start_stop_interleavings_neither_hang_nor_leak() {
             config(&mesh.management_url, (i % 4) as u8),
             &cycle,
         ));
+        // The UDP forward's bound address, once ready.
+        let udp_forward = Arc::new(std::sync::Mutex::new(None));
         let starter = {
             let engine = engine.clone();
-            tokio::spawn(async move { engine.start(|_| {}).await })
+            let seen = udp_forward.clone();
+            tokio::spawn(async move {
+                engine
+                    .start(move |ready| {
+                        *seen.lock().unwrap() = ready
+                            .listeners
+                            .iter()
+                            .find(|(k, _, d)| *k == "forward" && d.ends_with("/udp"))
+                            .map(|(_, a, _)| *a);
+                    })
+                    .await
+            })
         };
         // A pseudo-random moment: before, during or after the start.
         let wait = if i % 10 == 9 {
@@ -109,6 +133,16 @@ async fn random_start_stop_interleavings_neither_hang_nor_leak() {
         } else {
             (i.wrapping_mul(2654435761) >> 7) % 40
         };
+        // Some cycles open UDP flows (resolving the anchor, a socket towards it) that the
+        // stop must end with everything else.
+        if i % 5 == 4 {
+            tokio::time::sleep(Duration::from_millis(wait / 2)).await;
+            let to = *udp_forward.lock().unwrap();
+            if let Some(to) = to {
+                let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                let _ = client.send_to(b"churn", to);
+            }
+        }
         tokio::time::sleep(Duration::from_millis(wait)).await;
         if i % 3 == 0 {
             cycle.cancel(); // a cycle cancel (as a reset) instead of a stop

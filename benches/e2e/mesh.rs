@@ -50,6 +50,8 @@ const STATIC_A_PORT: u16 = 51901;
 const STATIC_B_PORT: u16 = 51902;
 const STATIC_IMPAIR_PORT: u16 = 51950;
 const SETUP_KEY: &str = "E2E-MESH-KEY";
+/// B's UDP echo (on its loopback, exposed by both peers), for the UDP rows.
+const UDP_PORT: u16 = 5202;
 /// The tunnel MTU the dev mesh gives its peers (NetBird's 1280); the static row uses it too,
 /// so the rows compare paths, not packet sizes (at wg-quick's 1420 the static row carries
 /// 11 % more payload per packet).
@@ -232,17 +234,24 @@ impl Drop for MeshBed {
 struct MeshPath {
     name: &'static str,
     forward: SocketAddr,
+    /// A's UDP forward to B's exposed UDP echo (the UDP rows), where the path has one.
+    udp_forward: Option<SocketAddr>,
     pids: Vec<u32>,
     _proxies: Vec<Proxy>,
 }
 
 /// One client run in A; Mbit/s, or None if it failed.
 fn try_run(bed: &MeshBed, path: &MeshPath, kind: &str, secs: u64) -> Option<f64> {
+    let target = if kind == "udp" {
+        path.udp_forward?
+    } else {
+        path.forward
+    };
     let out = self_command(Some(&bed.ns("a")))
         .args([
             "client",
             kind,
-            &path.forward.to_string(),
+            &target.to_string(),
             "direct",
             &secs.to_string(),
         ])
@@ -253,6 +262,30 @@ fn try_run(bed: &MeshBed, path: &MeshPath, kind: &str, secs: u64) -> Option<f64>
     text.lines()
         .find_map(|l| l.strip_prefix("RESULT "))
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
+}
+
+/// One UDP client run in A through the path's UDP forward: echoed Mbit/s, datagrams lost,
+/// datagrams sent.
+fn try_run_udp(bed: &MeshBed, path: &MeshPath, secs: u64) -> Option<(f64, u64, u64)> {
+    let out = self_command(Some(&bed.ns("a")))
+        .args([
+            "client",
+            "udp",
+            &path.udp_forward?.to_string(),
+            "direct",
+            &secs.to_string(),
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find_map(|l| l.strip_prefix("RESULT "))?;
+    let mut v = line.split_whitespace();
+    Some((
+        v.next()?.parse().ok()?,
+        v.next()?.parse().ok()?,
+        v.next()?.parse().ok()?,
+    ))
 }
 
 /// Wait until `path` carries a short transfer (peers found each other, handshakes done).
@@ -288,6 +321,8 @@ fn relayed_path(bed: &mut MeshBed, mesh_pid: u32, impaired: bool) -> MeshPath {
             state("b").to_str().unwrap(),
             "--expose",
             &format!("{SERVER_PORT}=127.0.0.1:{SERVER_PORT}"),
+            "--expose",
+            &format!("{UDP_PORT}=127.0.0.1:{UDP_PORT}/udp"),
             // The relay row measures the relay: no ICE (the direct row has it).
             "--force-relay",
         ],
@@ -328,6 +363,8 @@ fn relayed_path(bed: &mut MeshBed, mesh_pid: u32, impaired: bool) -> MeshPath {
             state("a").to_str().unwrap(),
             "--forward",
             &format!("127.0.0.1:0:b{tag}.{DOMAIN}:{SERVER_PORT}"),
+            "--forward",
+            &format!("127.0.0.1:0:b{tag}.{DOMAIN}:{UDP_PORT}/udp"),
             "--force-relay",
         ],
     );
@@ -335,6 +372,7 @@ fn relayed_path(bed: &mut MeshBed, mesh_pid: u32, impaired: bool) -> MeshPath {
     MeshPath {
         name: "relayed",
         forward: peer_a.forwards[0],
+        udp_forward: peer_a.forwards.get(1).copied(),
         pids: vec![peer_a.pid(), peer_b.pid(), mesh_pid],
         _proxies: vec![peer_a, peer_b],
     }
@@ -362,6 +400,8 @@ fn direct_path(bed: &mut MeshBed) -> MeshPath {
             state("b").to_str().unwrap(),
             "--expose",
             &format!("{SERVER_PORT}=127.0.0.1:{SERVER_PORT}"),
+            "--expose",
+            &format!("{UDP_PORT}=127.0.0.1:{UDP_PORT}/udp"),
         ],
     );
     let started = Instant::now();
@@ -379,6 +419,8 @@ fn direct_path(bed: &mut MeshBed) -> MeshPath {
             state("a").to_str().unwrap(),
             "--forward",
             &format!("127.0.0.1:0:bdirect.{DOMAIN}:{SERVER_PORT}"),
+            "--forward",
+            &format!("127.0.0.1:0:bdirect.{DOMAIN}:{UDP_PORT}/udp"),
             "--status-addr",
             &status,
         ],
@@ -405,6 +447,7 @@ fn direct_path(bed: &mut MeshBed) -> MeshPath {
     MeshPath {
         name: "direct",
         forward: peer_a.forwards[0],
+        udp_forward: peer_a.forwards.get(1).copied(),
         pids: vec![peer_a.pid(), peer_b.pid()],
         _proxies: vec![peer_a, peer_b],
     }
@@ -452,6 +495,7 @@ fn routed_path(bed: &mut MeshBed) -> MeshPath {
     MeshPath {
         name: "routed",
         forward: peer_a.forwards[0],
+        udp_forward: None,
         pids: vec![peer_a.pid(), peer_b.pid()],
         _proxies: vec![peer_a, peer_b],
     }
@@ -522,6 +566,8 @@ fn static_path(bed: &mut MeshBed, impaired: bool) -> MeshPath {
             cb.to_str().unwrap(),
             "--expose",
             &format!("{SERVER_PORT}=127.0.0.1:{SERVER_PORT}"),
+            "--expose",
+            &format!("{UDP_PORT}=127.0.0.1:{UDP_PORT}/udp"),
         ],
     );
     let peer_a = Proxy::start_in(
@@ -531,11 +577,14 @@ fn static_path(bed: &mut MeshBed, impaired: bool) -> MeshPath {
             ca.to_str().unwrap(),
             "--forward",
             &format!("127.0.0.1:0:100.64.3.2:{SERVER_PORT}"),
+            "--forward",
+            &format!("127.0.0.1:0:100.64.3.2:{UDP_PORT}/udp"),
         ],
     );
     MeshPath {
         name: "static",
         forward: peer_a.forwards[0],
+        udp_forward: peer_a.forwards.get(1).copied(),
         pids: vec![peer_a.pid(), peer_b.pid()],
         _proxies: vec![peer_a, peer_b],
     }
@@ -633,17 +682,37 @@ fn condition(bed: &mut MeshBed, mesh_pid: u32, impaired: bool, report: &mut Vec<
     }
     let runs = run_count().max(MIN_RUNS);
     let mut ok = true;
-    for kind in ["up", "down"] {
+    // UDP runs clean only: its window waits a second for a lost datagram, so loss would
+    // measure the timeout, not the path.
+    let kinds: &[&str] = if impaired {
+        &["up", "down"]
+    } else {
+        &["up", "down", "udp"]
+    };
+    for &kind in kinds {
         let mut results = vec![Vec::new(); paths.len()];
+        let mut lost = vec![(0u64, 0u64); paths.len()];
         let mut cpu = vec![0.0; paths.len()];
         let mut gbits = vec![0.0; paths.len()];
         let mut syscalls = vec![0.0; paths.len()];
         let mut counted_mib = vec![0.0; paths.len()];
         for _ in 0..runs {
             for (i, p) in paths.iter().enumerate() {
+                if kind == "udp" && p.udp_forward.is_none() {
+                    continue;
+                }
                 let before = MeshBed::cpu_seconds(&p.pids);
                 let counting = SyscallCount::start(&p.pids, MESH_SECS);
-                let mbit = try_run(bed, p, kind, MESH_SECS).unwrap_or(0.0);
+                let mbit = match kind {
+                    "udp" => {
+                        let (mbit, gone, sent) =
+                            try_run_udp(bed, p, MESH_SECS).unwrap_or((0.0, 0, 0));
+                        lost[i].0 += gone;
+                        lost[i].1 += sent;
+                        mbit
+                    }
+                    _ => try_run(bed, p, kind, MESH_SECS).unwrap_or(0.0),
+                };
                 cpu[i] += MeshBed::cpu_seconds(&p.pids) - before;
                 gbits[i] += mbit * MESH_SECS as f64 / 1000.0;
                 if let Some(calls) = counting.and_then(SyscallCount::finish) {
@@ -653,10 +722,22 @@ fn condition(bed: &mut MeshBed, mesh_pid: u32, impaired: bool, report: &mut Vec<
                 results[i].push(mbit);
             }
         }
-        let dir = if kind == "up" { "upload" } else { "download" };
+        let dir = match kind {
+            "up" => "upload".to_string(),
+            "down" => "download".to_string(),
+            _ => "UDP echo, 1200 B datagrams".to_string(),
+        };
         let static_median = stats(&results[static_index]).median;
         for (i, p) in paths.iter().enumerate() {
+            if results[i].is_empty() {
+                continue;
+            }
             let s = stats(&results[i]);
+            let dir = if kind == "udp" {
+                format!("{dir} ({} of {} lost)", lost[i].0, lost[i].1)
+            } else {
+                dir.clone()
+            };
             eprintln!("mesh {} {dir} ({cond}): runs {:?}", p.name, results[i]);
             if !s.collapsed.is_empty() {
                 ok = false;
@@ -700,6 +781,7 @@ pub fn run() -> bool {
     // the routed row.
     let server = format!("127.0.0.1:{SERVER_PORT}");
     bed.spawn(self_command(Some(&bed.ns("b"))).args(["serve", &server]));
+    bed.spawn(self_command(Some(&bed.ns("b"))).args(["udpecho", &format!("127.0.0.1:{UDP_PORT}")]));
     let routed_server = format!("{B_ADDR}:{SERVER_PORT}");
     bed.spawn(self_command(Some(&bed.ns("b"))).args(["serve", &routed_server]));
     let networks = bed.dir.join("networks.toml");

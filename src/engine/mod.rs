@@ -397,6 +397,42 @@ pub async fn start_datapath(
             cancel.child_token(),
         ));
     }
+    for f in options.forwards.iter().filter(|f| !f.udp) {
+        let l = bind(f.listen, "forward").await?;
+        let bound = l.local_addr().unwrap_or(f.listen);
+        ready
+            .listeners
+            .push(("forward", bound, format!("->{}", f.target)));
+        tasks.spawn(forward::serve(
+            l,
+            metrics("forward", f.listen, bound),
+            options.limits.clone(),
+            dialer.clone(),
+            f.target.clone(),
+            cancel.child_token(),
+        ));
+    }
+    for e in options.exposes.iter().filter(|e| !e.udp) {
+        let listener = netstack
+            .listen(e.mesh_port)
+            .await
+            .map_err(|err| DataPathError::Expose {
+                port: e.mesh_port,
+                reason: err.to_string(),
+            })?;
+        let mesh_addr = spec_first_addr(&ready.mesh, e.mesh_port);
+        ready
+            .listeners
+            .push(("expose", mesh_addr, format!("->{}", e.local)));
+        tasks.spawn(crate::proxy::forward::serve_exposed(
+            listener,
+            metrics("expose", mesh_addr, mesh_addr),
+            e.local,
+            options.limits.idle_timeout,
+            cancel.child_token(),
+        ));
+    }
+    // UDP after TCP: the ready line lists TCP forwards and exposes first.
     for f in options.forwards.iter().filter(|f| f.udp) {
         let socket = tokio::net::UdpSocket::bind(f.listen)
             .await
@@ -438,41 +474,6 @@ pub async fn start_datapath(
             e.local,
             options.limits.per_listener,
             options.limits.udp_idle_timeout,
-            cancel.child_token(),
-        ));
-    }
-    for f in options.forwards.iter().filter(|f| !f.udp) {
-        let l = bind(f.listen, "forward").await?;
-        let bound = l.local_addr().unwrap_or(f.listen);
-        ready
-            .listeners
-            .push(("forward", bound, format!("->{}", f.target)));
-        tasks.spawn(forward::serve(
-            l,
-            metrics("forward", f.listen, bound),
-            options.limits.clone(),
-            dialer.clone(),
-            f.target.clone(),
-            cancel.child_token(),
-        ));
-    }
-    for e in options.exposes.iter().filter(|e| !e.udp) {
-        let listener = netstack
-            .listen(e.mesh_port)
-            .await
-            .map_err(|err| DataPathError::Expose {
-                port: e.mesh_port,
-                reason: err.to_string(),
-            })?;
-        let mesh_addr = spec_first_addr(&ready.mesh, e.mesh_port);
-        ready
-            .listeners
-            .push(("expose", mesh_addr, format!("->{}", e.local)));
-        tasks.spawn(crate::proxy::forward::serve_exposed(
-            listener,
-            metrics("expose", mesh_addr, mesh_addr),
-            e.local,
-            options.limits.idle_timeout,
             cancel.child_token(),
         ));
     }
