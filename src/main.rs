@@ -653,6 +653,8 @@ mod nc {
     /// The session's exit status: 0 when the far end closed after a session, 1 when the
     /// connection could not be made, 2 for bad options.
     pub async fn run(mut run: RunArgs, ready_timeout: Duration, host: &str, port: u16) -> i32 {
+        // An address the user gave is trusted; the default one is checked (see running_proxy).
+        let trusted = run.status_addr.is_some();
         let status = run
             .status_addr
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_STATUS)));
@@ -663,8 +665,13 @@ mod nc {
                 return 2;
             }
         };
-        if let Some(socks) = nc::running_proxy(status).await {
-            return session(socks, auth.as_ref(), host, port).await;
+        match nc::running_proxy(status, trusted).await {
+            Ok(Some(socks)) => return session(socks, auth.as_ref(), host, port).await,
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("netbird-proxy nc: {e}");
+                return 1;
+            }
         }
         if run.setup_key.is_none() && run.wg_config.is_none() {
             eprintln!(

@@ -129,9 +129,26 @@ fn socks5_udp_associate_reaches_mesh_peers_by_ip_and_name() {
             answer.windows(4).any(|w| w == peer.octets()),
             "dnsmasq's answer holds {PEER_IP}: {answer:?}"
         );
+        // The client announced port 0: its first datagram's port is the only one taken from
+        // then on. Another socket of the same IP (another local user) gets nothing through.
+        let relay: SocketAddr = dgram.proxy_addr().unwrap().to_string().parse().unwrap();
+        let intruder = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut probe = vec![0, 0, 0, 1];
+        probe.extend_from_slice(&peer.octets());
+        probe.extend_from_slice(&ECHO_PORT.to_be_bytes());
+        probe.extend_from_slice(b"intruder");
+        intruder.send_to(&probe, relay).await.unwrap();
+        let mut buf = [0u8; 64];
+        let answered =
+            tokio::time::timeout(Duration::from_secs(1), intruder.recv_from(&mut buf)).await;
+        assert!(
+            answered.is_err(),
+            "another port of the client's IP was served"
+        );
     });
     let m = wait_metrics(status, "the association counted", |m| {
         metric(m, "netbird_proxy_udp_datagrams_total", &["to_client"]).unwrap_or(0.0) >= 9.0
+            && metric(m, "netbird_proxy_udp_dropped_total", &["foreign_source"]) == Some(1.0)
     });
     // The association ended with its control connection.
     let m2 = wait_metrics(status, "the association closed", |m| {

@@ -40,11 +40,77 @@ pub enum NcError {
     },
     #[error("{0} is not a host name or address")]
     BadHost(String),
+    #[error(
+        "the proxy at {0} belongs to another user (uid {1}); give its address with --status-addr \
+         only if you trust it"
+    )]
+    NotOurs(SocketAddr, u32),
 }
 
 /// The SOCKS5 listener of a proxy running on this machine, from its status endpoint at
-/// `status`; None when nothing answers there or it serves no SOCKS5.
-pub async fn running_proxy(status: SocketAddr) -> Option<SocketAddr> {
+/// `status`; None when nothing answers there or it serves no SOCKS5. With `trusted` false (the
+/// default address, not one the user gave), a listener another user owns is refused: anyone on
+/// a shared host could answer on the default port and collect our traffic and credentials.
+pub async fn running_proxy(
+    status: SocketAddr,
+    trusted: bool,
+) -> Result<Option<SocketAddr>, NcError> {
+    let Some(socks) = find_socks(status).await else {
+        return Ok(None);
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !trusted && me != 0 {
+        for addr in [status, socks] {
+            // Listening on that address, or on every address of its family.
+            let any = SocketAddr::new(
+                match addr {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+                },
+                addr.port(),
+            );
+            let owner = listener_uid(addr).or_else(|| listener_uid(any));
+            if let Some(owner) = owner.filter(|&u| u != me && u != 0) {
+                return Err(NcError::NotOurs(addr, owner));
+            }
+        }
+    }
+    Ok(Some(socks))
+}
+
+/// The owner of the TCP socket listening on `addr` (from /proc/net/tcp or tcp6), if found.
+fn listener_uid(addr: SocketAddr) -> Option<u32> {
+    let (file, want) = match addr {
+        SocketAddr::V4(a) => (
+            "/proc/net/tcp",
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_ne_bytes(a.ip().octets()),
+                a.port()
+            ),
+        ),
+        SocketAddr::V6(a) => {
+            let words: String = a
+                .ip()
+                .octets()
+                .chunks(4)
+                .map(|c| format!("{:08X}", u32::from_ne_bytes([c[0], c[1], c[2], c[3]])))
+                .collect();
+            ("/proc/net/tcp6", format!("{words}:{:04X}", a.port()))
+        }
+    };
+    let table = std::fs::read_to_string(file).ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // local address, state 0A (LISTEN), uid.
+        (f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"0A"))
+            .then(|| f.get(7)?.parse().ok())
+            .flatten()
+    })
+}
+
+async fn find_socks(status: SocketAddr) -> Option<SocketAddr> {
     let (snap, _) = tokio::time::timeout(STATUS_WAIT, crate::status::client::snapshot(status))
         .await
         .ok()?
@@ -78,8 +144,12 @@ pub async fn connect(
     let proxy = |e| NcError::Proxy(socks, e);
     let mut s = TcpStream::connect(socks).await.map_err(proxy)?;
     let _ = s.set_nodelay(true);
-    let method = if auth.is_some() { 2 } else { 0 };
-    s.write_all(&[5, 1, method]).await.map_err(proxy)?;
+    // With credentials, both "none" and user/password are offered: the proxy picks.
+    if auth.is_some() {
+        s.write_all(&[5, 2, 0, 2]).await.map_err(proxy)?;
+    } else {
+        s.write_all(&[5, 1, 0]).await.map_err(proxy)?;
+    }
     let mut choice = [0u8; 2];
     s.read_exact(&mut choice).await.map_err(proxy)?;
     match choice {
@@ -221,6 +291,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_owner_of_a_listening_socket_is_read_from_proc() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        for bind in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(l) = std::net::TcpListener::bind(bind) else {
+                continue; // no IPv6 here
+            };
+            assert_eq!(listener_uid(l.local_addr().unwrap()), Some(me), "{bind}");
+        }
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = gone.local_addr().unwrap();
+        drop(gone);
+        assert_eq!(listener_uid(addr), None);
+    }
 
     #[test]
     fn requests_send_names_for_the_proxy_to_resolve() {

@@ -155,6 +155,7 @@ impl UdpSocket {
     /// to the pool.
     pub fn try_recv_into(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         let mut st = self.shared.lock();
+        let was_full = st.rx.len() >= UDP_QUEUE;
         let Some((from, data)) = st.rx.pop_front() else {
             return Err(if st.closed {
                 io::ErrorKind::NotConnected.into()
@@ -163,6 +164,11 @@ impl UdpSocket {
             });
         };
         drop(st);
+        if was_full {
+            // The pump stopped draining smoltcp while the queue was full: room again, so the
+            // stack moves what waits there (nothing else may wake it on a quiet link).
+            self.shared.task.notify_one();
+        }
         let n = data.len().min(buf.len());
         buf[..n].copy_from_slice(&data[..n]);
         self.shared.pool.put(data);

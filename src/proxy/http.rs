@@ -88,7 +88,7 @@ pub(crate) fn client_handler<S: super::ClientStream>(
                     metrics: metrics.clone(),
                 };
                 let started = tokio::time::Instant::now();
-                let asked = req.uri().to_string();
+                let asked = uri_for_log(req.uri());
                 let tunnelled = req.method() == Method::CONNECT;
                 let mut resp = handle(
                     req,
@@ -102,8 +102,10 @@ pub(crate) fn client_handler<S: super::ClientStream>(
                 .await;
                 metrics.count(resp.status().as_str());
                 let reached = resp.extensions_mut().remove::<Reached>();
-                // An open tunnel is logged when it ends, with its bytes.
-                if !(tunnelled && resp.status() == StatusCode::OK) {
+                // An open tunnel or upgrade is logged when it ends, with its bytes.
+                let opened = (tunnelled && resp.status() == StatusCode::OK)
+                    || resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                if !opened {
                     super::access::Entry {
                         listener: &metrics,
                         client: from,
@@ -170,6 +172,25 @@ pub(crate) fn client_handler<S: super::ClientStream>(
     }
 }
 
+/// A request's target for the access log: without any `user:pass@` an absolute-form URI may
+/// carry (credentials never reach a log).
+fn uri_for_log(uri: &Uri) -> String {
+    match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme), Some(authority)) => {
+            let host = authority.as_str().rsplit('@').next().unwrap_or_default();
+            let path = uri.path_and_query().map_or("", |p| p.as_str());
+            format!("{scheme}://{host}{path}")
+        }
+        (None, Some(authority)) => authority
+            .as_str()
+            .rsplit('@')
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+        _ => uri.to_string(),
+    }
+}
+
 /// Where a forwarded request went, for the access log (a response extension, taken off before
 /// the response leaves).
 #[derive(Clone, Copy)]
@@ -225,7 +246,7 @@ async fn handle(
     if req.method() == Method::CONNECT {
         connect(req, from, dialer, tunnel).await
     } else {
-        forward(req, from, dialer, origin_form_by_host, upstreams).await
+        forward(req, from, dialer, origin_form_by_host, upstreams, tunnel).await
     }
 }
 
@@ -303,6 +324,7 @@ async fn forward(
     dialer: Dialer,
     origin_form_by_host: bool,
     upstreams: &Upstreams,
+    tunnel: Tunnel,
 ) -> Response<Body> {
     let mut req = req;
     if origin_form_by_host && req.uri().scheme().is_none() {
@@ -426,7 +448,14 @@ async fn forward(
             match (switching, client_upgrade) {
                 (true, Some(client_side)) => {
                     let origin_side = hyper::upgrade::on(&mut resp);
-                    tokio::spawn(join_upgraded(client_side, origin_side, from));
+                    tokio::spawn(join_upgraded(
+                        client_side,
+                        origin_side,
+                        from,
+                        target.clone(),
+                        reached,
+                        tunnel,
+                    ));
                 }
                 (false, None) => upstreams.keep(target.clone(), sender, reached),
                 _ => {}
@@ -473,20 +502,56 @@ fn upgrade_asked(headers: &HeaderMap) -> Option<HeaderValue> {
         .flatten()
 }
 
-/// After a 101: the client's and the origin's connections joined until either closes.
+/// After a 101: the client's and the origin's connections joined until either closes, as a
+/// CONNECT tunnel is (the client keeps its place in the connection limits, the listener's
+/// stop ends it, the idle timeout applies, the access log gets its bytes).
 async fn join_upgraded(
     client: hyper::upgrade::OnUpgrade,
     origin: hyper::upgrade::OnUpgrade,
     from: SocketAddr,
+    target: Target,
+    reached: Reached,
+    tunnel: Tunnel,
 ) {
-    match tokio::try_join!(client, origin) {
-        Ok((client, origin)) => {
-            let mut client = TokioIo::new(client);
-            let mut origin = TokioIo::new(origin);
-            relay::bidirectional(&mut client, &mut origin, None).await;
+    let _hold = tunnel.hold;
+    let started = tokio::time::Instant::now();
+    let mut relayed = None;
+    let relay = async {
+        match tokio::try_join!(client, origin) {
+            Ok((client, origin)) => {
+                let mut client = TokioIo::new(client);
+                let mut origin = TokioIo::new(origin);
+                relayed = Some(
+                    relay::client(
+                        &mut client,
+                        &mut origin,
+                        tunnel.idle,
+                        &tunnel.metrics,
+                        from,
+                        &target,
+                    )
+                    .await,
+                );
+            }
+            Err(e) => debug!(%from, "http: upgrade failed: {e}"),
         }
-        Err(e) => debug!(%from, "http: upgrade failed: {e}"),
+    };
+    tokio::select! {
+        _ = tunnel.cancel.cancelled() => {}
+        _ = relay => {}
     }
+    super::access::Entry {
+        listener: &tunnel.metrics,
+        client: from,
+        target: &target,
+        resolved: reached.resolved,
+        path: reached.path,
+        up: relayed.map_or(0, |r| r.up),
+        down: relayed.map_or(0, |r| r.down),
+        started,
+        result: "101",
+    }
+    .log();
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
@@ -676,6 +741,16 @@ fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logged_targets_carry_no_credentials() {
+        let uri: Uri = "http://bob:secret@web.mesh:8080/a?b=1".parse().unwrap();
+        assert_eq!(uri_for_log(&uri), "http://web.mesh:8080/a?b=1");
+        let connect: Uri = "web.mesh:443".parse().unwrap();
+        assert_eq!(uri_for_log(&connect), "web.mesh:443");
+        let origin: Uri = "/path".parse().unwrap();
+        assert_eq!(uri_for_log(&origin), "/path");
+    }
     use std::time::Duration;
 
     #[test]

@@ -264,6 +264,9 @@ async fn associate<S: ClientStream>(
     idle: Duration,
 ) -> Outcome {
     const ASKED: &str = "UDP ASSOCIATE";
+    // An IPv4 client of a dual-stack listener reached us at ::ffff:a.b.c.d: the relay (and
+    // the address the reply announces) is the plain IPv4 one.
+    let local = SocketAddr::new(local.ip().to_canonical(), local.port());
     let relay = match tokio::net::UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
         Ok(s) => s,
         Err(e) => {

@@ -4,9 +4,9 @@
 //!
 //! Binding is careful with what is already at the path: a socket nobody listens on (left by a
 //! crash) is replaced; a live one means another proxy owns it (an error, never stolen); any
-//! other file is refused (never deleted). The socket is made under a random name beside the
-//! path, given its mode, then renamed into place, so it is never reachable with the process
-//! umask's looser mode. It is removed when the listener stops, if it is still ours.
+//! other file is refused (never deleted). The socket is made in a private (0700) directory
+//! beside the path, given its mode, then renamed into place, so it is never reachable with the
+//! process umask's looser mode. It is removed when the listener stops, if it is still ours.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -91,18 +91,29 @@ impl UnixSocketListener {
         let name = path
             .file_name()
             .ok_or_else(|| io_err(io::Error::other("not a file name")))?;
-        let temp = dir.join(format!(
-            ".{}.{:016x}",
+        // Bound (and listening) inside a directory only we can enter, given its mode there,
+        // then moved into place: no one can connect while it has the umask's mode.
+        let private = dir.join(format!(
+            ".{}.{:016x}.d",
             name.to_string_lossy(),
             rand::random::<u64>()
         ));
-        let listener = UnixListener::bind(&temp).map_err(io_err)?;
-        let placed = std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))
-            .and_then(|()| std::fs::rename(&temp, path));
-        if let Err(e) = placed {
-            let _ = std::fs::remove_file(&temp);
-            return Err(io_err(e));
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&private)
+                .map_err(io_err)?;
         }
+        let temp = private.join("socket");
+        let made = UnixListener::bind(&temp).and_then(|listener| {
+            std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))?;
+            std::fs::rename(&temp, path)?;
+            Ok(listener)
+        });
+        let _ = std::fs::remove_file(&temp);
+        let _ = std::fs::remove_dir(&private);
+        let listener = made.map_err(io_err)?;
         let meta = std::fs::symlink_metadata(path).map_err(io_err)?;
         Ok(Self {
             listener,

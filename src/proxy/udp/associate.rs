@@ -3,8 +3,9 @@
 //!
 //! The relay socket is bound on the address the client reached us at (loopback for a local
 //! client), never wider. Datagrams count only from the control connection's client IP, and from
-//! the port it announced when it announced one (the RFC's rule, and what keeps another local
-//! user from borrowing the association); replies go to where the client last sent from. A
+//! the port it announced, or, announcing none (port 0, as most clients do), the port of its
+//! first datagram: so another local user can neither borrow the association nor take its
+//! replies. A
 //! fragment (FRAG ≠ 0) is dropped and counted, as most servers do: reassembly would buffer
 //! without bound for a feature no client uses. The association ends with its control
 //! connection, after `idle` without a datagram either way, or when the listener stops.
@@ -64,7 +65,7 @@ pub(crate) struct Associated {
 pub(crate) async fn run<C: AsyncRead + Unpin>(
     mut control: C,
     relay: UdpSocket,
-    expected: Expected,
+    mut expected: Expected,
     mut targets: Targets,
     counters: Arc<UdpCounters>,
     idle: Duration,
@@ -95,6 +96,12 @@ pub(crate) async fn run<C: AsyncRead + Unpin>(
                     counters.drop_one("foreign_source");
                     continue;
                 }
+                // Most clients announce port 0: the first datagram's port is the client's from
+                // then on, so another process of that IP (another user on a shared host) can
+                // neither use the association nor take its replies.
+                if expected.port == 0 {
+                    expected.port = src.port();
+                }
                 if n > MAX_REPLY_HEADER + MAX_DATAGRAM {
                     counters.drop_one("too_big");
                     continue;
@@ -111,10 +118,8 @@ pub(crate) async fn run<C: AsyncRead + Unpin>(
             ) => {
                 let (n, from) = match r {
                     Ok(r) => r,
-                    Err(e) => {
-                        debug!("udp: receive: {e}");
-                        continue;
-                    }
+                    // The netstack is gone (or a host socket failed): nothing more can come.
+                    Err(e) => return done(End::Error(e.to_string()), up, down),
                 };
                 if n > MAX_DATAGRAM {
                     counters.drop_one("too_big");

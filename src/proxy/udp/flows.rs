@@ -31,8 +31,12 @@ const FLOW_QUEUE: usize = 64;
 
 /// The flows of one UDP listener, by client address.
 struct Flows {
-    map: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
-    tasks: JoinSet<SocketAddr>,
+    /// Each client's flow: its number (a flow that ended is told from its successor) and queue.
+    map: HashMap<SocketAddr, (u64, mpsc::Sender<Vec<u8>>)>,
+    tasks: JoinSet<()>,
+    /// Each task's client and flow number, so even a flow that panicked is forgotten.
+    owners: HashMap<tokio::task::Id, (SocketAddr, u64)>,
+    next_id: u64,
     max: usize,
     pool: Arc<PacketPool>,
     counters: Arc<UdpCounters>,
@@ -43,6 +47,8 @@ impl Flows {
         Self {
             map: HashMap::new(),
             tasks: JoinSet::new(),
+            owners: HashMap::new(),
+            next_id: 0,
             max,
             pool: Arc::new(PacketPool::new(MAX_DATAGRAM, FLOW_QUEUE)),
             counters,
@@ -55,21 +61,25 @@ impl Flows {
         F: FnOnce(mpsc::Receiver<Vec<u8>>, Arc<PacketPool>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        // A flow that ended (idle) but is not reaped yet: this datagram starts its successor.
+        if self.map.get(&from).is_some_and(|(_, tx)| tx.is_closed()) {
+            self.map.remove(&from);
+        }
         let tx = match self.map.get(&from) {
-            Some(tx) => tx,
+            Some((_, tx)) => tx,
             None => {
                 if self.map.len() >= self.max {
                     self.counters.drop_one("flow_limit");
                     return;
                 }
                 let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+                let id = self.next_id;
+                self.next_id += 1;
                 debug!(client = %from, "udp: new flow");
                 let flow = start(rx, self.pool.clone());
-                self.tasks.spawn(async move {
-                    flow.await;
-                    from
-                });
-                self.map.entry(from).or_insert(tx)
+                let task = self.tasks.spawn(flow);
+                self.owners.insert(task.id(), (from, id));
+                &self.map.entry(from).or_insert((id, tx)).1
             }
         };
         let mut buf = self.pool.get();
@@ -85,16 +95,27 @@ impl Flows {
 
     /// Wait for a flow to end and forget it (pending while there are none).
     async fn reap(&mut self) {
-        match self.tasks.join_next().await {
-            Some(Ok(from)) => {
-                debug!(client = %from, "udp: flow ended");
-                self.map.remove(&from);
-                if self.map.is_empty() {
-                    give_back_freed_memory();
-                }
+        let task = match self.tasks.join_next_with_id().await {
+            Some(Ok((task, ()))) => task,
+            Some(Err(e)) => {
+                warn!("udp flow task: {e}");
+                e.id()
             }
-            Some(Err(e)) => warn!("udp flow task: {e}"),
-            None => std::future::pending().await,
+            None => return std::future::pending().await,
+        };
+        let Some((from, id)) = self.owners.remove(&task) else {
+            return;
+        };
+        debug!(client = %from, "udp: flow ended");
+        if self
+            .map
+            .get(&from)
+            .is_some_and(|(current, _)| *current == id)
+        {
+            self.map.remove(&from);
+        }
+        if self.map.is_empty() {
+            give_back_freed_memory();
         }
     }
 }
@@ -216,7 +237,8 @@ async fn forward_flow(
                 deadline = Instant::now() + ctx.idle;
             }
             r = recv_any(targets.mesh.as_ref(), targets.host4.as_ref(), targets.host6.as_ref(), &mut reply) => {
-                let Ok((n, from)) = r else { continue };
+                // The netstack is gone (or a host socket failed): the flow ends.
+                let Ok((n, from)) = r else { return log(up, down) };
                 let from = SocketAddr::new(from.ip().to_canonical(), from.port());
                 if n > MAX_DATAGRAM {
                     ctx.counters.drop_one("too_big");

@@ -30,7 +30,8 @@ pub(crate) struct Targets {
     pub host4: Option<tokio::net::UdpSocket>,
     pub host6: Option<tokio::net::UdpSocket>,
     contacted: HashMap<SocketAddr, Instant>,
-    names: HashMap<(String, u16), SocketAddr>,
+    /// Resolved names (looked up by `&str`: no allocation per datagram).
+    names: HashMap<String, IpAddr>,
     /// The mesh socket's receive drops already counted.
     mesh_drops: u64,
 }
@@ -51,8 +52,8 @@ impl Targets {
 
     /// The address of `name`, resolved as a CONNECT to it would be (first answer, once).
     pub async fn resolve(&mut self, name: &str, port: u16) -> Option<SocketAddr> {
-        if let Some(a) = self.names.get(&(name.to_string(), port)) {
-            return Some(*a);
+        if let Some(ip) = self.names.get(name) {
+            return Some(SocketAddr::new(*ip, port));
         }
         let ip = match self.dialer.resolve(name).await {
             Ok(ips) => ips.into_iter().next()?,
@@ -64,9 +65,8 @@ impl Targets {
         if self.names.len() >= MAX_NAMES {
             self.names.clear();
         }
-        let addr = SocketAddr::new(ip, port);
-        self.names.insert((name.to_string(), port), addr);
-        Some(addr)
+        self.names.insert(name.to_string(), ip);
+        Some(SocketAddr::new(ip, port))
     }
 
     /// Send `payload` to `to` from the right socket. A datagram that cannot go is counted as
