@@ -268,51 +268,25 @@ async fn connect(
         );
     };
     let started = tokio::time::Instant::now();
-    let mut upstream = match dialer.dial(&target).await {
+    let upstream = match dialer.dial(&target).await {
         Ok(s) => s,
         Err(e) => return dial_failure(&e, from, &target),
     };
     let (resolved, path) = dialer.path_of(&upstream);
     debug!(%from, %target, "http: CONNECT established");
-    tokio::spawn(async move {
-        let _hold = tunnel.hold;
-        let mut relayed = None;
-        let relay = async {
-            match hyper::upgrade::on(req).await {
-                Ok(upgraded) => {
-                    let io = &mut TokioIo::new(upgraded);
-                    relayed = Some(
-                        relay::client(
-                            io,
-                            &mut upstream,
-                            tunnel.idle,
-                            &tunnel.metrics,
-                            from,
-                            &target,
-                        )
-                        .await,
-                    );
-                }
-                Err(e) => debug!(%from, "http: upgrade failed: {e}"),
+    let reached = Reached { resolved, path };
+    let sides = async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => Some((TokioIo::new(upgraded), upstream)),
+            Err(e) => {
+                debug!(%from, "http: upgrade failed: {e}");
+                None
             }
-        };
-        tokio::select! {
-            _ = tunnel.cancel.cancelled() => {}
-            _ = relay => {}
         }
-        super::access::Entry {
-            listener: &tunnel.metrics,
-            client: from,
-            target: &target,
-            resolved,
-            path,
-            up: relayed.map_or(0, |r| r.up),
-            down: relayed.map_or(0, |r| r.down),
-            started,
-            result: "200",
-        }
-        .log();
-    });
+    };
+    tokio::spawn(run_tunnel(
+        sides, from, target, reached, tunnel, started, "200",
+    ));
     Response::new(empty())
 }
 
@@ -448,13 +422,26 @@ async fn forward(
             match (switching, client_upgrade) {
                 (true, Some(client_side)) => {
                     let origin_side = hyper::upgrade::on(&mut resp);
-                    tokio::spawn(join_upgraded(
-                        client_side,
-                        origin_side,
+                    let sides = async move {
+                        match tokio::try_join!(client_side, origin_side) {
+                            Ok((client, origin)) => {
+                                Some((TokioIo::new(client), TokioIo::new(origin)))
+                            }
+                            Err(e) => {
+                                debug!(%from, "http: upgrade failed: {e}");
+                                None
+                            }
+                        }
+                    };
+                    let started = tokio::time::Instant::now();
+                    tokio::spawn(run_tunnel(
+                        sides,
                         from,
                         target.clone(),
                         reached,
                         tunnel,
+                        started,
+                        "101",
                     ));
                 }
                 (false, None) => upstreams.keep(target.clone(), sender, reached),
@@ -502,38 +489,36 @@ fn upgrade_asked(headers: &HeaderMap) -> Option<HeaderValue> {
         .flatten()
 }
 
-/// After a 101: the client's and the origin's connections joined until either closes, as a
-/// CONNECT tunnel is (the client keeps its place in the connection limits, the listener's
-/// stop ends it, the idle timeout applies, the access log gets its bytes).
-async fn join_upgraded(
-    client: hyper::upgrade::OnUpgrade,
-    origin: hyper::upgrade::OnUpgrade,
+/// A tunnel (after CONNECT's 200, or an upgrade's 101) once both `sides` are there: relayed
+/// like any client connection (it holds its connection slot, ends with the listener, has the
+/// idle timeout) and logged once, with its bytes, when it ends.
+async fn run_tunnel<A, B>(
+    sides: impl std::future::Future<Output = Option<(A, B)>>,
     from: SocketAddr,
     target: Target,
     reached: Reached,
     tunnel: Tunnel,
-) {
+    started: tokio::time::Instant,
+    result: &'static str,
+) where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let _hold = tunnel.hold;
-    let started = tokio::time::Instant::now();
     let mut relayed = None;
     let relay = async {
-        match tokio::try_join!(client, origin) {
-            Ok((client, origin)) => {
-                let mut client = TokioIo::new(client);
-                let mut origin = TokioIo::new(origin);
-                relayed = Some(
-                    relay::client(
-                        &mut client,
-                        &mut origin,
-                        tunnel.idle,
-                        &tunnel.metrics,
-                        from,
-                        &target,
-                    )
-                    .await,
-                );
-            }
-            Err(e) => debug!(%from, "http: upgrade failed: {e}"),
+        if let Some((mut client, mut upstream)) = sides.await {
+            relayed = Some(
+                relay::client(
+                    &mut client,
+                    &mut upstream,
+                    tunnel.idle,
+                    &tunnel.metrics,
+                    from,
+                    &target,
+                )
+                .await,
+            );
         }
     };
     tokio::select! {
@@ -549,7 +534,7 @@ async fn join_upgraded(
         up: relayed.map_or(0, |r| r.up),
         down: relayed.map_or(0, |r| r.down),
         started,
-        result: "101",
+        result,
     }
     .log();
 }
