@@ -38,11 +38,26 @@ fn peers_reach_each_other_by_name_and_ip_through_socks_and_http() {
         "charlie",
         &["--expose", &format!("8080={}", web_c.port)],
     );
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let unix_socks = state_dir.join("alpha-socks.sock");
+    let unix_http = state_dir.join("alpha-http.sock");
     let a = join(
         &mesh,
         &state_dir,
         "alpha",
-        &["--socks", "0", "--http", "0", "--no-direct"],
+        &[
+            "--socks",
+            "0",
+            "--http",
+            "0",
+            "--no-direct",
+            // Issue 18 on the mesh path: Unix sockets and the access log.
+            "--socks",
+            &format!("unix:{}", unix_socks.display()),
+            "--http",
+            &format!("unix:{}", unix_http.display()),
+            "--access-log",
+        ],
     );
     let socks = a.socks.unwrap().to_string();
     let http = format!("http://{}", a.http.unwrap());
@@ -131,6 +146,65 @@ fn peers_reach_each_other_by_name_and_ip_through_socks_and_http() {
         (code, String::from_utf8(body).unwrap()),
         (0, expect),
         "{err}"
+    );
+
+    // Issue 18 on the mesh path: both Unix sockets reach bravo by name; the access log says
+    // which path each connection took; two absolute-form requests on one client connection
+    // reach the origin over one upstream connection.
+    let url = "http://bravo.mesh.test/index.html";
+    let socks_url = format!("socks5h://localhost{}", unix_socks.display());
+    for args in [
+        vec!["-x", socks_url.as_str(), url],
+        vec!["--unix-socket", unix_http.to_str().unwrap(), url],
+    ] {
+        let (code, body, err) = curl(&args);
+        assert_eq!(
+            (code, body.as_slice()),
+            (0, &b"hello from bravo\n"[..]),
+            "{err}"
+        );
+    }
+    // bravo's server answers /whoami with the connection's source: the same twice means one
+    // upstream connection through the mesh carried both requests.
+    let who = "http://bravo.mesh.test/whoami";
+    let (code, body, err) = curl(&["-x", &http, who, who]);
+    assert_eq!(code, 0, "{err}");
+    let seen = String::from_utf8_lossy(&body).to_string();
+    let lines: Vec<&str> = seen.lines().collect();
+    assert!(
+        lines.len() == 2 && lines[0] == lines[1],
+        "two requests, not one upstream connection: {seen}"
+    );
+    let access: Vec<String> = a
+        .log()
+        .lines()
+        .map(strip_colours)
+        .filter(|l| l.contains("netbird_proxy::access") && l.contains("bravo.mesh.test"))
+        .collect();
+    for (kind, listener) in [
+        ("socks5", "unix:"),
+        ("http", "unix:"),
+        ("socks5", "127.0.0.1:"),
+        ("http", "127.0.0.1:"),
+    ] {
+        assert!(
+            access
+                .iter()
+                .any(|l| l.contains(&format!("kind=\"{kind}\""))
+                    && l.contains(&format!("listener={listener}"))),
+            "no {kind} line from {listener}: {access:#?}"
+        );
+    }
+    // Every connection that was made says which mesh path it took.
+    let made: Vec<&String> = access
+        .iter()
+        .filter(|l| l.contains("result=\"0x00\"") || l.contains("result=\"200\""))
+        .collect();
+    assert!(made.len() >= 5, "{access:#?}");
+    assert!(
+        made.iter()
+            .all(|l| l.contains("path=\"relayed\"") || l.contains("path=\"direct\"")),
+        "{access:#?}"
     );
 
     // C stops: A's next requests to it fail cleanly, fast (bounded at 12 s: the 10 s default
@@ -280,4 +354,22 @@ fn refused_login_exits_2_and_unreachable_management_retries_until_ctrl_c() {
         start.elapsed()
     );
     let _ = std::fs::remove_dir_all(&state_dir);
+}
+
+/// A log line without its terminal colour codes (ESC [ ... m).
+fn strip_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -88,7 +88,18 @@ pub(crate) fn client_handler<S: super::ClientStream>(
                     metrics: metrics.clone(),
                 };
                 let started = tokio::time::Instant::now();
-                let asked = uri_for_log(req.uri());
+                let asked = match req.uri().authority() {
+                    Some(_) => uri_for_log(req.uri()),
+                    // Origin-form (a Unix-socket client): where its Host sends it.
+                    None => format!(
+                        "http://{}{}",
+                        req.headers()
+                            .get(header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .unwrap_or("-"),
+                        req.uri()
+                    ),
+                };
                 let tunnelled = req.method() == Method::CONNECT;
                 let mut resp = handle(
                     req,

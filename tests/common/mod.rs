@@ -618,8 +618,9 @@ impl Proxy {
             };
             let addr = addr.split("->").next().unwrap();
             match kind {
-                "socks5" => proxy.socks = addr.parse().ok(),
-                "http" => proxy.http = addr.parse().ok(),
+                // The first TCP listener of each kind (a `unix:PATH` one does not parse).
+                "socks5" => proxy.socks = proxy.socks.or(addr.parse().ok()),
+                "http" => proxy.http = proxy.http.or(addr.parse().ok()),
                 "forward" => proxy.forwards.push(addr.parse().unwrap()),
                 "mesh" => proxy.mesh_ip = addr.split('/').next().and_then(|a| a.parse().ok()),
                 _ => {}
