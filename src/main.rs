@@ -129,8 +129,14 @@ async fn run(cli: Cli) -> ExitCode {
         })
         .await;
     }
-    if let Some(Command::Demo { socks, http, .. }) = cli.command {
-        return run_demo(socks, http).await;
+    if let Some(Command::Demo {
+        socks,
+        http,
+        status_addr,
+        ..
+    }) = cli.command
+    {
+        return run_demo(socks, http, status_addr).await;
     }
     if let Some(Command::Status {
         client,
@@ -422,7 +428,11 @@ async fn run_dev_mesh(config: DevMeshConfig) -> ExitCode {
 }
 
 /// Dev mesh + a `web` peer exposing a page + the proxy peer, all in this process.
-async fn run_demo(socks: std::net::SocketAddr, http: std::net::SocketAddr) -> ExitCode {
+async fn run_demo(
+    socks: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+    status_addr: std::net::SocketAddr,
+) -> ExitCode {
     let setup_key = random_setup_key();
     let mesh = match DevMesh::start(DevMeshConfig::local(&setup_key, "netbird.test")).await {
         Ok(m) => m,
@@ -464,6 +474,23 @@ async fn run_demo(socks: std::net::SocketAddr, http: std::net::SocketAddr) -> Ex
         Arc::new(|_| {}),
     )
     .await;
+    // The proxy peer's status endpoint, so `netbird-proxy status` and `wait` work beside the
+    // demo as beside any run; a taken port only costs the endpoint.
+    let cancel = CancellationToken::new();
+    let hub = StatusHub::new(Mode::Netbird, 1);
+    let status = match tokio::net::TcpListener::bind(status_addr).await {
+        Ok(l) => {
+            tokio::spawn(status::server::serve(l, hub.clone(), cancel.clone()));
+            Some(hub)
+        }
+        Err(e) => {
+            eprintln!(
+                "netbird-proxy demo: no status endpoint ({status_addr}: {e}); \
+                 `netbird-proxy status` will not find this demo"
+            );
+            None
+        }
+    };
     let proxy = Supervisor::new();
     proxy
         .spawn(
@@ -474,6 +501,7 @@ async fn run_demo(socks: std::net::SocketAddr, http: std::net::SocketAddr) -> Ex
                     http: vec![netbird_proxy::cli::ListenAddr::Tcp(http)],
                     allow_direct: true,
                     connect_timeout: Duration::from_secs(10),
+                    status,
                     ..Default::default()
                 },
             ),
@@ -495,7 +523,6 @@ async fn run_demo(socks: std::net::SocketAddr, http: std::net::SocketAddr) -> Ex
             }),
         )
         .await;
-    let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone());
     let code = tokio::select! {
         _ = cancel.cancelled() => ExitCode::SUCCESS,

@@ -258,11 +258,21 @@ fn peers_reach_each_other_by_name_and_ip_through_socks_and_http() {
     let _ = std::fs::remove_dir_all(&state_dir);
 }
 
-/// The README's run command: `netbird-proxy demo` prints curl commands that work as printed.
+/// The README's run command: `netbird-proxy demo` prints curl commands that work as printed,
+/// and `netbird-proxy status` finds it (issue 19: the demo served no status endpoint).
 #[test]
 fn demo_prints_curl_commands_that_work() {
+    let status = free_port_block(1).to_string();
     let mut child = Command::new(binary())
-        .args(["demo", "--socks", "0", "--http", "0"])
+        .args([
+            "demo",
+            "--socks",
+            "0",
+            "--http",
+            "0",
+            "--status-addr",
+            &status,
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -277,6 +287,16 @@ fn demo_prints_curl_commands_that_work() {
         assert_eq!(code, 0, "{cmd}: {err}");
         assert!(String::from_utf8_lossy(&body).contains("Hello from the NetBird mesh"));
     }
+    let out = Command::new(binary())
+        .args(["status", "--status-addr", &status])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains("web.netbird.test"),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();

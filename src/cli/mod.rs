@@ -411,6 +411,10 @@ pub enum Command {
         /// HTTP proxy listener of the proxy peer.
         #[arg(long, value_name = "[ADDR:]PORT", default_value = "3128", value_parser = parse_listen)]
         http: SocketAddr,
+        /// The proxy peer's status endpoint, where `status` and `wait` look by default (when
+        /// the port is taken, the demo runs without one and says so).
+        #[arg(long, value_name = "[ADDR:]PORT", default_value = "9099", value_parser = parse_listen)]
+        status_addr: SocketAddr,
         /// Log level or tracing filter.
         #[arg(
             long,
