@@ -254,6 +254,21 @@ fn peers_reach_each_other_by_name_and_ip_through_socks_and_http() {
         (0, &b"hello from charlie\n"[..]),
         "{err}"
     );
+    // A clean stop is quiet: the relay connection closing with it is not reported as lost
+    // (issue 19: users read that warning as a fault).
+    let mut a = a;
+    let _ = Command::new("kill")
+        .args(["-TERM", &a.pid().to_string()])
+        .status();
+    let exited = a.wait_exit(Duration::from_secs(5));
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    let log = a.log();
+    let stopping = log.find("stopping").expect("the stop is logged");
+    assert!(
+        !log[stopping..].contains("WARN"),
+        "a clean stop logged a warning:\n{}",
+        &log[stopping..]
+    );
     drop(b);
     let _ = std::fs::remove_dir_all(&state_dir);
 }

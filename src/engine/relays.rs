@@ -235,11 +235,19 @@ async fn guard_home(
                 // Why the connection is given up, and whether that was a loss (back off).
                 let (reason, lost) = loop {
                     tokio::select! {
+                        biased;
                         _ = cancel.cancelled() => {
                             client.close();
                             return;
                         }
-                        _ = client.closed() => break ("relay connection lost; reconnecting", true),
+                        // On shutdown the client's own tasks end with the same cancellation and
+                        // may report first: a stop is not a lost connection, and says nothing.
+                        _ = client.closed() => {
+                            if cancel.is_cancelled() {
+                                return;
+                            }
+                            break ("relay connection lost; reconnecting", true)
+                        }
                         r = settings.changed() => {
                             if r.is_err() {
                                 client.close();
