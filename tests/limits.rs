@@ -131,18 +131,32 @@ fn slowloris_and_a_flood_do_not_lock_out_a_well_behaved_client() {
     // The well-behaved client, through both listeners, all the while.
     let start = Instant::now();
     let mut rounds = 0;
+    // A failure says how long the request took (an eviction is quick, a handshake timeout
+    // takes --handshake-timeout) and what the listeners counted.
+    let requests = |m: &str| -> String {
+        m.lines()
+            .filter(|l| l.starts_with("netbird_proxy_proxy_requests_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     while start.elapsed() < Duration::from_secs(8) {
+        let asked = Instant::now();
         let (code, body, err) = curl(&["--max-time", "10", "--socks5-hostname", &socks_url, url]);
         assert_eq!(
             (code, body.as_slice()),
             (0, PAGE),
-            "SOCKS5 round {rounds}: {err}"
+            "SOCKS5 round {rounds}, after {:.2?}: {err}\n{}",
+            asked.elapsed(),
+            requests(&metrics(status_port))
         );
+        let asked = Instant::now();
         let (code, body, err) = curl(&["--max-time", "10", "-x", &http_url, url]);
         assert_eq!(
             (code, body.as_slice()),
             (0, PAGE),
-            "HTTP round {rounds}: {err}"
+            "HTTP round {rounds}, after {:.2?}: {err}\n{}",
+            asked.elapsed(),
+            requests(&metrics(status_port))
         );
         rounds += 1;
     }
