@@ -5,19 +5,58 @@
 //! `netstack` (smoltcp, one task owning the interface) → `proxy` (dialler, listeners).
 //! `engine` builds and runs them as one unit with one cancellation tree.
 
-pub mod cli;
-pub mod control;
+/// Modules that are the crate's own: private to it, or — with the `internals` feature, which
+/// only this crate's tests, benches and fuzzers turn on — public without any promise.
+macro_rules! internal_modules {
+    ($($name:ident;)*) => {$(
+        #[cfg(feature = "internals")]
+        #[doc(hidden)]
+        pub mod $name;
+        #[cfg(not(feature = "internals"))]
+        #[allow(dead_code, unused_imports)]
+        pub(crate) mod $name;
+    )*};
+}
+
 pub mod devmesh;
-pub mod dns;
-pub mod engine;
-pub mod firewall;
-pub mod forward;
-pub mod fuzzing;
-pub mod ice;
-pub mod netstack;
-pub mod packet;
-pub mod proxy;
-pub mod relay;
-pub mod route;
+mod peer;
 pub mod status;
-pub mod wg;
+
+internal_modules! {
+    control;
+    dns;
+    engine;
+    firewall;
+    forward;
+    fuzzing;
+    ice;
+    netstack;
+    packet;
+    proxy;
+    relay;
+    route;
+    wg;
+}
+
+pub use peer::{
+    DEFAULT_MANAGEMENT_URL, Error, MeshListener, MeshStream, MeshUdpSocket, Peer, PeerBuilder,
+    Ready, StatusChanges, WireGuardConfig,
+};
+
+/// The values listeners and forwards are configured with, in the command line's syntax
+/// (`FromStr`), for [`PeerBuilder`].
+pub mod config {
+    pub use crate::netstack::Congestion;
+    pub use crate::proxy::{Credentials, Expose, Forward, ListenAddr};
+}
+
+/// The `tracing` target of the access log: one event per connection, association, flow or
+/// request (kind, listener, client, target, path, bytes, duration, result). Off unless a
+/// subscriber's filter turns it on.
+pub const ACCESS_LOG_TARGET: &str = proxy::access::TARGET;
+
+/// Where the command line keeps the peer's state file unless told:
+/// `$XDG_STATE_HOME/netbird-proxy/state`, else `~/.local/state/netbird-proxy/state`.
+pub fn default_state_path() -> std::path::PathBuf {
+    control::identity::default_state_path()
+}

@@ -17,7 +17,8 @@ use std::time::Duration;
 use netbird_proxy::devmesh::{DevMesh, DevMeshConfig};
 use netbird_proxy::engine::ProxyOptions;
 use netbird_proxy::engine::netbird::{Engine, EngineError, IceOptions, MeshConfig, SetupKey};
-use netbird_proxy::status::{Mode, StatusHub};
+use netbird_proxy::status::Mode;
+use netbird_proxy::status::hub::StatusHub;
 use tokio_util::sync::CancellationToken;
 
 const SETUP_KEY: &str = "D3V0000-0000-4000-8000-00000000000B";
@@ -63,18 +64,17 @@ fn config(url: &str, identity: u8) -> MeshConfig {
         private_key: [identity + 1; 32],
         wg_port: 0,
         proxy: ProxyOptions {
-            socks: vec![netbird_proxy::cli::ListenAddr::Tcp(socks)],
+            socks: vec![netbird_proxy::config::ListenAddr::Tcp(socks)],
             // UDP listeners and their flows belong to the same cancellation tree.
-            forwards: vec![netbird_proxy::cli::Forward {
-                listen: socks,
-                target: netbird_proxy::proxy::dial::Target::Host("anchor.mesh.test".into(), 53),
-                udp: true,
-            }],
-            exposes: vec![netbird_proxy::cli::Expose {
-                mesh_port: 5353,
-                local: "127.0.0.1:53".parse().unwrap(),
-                udp: true,
-            }],
+            forwards: vec![netbird_proxy::config::Forward::udp(
+                socks,
+                "anchor.mesh.test",
+                53,
+            )],
+            exposes: vec![netbird_proxy::config::Expose::udp(
+                5353,
+                "127.0.0.1:53".parse().unwrap(),
+            )],
             connect_timeout: Duration::from_secs(5),
             ..Default::default()
         },

@@ -125,8 +125,8 @@ async fn a_failing_start_leaves_no_task_socket_or_listener() {
             &mesh.management_url,
             wg_port,
             ProxyOptions {
-                http: vec![netbird_proxy::cli::ListenAddr::Tcp(loopback0())],
-                socks: vec![netbird_proxy::cli::ListenAddr::Tcp(
+                http: vec![netbird_proxy::config::ListenAddr::Tcp(loopback0())],
+                socks: vec![netbird_proxy::config::ListenAddr::Tcp(
                     taken.local_addr().unwrap(),
                 )],
                 ..Default::default()
@@ -158,8 +158,8 @@ async fn a_failing_start_leaves_no_task_socket_or_listener() {
             &mesh.management_url,
             wg_port,
             ProxyOptions {
-                http: vec![netbird_proxy::cli::ListenAddr::Tcp(loopback0())],
-                socks: vec![netbird_proxy::cli::ListenAddr::Tcp(loopback0())],
+                http: vec![netbird_proxy::config::ListenAddr::Tcp(loopback0())],
+                socks: vec![netbird_proxy::config::ListenAddr::Tcp(loopback0())],
                 ..Default::default()
             },
         ),

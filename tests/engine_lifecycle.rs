@@ -39,7 +39,7 @@ fn config(url: &str, socks: SocketAddr, wg_port: u16) -> MeshConfig {
         private_key: rand::random(),
         wg_port,
         proxy: ProxyOptions {
-            socks: vec![netbird_proxy::cli::ListenAddr::Tcp(socks)],
+            socks: vec![netbird_proxy::config::ListenAddr::Tcp(socks)],
             allow_direct: true,
             connect_timeout: Duration::from_secs(5),
             ..Default::default()

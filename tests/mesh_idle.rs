@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use netbird_proxy::cli::Expose;
+use netbird_proxy::config::Expose;
 use netbird_proxy::control::envelope::{key_string, public_key_of};
 use netbird_proxy::control::signal::{Body, body};
 use netbird_proxy::control::signal_client::SignalClient;
@@ -155,11 +155,7 @@ async fn an_idle_peer_gets_no_offers_until_traffic_wakes_it() {
         "bravo",
         b_key,
         ProxyOptions {
-            exposes: vec![Expose {
-                mesh_port: 7000,
-                local: echo,
-                udp: false,
-            }],
+            exposes: vec![Expose::tcp(7000, echo)],
             ..Default::default()
         },
     )
@@ -169,7 +165,7 @@ async fn an_idle_peer_gets_no_offers_until_traffic_wakes_it() {
         "alpha",
         a_key,
         ProxyOptions {
-            socks: vec![netbird_proxy::cli::ListenAddr::Tcp(
+            socks: vec![netbird_proxy::config::ListenAddr::Tcp(
                 "127.0.0.1:0".parse().unwrap(),
             )],
             connect_timeout: Duration::from_secs(5),

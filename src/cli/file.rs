@@ -196,21 +196,11 @@ pub fn render(run: &RunArgs) -> String {
     );
     put(
         "forward",
-        Some(list(
-            run.forward
-                .iter()
-                .map(|f| format!("{}:{}", f.listen, f.target))
-                .collect(),
-        )),
+        Some(list(run.forward.iter().map(|f| f.to_string()).collect())),
     );
     put(
         "expose",
-        Some(list(
-            run.expose
-                .iter()
-                .map(|e| format!("{}={}", e.mesh_port, e.local))
-                .collect(),
-        )),
+        Some(list(run.expose.iter().map(|e| e.to_string()).collect())),
     );
     put("mesh_only", Some(Value::Boolean(run.mesh_only)));
     put("force_relay", Some(Value::Boolean(run.force_relay)));

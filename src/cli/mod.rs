@@ -3,20 +3,51 @@
 //! (`--config`, see `file`) can hold the rest: flags win over the environment, which wins over
 //! the file.
 
+pub mod demo;
+pub mod dev_mesh;
+pub mod exec;
 pub mod file;
 pub mod nc;
+pub mod process;
+pub mod run;
+pub mod status;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::devmesh::Services;
-use crate::netstack::Congestion;
-use crate::proxy::Credentials;
-use crate::proxy::dial::Target;
-pub use crate::proxy::unix::ListenAddr;
+pub use netbird_proxy::config::{Congestion, Credentials, Expose, Forward, ListenAddr};
+use netbird_proxy::devmesh::Services;
+
+fn parse_forward(s: &str) -> Result<Forward, String> {
+    s.parse()
+}
+
+fn parse_expose(s: &str) -> Result<Expose, String> {
+    s.parse()
+}
+
+fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
+    s.parse()
+}
+
+/// `--unix-mode`: octal permissions of Unix-socket listeners.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("`{s}` is not an octal mode like 600 or 660"))
+}
+
+/// `[ADDR:]PORT`; a bare port binds loopback, so nothing is exposed by accident.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    match s.parse::<ListenAddr>()? {
+        ListenAddr::Tcp(a) => Ok(a),
+        ListenAddr::Unix(_) => Err(format!("`{s}` is not PORT or ADDR:PORT")),
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -51,7 +82,7 @@ pub struct RunArgs {
     pub setup_key: Option<String>,
 
     /// NetBird management service.
-    #[arg(long, env = "NB_MANAGEMENT_URL", value_name = "URL", default_value = crate::control::management_client::DEFAULT_MANAGEMENT_URL)]
+    #[arg(long, env = "NB_MANAGEMENT_URL", value_name = "URL", default_value = netbird_proxy::DEFAULT_MANAGEMENT_URL)]
     pub management_url: String,
 
     /// Name of this peer in the mesh (default: the host name).
@@ -87,7 +118,7 @@ pub struct RunArgs {
     pub http: Vec<ListenAddr>,
 
     /// Permissions of Unix-socket listeners (octal): who on this machine may use them.
-    #[arg(long, env = "NB_UNIX_MODE", value_name = "MODE", default_value = "600", value_parser = crate::proxy::unix::parse_mode)]
+    #[arg(long, env = "NB_UNIX_MODE", value_name = "MODE", default_value = "600", value_parser = parse_mode)]
     pub unix_mode: u32,
 
     /// SOCKS5 and the HTTP proxy on one port, told apart by each client's first byte (with
@@ -296,10 +327,9 @@ impl RunArgs {
                 ));
             }
         }
-        for f in self.forward.iter().filter(|f| open(&f.listen)) {
+        for f in self.forward.iter().filter(|f| open(&f.listen_addr())) {
             found.push(format!(
-                "--forward {}:{} (forwards have no authentication; bind loopback)",
-                f.listen, f.target
+                "--forward {f} (forwards have no authentication; bind loopback)"
             ));
         }
         if let Some(a) = self.status_addr.filter(open) {
@@ -474,97 +504,6 @@ pub enum Command {
     },
 }
 
-/// One `--forward`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Forward {
-    pub listen: SocketAddr,
-    pub target: Target,
-    /// UDP rather than TCP.
-    pub udp: bool,
-}
-
-/// One `--expose`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Expose {
-    pub mesh_port: u16,
-    pub local: SocketAddr,
-    /// UDP rather than TCP.
-    pub udp: bool,
-}
-
-/// A `/udp` or `/tcp` suffix (as docker's `-p`): the rest, and whether it is UDP.
-fn protocol_suffix(s: &str) -> Result<(&str, bool), String> {
-    match s.rsplit_once('/') {
-        None => Ok((s, false)),
-        Some((rest, "udp")) => Ok((rest, true)),
-        Some((rest, "tcp")) => Ok((rest, false)),
-        Some((_, other)) => Err(format!("`/{other}` is not /tcp or /udp")),
-    }
-}
-
-/// `MESHPORT=[ADDR:]PORT[/udp]`.
-pub fn parse_expose(s: &str) -> Result<Expose, String> {
-    let (s, udp) = protocol_suffix(s)?;
-    let (mesh, local) = s
-        .split_once('=')
-        .ok_or_else(|| format!("`{s}` is not MESHPORT=[ADDR:]PORT"))?;
-    let mesh_port: u16 = mesh
-        .parse()
-        .ok()
-        .filter(|&p| p != 0)
-        .ok_or_else(|| format!("`{mesh}` is not a port"))?;
-    Ok(Expose {
-        mesh_port,
-        local: parse_listen(local)?,
-        udp,
-    })
-}
-
-/// `[ADDR:]PORT` or `unix:PATH`.
-pub fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
-    match s.strip_prefix("unix:") {
-        Some("") => Err("`unix:` needs a path".into()),
-        Some(path) => Ok(ListenAddr::Unix(PathBuf::from(path))),
-        None => parse_listen(s).map(ListenAddr::Tcp),
-    }
-}
-
-/// `[ADDR:]PORT`; a bare port binds loopback, so nothing is exposed by accident.
-pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(port) = s.parse::<u16>() {
-        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
-    }
-    s.parse::<SocketAddr>()
-        .map_err(|_| format!("`{s}` is not PORT or ADDR:PORT (IPv6 as [ADDR]:PORT)"))
-}
-
-/// `[ADDR:]LPORT:HOST:PORT[/udp]`, HOST an IP (IPv6 in brackets) or a name.
-pub fn parse_forward(s: &str) -> Result<Forward, String> {
-    let bad = || format!("`{s}` is not [ADDR:]LPORT:HOST:PORT[/udp]");
-    let (s, udp) = protocol_suffix(s)?;
-    let (rest, port) = s.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    let (listen, host) = if let Some(open) = rest.strip_suffix(']') {
-        let (listen, host) = open.rsplit_once('[').ok_or_else(bad)?;
-        (listen.strip_suffix(':').ok_or_else(bad)?, host)
-    } else {
-        rest.rsplit_once(':').ok_or_else(bad)?
-    };
-    if host.is_empty() || port == 0 {
-        return Err(bad());
-    }
-    let listen = parse_listen(listen)?;
-    let target = match host.parse::<IpAddr>() {
-        Ok(ip) => Target::Addr(SocketAddr::new(ip, port)),
-        Err(_) => Target::Host(host.to_string(), port),
-    };
-    Ok(Forward {
-        listen,
-        target,
-        udp,
-    })
-}
-
 /// `10s`, `500ms`, `2m`, or plain seconds; not zero.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = parse_any_duration(s)?;
@@ -623,51 +562,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn listen_addresses() {
-        assert_eq!(
-            parse_listen("1080").unwrap(),
-            "127.0.0.1:1080".parse().unwrap()
-        );
-        assert_eq!(
-            parse_listen("0.0.0.0:1").unwrap(),
-            "0.0.0.0:1".parse().unwrap()
-        );
-        assert_eq!(parse_listen("[::1]:9").unwrap(), "[::1]:9".parse().unwrap());
-        assert!(parse_listen("localhost:1080").is_err());
-        assert!(parse_listen("70000").is_err());
-    }
-
-    #[test]
-    fn forwards() {
-        let f = parse_forward("8080:100.64.0.2:80").unwrap();
-        assert_eq!(f.listen, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(f.target, Target::Addr("100.64.0.2:80".parse().unwrap()));
-        let f = parse_forward("0.0.0.0:8080:web.mesh:443").unwrap();
-        assert_eq!(f.listen, "0.0.0.0:8080".parse().unwrap());
-        assert_eq!(f.target, Target::Host("web.mesh".into(), 443));
-        let f = parse_forward("[::1]:8080:[fd00::2]:80").unwrap();
-        assert_eq!(f.listen, "[::1]:8080".parse().unwrap());
-        assert_eq!(f.target, Target::Addr("[fd00::2]:80".parse().unwrap()));
-        assert!(!f.udp);
-        let f = parse_forward("5353:dns.mesh:53/udp").unwrap();
-        assert_eq!(f.target, Target::Host("dns.mesh".into(), 53));
-        assert!(f.udp);
-        assert!(!parse_forward("5353:dns.mesh:53/tcp").unwrap().udp);
-        for bad in [
-            "8080:host:53/sctp",
-            "8080:host:53/",
-            "8080",
-            "8080:host",
-            "x:host:80",
-            "8080::80",
-            "8080:host:0",
-            "8080:[fd00::2:80",
-        ] {
-            assert!(parse_forward(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn dev_mesh_subcommand() {
         let cli = Cli::try_parse_from(["netbird-proxy", "dev-mesh", "--listen", "40000"]).unwrap();
         match cli.command {
@@ -680,24 +574,11 @@ mod tests {
     }
 
     #[test]
-    fn exposes() {
-        assert_eq!(
-            parse_expose("80=8080").unwrap(),
-            Expose {
-                mesh_port: 80,
-                local: "127.0.0.1:8080".parse().unwrap(),
-                udp: false,
-            }
-        );
-        let e = parse_expose("554=8554/udp").unwrap();
-        assert_eq!((e.mesh_port, e.local.port(), e.udp), (554, 8554, true));
-        assert_eq!(
-            parse_expose("22=10.1.2.3:2222").unwrap().local,
-            "10.1.2.3:2222".parse().unwrap()
-        );
-        for bad in ["80", "0=1", "x=1", "80=host:1", "80=1/quic"] {
-            assert!(parse_expose(bad).is_err(), "{bad}");
-        }
+    fn unix_modes() {
+        assert_eq!(parse_mode("600"), Ok(0o600));
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert!(parse_mode("999").is_err());
+        assert!(parse_mode("1777").is_err());
     }
 
     #[test]

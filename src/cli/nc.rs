@@ -1,10 +1,10 @@
 //! `netbird-proxy nc HOST PORT`: standard input and output joined to one TCP connection into the
 //! mesh, for `ssh -o ProxyCommand='netbird-proxy nc %h %p' host`, git over ssh and scp.
 //!
-//! The connection goes through a SOCKS5 listener: a running proxy's (found through its status
-//! endpoint), or, with none running, one this process opens on loopback for itself after
-//! joining the mesh (with random credentials, so no other local user borrows it). Either way
-//! the name is resolved by the proxy (mesh names, NetBird DNS), exactly as for any client.
+//! The connection goes through a running proxy's SOCKS5 listener (found through its status
+//! endpoint), or, with none running, this process joins the mesh itself and dials through the
+//! library's [`Peer::dial`](netbird_proxy::Peer::dial). Either way the name is resolved as for
+//! any client (mesh names, NetBird DNS).
 //!
 //! Like OpenBSD's nc: end of input half-closes the connection and output goes on until the
 //! far end closes; a failed connection is one line on stderr and exit status 1.
@@ -16,7 +16,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::proxy::Credentials;
+use netbird_proxy::config::Credentials;
+
+use super::RunArgs;
 
 /// How long the status endpoint of a running proxy has to answer.
 const STATUS_WAIT: Duration = Duration::from_secs(2);
@@ -111,10 +113,11 @@ fn listener_uid(addr: SocketAddr) -> Option<u32> {
 }
 
 async fn find_socks(status: SocketAddr) -> Option<SocketAddr> {
-    let (snap, _) = tokio::time::timeout(STATUS_WAIT, crate::status::client::snapshot(status))
-        .await
-        .ok()?
-        .ok()?;
+    let (snap, _) =
+        tokio::time::timeout(STATUS_WAIT, netbird_proxy::status::client::snapshot(status))
+            .await
+            .ok()?
+            .ok()?;
     snap.listeners
         .iter()
         .filter(|l| l.kind == "socks5" || l.kind == "proxy")
@@ -241,15 +244,117 @@ fn reply_reason(code: u8) -> &'static str {
     }
 }
 
+/// Where `status` and `wait` look for a running proxy unless told.
+const DEFAULT_STATUS: u16 = 9099;
+/// How long the peer nc joined with gets to stop after the session.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// The session's exit status: 0 when the far end closed after a session, 1 when the
+/// connection could not be made, 2 for bad options.
+pub async fn run(run: RunArgs, ready_timeout: Duration, host: &str, port: u16) -> i32 {
+    // An address the user gave is trusted; the default one is checked (see running_proxy).
+    let trusted = run.status_addr.is_some();
+    let status = run
+        .status_addr
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_STATUS)));
+    let (auth, _) = match run.credentials() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("netbird-proxy nc: {e}");
+            return 2;
+        }
+    };
+    match running_proxy(status, trusted).await {
+        Ok(Some(socks)) => return through_proxy(socks, auth.as_ref(), host, port).await,
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("netbird-proxy nc: {e}");
+            return 1;
+        }
+    }
+    if run.setup_key.is_none() && run.wg_config.is_none() {
+        eprintln!(
+            "netbird-proxy nc: no proxy answers at {status} (--status-addr), and no \
+             --setup-key or --wg-config to join the mesh with"
+        );
+        return 1;
+    }
+    // Our own peer, serving only us: no listener, the connection made in this process.
+    let mut own = run;
+    own.socks.clear();
+    own.http.clear();
+    own.proxy.clear();
+    own.forward.clear();
+    own.expose.clear();
+    own.status_addr = None;
+    let builder = match super::run::builder(&own) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("netbird-proxy nc: {e}");
+            return 2;
+        }
+    };
+    let peer = match builder.ready_timeout(ready_timeout).start().await {
+        Ok(p) => p,
+        Err(netbird_proxy::Error::NotReady { reason, .. }) => {
+            eprintln!(
+                "netbird-proxy nc: not connected to the mesh after {ready_timeout:.1?}: {reason}"
+            );
+            return 1;
+        }
+        Err(e) => {
+            eprintln!("netbird-proxy nc: {e}");
+            return 1;
+        }
+    };
+    let code = match peer.dial(host, port).await {
+        Ok(conn) => session(pump(conn, tokio::io::stdin(), tokio::io::stdout()).await),
+        Err(e) => {
+            eprintln!("netbird-proxy nc: connect to {host} port {port} (tcp) failed: {e}");
+            1
+        }
+    };
+    let _ = tokio::time::timeout(STOP_WAIT, peer.stop()).await;
+    code
+}
+
+/// The session through a running proxy's SOCKS5 listener.
+async fn through_proxy(
+    socks: SocketAddr,
+    auth: Option<&Credentials>,
+    host: &str,
+    port: u16,
+) -> i32 {
+    match connect(socks, auth, host, port).await {
+        Ok(conn) => session(pump(conn, tokio::io::stdin(), tokio::io::stdout()).await),
+        Err(e) => {
+            eprintln!("netbird-proxy nc: {e}");
+            1
+        }
+    }
+}
+
+/// A session's end as an exit status.
+fn session(result: io::Result<()>) -> i32 {
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("netbird-proxy nc: {e}");
+            1
+        }
+    }
+}
+
 /// Copy `input` to the connection and the connection to `output` until the far end closes.
 /// End of input half-closes the connection (the far end sees EOF and can still answer), as
 /// scp and git over ssh need.
-pub async fn pump<I, O>(conn: TcpStream, mut input: I, mut output: O) -> io::Result<()>
+pub async fn pump<C, I, O>(conn: C, mut input: I, mut output: O) -> io::Result<()>
 where
+    C: AsyncRead + AsyncWrite,
     I: AsyncRead + Unpin,
     O: AsyncWrite + Unpin,
 {
-    let (mut from_far, mut to_far) = conn.into_split();
+    let (mut from_far, mut to_far) = tokio::io::split(conn);
     let upload = async {
         let mut buf = vec![0u8; 64 * 1024];
         loop {

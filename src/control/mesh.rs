@@ -95,6 +95,7 @@ pub enum Change {
 
 /// Why an update was rejected.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[allow(clippy::enum_variant_names)] // Each says what was bad; the prefix is the point.
 pub enum SyncError {
     #[error("peer {key}: allowed IP `{value}` is not a prefix")]
     BadAllowedIp { key: String, value: String },

@@ -5,13 +5,21 @@
 //! Each service can run in its own process (`Services`), sharing a state file for keys, the
 //! relay secret and registrations, so tests can kill and restart one service for real.
 
-pub mod management;
-pub mod networks;
-pub mod relay;
-pub mod relay_token;
-pub mod signal;
-pub mod state;
-pub mod stun;
+internal_modules! {
+    management;
+    networks;
+    relay;
+    relay_token;
+    signal;
+    state;
+    stun;
+}
+
+mod testing;
+
+pub use crate::control::mesh::TurnServer;
+pub use networks::NetworksFile;
+pub use testing::{TEST_DOMAIN, TestMesh};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -69,9 +77,9 @@ pub struct DevMeshConfig {
     /// Fault injection for tests: logins succeed, every Sync is refused (`Unavailable`).
     pub refuse_sync: bool,
     /// A TURN server to announce (`NetbirdConfig.turns`).
-    pub turn: Option<crate::control::mesh::TurnServer>,
+    pub turn: Option<TurnServer>,
     /// Groups, policies and routes (`--networks FILE`).
-    pub networks: Option<networks::NetworksFile>,
+    pub networks: Option<NetworksFile>,
 }
 
 impl DevMeshConfig {

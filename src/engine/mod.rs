@@ -23,14 +23,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cli::{Expose, Forward};
 use crate::dns::{DnsState, MeshNames, Resolver};
 use crate::netstack::{Congestion, Netstack, NetstackConfig};
 use crate::packet::PacketPool;
 use crate::proxy::admission::Limits;
 use crate::proxy::dial::Dialer;
 use crate::proxy::unix::{ListenAddr, UnixSocketListener};
-use crate::proxy::{Credentials, forward, http, socks5};
+use crate::proxy::{Credentials, Expose, Forward, forward, http, socks5};
 use crate::status::{EngineView, ListenerMetrics, StatusHub};
 use crate::wg::config::Endpoint;
 use crate::wg::{PeerSpec, WgConfig, WgDevice};
@@ -69,7 +68,30 @@ pub struct ProxyOptions {
     pub status: Option<Arc<StatusHub>>,
     /// Connection caps and the clients' handshake timeout, shared by every listener.
     pub limits: Limits,
+    /// Where each data path, once up, publishes its handles for the library's front door
+    /// (`Peer::dial`, `Peer::listen`).
+    pub publish: Option<Publish>,
 }
+
+/// A running data path's handles, valid until `cancel` fires (the engine that made them
+/// stopped); the front door reads them instead of reaching into the engine.
+#[derive(Clone)]
+pub struct LiveDataPath {
+    pub dialer: Dialer,
+    pub netstack: Netstack,
+    pub cancel: CancellationToken,
+}
+
+impl fmt::Debug for LiveDataPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiveDataPath")
+            .field("addresses", &self.netstack.addresses())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The slot the engines publish their data paths in, one after another.
+pub type Publish = Arc<tokio::sync::watch::Sender<Option<LiveDataPath>>>;
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -476,6 +498,13 @@ pub async fn start_datapath(
             options.limits.udp_idle_timeout,
             cancel.child_token(),
         ));
+    }
+    if let Some(publish) = &options.publish {
+        publish.send_replace(Some(LiveDataPath {
+            dialer,
+            netstack: netstack.clone(),
+            cancel: cancel.clone(),
+        }));
     }
     Ok(DataPath {
         wg,

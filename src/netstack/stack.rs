@@ -1286,13 +1286,6 @@ impl Stack {
             let entry = &self.udp[i];
             let sock = self.sockets.get_mut::<udp::Socket>(entry.handle);
             let mut st = entry.shared.lock();
-            if st.dropped {
-                drop(st);
-                let e = self.udp.swap_remove(i);
-                self.sockets.remove(e.handle);
-                self.ports_in_use.remove(&e.port);
-                continue;
-            }
             // A datagram smoltcp has no room for yet stays first in our queue (the poll
             // drains smoltcp's ring, and the next pump goes on): nothing is dropped here.
             while let Some((to, data)) = st.tx.pop_front() {
@@ -1308,6 +1301,20 @@ impl Stack {
                         entry.shared.pool.put(data);
                     }
                 }
+            }
+            if st.dropped {
+                // As a kernel socket's: what was sent before the close still goes out; the
+                // socket goes once both queues are empty.
+                let flushed = st.tx.is_empty() && sock.send_queue() == 0;
+                drop(st);
+                if flushed {
+                    let e = self.udp.swap_remove(i);
+                    self.sockets.remove(e.handle);
+                    self.ports_in_use.remove(&e.port);
+                } else {
+                    i += 1;
+                }
+                continue;
             }
             // With our queue full, what smoltcp holds stays there until the reader catches
             // up; only a full smoltcp ring drops (as a full kernel socket buffer does).
@@ -2194,6 +2201,39 @@ mod tests {
         ub.send_to(b"pong", from).unwrap();
         let (data, _) = ua.recv_from().await.unwrap();
         assert_eq!(data, b"pong");
+        cancel.cancel();
+    }
+
+    /// As with a kernel socket, datagrams sent just before the socket is dropped still go out
+    /// (the last answer of a UDP service used to be lost this way), and the port is freed
+    /// after.
+    #[tokio::test]
+    async fn datagrams_sent_before_a_drop_still_go_out() {
+        let (a, b, cancel) = pair();
+        let ub = b.udp_bind().await.unwrap();
+        let ua = a.udp_bind_port(4000).await.unwrap();
+        for i in 0..20u8 {
+            ua.send_to(&[i; 100], addr(B, ub.local_port())).unwrap();
+        }
+        drop(ua);
+        for i in 0..20u8 {
+            let (data, _) = tokio::time::timeout(Duration::from_secs(5), ub.recv_from())
+                .await
+                .expect("every datagram arrives")
+                .unwrap();
+            assert_eq!(data, [i; 100]);
+        }
+        let again = async {
+            loop {
+                match a.udp_bind_port(4000).await {
+                    Ok(s) => return s,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), again)
+            .await
+            .expect("the port is freed once the queue is sent");
         cancel.cancel();
     }
 

@@ -2,6 +2,7 @@
 //! sharing one dialler (`dial`) that routes into the mesh or, when allowed, out of the host.
 
 pub mod access;
+pub mod config;
 pub mod admission;
 pub mod dial;
 pub mod forward;
@@ -11,6 +12,9 @@ pub(crate) mod relay;
 pub mod socks5;
 pub mod udp;
 pub mod unix;
+
+pub use config::{Expose, Forward};
+pub use unix::ListenAddr;
 
 use std::fmt;
 use std::future::Future;

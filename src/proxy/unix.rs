@@ -145,14 +145,6 @@ impl Accept for UnixSocketListener {
     }
 }
 
-/// `--unix-mode`: octal permissions of Unix-socket listeners.
-pub fn parse_mode(s: &str) -> Result<u32, String> {
-    u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o777)
-        .ok_or_else(|| format!("`{s}` is not an octal mode like 600 or 660"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,13 +195,5 @@ mod tests {
         drop(l);
         assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn modes_are_octal() {
-        assert_eq!(parse_mode("600"), Ok(0o600));
-        assert_eq!(parse_mode("0660"), Ok(0o660));
-        assert!(parse_mode("999").is_err());
-        assert!(parse_mode("1777").is_err());
     }
 }

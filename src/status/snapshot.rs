@@ -1,0 +1,166 @@
+//! What `/status` serves and [`Peer::status`](crate::Peer::status) returns: readiness, our
+//! peer, the other peers and their paths, the control plane, listeners and routes. The JSON
+//! field names are a contract: scripts read them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// How the peer is configured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A wg-quick file: ready once the data path is up and enough peers have a session.
+    Static,
+    /// NetBird: ready once management has sent a network map.
+    Netbird,
+}
+
+/// The ICE pair a direct peer's traffic takes (NetBird's "local/remote ICE candidate").
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct IcePair {
+    /// `host`, `srflx`, `prflx` or `relay`.
+    pub local_type: String,
+    pub local: String,
+    pub remote_type: String,
+    pub remote: String,
+    /// Round trip of the pair's latest connectivity check.
+    pub latency_ms: Option<f64>,
+}
+
+/// `/status`: everything, as JSON. The `status` command reads the same structure.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub mode: Mode,
+    pub ready: bool,
+    /// Why not ready (absent when ready).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub uptime_seconds: u64,
+    pub engine_restarts: u64,
+    pub ready_peers: usize,
+    pub local: Option<LocalStatus>,
+    pub management: Option<ServiceStatus>,
+    pub signal: Option<ServiceStatus>,
+    pub relay: Option<ServiceStatus>,
+    pub peers: Vec<PeerStatus>,
+    pub listeners: Vec<ListenerStatus>,
+    /// ICE's counters (absent on the static path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ice: Option<IceCounts>,
+    /// NetBird routes offered to us, each with its elected routing peer (NetBird mode).
+    #[serde(default)]
+    pub routes: Vec<RouteStatus>,
+    /// What this peer routes for others, and its gates' and forwarder's counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingStatus>,
+}
+
+/// One network (HA group) offered to us.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RouteStatus {
+    /// The network's name (NetID), what `--networks-select` takes.
+    pub network: String,
+    /// A prefix, or the domains of a DNS route.
+    pub target: String,
+    pub exit_node: bool,
+    /// On by the selection (`--networks-select` / `--networks-deselect`).
+    pub selected: bool,
+    /// The routing peers of the group (names where known).
+    pub peers: Vec<String>,
+    /// The routing peer carrying the network now (absent: none reachable, or not selected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing_peer: Option<String>,
+}
+
+/// This peer as a router, and its gates.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RoutingStatus {
+    /// Networks management has this peer route (empty: it routes nothing).
+    pub serving: Vec<String>,
+    /// Counters: gates (`denied_inbound`, `denied_routed`, `not_routed`, `routed_overflow`)
+    /// and the forwarder's flows.
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// ICE since the engine started: pairs selected, direct paths lost, and input dropped by reason.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct IceCounts {
+    pub agents_started: u64,
+    pub pairs_selected: u64,
+    pub paths_lost: u64,
+    /// Dropped input by reason: `candidate_malformed`, `candidate_refused`,
+    /// `credentials_malformed`, `stun_malformed`, `stun_unmatched`, `stun_queue_full`.
+    pub dropped: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LocalStatus {
+    pub addresses: Vec<String>,
+    pub fqdn: String,
+    pub public_key: String,
+    pub wireguard_port: u16,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub url: String,
+    pub connected: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub fqdn: String,
+    pub ip: String,
+    pub public_key: String,
+    /// `connected`, `disconnected` (had a session, lost it) or `connecting` (never had one).
+    pub status: String,
+    /// `direct`, `relayed` or `none`.
+    pub connection: String,
+    pub endpoint: Option<String>,
+    pub last_handshake_seconds: Option<f64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Round-trip time of the latest WireGuard handshake timed with this peer (absent before
+    /// the first).
+    pub latency_ms: Option<f64>,
+    /// The ICE pair in use when the connection is direct through ICE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ice: Option<IcePair>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub kind: String,
+    pub addr: String,
+    pub open_connections: i64,
+    pub max_connections: u64,
+    /// Requests by result: a SOCKS5 reply code (`0x00` is success), an HTTP status, or for
+    /// forwards and exposed ports `ok` / `error`; `rejected` and `timeout` for handshakes that
+    /// never got as far as a request; `refused` (over the connection limits) and `evicted`
+    /// (made room for a newcomer during its handshake).
+    pub requests: BTreeMap<String, u64>,
+    /// Client connections closed because nothing moved either way for the idle timeout.
+    #[serde(default)]
+    pub idle_closed: u64,
+    /// UDP relaying (SOCKS5 UDP ASSOCIATE, UDP forwards and exposed ports), once used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpStatus>,
+}
+
+/// What a listener relayed over UDP.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UdpStatus {
+    /// Associations (SOCKS5) or client flows (forwards, exposed ports) open now.
+    pub open: i64,
+    /// Opened since start.
+    pub opened: u64,
+    /// Datagrams and payload bytes towards targets and back to clients.
+    pub datagrams_to_target: u64,
+    pub bytes_to_target: u64,
+    pub datagrams_to_client: u64,
+    pub bytes_to_client: u64,
+    /// Datagrams dropped, by reason (fragmented, foreign_source, malformed, too_big,
+    /// unreachable, not_allowed, unresolved, queue_full, unsolicited, send_error).
+    pub dropped: BTreeMap<String, u64>,
+}

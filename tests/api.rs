@@ -1,0 +1,211 @@
+//! The library's front door, used as a program embedding it would: `TestMesh` peers that
+//! `listen`, `dial` by mesh name, exchange UDP datagrams, report status and stop — on the
+//! relayed path (ICE off) and with ICE on, everything in this process on loopback.
+//!
+//! Only the public API is used here (no `internals`), so this file also proves the surface is
+//! enough for the job.
+
+use std::time::Duration;
+
+use netbird_proxy::devmesh::TestMesh;
+use netbird_proxy::{Error, Peer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A pattern a byte at a time shift of its index, so a lost or reordered chunk shows.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// Echo every connection on `listener` until the peer stops.
+fn serve_echo(mut listener: netbird_proxy::MeshListener) -> tokio::task::JoinHandle<Error> {
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok(mut s) => {
+                    tokio::spawn(async move {
+                        let (mut r, mut w) = tokio::io::split(&mut s);
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let _ = w.shutdown().await;
+                    });
+                }
+                Err(e) => return e,
+            }
+        }
+    })
+}
+
+/// 4 MiB through an echo a peer serves with `listen`, dialled by name from the other; then
+/// the same two peers swap UDP datagrams; then `stop` ends the listener and later dials.
+async fn round_trip(relay_only: bool) {
+    let mut mesh = TestMesh::empty().await.expect("dev mesh");
+    for name in ["server", "client"] {
+        let builder = mesh.builder(name).ready_peers(0).ice(!relay_only);
+        mesh.add(name, builder).await.expect("peer starts");
+    }
+    let server = mesh.peer("server").clone();
+    let client = mesh.peer("client").clone();
+    assert_eq!(server.mesh_addresses().len(), 1, "one mesh address");
+
+    let echo = serve_echo(server.listen(7000).await.expect("listen"));
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.dial("server.netbird.test", 7000),
+    )
+    .await
+    .expect("dial in time")
+    .expect("dial");
+    assert!(stream.is_mesh());
+    assert_eq!(
+        stream.peer_addr().unwrap(),
+        std::net::SocketAddr::new(server.mesh_addresses()[0], 7000)
+    );
+    let data = pattern(4 << 20);
+    let (mut r, mut w) = tokio::io::split(&mut stream);
+    let sent = data.clone();
+    let writer = async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let reader = async {
+        let mut back = Vec::new();
+        r.read_to_end(&mut back).await.unwrap();
+        back
+    };
+    let (_, back) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(writer, reader)
+    })
+    .await
+    .expect("echo in time");
+    assert!(
+        back == data,
+        "{} of {} bytes came back",
+        back.len(),
+        data.len()
+    );
+
+    // The client saw the server connected, on the path asked for.
+    let status = client.status();
+    assert!(status.ready, "{:?}", status.reason);
+    let seen = status
+        .peers
+        .iter()
+        .find(|p| p.fqdn.starts_with("server."))
+        .expect("server in the client's status");
+    assert_eq!(seen.status, "connected");
+    if relay_only {
+        assert_eq!(seen.connection, "relayed");
+    }
+    let mut changes = client.status_changes();
+    let first = changes.next().await.expect("a first snapshot");
+    assert!(first.ready);
+
+    // UDP: a service port on the server, an ephemeral port on the client.
+    let udp_server = server.bind_udp(5353).await.expect("udp bind");
+    let udp_client = client.bind_udp(0).await.expect("udp bind");
+    let to = std::net::SocketAddr::new(server.mesh_addresses()[0], 5353);
+    let answer = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        for _ in 0..10 {
+            let (n, from) = udp_server.recv_from(&mut buf).await.unwrap();
+            udp_server.send_to(&buf[..n], from).await.unwrap();
+        }
+    });
+    for i in 0..10u8 {
+        let msg = [i; 1000];
+        udp_client.send_to(&msg, to).await.unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, from) =
+            tokio::time::timeout(Duration::from_secs(10), udp_client.recv_from(&mut buf))
+                .await
+                .expect("udp answer in time")
+                .unwrap();
+        assert_eq!((n, from), (1000, to));
+        assert!(buf[..n].iter().all(|&b| b == i));
+    }
+    answer.await.unwrap();
+    let too_big = vec![0u8; udp_client.max_payload(to) + 1];
+    let err = udp_client.send_to(&too_big, to).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+
+    // Stopping is final: the listener ends, dials are refused, the peer says why.
+    server.stop().await.expect("clean stop");
+    let ended = tokio::time::timeout(Duration::from_secs(5), echo)
+        .await
+        .expect("listener ends with the peer")
+        .unwrap();
+    assert!(matches!(ended, Error::Stopped), "{ended}");
+    assert!(matches!(
+        server.dial("client.netbird.test", 1).await,
+        Err(Error::Stopped)
+    ));
+    mesh.stop().await;
+    assert!(matches!(
+        client.dial("server", 1).await,
+        Err(Error::Stopped)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_listens_and_another_dials_it_by_name_over_the_relay() {
+    round_trip(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_listens_and_another_dials_it_by_name_with_ice() {
+    round_trip(false).await;
+}
+
+/// The test helper's promise: `start` returns with every peer connected to every other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_mesh_of_three_is_fully_connected_when_start_returns() {
+    let mesh = TestMesh::start(&["a", "b", "c"]).await.expect("mesh up");
+    for name in ["a", "b", "c"] {
+        let status = mesh.peer(name).status();
+        let connected: Vec<_> = status
+            .peers
+            .iter()
+            .filter(|p| p.status == "connected")
+            .map(|p| p.fqdn.clone())
+            .collect();
+        assert_eq!(connected.len(), 2, "{name} sees {connected:?}");
+    }
+    mesh.stop().await;
+}
+
+/// What a user sees when the mesh cannot be joined: a refused setup key is `LoginRefused`
+/// (no retry would help), an unreachable management is `NotReady` with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_to_join_say_why() {
+    let mesh = TestMesh::empty().await.unwrap();
+    let refused = Peer::builder()
+        .management_url(mesh.management_url())
+        .setup_key("00000000-0000-0000-0000-000000000000")
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, Error::LoginRefused(_)), "{refused:?}");
+
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let started = std::time::Instant::now();
+    let unreachable = Peer::builder()
+        .management_url(url)
+        .setup_key(mesh.setup_key())
+        .ready_timeout(Duration::from_secs(2))
+        .start()
+        .await
+        .unwrap_err();
+    match unreachable {
+        Error::NotReady { reason, .. } => assert!(!reason.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // A bad wg-quick file is refused while parsing, before anything starts.
+    let parsed: Result<netbird_proxy::WireGuardConfig, _> =
+        "[Interface]\nPrivateKey = nope\n".parse();
+    assert!(matches!(parsed, Err(Error::Config(_))));
+    mesh.stop().await;
+}
