@@ -1,9 +1,84 @@
-//! netbird-proxy: a WireGuard (and, later, NetBird) peer entirely in user space, handing the
-//! mesh to ordinary programs through SOCKS5, HTTP proxy and port forwards.
+//! A NetBird peer in user space — no root, no TUN device, no kernel module — inside any tokio
+//! program, or as the `netbird-proxy` command that hands the mesh to other programs through
+//! SOCKS5, an HTTP proxy, port forwards and exposed ports.
 //!
-//! Layers, each knowing only the one below: `wg` (boringtun peers over one UDP socket) →
-//! `netstack` (smoltcp, one task owning the interface) → `proxy` (dialler, listeners).
-//! `engine` builds and runs them as one unit with one cancellation tree.
+//! # A peer in your program
+//!
+//! A [`Peer`] joins a NetBird account with a setup key (or fixed WireGuard peers with a
+//! wg-quick file: [`PeerBuilder::wireguard`]). [`PeerBuilder::start`] returns once the peer
+//! is ready; then [`Peer::dial`] opens a TCP stream to another peer by its mesh name,
+//! [`Peer::listen`] accepts connections on our mesh address, and [`Peer::bind_udp`] sends and
+//! receives datagrams there. Streams are tokio `AsyncRead + AsyncWrite`, so hyper, tonic,
+//! tokio-rustls or your own protocol run over them unchanged.
+//!
+//! ```no_run
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let peer = netbird_proxy::Peer::builder()
+//!     .setup_key(std::env::var("NB_SETUP_KEY")?)
+//!     // The same peer (name, mesh address) on every run.
+//!     .state_file("/var/lib/my-app/netbird")
+//!     .start()
+//!     .await?;
+//!
+//! // A client of another peer.
+//! let mut db = peer.dial("database.netbird.cloud", 5432).await?;
+//! db.write_all(b"...").await?;
+//!
+//! // A service for other peers, on our mesh address.
+//! let mut listener = peer.listen(8080).await?;
+//! let mut conn = listener.accept().await?;
+//! let mut request = [0u8; 1024];
+//! let n = conn.read(&mut request).await?;
+//!
+//! println!("{} peers known", peer.status().peers.len());
+//! peer.stop().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! A peer can also serve the proxies the command line has ([`PeerBuilder::socks`],
+//! [`PeerBuilder::http`], [`PeerBuilder::forward`], [`PeerBuilder::expose`]), with values
+//! from [`config`] in the command line's syntax.
+//!
+//! # Lifecycle
+//!
+//! A peer runs a supervised engine: a failed engine is rebuilt after a backoff, and only a
+//! failure no retry can fix (a rejected setup key, a listener that cannot bind) ends the peer
+//! — [`Peer::wait`] returns it. [`Peer::stop`] ends everything the peer started before it
+//! returns, and is final: build a new peer to start again. Dropping the last handle stops it
+//! too. Streams and listeners use whichever engine is up, so they outlive rebuilds.
+//!
+//! # Testing your code against a mesh
+//!
+//! [`devmesh::TestMesh`] starts a NetBird control plane (management, signal, a relay) and
+//! named peers in your test process, on loopback:
+//!
+//! ```
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mesh = netbird_proxy::devmesh::TestMesh::start(&["api", "worker"]).await?;
+//! let mut listener = mesh.peer("api").listen(80).await?;
+//! let stream = mesh.peer("worker").dial("api.netbird.test", 80).await?;
+//! let accepted = listener.accept().await?;
+//! assert_eq!(accepted.peer_addr()?, stream.local_addr()?);
+//! mesh.stop().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Status
+//!
+//! [`Peer::status`] is what `netbird-proxy status` shows and `/status` serves: readiness and
+//! why not, our addresses, every peer with its path (direct or relayed), the control plane,
+//! listeners and routes ([`status::Snapshot`]); [`Peer::status_changes`] yields it as it
+//! changes.
+//!
+//! Inside, layers know only the one below: WireGuard (boringtun peers over one UDP socket) →
+//! a netstack (smoltcp, one task owning the interface) → the proxies; the engine builds and
+//! runs them as one unit with one cancellation tree. None of that is public: this page is the
+//! whole API.
+
+#![cfg_attr(not(feature = "internals"), deny(missing_docs))]
 
 /// Modules that are the crate's own: private to it, or — with the `internals` feature, which
 /// only this crate's tests, benches and fuzzers turn on — public without any promise.

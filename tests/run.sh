@@ -16,6 +16,18 @@ echo "== cargo clippy -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo clippy -D warnings, the library as users build it (no internals)"
 cargo clippy --lib --bins --locked -- -D warnings
+echo "== cargo doc: the public API documented, every intra-doc link resolving"
+RUSTDOCFLAGS="-D warnings -D rustdoc::broken_intra_doc_links" cargo doc --no-deps --lib --locked
+echo "== the public API is the one listed in public-api.txt"
+# rustdoc's JSON is unstable: RUSTC_BOOTSTRAP lets the stable toolchain write it, into its own
+# target directory so the main build is not invalidated.
+RUSTC_BOOTSTRAP=1 RUSTDOCFLAGS="-Z unstable-options --output-format json" \
+    cargo doc --quiet --no-deps --lib --locked --target-dir target/api
+python3 tests/public_api.py target/api/doc/netbird_proxy.json > target/api/public-api.txt
+if ! diff -u public-api.txt target/api/public-api.txt; then
+    echo "the public API changed: if that is meant, copy target/api/public-api.txt over public-api.txt"
+    exit 1
+fi
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

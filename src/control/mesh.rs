@@ -26,8 +26,11 @@ pub struct RemotePeer {
 /// (management-issued, time-limited) credentials. `Debug` hides the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TurnServer {
+    /// `turn:host:port?transport=udp`.
     pub uri: String,
+    /// The user name.
     pub user: String,
+    /// The password.
     pub password: String,
 }
 

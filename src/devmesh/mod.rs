@@ -35,13 +35,16 @@ use crate::control::signal::signal_exchange_server::SignalExchangeServer;
 use management::{DevManagement, ManagementSettings};
 use relay::DevRelay;
 use signal::DevSignal;
-use state::{DevMeshState, StateError};
+use state::DevMeshState;
 
 /// Which services this process serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Services {
+    /// The management service (gRPC).
     pub management: bool,
+    /// The signal service (gRPC).
     pub signal: bool,
+    /// The relays (WebSocket).
     pub relay: bool,
 }
 
@@ -63,6 +66,7 @@ pub struct DevMeshConfig {
     pub listen: SocketAddr,
     /// The setup key (default: the state file's, else a random one).
     pub setup_key: Option<String>,
+    /// The mesh's DNS domain: peer `web` is `web.DOMAIN`.
     pub domain: String,
     /// Where peers are told signal is, when it is not ours (tests point it at a silent server).
     pub signal_override: Option<String>,
@@ -71,6 +75,7 @@ pub struct DevMeshConfig {
     pub advertise: Option<String>,
     /// How many relays (at least 1); peers get one each, round-robin.
     pub relays: usize,
+    /// Which services this process serves (the others run elsewhere).
     pub services: Services,
     /// Keys, secrets and registrations survive restarts here.
     pub state: Option<PathBuf>,
@@ -103,28 +108,38 @@ impl DevMeshConfig {
 
 /// Why a dev mesh cannot start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DevMeshError {
+    /// A service's port could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        /// The address.
         addr: SocketAddr,
+        /// Why not.
         source: std::io::Error,
     },
     #[error(
         "serving only some services needs a fixed --listen port (the others are found from it)"
     )]
+    /// Services split over processes find each other from a fixed port.
     SplitNeedsPort,
     #[error("no port {0} after --listen's for all services")]
+    /// The ports after the listen port ran out (the relay's index).
     PortRange(usize),
-    #[error(transparent)]
-    State(#[from] StateError),
+    /// The state file could not be read or written.
+    #[error("{0}")]
+    State(String),
 }
 
 /// A running dev mesh (the services this process serves).
 pub struct DevMesh {
     /// Management's URL (served here or not).
     pub management_url: String,
+    /// Signal's address.
     pub signal_addr: SocketAddr,
+    /// Each relay's URL (`rel://127.0.0.1:PORT`).
     pub relay_urls: Vec<String>,
+    /// The setup key peers register with.
     pub setup_key: String,
     management: Option<DevManagement>,
     cancel: CancellationToken,
@@ -156,7 +171,8 @@ impl DevMesh {
 
         let fresh = DevMeshState::new(config.setup_key.clone().unwrap_or_else(random_setup_key));
         let mut state = match &config.state {
-            Some(path) => DevMeshState::load_or_create(path, fresh)?,
+            Some(path) => DevMeshState::load_or_create(path, fresh)
+                .map_err(|e| DevMeshError::State(e.to_string()))?,
             None => fresh,
         };
         if let Some(key) = &config.setup_key {

@@ -25,20 +25,20 @@ use crate::control::management::{
 pub struct NetworksFile {
     /// Group name → host names.
     #[serde(default)]
-    pub groups: BTreeMap<String, Vec<String>>,
+    pub(crate) groups: BTreeMap<String, Vec<String>>,
     #[serde(default)]
-    pub policies: Vec<Policy>,
+    pub(crate) policies: Vec<Policy>,
     #[serde(default)]
-    pub routes: Vec<RouteSpec>,
+    pub(crate) routes: Vec<RouteSpec>,
     #[serde(default)]
-    pub nameservers: Vec<NameserverSpec>,
+    pub(crate) nameservers: Vec<NameserverSpec>,
     #[serde(default)]
-    pub zones: Vec<ZoneSpec>,
+    pub(crate) zones: Vec<ZoneSpec>,
     #[serde(default)]
-    pub ingress: Vec<IngressSpec>,
+    pub(crate) ingress: Vec<IngressSpec>,
     /// NetBird "Networks": routers and the resources behind them (networks.md §6).
     #[serde(default)]
-    pub networks: Vec<NetworkSpec>,
+    pub(crate) networks: Vec<NetworkSpec>,
 }
 
 /// A Network: its routing peers and its resources; a policy whose destinations include a
@@ -476,7 +476,7 @@ impl NetworksFile {
     }
 
     /// What peer `me` of `peers` is sent.
-    pub fn policy_for(&self, me: usize, peers: &[Member]) -> PeerPolicy {
+    pub(crate) fn policy_for(&self, me: usize, peers: &[Member]) -> PeerPolicy {
         let mut out = PeerPolicy::default();
         let has_policies = !self.policies.is_empty();
         // Peers and rules from policies.

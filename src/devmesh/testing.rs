@@ -15,8 +15,9 @@ const MESH_UP: Duration = Duration::from_secs(60);
 
 /// A dev mesh (management, signal, a relay) and named peers, all in this process.
 ///
-/// ```no_run
-/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// ```
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
 ///
 /// let mesh = netbird_proxy::devmesh::TestMesh::start(&["server", "client"]).await?;

@@ -233,7 +233,7 @@ impl Credentials {
     }
 
     /// Compare in constant time (for equal lengths), so timing does not leak the password.
-    pub fn check(&self, user: &[u8], pass: &[u8]) -> bool {
+    pub(crate) fn check(&self, user: &[u8], pass: &[u8]) -> bool {
         let user_ok = self.user.ct_eq(user);
         let pass_ok = self.pass.ct_eq(pass);
         (user_ok & pass_ok).into()

@@ -19,7 +19,9 @@ use super::{Accept, UNIX_CLIENT};
 /// Where a proxy listener listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddr {
+    /// A TCP address.
     Tcp(std::net::SocketAddr),
+    /// A Unix socket's path.
     Unix(PathBuf),
 }
 

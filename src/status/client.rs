@@ -1,4 +1,4 @@
-//! The `status` and `wait` commands: read a running proxy's status endpoint.
+//! Read a running proxy's status endpoint, as `netbird-proxy status` and `wait` do.
 
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -12,19 +12,32 @@ use super::{PeerStatus, Snapshot};
 
 /// Why the status endpoint could not be read.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
+    /// Nothing answered at the address.
     #[error(
         "cannot reach the status endpoint at {addr} (is the proxy running with --status-addr {addr}?): {source}"
     )]
     Connect {
+        /// The status endpoint's address.
         addr: SocketAddr,
+        /// Why not.
         source: std::io::Error,
     },
     #[error("status endpoint at {addr}: {reason}")]
-    Http { addr: SocketAddr, reason: String },
-    #[error("status endpoint at {addr} sent JSON this version does not understand: {source}")]
-    Json {
+    /// Something answered, but not as a status endpoint does.
+    Http {
+        /// The status endpoint's address.
         addr: SocketAddr,
+        /// What went wrong.
+        reason: String,
+    },
+    #[error("status endpoint at {addr} sent JSON this version does not understand: {source}")]
+    /// The answer was not a status snapshot.
+    Json {
+        /// The status endpoint's address.
+        addr: SocketAddr,
+        /// The JSON error.
         source: serde_json::Error,
     },
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 /// How the peer is configured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Mode {
     /// A wg-quick file: ready once the data path is up and enough peers have a session.
     Static,
@@ -18,11 +19,15 @@ pub enum Mode {
 
 /// The ICE pair a direct peer's traffic takes (NetBird's "local/remote ICE candidate").
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[non_exhaustive]
 pub struct IcePair {
     /// `host`, `srflx`, `prflx` or `relay`.
     pub local_type: String,
+    /// Our candidate's address.
     pub local: String,
+    /// The peer's candidate type, as `local_type`.
     pub remote_type: String,
+    /// The peer's candidate's address.
     pub remote: String,
     /// Round trip of the pair's latest connectivity check.
     pub latency_ms: Option<f64>,
@@ -30,20 +35,32 @@ pub struct IcePair {
 
 /// `/status`: everything, as JSON. The `status` command reads the same structure.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Snapshot {
+    /// NetBird or a static WireGuard configuration.
     pub mode: Mode,
+    /// Whether the peer is ready (`/readyz` answers 200).
     pub ready: bool,
     /// Why not ready (absent when ready).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Seconds since the peer started.
     pub uptime_seconds: u64,
+    /// Engines the supervisor built after the first (each a recovery from a failure).
     pub engine_restarts: u64,
+    /// Connected peers readiness needs.
     pub ready_peers: usize,
+    /// Our peer (absent while no engine is up).
     pub local: Option<LocalStatus>,
+    /// The management service (NetBird mode).
     pub management: Option<ServiceStatus>,
+    /// The signal service (NetBird mode).
     pub signal: Option<ServiceStatus>,
+    /// Our home relay (NetBird mode).
     pub relay: Option<ServiceStatus>,
+    /// The other peers, by name.
     pub peers: Vec<PeerStatus>,
+    /// Our listeners and their counters.
     pub listeners: Vec<ListenerStatus>,
     /// ICE's counters (absent on the static path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -58,11 +75,13 @@ pub struct Snapshot {
 
 /// One network (HA group) offered to us.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct RouteStatus {
     /// The network's name (NetID), what `--networks-select` takes.
     pub network: String,
     /// A prefix, or the domains of a DNS route.
     pub target: String,
+    /// A default route (0.0.0.0/0 or ::/0): the group is an exit node.
     pub exit_node: bool,
     /// On by the selection (`--networks-select` / `--networks-deselect`).
     pub selected: bool,
@@ -75,6 +94,7 @@ pub struct RouteStatus {
 
 /// This peer as a router, and its gates.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct RoutingStatus {
     /// Networks management has this peer route (empty: it routes nothing).
     pub serving: Vec<String>,
@@ -85,41 +105,64 @@ pub struct RoutingStatus {
 
 /// ICE since the engine started: pairs selected, direct paths lost, and input dropped by reason.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct IceCounts {
+    /// ICE agents started (one per connection attempt with a peer).
     pub agents_started: u64,
+    /// Candidate pairs selected: direct paths found.
     pub pairs_selected: u64,
+    /// Direct paths that stopped answering (the peer went back to the relay).
     pub paths_lost: u64,
     /// Dropped input by reason: `candidate_malformed`, `candidate_refused`,
     /// `credentials_malformed`, `stun_malformed`, `stun_unmatched`, `stun_queue_full`.
     pub dropped: std::collections::BTreeMap<String, u64>,
 }
 
+/// Our peer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct LocalStatus {
+    /// Our mesh addresses with their prefixes (`100.64.0.2/16`).
     pub addresses: Vec<String>,
+    /// Our name in the mesh (NetBird mode; empty for a static configuration).
     pub fqdn: String,
+    /// Our WireGuard public key, base64.
     pub public_key: String,
+    /// Our WireGuard UDP port.
     pub wireguard_port: u16,
 }
 
+/// A control-plane service.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ServiceStatus {
+    /// Its URL (empty where we do not know one).
     pub url: String,
+    /// Whether we are connected to it now.
     pub connected: bool,
 }
 
+/// Another peer, as WireGuard sees it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PeerStatus {
+    /// Its name in the mesh (empty for a static peer).
     pub fqdn: String,
+    /// Its mesh address.
     pub ip: String,
+    /// Its WireGuard public key, base64.
     pub public_key: String,
     /// `connected`, `disconnected` (had a session, lost it) or `connecting` (never had one).
     pub status: String,
     /// `direct`, `relayed` or `none`.
     pub connection: String,
+    /// Where its WireGuard packets go: a UDP address, or the relay.
     pub endpoint: Option<String>,
+    /// Seconds since its latest WireGuard handshake.
     pub last_handshake_seconds: Option<f64>,
+    /// Bytes received from it through the tunnel.
     pub rx_bytes: u64,
+    /// Bytes sent to it through the tunnel.
     pub tx_bytes: u64,
     /// Round-trip time of the latest WireGuard handshake timed with this peer (absent before
     /// the first).
@@ -129,11 +172,17 @@ pub struct PeerStatus {
     pub ice: Option<IcePair>,
 }
 
+/// One of our listeners.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ListenerStatus {
+    /// `socks5`, `http`, `proxy`, `forward`, `expose` (and `-udp` forms).
     pub kind: String,
+    /// Its bound address, or `unix:PATH`.
     pub addr: String,
+    /// Client connections open now.
     pub open_connections: i64,
+    /// Its connection limit.
     pub max_connections: u64,
     /// Requests by result: a SOCKS5 reply code (`0x00` is success), an HTTP status, or for
     /// forwards and exposed ports `ok` / `error`; `rejected` and `timeout` for handshakes that
@@ -150,15 +199,19 @@ pub struct ListenerStatus {
 
 /// What a listener relayed over UDP.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct UdpStatus {
     /// Associations (SOCKS5) or client flows (forwards, exposed ports) open now.
     pub open: i64,
     /// Opened since start.
     pub opened: u64,
-    /// Datagrams and payload bytes towards targets and back to clients.
+    /// Datagrams towards targets.
     pub datagrams_to_target: u64,
+    /// Payload bytes towards targets.
     pub bytes_to_target: u64,
+    /// Datagrams back to clients.
     pub datagrams_to_client: u64,
+    /// Payload bytes back to clients.
     pub bytes_to_client: u64,
     /// Datagrams dropped, by reason (fragmented, foreign_source, malformed, too_big,
     /// unreachable, not_allowed, unresolved, queue_full, unsolicited, send_error).
