@@ -348,7 +348,7 @@ impl Engine {
             .step("management to open the Sync stream", management.sync(meta))
             .await?;
         let synced = Arc::new(AtomicBool::new(false));
-        let routes_view = super::networks::RoutesView::default();
+        let routes_view = crate::status::RoutesView::default();
         if let Some(hub) = &cfg.proxy.status {
             hub.attach(crate::status::EngineView {
                 wg: datapath.wg.clone(),
@@ -361,7 +361,7 @@ impl Engine {
                     management_url: cfg.management_url.clone(),
                     management_synced: synced.clone(),
                     signal: signal.clone(),
-                    relays: relays.clone(),
+                    home_relay: relays.home_changes(),
                 }),
             });
         }

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use tokio::sync::mpsc;
@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::control::envelope::parse_key_string;
-use crate::forward::{ForwardCounters, Forwarder, ForwarderConfig};
+use crate::forward::{Forwarder, ForwarderConfig};
 use crate::netstack::Netstack;
 use crate::route::{ClientRoutes, GroupStatus, PeerState, Route, Selection, Target};
 use crate::wg::WgDevice;
@@ -36,14 +36,7 @@ pub struct NetworkOptions {
     pub forwarder: ForwarderConfig,
 }
 
-/// The routes as status shows them; the engine writes, status reads.
-#[derive(Clone, Debug, Default)]
-pub struct RoutesView {
-    pub groups: Arc<RwLock<Vec<GroupStatus>>>,
-    /// Routes this peer serves (NetID and target), empty when it routes nothing.
-    pub serving: Arc<RwLock<Vec<(String, Target)>>>,
-    pub forward: Arc<ForwardCounters>,
-}
+use crate::status::RoutesView;
 
 /// Addresses one DNS route may put on its routing peer (each is a WireGuard route entry).
 const MAX_LEARNED: usize = 1024;

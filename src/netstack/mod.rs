@@ -4,7 +4,9 @@
 //! it through a command channel and per-connection shared state (`tcp`, `udp`). IP packets come
 //! from and go to the WireGuard device through bounded channels (`device`).
 
+mod config;
 mod device;
+mod handle;
 pub mod raw;
 mod routed;
 mod stack;
@@ -12,6 +14,7 @@ mod tcp;
 mod udp;
 
 pub use routed::{GateCounters, RoutedFlow};
-pub use stack::{Congestion, ConnectError, Netstack, NetstackConfig, tune_tcp_socket};
+pub use config::{Congestion, NetstackConfig, tune_tcp_socket};
+pub use handle::{ConnectError, Netstack};
 pub use tcp::{TcpListener, TcpStream};
 pub use udp::UdpSocket;

@@ -20,7 +20,7 @@ use smoltcp::time::{Duration as SmolDuration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::raw::Headers;
-use super::stack::ConnectError;
+use super::handle::ConnectError;
 use super::tcp::TcpStream;
 use crate::firewall::{PeerAcl, RouteAcl};
 

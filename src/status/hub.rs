@@ -13,7 +13,9 @@ use super::*;
 use crate::control::envelope::key_string;
 use crate::control::signal_client::SignalClient;
 use crate::dns::MeshNames;
-use crate::engine::relays::Relays;
+use crate::forward::ForwardCounters;
+use crate::relay::client::RelayClient;
+use crate::route::{GroupStatus, Target};
 use crate::wg::WgDevice;
 use crate::wg::device::{Peer, PeerEndpoint};
 
@@ -45,11 +47,23 @@ pub struct EngineView {
     pub fqdn: String,
     pub names: MeshNames,
     /// Routes and routing (NetBird mode only).
-    pub routes: Option<crate::engine::networks::RoutesView>,
+    pub routes: Option<RoutesView>,
     /// The netstack's gates' counters (policy drops, routed flows).
     pub gates: Option<Arc<crate::netstack::GateCounters>>,
     /// Management, signal and relays (NetBird mode only).
     pub control: Option<ControlView>,
+}
+
+/// The routes as status shows them; the engine writes, status reads. Defined here, beside
+/// its reader, so status needs nothing from the engine.
+#[derive(Clone, Debug, Default)]
+pub struct RoutesView {
+    /// Each HA group offered to us and its election.
+    pub groups: Arc<RwLock<Vec<GroupStatus>>>,
+    /// Routes this peer serves (NetID and target), empty when it routes nothing.
+    pub serving: Arc<RwLock<Vec<(String, Target)>>>,
+    /// The forwarder's counters.
+    pub forward: Arc<ForwardCounters>,
 }
 
 /// The control plane of a NetBird engine.
@@ -58,7 +72,8 @@ pub struct ControlView {
     /// Whether the Sync stream is open (a network map has arrived on it).
     pub management_synced: Arc<AtomicBool>,
     pub signal: Arc<SignalClient>,
-    pub relays: Arc<Relays>,
+    /// The home relay as the relay manager publishes it (status only reads it).
+    pub home_relay: tokio::sync::watch::Receiver<Option<Arc<RelayClient>>>,
 }
 
 impl StatusHub {
@@ -175,7 +190,7 @@ impl StatusHub {
                 url: String::new(),
                 connected: c.signal.is_connected(),
             });
-            let home = c.relays.home();
+            let home = c.home_relay.borrow().clone().filter(|r| !r.is_closed());
             snap.relay = Some(ServiceStatus {
                 url: home
                     .as_ref()
@@ -221,7 +236,7 @@ impl StatusHub {
 
 /// The routes view as status shows it: peers by name where the map names them.
 fn routes_status(
-    r: &crate::engine::networks::RoutesView,
+    r: &RoutesView,
     wg: &WgDevice,
     gates: &Option<Arc<crate::netstack::GateCounters>>,
     names: &HashMap<IpAddr, String>,
