@@ -209,3 +209,87 @@ async fn failures_to_join_say_why() {
     assert!(matches!(parsed, Err(Error::Config(_))));
     mesh.stop().await;
 }
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// The front door's own tasks (the run task, the status endpoint, listeners taken through
+/// `listen`, UDP sockets) belong to the peer's cancellation: peers stopped — or only dropped —
+/// at pseudo-random moments of their start leave no descriptor, port or task behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_stopped_or_dropped_at_any_moment_leave_nothing_behind() {
+    let mut mesh = TestMesh::empty().await.unwrap();
+    let anchor = mesh.builder("anchor").ready_peers(0);
+    mesh.add("anchor", anchor).await.unwrap();
+    // Warm up once so lazily created runtime resources are not counted as leaks.
+    let warm = mesh.builder("warm").ready_peers(0).start().await.unwrap();
+    warm.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = open_fds();
+    let socks = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let socks_addr = socks.local_addr().unwrap();
+    drop(socks);
+    for i in 0..40u64 {
+        let peer = mesh
+            .builder(&format!("churn{}", i % 4))
+            .private_key([(i % 4) as u8 + 1; 32])
+            .ready_peers(0)
+            .connect_timeout(Duration::from_secs(2))
+            .socks(netbird_proxy::config::ListenAddr::Tcp(socks_addr))
+            .status_endpoint("127.0.0.1:0".parse().unwrap())
+            .spawn()
+            .await
+            .unwrap();
+        let wait = (i.wrapping_mul(2654435761) >> 7) % 400;
+        let user = {
+            let peer = peer.clone();
+            tokio::spawn(async move {
+                // Whatever the peer is doing, a user may be dialling or listening.
+                if let Ok(mut l) = peer.listen(9000).await {
+                    let _ = tokio::time::timeout(Duration::from_millis(50), l.accept()).await;
+                }
+                let _ = peer.bind_udp(0).await;
+                let _ = peer.dial("anchor.netbird.test", 1).await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        if i % 3 == 0 {
+            // Dropped, not stopped: the last handle going stops it too.
+            drop(peer);
+            tokio::time::timeout(Duration::from_secs(10), user)
+                .await
+                .expect("the user's calls end with the peer")
+                .unwrap();
+        } else {
+            tokio::time::timeout(Duration::from_secs(10), peer.stop())
+                .await
+                .expect("stop is bounded")
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(10), user)
+                .await
+                .expect("the user's calls end with the peer")
+                .unwrap();
+        }
+    }
+    // The SOCKS port is free again: nothing listens on it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::net::TcpListener::bind(socks_addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the SOCKS port stayed taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = open_fds();
+        if now <= before + 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} descriptors before, {now} after 40 peers",
+            before
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    mesh.stop().await;
+}
