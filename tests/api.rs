@@ -53,7 +53,7 @@ async fn round_trip(relay_only: bool) {
     )
     .await
     .expect("dial in time")
-    .expect("dial");
+    .unwrap_or_else(|e| panic!("dial: {e}"));
     assert!(stream.is_mesh());
     assert_eq!(
         stream.peer_addr().unwrap(),
@@ -123,6 +123,15 @@ async fn round_trip(relay_only: bool) {
         assert!(buf[..n].iter().all(|&b| b == i));
     }
     answer.await.unwrap();
+    // A burst far over the send queue (64): sends wait for room, none fails.
+    let burst = tokio::time::timeout(Duration::from_secs(20), async {
+        for _ in 0..2000 {
+            udp_client.send_to(&[7u8; 1000], to).await.unwrap();
+        }
+    });
+    burst
+        .await
+        .expect("a burst is sent, waiting for room when the queue is full");
     let too_big = vec![0u8; udp_client.max_payload(to) + 1];
     let err = udp_client.send_to(&too_big, to).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
@@ -275,7 +284,10 @@ async fn peers_stopped_or_dropped_at_any_moment_leave_nothing_behind() {
     // The SOCKS port is free again: nothing listens on it.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while std::net::TcpListener::bind(socks_addr).is_err() {
-        assert!(std::time::Instant::now() < deadline, "the SOCKS port stayed taken");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the SOCKS port stayed taken"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

@@ -294,7 +294,7 @@ impl Stack {
         for entry in self.udp.drain(..) {
             let mut st = entry.shared.lock();
             st.closed = true;
-            if let Some(w) = st.rx_waker.take() {
+            for w in [st.rx_waker.take(), st.tx_waker.take()].into_iter().flatten() {
                 w.wake();
             }
         }

@@ -31,6 +31,8 @@ pub(crate) struct UdpState {
     /// Datagrams smoltcp refused to send (an unaddressable destination).
     pub tx_failed: u64,
     pub rx_waker: Option<Waker>,
+    /// A sender waiting for room in `tx`.
+    pub tx_waker: Option<Waker>,
     pub dropped: bool,
     pub closed: bool,
 }
@@ -119,6 +121,20 @@ impl UdpSocket {
         drop(st);
         self.shared.task.notify_one();
         Ok(())
+    }
+
+    /// Wait until the send queue has room for a datagram (or the socket is closed: then
+    /// `send_to` says so).
+    pub async fn writable(&self) {
+        std::future::poll_fn(|cx| {
+            let mut st = self.shared.lock();
+            if st.tx.len() < UDP_QUEUE || st.closed {
+                return Poll::Ready(());
+            }
+            st.tx_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
     }
 
     /// The next datagram and its source.

@@ -6,7 +6,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
@@ -148,9 +147,6 @@ pub struct MeshUdpSocket {
     stop: CancellationToken,
 }
 
-/// How long a send waits before looking again at a full send queue.
-const SEND_RETRY: Duration = Duration::from_millis(1);
-
 impl MeshUdpSocket {
     pub(super) async fn bind(peer: Peer, port: u16) -> Result<Self, Error> {
         let live = peer.live().await?;
@@ -199,7 +195,11 @@ impl MeshUdpSocket {
             match self.socket.send_to(data, to) {
                 Ok(()) => return Ok(data.len()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    tokio::time::sleep(SEND_RETRY).await
+                    tokio::select! {
+                        _ = self.socket.writable() => {}
+                        _ = self.engine.cancelled() => {}
+                        _ = self.stop.cancelled() => {}
+                    }
                 }
                 Err(e) => return Err(e),
             }

@@ -252,7 +252,13 @@ impl Dialer {
             // A peer still being set up (relay negotiation) gets the connect timeout to
             // become reachable, so a first request right after start-up does not fail.
             let deadline = Instant::now() + timeout;
-            let usable = || peer.endpoint().is_some_and(|e| e.is_usable());
+            // Through a relay, the remote must also be online there: just after start-up our
+            // relay connection may be up before the remote's has announced itself.
+            let usable = || match peer.endpoint() {
+                Some(PeerEndpoint::Relay(relay, id)) => relay.is_online(&id),
+                Some(e) => e.is_usable(),
+                None => false,
+            };
             // A peer we had a session with and now have no path to went away (its relay and
             // direct path are both gone): say so at once rather than after the timeout. An
             // idle one (GO_IDLE) is woken and waited for instead.

@@ -183,6 +183,11 @@ impl Stack {
                     }
                 }
             }
+            if st.tx.len() < UDP_QUEUE
+                && let Some(w) = st.tx_waker.take()
+            {
+                w.wake();
+            }
             if st.dropped {
                 // As a kernel socket's: what was sent before the close still goes out; the
                 // socket goes once both queues are empty.
