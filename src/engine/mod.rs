@@ -347,61 +347,31 @@ pub async fn start_datapath(
         m.set_max_connections(options.limits.per_listener);
         m
     };
-    for listen in &options.socks {
-        match listen {
-            ListenAddr::Tcp(addr) => {
-                let l = bind(*addr, "socks5").await?;
-                let bound = l.local_addr().unwrap_or(*addr);
-                ready.listeners.push(("socks5", bound, String::new()));
-                tasks.spawn(socks5::serve(
-                    l,
-                    metrics("socks5", *addr, bound),
-                    options.limits.clone(),
-                    dialer.clone(),
-                    socks_auth.clone(),
-                    cancel.child_token(),
-                ));
-            }
-            ListenAddr::Unix(path) => {
-                let l = bind_unix(path, options.unix_mode, "socks5")?;
-                ready.unix.push(("socks5", path.clone()));
-                tasks.spawn(socks5::serve(
-                    l,
-                    unix_metrics("socks5", path),
-                    options.limits.clone(),
-                    dialer.clone(),
-                    socks_auth.clone(),
-                    cancel.child_token(),
-                ));
-            }
-        }
-    }
-    for listen in &options.http {
-        match listen {
-            ListenAddr::Tcp(addr) => {
-                let l = bind(*addr, "http").await?;
-                let bound = l.local_addr().unwrap_or(*addr);
-                ready.listeners.push(("http", bound, String::new()));
-                tasks.spawn(http::serve(
-                    l,
-                    metrics("http", *addr, bound),
-                    options.limits.clone(),
-                    dialer.clone(),
-                    http_auth.clone(),
-                    cancel.child_token(),
-                ));
-            }
-            ListenAddr::Unix(path) => {
-                let l = bind_unix(path, options.unix_mode, "http")?;
-                ready.unix.push(("http", path.clone()));
-                tasks.spawn(http::serve(
-                    l,
-                    unix_metrics("http", path),
-                    options.limits.clone(),
-                    dialer.clone(),
-                    http_auth.clone(),
-                    cancel.child_token(),
-                ));
+    for (protocol, listens, auth) in [
+        (Protocol::Socks5, &options.socks, &socks_auth),
+        (Protocol::Http, &options.http, &http_auth),
+    ] {
+        let kind = protocol.kind();
+        for listen in listens {
+            let serve = Serve {
+                protocol,
+                limits: options.limits.clone(),
+                dialer: dialer.clone(),
+                auth: auth.clone(),
+                cancel: cancel.child_token(),
+            };
+            match listen {
+                ListenAddr::Tcp(addr) => {
+                    let l = bind(*addr, kind).await?;
+                    let bound = l.local_addr().unwrap_or(*addr);
+                    ready.listeners.push((kind, bound, String::new()));
+                    serve.spawn(tasks, l, metrics(kind, *addr, bound));
+                }
+                ListenAddr::Unix(path) => {
+                    let l = bind_unix(path, options.unix_mode, kind)?;
+                    ready.unix.push((kind, path.clone()));
+                    serve.spawn(tasks, l, unix_metrics(kind, path));
+                }
             }
         }
     }
@@ -512,6 +482,57 @@ pub async fn start_datapath(
         ready,
         relay_inbound,
     })
+}
+
+/// The protocols a listener of `--socks` or `--http` speaks.
+#[derive(Clone, Copy)]
+enum Protocol {
+    Socks5,
+    Http,
+}
+
+impl Protocol {
+    fn kind(self) -> &'static str {
+        match self {
+            Protocol::Socks5 => "socks5",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+/// What serving one SOCKS5 or HTTP listener needs, whatever it listens on (TCP or a Unix
+/// socket).
+struct Serve {
+    protocol: Protocol,
+    limits: Limits,
+    dialer: Dialer,
+    auth: Option<Arc<Credentials>>,
+    cancel: CancellationToken,
+}
+
+impl Serve {
+    fn spawn<L: crate::proxy::Accept>(
+        self,
+        tasks: &mut JoinSet<()>,
+        listener: L,
+        metrics: Arc<ListenerMetrics>,
+    ) {
+        let Serve {
+            protocol,
+            limits,
+            dialer,
+            auth,
+            cancel,
+        } = self;
+        match protocol {
+            Protocol::Socks5 => {
+                tasks.spawn(socks5::serve(listener, metrics, limits, dialer, auth, cancel))
+            }
+            Protocol::Http => {
+                tasks.spawn(http::serve(listener, metrics, limits, dialer, auth, cancel))
+            }
+        };
+    }
 }
 
 /// Our first mesh address with `port`, for display.
