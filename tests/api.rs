@@ -212,6 +212,25 @@ async fn failures_to_join_say_why() {
     }
     assert!(started.elapsed() < Duration::from_secs(10));
 
+    // A WireGuard configuration and NetBird options do not mix: refused before anything runs.
+    let wg: netbird_proxy::WireGuardConfig = format!(
+        "[Interface]\nPrivateKey = {}\nAddress = 100.64.9.1/32\n\n[Peer]\nPublicKey = {}\nAllowedIPs = 100.64.9.2/32\n",
+        base64_key([7; 32]),
+        base64_key([8; 32])
+    )
+    .parse()
+    .unwrap();
+    let mixed = Peer::builder()
+        .wireguard(wg)
+        .setup_key("x")
+        .spawn()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&mixed, Error::Config(m) if m.contains("setup key")),
+        "{mixed:?}"
+    );
+
     // A bad wg-quick file is refused while parsing, before anything starts.
     let parsed: Result<netbird_proxy::WireGuardConfig, _> =
         "[Interface]\nPrivateKey = nope\n".parse();
@@ -275,6 +294,11 @@ async fn peers_stopped_or_dropped_at_any_moment_leave_nothing_behind() {
                 .await
                 .expect("stop is bounded")
                 .unwrap();
+            // `stop` returns once the engine is down: its ports are free at once, while this
+            // handle (and the user's) still exist.
+            drop(
+                std::net::TcpListener::bind(socks_addr).expect("the SOCKS port is free after stop"),
+            );
             tokio::time::timeout(Duration::from_secs(10), user)
                 .await
                 .expect("the user's calls end with the peer")
@@ -303,5 +327,66 @@ async fn peers_stopped_or_dropped_at_any_moment_leave_nothing_behind() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    mesh.stop().await;
+}
+
+fn base64_key(key: [u8; 32]) -> String {
+    use std::fmt::Write;
+    // Standard base64 of 32 bytes, without a crate.
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in key.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                let _ = write!(
+                    out,
+                    "{}",
+                    ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char
+                );
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// `stop` frees everything the engine held, the WireGuard socket included, while the user
+/// still holds the peer: a new peer on the same fixed WireGuard port starts at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_peer_frees_its_wireguard_port_for_the_next() {
+    let mesh = TestMesh::empty().await.unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let first = mesh
+        .builder("fixed")
+        .ready_peers(0)
+        .wireguard_port(port)
+        .start()
+        .await
+        .expect("first peer");
+    first.stop().await.unwrap();
+    let second = tokio::time::timeout(
+        Duration::from_secs(10),
+        mesh.builder("fixed-again")
+            .ready_peers(0)
+            .wireguard_port(port)
+            .start(),
+    )
+    .await
+    .expect("the second peer starts at once")
+    .expect("the port is free");
+    assert!(first.dial("fixed-again.netbird.test", 1).await.is_err());
+    second.stop().await.unwrap();
+    drop(first);
     mesh.stop().await;
 }

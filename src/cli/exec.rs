@@ -71,7 +71,13 @@ pub async fn run(mut run: RunArgs, ready_timeout: Duration, command: Vec<String>
         }
     }
     match (code, stopped) {
-        (Some(c), _) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        (Some(c), stopped) => {
+            // CMD's status is ours; a peer that failed meanwhile still says why.
+            if let Err(e) = stopped {
+                eprintln!("netbird-proxy: {}", message(&e));
+            }
+            ExitCode::from(u8::try_from(c).unwrap_or(1))
+        }
         // The peer ended before CMD could run: its own status says why.
         (None, Err(e)) => {
             eprintln!("netbird-proxy: {}", message(&e));

@@ -93,6 +93,20 @@ impl fmt::Debug for LiveDataPath {
 /// The slot the engines publish their data paths in, one after another.
 pub type Publish = Arc<tokio::sync::watch::Sender<Option<LiveDataPath>>>;
 
+/// Empty the slot when it holds a data path that was cancelled: its handles keep the
+/// WireGuard socket open, and a successor binding the same port must find it closed.
+pub(crate) fn unpublish(publish: &Option<Publish>) {
+    if let Some(p) = publish {
+        p.send_if_modified(|live| {
+            let stale = live.as_ref().is_some_and(|l| l.cancel.is_cancelled());
+            if stale {
+                *live = None;
+            }
+            stale
+        });
+    }
+}
+
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DataPathError {
@@ -155,12 +169,14 @@ pub async fn run_static(
 ) -> Result<(), DataPathError> {
     let mut tasks = JoinSet::new();
     let options_status = options.status.clone();
+    let publish = options.publish.clone();
     let result = start_static(config, options, &cancel, &mut tasks, on_ready).await;
     if result.is_ok() {
         cancel.cancelled().await;
     }
     // One teardown path, for a failed start and for a stop alike.
     cancel.cancel();
+    unpublish(&publish);
     if let Some(hub) = &options_status {
         hub.detach();
     }

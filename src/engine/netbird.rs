@@ -230,6 +230,7 @@ impl Engine {
     /// The one teardown path.
     async fn stop_locked(&self, state: &mut State) {
         self.cancel.cancel();
+        super::unpublish(&self.config.proxy.publish);
         if let Some(hub) = &self.config.proxy.status {
             hub.detach();
         }

@@ -49,13 +49,17 @@ impl Supervisor {
         }
     }
 
-    /// Wait for the run loop to end by itself (a permanent error) or by `stop`.
+    /// Wait for the run loop to end by itself (a permanent error) or by `stop`. A wait that
+    /// is dropped (a `select!` that took another branch) leaves the loop's handle for the
+    /// next one, so a later `stop` still waits for the loop to finish.
     pub async fn wait(&self) -> Result<(), EngineError> {
-        let handle = self.handle.lock().await.take();
-        match handle {
+        let mut handle = self.handle.lock().await;
+        let result = match handle.as_mut() {
             Some(h) => h.await.unwrap_or(Err(EngineError::Cancelled)),
-            None => Ok(()),
-        }
+            None => return Ok(()),
+        };
+        *handle = None;
+        result
     }
 
     /// Cancel the run and wait for the loop (and so its engine) to finish.

@@ -24,20 +24,6 @@ pub const DEFAULT_MANAGEMENT_URL: &str = crate::control::management_client::DEFA
 /// How long [`PeerBuilder::start`] waits for the peer to be ready unless told.
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Which network the peer joins.
-#[derive(Clone)]
-enum Network {
-    /// A NetBird account, through its management service.
-    Netbird {
-        management_url: String,
-        setup_key: Option<String>,
-        hostname: Option<String>,
-        identity: Identity,
-    },
-    /// Fixed WireGuard peers from a wg-quick configuration.
-    Static(Box<WgConfig>),
-}
-
 /// Where the peer's WireGuard private key comes from.
 #[derive(Clone)]
 enum Identity {
@@ -92,7 +78,14 @@ impl std::fmt::Debug for WireGuardConfig {
 #[derive(Clone)]
 #[must_use = "a builder does nothing until `start` or `spawn`"]
 pub struct PeerBuilder {
-    network: Network,
+    /// Fixed WireGuard peers instead of a NetBird account.
+    wireguard: Option<Box<WgConfig>>,
+    management_url: String,
+    setup_key: Option<String>,
+    hostname: Option<String>,
+    identity: Identity,
+    /// The NetBird-only options given, to refuse them beside a WireGuard configuration.
+    netbird_options: Vec<&'static str>,
     wg_port: u16,
     proxy: ProxyOptions,
     max_connections: usize,
@@ -122,12 +115,12 @@ impl PeerBuilder {
     pub fn new() -> Self {
         let limits = Limits::new(1024, 4096, Duration::from_secs(10));
         Self {
-            network: Network::Netbird {
-                management_url: DEFAULT_MANAGEMENT_URL.into(),
-                setup_key: None,
-                hostname: None,
-                identity: Identity::Fresh,
-            },
+            wireguard: None,
+            management_url: DEFAULT_MANAGEMENT_URL.into(),
+            setup_key: None,
+            hostname: None,
+            identity: Identity::Fresh,
+            netbird_options: Vec::new(),
             wg_port: 0,
             proxy: ProxyOptions {
                 unix_mode: 0o600,
@@ -147,49 +140,25 @@ impl PeerBuilder {
         }
     }
 
-    fn netbird(
-        &mut self,
-    ) -> (
-        &mut String,
-        &mut Option<String>,
-        &mut Option<String>,
-        &mut Identity,
-    ) {
-        if !matches!(self.network, Network::Netbird { .. }) {
-            self.network = Network::Netbird {
-                management_url: DEFAULT_MANAGEMENT_URL.into(),
-                setup_key: None,
-                hostname: None,
-                identity: Identity::Fresh,
-            };
-        }
-        match &mut self.network {
-            Network::Netbird {
-                management_url,
-                setup_key,
-                hostname,
-                identity,
-            } => (management_url, setup_key, hostname, identity),
-            Network::Static(_) => unreachable!("set just above"),
-        }
-    }
-
     /// The management service's URL (default [`DEFAULT_MANAGEMENT_URL`]).
     pub fn management_url(mut self, url: impl Into<String>) -> Self {
-        *self.netbird().0 = url.into();
+        self.netbird_options.push("management URL");
+        self.management_url = url.into();
         self
     }
 
     /// The setup key that registers this peer on its first start. A peer already registered
     /// (its key in a [`state_file`](Self::state_file)) needs none.
     pub fn setup_key(mut self, key: impl Into<String>) -> Self {
-        *self.netbird().1 = Some(key.into()).filter(|k| !k.is_empty());
+        self.netbird_options.push("setup key");
+        self.setup_key = Some(key.into()).filter(|k| !k.is_empty());
         self
     }
 
     /// The name the peer registers with (default: this machine's host name).
     pub fn hostname(mut self, name: impl Into<String>) -> Self {
-        *self.netbird().2 = Some(name.into());
+        self.netbird_options.push("host name");
+        self.hostname = Some(name.into());
         self
     }
 
@@ -197,19 +166,23 @@ impl PeerBuilder {
     /// every run is the same peer with the same name and mesh address. Without one, each
     /// start registers a new peer.
     pub fn state_file(mut self, path: impl Into<PathBuf>) -> Self {
-        *self.netbird().3 = Identity::File(path.into());
+        self.netbird_options.push("state file");
+        self.identity = Identity::File(path.into());
         self
     }
 
     /// Use this WireGuard private key instead of a state file.
     pub fn private_key(mut self, key: [u8; 32]) -> Self {
-        *self.netbird().3 = Identity::Key(key);
+        self.netbird_options.push("private key");
+        self.identity = Identity::Key(key);
         self
     }
 
-    /// Join fixed WireGuard peers instead of a NetBird account.
+    /// Join fixed WireGuard peers instead of a NetBird account (the NetBird options —
+    /// management URL, setup key, host name, identity — then have no place: giving one is an
+    /// error at start).
     pub fn wireguard(mut self, config: WireGuardConfig) -> Self {
-        self.network = Network::Static(Box::new(config.0));
+        self.wireguard = Some(Box::new(config.0));
         self
     }
 
@@ -425,14 +398,23 @@ impl PeerBuilder {
             )
         };
         let mut logout = None;
-        let run = match self.network {
-            Network::Static(config) => super::Run::Static(Box::new((*config, self.proxy))),
-            Network::Netbird {
-                management_url,
-                setup_key,
-                hostname,
-                identity,
-            } => {
+        let run = match self.wireguard {
+            Some(_) if !self.netbird_options.is_empty() => {
+                self.netbird_options.dedup();
+                return Err(Error::Config(format!(
+                    "a WireGuard configuration joins fixed peers, not a NetBird account: \
+                     leave out the {}",
+                    self.netbird_options.join(", ")
+                )));
+            }
+            Some(config) => super::Run::Static(Box::new((*config, self.proxy))),
+            None => {
+                let (management_url, setup_key, hostname, identity) = (
+                    self.management_url,
+                    self.setup_key,
+                    self.hostname,
+                    self.identity,
+                );
                 let (private_key, state) = match identity {
                     Identity::Fresh => (rand::random(), None),
                     Identity::Key(k) => (k, None),

@@ -122,7 +122,8 @@ impl Ready {
     }
 
     /// Each TCP or UDP listener's kind (`socks5`, `http`, `proxy`, `forward`, `expose`) and
-    /// bound address, in the order configured: a port 0 asked for is the port the system gave.
+    /// bound address — TCP listeners first, then UDP ones, each in the order configured; a
+    /// port 0 asked for is the port the system gave.
     pub fn listeners(&self) -> &[(&'static str, SocketAddr)] {
         &self.listeners
     }
@@ -170,7 +171,9 @@ struct Logout {
 /// A peer of a NetBird mesh (or of fixed WireGuard peers) running in this process.
 ///
 /// Cloning gives another handle to the same peer. The peer stops on [`stop`](Self::stop),
-/// or when the last handle is dropped.
+/// or when the last handle is dropped; a [`MeshListener`] and a [`StatusChanges`] hold a
+/// handle too (a listener takes its port again after an engine rebuild), so a program that
+/// keeps one in a task should stop the peer explicitly.
 ///
 /// ```no_run
 /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -266,8 +269,14 @@ impl Plan {
         });
         let weak = Arc::downgrade(&inner);
         let run = self.run;
-        tokio::spawn(async move {
-            let result = match run {
+        let slot = publish.clone();
+        let engine_stop = stop.clone();
+        // The engine runs in a task of its own so that a panic in it (or in the user's
+        // `on_ready`, which runs there) still ends the peer with an error instead of leaving
+        // `stop` and `wait` waiting forever.
+        let engine = async move {
+            let stop = engine_stop;
+            match run {
                 Run::Static(parts) => {
                     let (config, mut options) = *parts;
                     options.status = Some(hub);
@@ -287,8 +296,17 @@ impl Plan {
                     };
                     r.map_err(Error::from_engine)
                 }
+            }
+        };
+        tokio::spawn(async move {
+            let result = match tokio::spawn(engine).await {
+                Ok(r) => r,
+                Err(e) if e.is_panic() => Err(Error::Failed("the peer's engine panicked".into())),
+                Err(_) => Err(Error::Stopped),
             };
-            // The peer's other tasks (the status endpoint) end with it.
+            // Nothing of the engine stays reachable (its handles hold the WireGuard socket),
+            // and the peer's other tasks (the status endpoint) end with it.
+            slot.send_replace(None);
             stop.cancel();
             while tasks.join_next().await.is_some() {}
             if let Some(inner) = weak.upgrade() {
@@ -403,8 +421,10 @@ impl Peer {
         Ok(listener)
     }
 
-    /// A UDP socket on `port` of our mesh addresses (0: any free port) for datagrams to and
-    /// from other peers. Datagrams from peers pass their access policies as a new flow does.
+    /// A UDP socket on `port` of our mesh addresses for datagrams to and from other peers.
+    /// A given port is a service: each datagram to it passes the peers' access policies as a
+    /// new flow does. Port 0 picks a free port for a client socket, whose datagrams are not
+    /// checked (as replies to ours pass a stateful firewall); its port is not announced.
     pub async fn bind_udp(&self, port: u16) -> Result<MeshUdpSocket, Error> {
         MeshUdpSocket::bind(self.clone(), port).await
     }
@@ -475,7 +495,7 @@ impl Peer {
         let mut live = self.inner.live.clone();
         loop {
             if self.inner.stop.is_cancelled() {
-                return Err(Error::Stopped);
+                return Err(self.outcome_error());
             }
             if let Some(l) = live.borrow_and_update().as_ref()
                 && !l.cancel.is_cancelled()
@@ -492,7 +512,7 @@ impl Peer {
                         return Err(Error::Connect(format!("the mesh is not up: {reason}")));
                     }
                 },
-                _ = self.inner.stop.cancelled() => return Err(Error::Stopped),
+                _ = self.inner.stop.cancelled() => return Err(self.outcome_error()),
                 // A stopped engine publishes nothing: look again when its successor does.
                 _ = tokio::time::sleep(READY_POLL) => {}
             }

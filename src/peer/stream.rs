@@ -145,6 +145,8 @@ pub struct MeshUdpSocket {
     socket: crate::netstack::UdpSocket,
     engine: CancellationToken,
     stop: CancellationToken,
+    sending: tokio::sync::Mutex<()>,
+    receiving: tokio::sync::Mutex<()>,
 }
 
 impl MeshUdpSocket {
@@ -163,6 +165,8 @@ impl MeshUdpSocket {
             socket,
             engine: live.cancel,
             stop: peer.inner.stop.clone(),
+            sending: tokio::sync::Mutex::new(()),
+            receiving: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -188,6 +192,8 @@ impl MeshUdpSocket {
 
     /// Send one datagram to a mesh address; waits while the send queue is full.
     pub async fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<usize> {
+        // Senders waiting for room take turns (the netstack wakes one waiter).
+        let _turn = self.sending.lock().await;
         loop {
             if let Some(e) = self.gone() {
                 return Err(e);
@@ -209,6 +215,8 @@ impl MeshUdpSocket {
     /// The next datagram into `buf` (cut to its length, as a kernel socket does): its length
     /// and source.
     pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        // Receivers take turns (the netstack wakes one waiter); each gets its own datagram.
+        let _turn = self.receiving.lock().await;
         if let Some(e) = self.gone() {
             return Err(e);
         }

@@ -255,7 +255,9 @@ impl Dialer {
             // Through a relay, the remote must also be online there: just after start-up our
             // relay connection may be up before the remote's has announced itself.
             let usable = || match peer.endpoint() {
-                Some(PeerEndpoint::Relay(relay, id)) => relay.is_online(&id),
+                Some(e @ PeerEndpoint::Relay(..)) => {
+                    e.is_usable() && matches!(&e, PeerEndpoint::Relay(r, id) if r.is_online(id))
+                }
                 Some(e) => e.is_usable(),
                 None => false,
             };
