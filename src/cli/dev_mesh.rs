@@ -22,6 +22,7 @@ pub async fn run(command: Command) -> ExitCode {
         turn,
         turn_credentials,
         networks,
+        simulated_peers,
         ..
     } = command
     else {
@@ -58,6 +59,7 @@ pub async fn run(command: Command) -> ExitCode {
         state,
         turn,
         networks,
+        simulated_peers,
         ..DevMeshConfig::local("", "")
     };
     let mesh = match DevMesh::start(config).await {

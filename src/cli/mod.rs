@@ -490,6 +490,10 @@ pub enum Command {
         /// TOML file, sent to the peers as NetBird's management would (README: "Networks").
         #[arg(long, value_name = "FILE")]
         networks: Option<PathBuf>,
+        /// Also register N peers that never connect (`sim-1`, `sim-2`, ...), as most peers
+        /// of a large account are: every map lists them, to measure what a big map costs.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        simulated_peers: usize,
         /// The TURN server's long-term credentials, `USER:PASSWORD`.
         #[arg(long, value_name = "USER:PASSWORD", requires = "turn")]
         turn_credentials: Option<String>,

@@ -81,6 +81,9 @@ pub struct DevMeshConfig {
     pub state: Option<PathBuf>,
     /// Fault injection for tests: logins succeed, every Sync is refused (`Unavailable`).
     pub refuse_sync: bool,
+    /// Registered peers that never connect, as most of a large account's are: each peer's
+    /// map lists them (`dev-mesh --simulated-peers`), to measure what a big map costs.
+    pub simulated_peers: usize,
     /// A TURN server to announce (`NetbirdConfig.turns`).
     pub turn: Option<TurnServer>,
     /// Groups, policies and routes (`--networks FILE`).
@@ -100,6 +103,7 @@ impl DevMeshConfig {
             services: Services::default(),
             state: None,
             refuse_sync: false,
+            simulated_peers: 0,
             turn: None,
             networks: None,
         }
@@ -178,6 +182,7 @@ impl DevMesh {
         if let Some(key) = &config.setup_key {
             state.setup_key = key.clone();
         }
+        state::add_simulated(&mut state, config.simulated_peers, &config.domain);
 
         // Bind everything first: with ephemeral ports the URLs come from the listeners.
         let management = if config.services.management {

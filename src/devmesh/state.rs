@@ -26,6 +26,44 @@ pub struct PeerEntry {
     pub fqdn: String,
 }
 
+/// Register `count` peers that never connect (`sim-1`, `sim-2`, ...), with random keys and the
+/// first free overlay addresses; names and addresses already taken are skipped.
+pub fn add_simulated(state: &mut DevMeshState, count: usize, domain: &str) {
+    let mut used: std::collections::HashSet<Ipv4Addr> = state.peers.iter().map(|p| p.ip).collect();
+    let mut addresses = (1usize..)
+        .map(|n| Ipv4Addr::new(100, 64, (n / 250) as u8, (n % 250) as u8 + 1))
+        .take(250 * 256 - 1);
+    // A state file already holding them (a restarted dev mesh) gets only the difference.
+    let count = count.saturating_sub(
+        state
+            .peers
+            .iter()
+            .filter(|p| p.fqdn.starts_with("sim-"))
+            .count(),
+    );
+    let mut added = 0;
+    let mut n = 0;
+    while added < count {
+        n += 1;
+        let fqdn = format!("sim-{n}.{domain}");
+        if state.peers.iter().any(|p| p.fqdn == fqdn) {
+            continue;
+        }
+        let Some(ip) = addresses.by_ref().find(|ip| !used.contains(ip)) else {
+            tracing::warn!("no overlay address left after {added} simulated peers");
+            return;
+        };
+        used.insert(ip);
+        let secret = boringtun::x25519::StaticSecret::random_from_rng(rand_core::OsRng);
+        state.peers.push(PeerEntry {
+            public_key: boringtun::x25519::PublicKey::from(&secret).to_bytes(),
+            ip,
+            fqdn,
+        });
+        added += 1;
+    }
+}
+
 /// The persistent part of a dev mesh.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DevMeshState {
@@ -244,5 +282,25 @@ mod tests {
             "{e}"
         );
         let _ = fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn simulated_peers_get_distinct_names_addresses_and_keys_once() {
+        let mut state = DevMeshState::new("KEY".into());
+        state.peers.push(PeerEntry {
+            public_key: [1; 32],
+            ip: Ipv4Addr::new(100, 64, 0, 2),
+            fqdn: "real.mesh.test".into(),
+        });
+        add_simulated(&mut state, 600, "mesh.test");
+        assert_eq!(state.peers.len(), 601);
+        let ips: std::collections::HashSet<_> = state.peers.iter().map(|p| p.ip).collect();
+        let names: std::collections::HashSet<_> = state.peers.iter().map(|p| &p.fqdn).collect();
+        let keys: std::collections::HashSet<_> = state.peers.iter().map(|p| p.public_key).collect();
+        assert_eq!((ips.len(), names.len(), keys.len()), (601, 601, 601));
+        assert!(state.peers[1..].iter().all(|p| p.fqdn.starts_with("sim-")));
+        // A restarted dev mesh with the same state adds none again.
+        add_simulated(&mut state, 600, "mesh.test");
+        assert_eq!(state.peers.len(), 601);
     }
 }
