@@ -76,6 +76,33 @@ fn wireguard(c: &mut Criterion) {
             }
         })
     });
+    // A large account's map: 5 000 peers (a /32 each) and a few routes. The lookup runs for
+    // every packet, so it must not grow with the map.
+    let mut big = AllowedIps::new();
+    for i in 0..5000u32 {
+        let ip = std::net::Ipv4Addr::new(100, 64, (i / 250) as u8, (i % 250) as u8 + 1);
+        big.insert(format!("{ip}/32").parse().unwrap(), i as usize);
+    }
+    for (n, route) in ["10.0.0.0/8", "192.168.0.0/16", "0.0.0.0/0"]
+        .iter()
+        .enumerate()
+    {
+        big.insert(route.parse().unwrap(), 6000 + n);
+    }
+    let probes: Vec<std::net::IpAddr> = (0..64u32)
+        .map(|i| {
+            std::net::Ipv4Addr::new(100, 64, (i * 77 % 20) as u8, (i * 31 % 250) as u8 + 1).into()
+        })
+        .collect();
+    group.bench_function("route_lookup_5000_peers_x64", |bench| {
+        bench.iter(|| {
+            let mut found = 0;
+            for ip in &probes {
+                found += usize::from(big.lookup(*ip).is_some_and(|p| p < 5000));
+            }
+            assert_eq!(found, probes.len());
+        })
+    });
     group.bench_function("encapsulate_decapsulate_1400B", |bench| {
         bench.iter(|| {
             let n = match a.encapsulate(&packet, &mut wire) {
