@@ -390,3 +390,73 @@ async fn a_stopped_peer_frees_its_wireguard_port_for_the_next() {
     drop(first);
     mesh.stop().await;
 }
+
+/// Lazy connections (issue 20), on the relayed path: two lazy peers send no offer and open
+/// no relay connection but their home one until one dials the other; the dial wakes the
+/// peer and goes through; after the inactivity timeout without data both sides are idle
+/// again (GO_IDLE told the other), and the next dial wakes them once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_peers_connect_on_first_use_and_go_idle_when_unused() {
+    let mut mesh = TestMesh::empty().await.unwrap();
+    for name in ["a", "b"] {
+        let builder = mesh
+            .builder(name)
+            .lazy_connections(true)
+            .lazy_inactivity(Duration::from_secs(2))
+            .ice(false);
+        mesh.add(name, builder)
+            .await
+            .expect("a lazy peer is ready on its map");
+    }
+    let (a, b) = (mesh.peer("a").clone(), mesh.peer("b").clone());
+    let echo = serve_echo(b.listen(7000).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let connected = |p: &Peer| {
+        p.status()
+            .peers
+            .iter()
+            .filter(|s| s.status == "connected")
+            .count()
+    };
+    let sent = |p: &Peer| p.status().signal.and_then(|s| s.sent).unwrap_or(0);
+    let opened = |p: &Peer| p.status().relay.and_then(|r| r.opened).unwrap_or(0);
+    assert_eq!(
+        (connected(&a), connected(&b)),
+        (0, 0),
+        "nothing set up before use"
+    );
+    assert_eq!((sent(&a), sent(&b)), (0, 0), "no offer before use");
+    assert_eq!((opened(&a), opened(&b)), (1, 1), "only the home relay");
+
+    let round_trip = |peer: Peer| async move {
+        let mut s =
+            tokio::time::timeout(Duration::from_secs(15), peer.dial("b.netbird.test", 7000))
+                .await
+                .expect("a dial waits for the woken peer, within its timeout")
+                .unwrap_or_else(|e| panic!("dial: {e}"));
+        s.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+    };
+    round_trip(a.clone()).await;
+    assert_eq!(connected(&a), 1, "the dial woke b");
+    assert!(sent(&a) >= 1, "a offered to b");
+
+    // Idle: no data for 2 s; the check runs every 5 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while connected(&a) + connected(&b) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still connected after 20 s without data: a {} b {}",
+            connected(&a),
+            connected(&b)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    round_trip(a.clone()).await;
+    assert_eq!(connected(&a), 1, "woken again");
+    b.stop().await.unwrap();
+    let _ = echo.await;
+    mesh.stop().await;
+}

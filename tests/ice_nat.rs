@@ -318,6 +318,9 @@ impl Lab {
                 &status,
                 "--log-level",
                 "info",
+                // ICE is set up as the peers meet, before any traffic: eager peers.
+                "--lazy-connections",
+                "off",
             ];
             let mut cmd = Command::new("ip");
             cmd.args(["netns", "exec", &me.ns(ns), "setpriv", "--reuid", "65534"])

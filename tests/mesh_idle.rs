@@ -77,6 +77,8 @@ async fn peer(
             proxy,
             ice: IceOptions::default(),
             networks: Default::default(),
+            lazy: false,
+            lazy_inactivity: std::time::Duration::from_secs(900),
         },
         Arc::new(move |r| {
             let socks = r.listeners.iter().find(|l| l.0 == "socks5").map(|l| l.1);

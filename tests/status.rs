@@ -200,7 +200,15 @@ fn status_shows_every_peer_of_a_three_peer_mesh() {
         &mesh,
         &state.0,
         "alpha",
-        &["--socks", "0", "--status-addr", &port.to_string()],
+        &[
+            "--socks",
+            "0",
+            "--status-addr",
+            &port.to_string(),
+            // Readiness counts connected peers only when they connect before use.
+            "--lazy-connections",
+            "off",
+        ],
     );
     // Alone in the mesh: not ready — first for want of a network map, then of a peer.
     let start = Instant::now();
@@ -213,8 +221,9 @@ fn status_shows_every_peer_of_a_three_peer_mesh() {
         assert!(start.elapsed() < Duration::from_secs(10), "{body}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let b = join(&mesh, &state.0, "bravo", &["--socks", "0"]);
-    let c = join(&mesh, &state.0, "charlie", &["--socks", "0"]);
+    let eager = ["--socks", "0", "--lazy-connections", "off"];
+    let b = join(&mesh, &state.0, "bravo", &eager);
+    let c = join(&mesh, &state.0, "charlie", &eager);
     wait_readyz(port, 200, Duration::from_secs(40));
 
     let status = |args: &[&str]| {
@@ -330,12 +339,25 @@ fn wait_returns_when_ready_or_fails_with_the_reason() {
     let state = TempDir::new("status-wait");
     let ready_port = free_port();
     let never_port = free_port();
-    let _b = join(&mesh, &state.0, "bravo", &["--socks", "0"]);
+    // Readiness counts connected peers only when they connect before use: eager peers.
+    let _b = join(
+        &mesh,
+        &state.0,
+        "bravo",
+        &["--socks", "0", "--lazy-connections", "off"],
+    );
     let _a = join(
         &mesh,
         &state.0,
         "alpha",
-        &["--socks", "0", "--status-addr", &ready_port.to_string()],
+        &[
+            "--socks",
+            "0",
+            "--status-addr",
+            &ready_port.to_string(),
+            "--lazy-connections",
+            "off",
+        ],
     );
     let _n = join(
         &mesh,
@@ -348,6 +370,8 @@ fn wait_returns_when_ready_or_fails_with_the_reason() {
             &never_port.to_string(),
             "--ready-peers",
             "5",
+            "--lazy-connections",
+            "off",
         ],
     );
     let wait = |port: u16, timeout: &str| {

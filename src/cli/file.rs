@@ -204,6 +204,14 @@ pub fn render(run: &RunArgs) -> String {
     );
     put("mesh_only", Some(Value::Boolean(run.mesh_only)));
     put("force_relay", Some(Value::Boolean(run.force_relay)));
+    put(
+        "lazy_connections",
+        Some(text(if run.lazy_connections { "on" } else { "off" }.into())),
+    );
+    put(
+        "lazy_inactivity",
+        Some(text(format!("{}ms", run.lazy_inactivity.as_millis()))),
+    );
     put("force_relay_peer", Some(list(run.force_relay_peer.clone())));
     put(
         "allow_unauthenticated",

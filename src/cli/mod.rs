@@ -33,6 +33,15 @@ fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
     s.parse()
 }
 
+/// `on`/`off` (and `true`/`false`, `1`/`0`), as NetBird's variables take.
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("`{s}` is not on or off")),
+    }
+}
+
 /// `--unix-mode`: octal permissions of Unix-socket listeners.
 pub fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
@@ -195,6 +204,19 @@ pub struct RunArgs {
     /// `NB_FORCE_RELAY=true`).
     #[arg(long, env = "NB_FORCE_RELAY")]
     pub force_relay: bool,
+
+    /// Lazy connections (on by default): a mesh peer is set up on first traffic to it (or
+    /// its offer) and idled after --lazy-inactivity without data, so a job on an account of
+    /// thousands of peers opens only what it uses; `off` sets every peer up at start and
+    /// keeps it. Readiness is then the network map alone (`--ready-peers` is not waited
+    /// for). NetBird's `NB_LAZY_CONN`.
+    #[arg(long, env = "NB_LAZY_CONN", value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub lazy_connections: bool,
+
+    /// How long a lazily connected peer may go without data before it is idled (NetBird's
+    /// `NB_LAZY_CONN_INACTIVITY_THRESHOLD`).
+    #[arg(long, env = "NB_LAZY_CONN_INACTIVITY_THRESHOLD", value_name = "DURATION", default_value = "15m", value_parser = parse_duration)]
+    pub lazy_inactivity: Duration,
 
     /// Keep this peer on the relay (its name, mesh IP or public key); repeatable, or
     /// comma-separated in the variable.

@@ -29,7 +29,9 @@ pub fn builder(run: &RunArgs) -> Result<PeerBuilder, String> {
             .networks(&run.networks_select, &run.networks_deselect)
             .client_routes(!run.disable_client_routes)
             .server_routes(!run.disable_server_routes)
-            .route_to_host(run.route_to_host);
+            .route_to_host(run.route_to_host)
+            .lazy_connections(run.lazy_connections)
+            .lazy_inactivity(run.lazy_inactivity);
         if let Some(key) = &run.setup_key {
             b = b.setup_key(key);
         }

@@ -56,6 +56,8 @@ pub struct SignalClient {
     uri: String,
     connected: watch::Sender<bool>,
     cancel: CancellationToken,
+    /// Messages sent (offers, answers, candidates, GO_IDLE), for status.
+    sent: std::sync::atomic::AtomicU64,
 }
 
 impl SignalClient {
@@ -89,12 +91,18 @@ impl SignalClient {
             uri: uri.to_string(),
             connected,
             cancel,
+            sent: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
     /// Our key string.
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// Messages sent so far (each counted once it is handed to the RPC).
+    pub fn messages_sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the receive stream is registered right now.
@@ -127,6 +135,7 @@ impl SignalClient {
             body: envelope::seal_message(&body, &self.private_key, &peer),
         };
         let mut rpc = self.rpc.clone();
+        self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::select! {
             _ = self.cancel.cancelled() => Err(SignalError::Cancelled),
             r = tokio::time::timeout(SEND_TIMEOUT, rpc.send(msg)) => match r {

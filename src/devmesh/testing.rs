@@ -104,6 +104,8 @@ impl TestMesh {
             .management_url(&self.mesh.management_url)
             .setup_key(&self.mesh.setup_key)
             .hostname(name)
+            // Every peer of a test mesh is set up at once, so `start` can promise it.
+            .lazy_connections(false)
     }
 
     /// Start a peer from `builder` (see [`builder`](Self::builder)) under `name`, waiting

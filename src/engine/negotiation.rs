@@ -59,6 +59,8 @@ struct PeerState {
     connecting: bool,
     /// The remote went idle: no offers until traffic for it or a message from it.
     idle: bool,
+    /// Data bytes both ways as last seen, and when they last changed (lazy connections).
+    activity: (u64, Instant),
     /// The setup attempt in flight (numbered by the negotiator, never reused; 0: none), so
     /// the outcome of one abandoned by `reset` or a peer change is ignored.
     attempt: u64,
@@ -80,6 +82,7 @@ impl PeerState {
             relay_url: None,
             connecting: false,
             idle: false,
+            activity: (0, Instant::now()),
             attempt: 0,
             next_offer: Instant::now(),
             retry: FIRST_RETRY,
@@ -122,7 +125,18 @@ pub struct Negotiator {
     pub wg_port: u16,
     /// ICE, unless it is off (`--force-relay`): relay-only offers then.
     pub ice: Option<IceSetup>,
+    /// Lazy connections (netbird-protocol.md §7.5): a peer is set up on first traffic to it
+    /// or when it offers, and goes idle (GO_IDLE) after this long without data either way.
+    /// None: every peer is set up at once and kept.
+    pub lazy: Option<Duration>,
 }
+
+/// Traffic for a peer being set up brings its next offer forward unless it is due within
+/// this anyway.
+const DEMAND_RETRY: Duration = Duration::from_secs(1);
+
+/// How often peers are checked for inactivity (lazy connections).
+const INACTIVITY_CHECK: Duration = Duration::from_secs(5);
 
 /// What ICE needs from the engine.
 pub struct IceSetup {
@@ -251,6 +265,7 @@ impl Negotiator {
         let (attached_tx, mut attached_rx) = mpsc::channel::<Attached>(64);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut sweep = tokio::time::interval(RELAY_SWEEP);
+        let mut inactivity = tokio::time::interval(INACTIVITY_CHECK);
         let mut home = self.relays.home_changes();
         let mut attempts: u64 = 0;
         loop {
@@ -262,9 +277,18 @@ impl Negotiator {
                         // New, or changed (WireGuard replaced the peer: set it up again, but
                         // an idle peer stays idle; a direct path carries over).
                         let key = peer.key.clone();
-                        let idle = peers.get(&key).is_some_and(|s| s.idle);
+                        // A peer new to us starts idle in lazy mode: set up on first use.
+                        let idle = match peers.get(&key) {
+                            Some(s) => s.idle,
+                            None => self.lazy.is_some(),
+                        };
                         let mut st = PeerState::new(peer);
                         st.idle = idle;
+                        if idle {
+                            // Idle on purpose: its traffic is reported wanted (a wake-up), and
+                            // route elections count it as idle, not unreachable.
+                            self.wg.clear_peer_endpoint(&st.peer.public_key);
+                        }
                         if let Some(ice) = &ice
                             && let Some(pair) = ice.agents.selected(&key)
                         {
@@ -376,12 +400,28 @@ impl Negotiator {
                 w = wanted.recv() => {
                     let Some(public_key) = w else { return };
                     let key = crate::control::envelope::key_string(&public_key);
-                    if let Some(st) = peers.get_mut(&key)
-                        && st.idle
-                    {
-                        info!(peer = %st.peer.fqdn, "traffic for an idle peer; waking it");
-                        st.idle = false;
-                        st.reset();
+                    let now = Instant::now();
+                    let offer_now = match peers.get_mut(&key) {
+                        Some(st) if st.idle => {
+                            info!(peer = %st.peer.fqdn, "traffic for an idle peer; waking it");
+                            st.idle = false;
+                            st.activity.1 = now;
+                            st.reset();
+                            true
+                        }
+                        // Waiting out a backoff while there is traffic for it (it left and may
+                        // be back): try now, from the first step.
+                        Some(st) if !st.connected()
+                            && !st.connecting
+                            && st.next_offer > now + DEMAND_RETRY =>
+                        {
+                            debug!(peer = %st.peer.fqdn, "traffic for a peer being set up; offering now");
+                            st.reset();
+                            true
+                        }
+                        _ => false,
+                    };
+                    if offer_now {
                         self.offer(&key, body::Type::Offer, &peers, ice.as_mut()).await;
                         if let Some(st) = peers.get_mut(&key) {
                             st.next_offer = Instant::now() + st.retry;
@@ -402,6 +442,9 @@ impl Negotiator {
                             st.reset();
                         }
                     }
+                }
+                _ = inactivity.tick(), if self.lazy.is_some() => {
+                    self.idle_inactive(&mut peers, ice.as_mut()).await;
                 }
                 _ = sweep.tick() => {
                     let in_use: HashSet<String> =
@@ -448,6 +491,56 @@ impl Negotiator {
             }
             if let Some(ice) = &mut ice {
                 self.flush_ice(ice, &mut peers).await;
+            }
+        }
+    }
+
+    /// Lazy connections: peers with a path and no data either way for the inactivity
+    /// timeout go idle — GO_IDLE to the remote (so it closes its side too), no path, woken
+    /// again by traffic for it or its offer.
+    async fn idle_inactive(
+        &self,
+        peers: &mut HashMap<String, PeerState>,
+        mut ice: Option<&mut Ice>,
+    ) {
+        let Some(timeout) = self.lazy else { return };
+        let now = Instant::now();
+        let mut going = Vec::new();
+        for (key, st) in peers.iter_mut() {
+            if st.idle {
+                continue;
+            }
+            let bytes = self
+                .wg
+                .peer(&st.peer.public_key)
+                .map(|p| {
+                    p.counters.rx_bytes.load(std::sync::atomic::Ordering::Relaxed)
+                        + p.counters.tx_bytes.load(std::sync::atomic::Ordering::Relaxed)
+                })
+                .unwrap_or(0);
+            if bytes != st.activity.0 {
+                st.activity = (bytes, now);
+            } else if now.duration_since(st.activity.1) >= timeout {
+                going.push(key.clone());
+            }
+        }
+        for key in going {
+            let Some(st) = peers.get_mut(&key) else { continue };
+            info!(peer = %st.peer.fqdn, "no traffic for {timeout:?}; going idle until it is needed");
+            st.reset();
+            st.idle = true;
+            st.direct = false;
+            st.ice_retry_at = None;
+            if let Some(ice) = ice.as_deref_mut() {
+                ice.agents.close(&key, "the peer went idle");
+            }
+            self.wg.clear_peer_endpoint(&st.peer.public_key);
+            let body = Body {
+                r#type: body::Type::GoIdle as i32,
+                ..Default::default()
+            };
+            if let Err(e) = self.signal.send(&key, body).await {
+                debug!(peer = %key, "GO_IDLE not sent: {e}");
             }
         }
     }
@@ -576,6 +669,7 @@ impl Negotiator {
         if matches!(kind, Some(body::Type::Offer | body::Type::Answer)) {
             // An OFFER or ANSWER wakes an idle peer (GO_IDLE idles it; others are ignored).
             st.idle = false;
+                        st.activity.1 = Instant::now();
         }
         let controller = self.is_controller(&m.from);
         let ice_wanted = ice.as_ref().is_some_and(|i| i.wanted(&st.peer));

@@ -62,6 +62,10 @@ pub struct MeshConfig {
     pub ice: IceOptions,
     /// Routes, exit nodes and routing for others.
     pub networks: super::networks::NetworkOptions,
+    /// Lazy connections: peers set up on first use and idled after `lazy_inactivity`.
+    pub lazy: bool,
+    /// How long a lazily connected peer may go without data before it is idled.
+    pub lazy_inactivity: Duration,
 }
 
 /// Direct connections (ICE) towards mesh peers.
@@ -349,6 +353,7 @@ impl Engine {
             .step("management to open the Sync stream", management.sync(meta))
             .await?;
         let synced = Arc::new(AtomicBool::new(false));
+        let map_counters = Arc::new(crate::status::MapCounters::default());
         let routes_view = crate::status::RoutesView::default();
         if let Some(hub) = &cfg.proxy.status {
             hub.attach(crate::status::EngineView {
@@ -361,6 +366,8 @@ impl Engine {
                 control: Some(crate::status::ControlView {
                     management_url: cfg.management_url.clone(),
                     management_synced: synced.clone(),
+                    map: map_counters.clone(),
+                    relay_connections: relays.opened(),
                     signal: signal.clone(),
                     home_relay: relays.home_changes(),
                 }),
@@ -388,6 +395,7 @@ impl Engine {
             hostname: cfg.hostname.clone(),
             stream: sync,
             synced,
+            map: map_counters,
         };
         state.tasks.spawn(follow_sync(
             source,
@@ -433,6 +441,7 @@ impl Engine {
             relays,
             wg_port: datapath.ready.wireguard.port(),
             ice,
+            lazy: cfg.lazy.then_some(cfg.lazy_inactivity),
         };
         let (wanted_tx, wanted_rx) = mpsc::channel(64);
         datapath.wg.report_wanted_peers(wanted_tx);
@@ -462,6 +471,8 @@ struct SyncSource {
     stream: crate::control::management_client::SyncStream,
     /// Up while a network map has arrived on the open stream (for status).
     synced: Arc<AtomicBool>,
+    /// How big the map is and what applying it cost (for status).
+    map: Arc<crate::status::MapCounters>,
 }
 
 impl SyncSource {
@@ -564,6 +575,7 @@ async fn follow_sync(
                 continue;
             }
         };
+        let applying = std::time::Instant::now();
         let changes = match mesh.apply(&update, &own_key) {
             Ok(c) => c,
             Err(e) => {
@@ -640,6 +652,7 @@ async fn follow_sync(
             known.push((local.fqdn.clone(), local.address.addr()));
         }
         names.replace(known);
+        source.map.applied(update_serial(&update), mesh.peers.len(), applying.elapsed());
         if !source.synced.swap(true, Ordering::Relaxed) {
             info!(peers = mesh.peers.len(), "network map received");
         }
@@ -694,4 +707,9 @@ fn peer_spec(p: &RemotePeer) -> PeerSpec {
         allowed_ips: p.allowed_ips.clone(),
         persistent_keepalive: Some(PEER_KEEPALIVE),
     }
+}
+
+/// The serial of an update's network map (0 without one).
+fn update_serial(update: &crate::control::management::SyncResponse) -> u64 {
+    update.network_map.as_ref().map_or(0, |m| m.serial)
 }

@@ -30,6 +30,8 @@ pub struct Relays {
     home: watch::Receiver<Option<Arc<RelayClient>>>,
     foreign: Mutex<HashMap<String, Slot>>,
     cancel: CancellationToken,
+    /// Relay connections made (home and foreign), for status.
+    opened: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Relays {
@@ -43,11 +45,13 @@ impl Relays {
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Arc<Self> {
         let (publish, home) = watch::channel(None);
+        let opened = Arc::new(std::sync::atomic::AtomicU64::new(0));
         tasks.spawn(guard_home(
             settings.clone(),
             own_key.clone(),
             inbound.clone(),
             publish,
+            opened.clone(),
             cancel.clone(),
         ));
         Arc::new(Self {
@@ -57,7 +61,13 @@ impl Relays {
             home,
             foreign: Mutex::new(HashMap::new()),
             cancel,
+            opened,
         })
+    }
+
+    /// The count of relay connections made, home and foreign (a handle status reads).
+    pub fn opened(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.opened.clone()
     }
 
     /// The home relay, if connected.
@@ -128,6 +138,8 @@ impl Relays {
             warn!(asked = %url, answered = %client.instance_url(), "foreign relay is another instance");
         }
         info!(relay = %url, "foreign relay connected");
+        self.opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *conn = Some(client.clone());
         Ok(client)
     }
@@ -212,6 +224,7 @@ async fn guard_home(
     own_key: String,
     inbound: mpsc::Sender<Relayed>,
     publish: watch::Sender<Option<Arc<RelayClient>>>,
+    opened: Arc<std::sync::atomic::AtomicU64>,
     cancel: CancellationToken,
 ) {
     let mut delays = crate::engine::supervisor::backoff();
@@ -231,6 +244,7 @@ async fn guard_home(
         match attempt {
             Ok(client) => {
                 delays = crate::engine::supervisor::backoff();
+                opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 publish.send_replace(Some(client.clone()));
                 // Why the connection is given up, and whether that was a loss (back off).
                 let (reason, lost) = loop {

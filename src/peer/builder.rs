@@ -21,6 +21,10 @@ use super::{Error, Peer, Ready};
 /// NetBird's hosted management service, where a setup key from app.netbird.io belongs.
 pub const DEFAULT_MANAGEMENT_URL: &str = crate::control::management_client::DEFAULT_MANAGEMENT_URL;
 
+/// How long a lazily connected peer may be without data before it is idled (NetBird's
+/// default inactivity threshold).
+const DEFAULT_LAZY_INACTIVITY: Duration = Duration::from_secs(15 * 60);
+
 /// How long [`PeerBuilder::start`] waits for the peer to be ready unless told.
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -92,6 +96,8 @@ pub struct PeerBuilder {
     max_connections_per_listener: usize,
     ice: IceOptions,
     networks: NetworkOptions,
+    lazy: bool,
+    lazy_inactivity: Duration,
     ready_peers: usize,
     ready_timeout: Duration,
     status_addr: Option<SocketAddr>,
@@ -133,6 +139,8 @@ impl PeerBuilder {
             max_connections_per_listener: 1024,
             ice: IceOptions::default(),
             networks: NetworkOptions::default(),
+            lazy: true,
+            lazy_inactivity: DEFAULT_LAZY_INACTIVITY,
             ready_peers: 1,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             status_addr: None,
@@ -314,6 +322,27 @@ impl PeerBuilder {
         self
     }
 
+    /// Lazy connections (default on): a peer is set up when there is traffic for it (a
+    /// connection, a routed packet) or when it offers, and goes idle again after the
+    /// [`lazy_inactivity`](Self::lazy_inactivity) without data. A job that talks to two peers
+    /// of an account of thousands then costs what a small account does. Off sets up every
+    /// peer of the map at once and keeps it, as NetBird's client does by default. With it on
+    /// a NetBird peer is ready once its map is here: [`ready_peers`](Self::ready_peers) is
+    /// not waited for, since no peer connects before it is used.
+    pub fn lazy_connections(mut self, enabled: bool) -> Self {
+        self.netbird_options.push("lazy connections");
+        self.lazy = enabled;
+        self
+    }
+
+    /// How long a lazily connected peer may go without data either way before it is idled
+    /// (default 15 minutes, NetBird's).
+    pub fn lazy_inactivity(mut self, timeout: Duration) -> Self {
+        self.netbird_options.push("lazy inactivity");
+        self.lazy_inactivity = timeout;
+        self
+    }
+
     /// Which networks (routes) to use: names to select and to deselect; `all` for every one.
     pub fn networks(mut self, select: &[String], deselect: &[String]) -> Self {
         self.networks.selection = Selection::from_flags(select, deselect);
@@ -438,12 +467,19 @@ impl PeerBuilder {
                     proxy: self.proxy,
                     ice: self.ice,
                     networks: self.networks,
+                    lazy: self.lazy,
+                    lazy_inactivity: self.lazy_inactivity,
                 }))
             }
         };
+        // Lazily, no peer connects before it is used: readiness is the map alone.
+        let ready_peers = match &run {
+            super::Run::Netbird(c) if c.lazy => 0,
+            _ => self.ready_peers,
+        };
         Ok(super::Plan {
             status_addr: self.status_addr,
-            ready_peers: self.ready_peers,
+            ready_peers,
             connect_timeout,
             on_ready: self.on_ready,
             logout,

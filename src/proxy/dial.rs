@@ -265,6 +265,11 @@ impl Dialer {
             // direct path are both gone): say so at once rather than after the timeout. An
             // idle one (GO_IDLE) is woken and waited for instead.
             let went_away = !usable() && !peer.is_idle() && peer.time_since_handshake().is_some();
+            if !usable() {
+                // Even a peer that went away is wanted: its setup is tried again now rather
+                // than at its next backoff step, so a retry soon after it is back succeeds.
+                self.wg.want(&peer);
+            }
             while !usable() && !went_away && Instant::now() < deadline {
                 // An idle peer is woken by the wish to reach it (said again each round: the
                 // hint channel may be full).

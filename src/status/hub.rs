@@ -66,11 +66,45 @@ pub struct RoutesView {
     pub forward: Arc<ForwardCounters>,
 }
 
+/// The network map as the engine applied it: written after each update, read by status.
+#[derive(Debug, Default)]
+pub struct MapCounters {
+    serial: AtomicU64,
+    peers: AtomicU64,
+    updates: AtomicU64,
+    last_apply_us: AtomicU64,
+}
+
+impl MapCounters {
+    /// An update was applied: its serial, the peers it left us with, and how long applying
+    /// it took (parsing, diffing, WireGuard, names, policies).
+    pub fn applied(&self, serial: u64, peers: usize, took: Duration) {
+        self.serial.store(serial, Ordering::Relaxed);
+        self.peers.store(peers as u64, Ordering::Relaxed);
+        self.last_apply_us
+            .store(took.as_micros() as u64, Ordering::Relaxed);
+        self.updates.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn status(&self) -> MapStatus {
+        MapStatus {
+            serial: self.serial.load(Ordering::Relaxed),
+            peers: self.peers.load(Ordering::Relaxed) as usize,
+            updates: self.updates.load(Ordering::Relaxed),
+            last_apply_ms: self.last_apply_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        }
+    }
+}
+
 /// The control plane of a NetBird engine.
 pub struct ControlView {
     pub management_url: String,
     /// Whether the Sync stream is open (a network map has arrived on it).
     pub management_synced: Arc<AtomicBool>,
+    /// The network map's size and cost.
+    pub map: Arc<MapCounters>,
+    /// Relay connections the engine made, home and foreign.
+    pub relay_connections: Arc<AtomicU64>,
     pub signal: Arc<SignalClient>,
     /// The home relay as the relay manager publishes it (status only reads it).
     pub home_relay: tokio::sync::watch::Receiver<Option<Arc<RelayClient>>>,
@@ -169,6 +203,7 @@ impl StatusHub {
             ice: None,
             routes: Vec::new(),
             routing: None,
+            map: None,
         };
         let Some(view) = engine.as_ref() else {
             snap.reason = Some("the engine is not running (starting or between retries)".into());
@@ -185,10 +220,15 @@ impl StatusHub {
             snap.management = Some(ServiceStatus {
                 url: c.management_url.clone(),
                 connected: c.management_synced.load(Ordering::Relaxed),
+                sent: None,
+                opened: None,
             });
+            snap.map = Some(c.map.status());
             snap.signal = Some(ServiceStatus {
                 url: String::new(),
                 connected: c.signal.is_connected(),
+                sent: Some(c.signal.messages_sent()),
+                opened: None,
             });
             let home = c.home_relay.borrow().clone().filter(|r| !r.is_closed());
             snap.relay = Some(ServiceStatus {
@@ -197,6 +237,8 @@ impl StatusHub {
                     .map(|r| r.instance_url().to_string())
                     .unwrap_or_default(),
                 connected: home.is_some(),
+                sent: None,
+                opened: Some(c.relay_connections.load(Ordering::Relaxed)),
             });
         }
         let names = view.names.by_address();

@@ -32,6 +32,36 @@ pub fn render(snap: &Snapshot) -> String {
         "Engines built after the first (reconnects to the mesh).",
         vec![(String::new(), snap.engine_restarts as f64)],
     );
+    if let Some(sent) = snap.signal.as_ref().and_then(|s| s.sent) {
+        family(
+            "signal_messages_sent_total",
+            "counter",
+            "Messages sent to signal (offers, answers, candidates, GO_IDLE) by this engine.",
+            vec![(String::new(), sent as f64)],
+        );
+    }
+    if let Some(opened) = snap.relay.as_ref().and_then(|r| r.opened) {
+        family(
+            "relay_connections_opened_total",
+            "counter",
+            "Relay connections (home and foreign) this engine opened.",
+            vec![(String::new(), opened as f64)],
+        );
+    }
+    if let Some(map) = &snap.map {
+        family(
+            "map_peers",
+            "gauge",
+            "Peers in the network map from management.",
+            vec![(String::new(), map.peers as f64)],
+        );
+        family(
+            "map_apply_seconds",
+            "gauge",
+            "Seconds the latest network map update took to apply.",
+            vec![(String::new(), map.last_apply_ms / 1000.0)],
+        );
+    }
     let peer = |p: &super::PeerStatus| {
         labels(&[
             ("peer", &p.fqdn),

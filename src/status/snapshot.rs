@@ -71,6 +71,23 @@ pub struct Snapshot {
     /// What this peer routes for others, and its gates' and forwarder's counters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing: Option<RoutingStatus>,
+    /// The network map from management: its size and what applying it cost (NetBird mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map: Option<MapStatus>,
+}
+
+/// The network map as applied.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct MapStatus {
+    /// The map's serial.
+    pub serial: u64,
+    /// The peers it lists (not counting us).
+    pub peers: usize,
+    /// Updates applied since the engine started.
+    pub updates: u64,
+    /// Milliseconds the latest update took to apply.
+    pub last_apply_ms: f64,
 }
 
 /// One network (HA group) offered to us.
@@ -140,6 +157,12 @@ pub struct ServiceStatus {
     pub url: String,
     /// Whether we are connected to it now.
     pub connected: bool,
+    /// Messages sent to it since the engine started (signal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent: Option<u64>,
+    /// Connections opened since the engine started, home and foreign (relay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened: Option<u64>,
 }
 
 /// Another peer, as WireGuard sees it.

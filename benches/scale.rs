@@ -1,0 +1,341 @@
+//! What a large NetBird account costs one proxy peer (issue 20): a dev mesh whose map lists N
+//! registered peers that never connect (`dev-mesh --simulated-peers N`, as most peers of a big
+//! account are), and one `netbird-proxy` joining it, for N = 100, 1 000 and 5 000.
+//!
+//!     cargo bench --bench scale            # SCALE_SIZES=100,1000 SCALE_RUNS=10 to change
+//!
+//! Per run, from the proxy's own status endpoint and /proc:
+//! - **ready**: seconds from spawning the proxy to `/readyz` answering 200;
+//! - **full map**: milliseconds applying the first map took (the engine's own timing);
+//! - **one-peer change**: milliseconds applying the update a newly joined peer caused;
+//! - **RSS**, **fds** and **threads** after the proxy has been idle for a few seconds;
+//! - **idle CPU**: CPU seconds the proxy used in `IDLE_WINDOW` of doing nothing;
+//! - **signal messages sent** and **relay connections opened** over the whole run (start,
+//!   ready, the join, a second, the idle window: about `IDLE_WINDOW` + 2 s past ready).
+//!
+//! Every row prints min / median / max over the runs; a run over twice its row's median (these
+//! are costs: more is worse) is a collapse, printed, and the bench exits non-zero.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the proxy is watched doing nothing.
+const IDLE_WINDOW: Duration = Duration::from_secs(5);
+
+fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_netbird-proxy")
+}
+
+/// A child killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on a status endpoint: (status code, body), or None when nothing answers.
+fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: status\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+/// Signal messages sent and relay connections opened, from the proxy's status.
+fn control_counts(addr: SocketAddr) -> Option<(f64, f64)> {
+    let (_, body) = get(addr, "/status")?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    Some((
+        v["signal"]["sent"].as_f64()?,
+        v["relay"]["opened"].as_f64()?,
+    ))
+}
+
+/// The `map` object of the proxy's status: (serial, peers, updates, last_apply_ms).
+fn map_status(addr: SocketAddr) -> Option<(u64, u64, u64, f64)> {
+    let (_, body) = get(addr, "/status")?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let m = v.get("map")?;
+    Some((
+        m["serial"].as_u64()?,
+        m["peers"].as_u64()?,
+        m["updates"].as_u64()?,
+        m["last_apply_ms"].as_f64()?,
+    ))
+}
+
+/// Fields of /proc/PID/status and /proc/PID/stat: (RSS KiB, threads, CPU seconds).
+fn proc_stats(pid: u32) -> (f64, f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 14th field, stime
+    // the 15th; clock ticks are 100 per second on Linux.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    let cpu = (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0;
+    (field("VmRSS:"), field("Threads:"), cpu)
+}
+
+fn open_fds(pid: u32) -> f64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count() as f64)
+        .unwrap_or(0.0)
+}
+
+/// A dev mesh with `n` simulated peers: (process, management URL, setup key).
+fn dev_mesh(n: usize) -> (Proc, String, String) {
+    let mut child = Command::new(binary())
+        .args(["dev-mesh", "--listen", "127.0.0.1:0", "--simulated-peers"])
+        .arg(n.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dev-mesh");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let management = lines.next().unwrap().unwrap();
+    let key = lines.next().unwrap().unwrap();
+    (
+        Proc(child),
+        management.trim_start_matches("management ").to_string(),
+        key.trim_start_matches("setup-key ").to_string(),
+    )
+}
+
+fn peer(
+    management: &str,
+    key: &str,
+    state: &PathBuf,
+    name: &str,
+    status: Option<u16>,
+    lazy: bool,
+) -> Proc {
+    let mut cmd = Command::new(binary());
+    cmd.args(["--management-url", management, "--setup-key", key])
+        .arg("--state")
+        .arg(state)
+        .args([
+            "--hostname",
+            name,
+            "--ready-peers",
+            "0",
+            "--lazy-connections",
+        ])
+        .arg(if lazy { "on" } else { "off" })
+        .env("NB_LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(port) = status {
+        cmd.args(["--status-addr", &format!("127.0.0.1:{port}")]);
+    }
+    Proc(cmd.spawn().expect("netbird-proxy"))
+}
+
+#[derive(Default)]
+struct Rows {
+    ready_s: Vec<f64>,
+    full_map_ms: Vec<f64>,
+    one_peer_ms: Vec<f64>,
+    rss_mib: Vec<f64>,
+    fds: Vec<f64>,
+    threads: Vec<f64>,
+    idle_cpu_s: Vec<f64>,
+    signal_sent: Vec<f64>,
+    relay_opened: Vec<f64>,
+}
+
+fn run_once(
+    n: usize,
+    lazy: bool,
+    management: &str,
+    key: &str,
+    dir: &std::path::Path,
+    run: usize,
+) -> Rows {
+    let status_port = free_port();
+    let status: SocketAddr = ([127, 0, 0, 1], status_port).into();
+    let started = Instant::now();
+    let probe = peer(
+        management,
+        key,
+        &dir.join("probe"),
+        "probe",
+        Some(status_port),
+        lazy,
+    );
+    let deadline = started + Duration::from_secs(120);
+    while get(status, "/readyz").map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "n={n}: not ready in 120 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ready = started.elapsed().as_secs_f64();
+    let (serial, peers, _, full) = map_status(status).expect("map status");
+    assert!(peers as usize >= n, "the map lists {peers} of {n} peers");
+    // One more peer joins: every map changes by one.
+    let joiner = peer(
+        management,
+        key,
+        &dir.join(format!("joiner-{run}")),
+        &format!("joiner-{run}"),
+        None,
+        true,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let one = loop {
+        if let Some((s, p, _, ms)) = map_status(status)
+            && s > serial
+            && p > peers
+        {
+            break ms;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n={n}: the joiner never reached the map"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(joiner);
+    let pid = probe.0.id();
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, _, cpu_before) = proc_stats(pid);
+    std::thread::sleep(IDLE_WINDOW);
+    let (rss, threads, cpu_after) = proc_stats(pid);
+    let (sent, opened) = control_counts(status).expect("control counters");
+    Rows {
+        signal_sent: vec![sent],
+        relay_opened: vec![opened],
+        ready_s: vec![ready],
+        full_map_ms: vec![full],
+        one_peer_ms: vec![one],
+        rss_mib: vec![rss / 1024.0],
+        fds: vec![open_fds(pid)],
+        threads: vec![threads],
+        idle_cpu_s: vec![cpu_after - cpu_before],
+    }
+}
+
+fn summary(name: &str, unit: &str, v: &[f64], collapses: &mut Vec<String>) -> String {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let median = s[s.len() / 2];
+    let bad: Vec<f64> = v
+        .iter()
+        .copied()
+        .filter(|&x| median > 0.0 && x > 2.0 * median)
+        .collect();
+    if !bad.is_empty() {
+        collapses.push(format!("{name}: {bad:?} against a median of {median:.3}"));
+    }
+    format!(
+        "{name:<44} {:>10.3} {:>10.3} {:>10.3}  {unit}",
+        s[0],
+        median,
+        s[s.len() - 1]
+    )
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else is taken.
+    let sizes: Vec<usize> = std::env::var("SCALE_SIZES")
+        .unwrap_or_else(|_| "100,1000,5000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let runs: usize = std::env::var("SCALE_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+        .max(1);
+    let dir = std::env::temp_dir().join(format!("nbp-scale-{}", std::process::id()));
+    let mut collapses = Vec::new();
+    println!("netbird-proxy scale benchmark: one proxy peer, a map of N peers that never connect");
+    println!("min / median / max over {runs} runs; idle window {IDLE_WINDOW:?}");
+    for &n in &sizes {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (_mesh, management, key) = dev_mesh(n);
+        for lazy in [true, false] {
+            let mut all = Rows::default();
+            for run in 0..runs {
+                // A fresh identity each run: the first map is a full one.
+                let _ = std::fs::remove_file(dir.join("probe"));
+                let r = run_once(n, lazy, &management, &key, &dir, run);
+                all.ready_s.extend(r.ready_s);
+                all.full_map_ms.extend(r.full_map_ms);
+                all.one_peer_ms.extend(r.one_peer_ms);
+                all.rss_mib.extend(r.rss_mib);
+                all.fds.extend(r.fds);
+                all.threads.extend(r.threads);
+                all.idle_cpu_s.extend(r.idle_cpu_s);
+                all.signal_sent.extend(r.signal_sent);
+                all.relay_opened.extend(r.relay_opened);
+            }
+            let mode = if lazy {
+                "lazy connections (the default)"
+            } else {
+                "--lazy-connections off"
+            };
+            println!("\nN = {n}, {mode}");
+            println!("{:<44} {:>10} {:>10} {:>10}", "", "min", "median", "max");
+            let c = &mut collapses;
+            let tag = if lazy { "lazy" } else { "eager" };
+            let rows: [(&str, &str, &Vec<f64>); 9] = [
+                ("time to ready", "s", &all.ready_s),
+                ("full map applied in", "ms", &all.full_map_ms),
+                ("one-peer change applied in", "ms", &all.one_peer_ms),
+                ("RSS", "MiB", &all.rss_mib),
+                ("open fds", "", &all.fds),
+                ("threads", "", &all.threads),
+                ("idle CPU", "s", &all.idle_cpu_s),
+                ("signal messages sent", "per run", &all.signal_sent),
+                ("relay connections opened", "per run", &all.relay_opened),
+            ];
+            for (name, unit, values) in rows {
+                println!(
+                    "{}",
+                    summary(&format!("N={n} {tag} {name}"), unit, values, c)
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if !collapses.is_empty() {
+        eprintln!("\nscale: collapsed runs (over twice their row's median):");
+        for c in &collapses {
+            eprintln!("  {c}");
+        }
+        std::process::exit(1);
+    }
+}
