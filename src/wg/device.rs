@@ -155,7 +155,7 @@ pub struct Peer {
     pub keepalive: Option<u16>,
     /// Round trip of the latest handshake.
     pub rtt: HandshakeRtt,
-    tunn: Mutex<Tunn>,
+    tunn: Mutex<LazyTunn>,
     endpoint: RwLock<Option<PeerEndpoint>>,
     /// The paths negotiation found: the relay connection and the ICE pair. Direct wins; the
     /// relay stays as the fallback (netbird-protocol.md §7.3).
@@ -246,11 +246,31 @@ impl Peer {
 
     /// Time since the last completed handshake, if there was one.
     pub fn time_since_handshake(&self) -> Option<Duration> {
-        self.lock_tunn().stats().0
+        self.peek_tunn(|t| t.stats().0).flatten()
     }
 
-    fn lock_tunn(&self) -> std::sync::MutexGuard<'_, Tunn> {
-        self.tunn.lock().unwrap_or_else(|e| e.into_inner())
+    /// The peer's noise state, made on first use (see `LazyTunn`).
+    fn lock_tunn(&self) -> TunnGuard<'_> {
+        let mut guard = self.tunn.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.made.is_none()
+            && let Some(r) = guard.recipe.take()
+        {
+            guard.made = Some(Tunn::new(
+                r.private_key,
+                r.peer,
+                r.preshared_key,
+                r.keepalive,
+                r.index,
+                Some(r.rate_limiter),
+            ));
+        }
+        TunnGuard(guard)
+    }
+
+    /// `f` on the noise state if it was made; None for a peer never used.
+    fn peek_tunn<R>(&self, f: impl FnOnce(&mut Tunn) -> R) -> Option<R> {
+        let mut guard = self.tunn.lock().unwrap_or_else(|e| e.into_inner());
+        guard.made.as_mut().map(f)
     }
 
     fn allows_source(&self, ip: IpAddr) -> bool {
@@ -311,6 +331,40 @@ impl PeerTable {
                 return self.next_index;
             }
         }
+    }
+}
+
+/// A peer's boringtun state, made the first time it is needed (a packet to or from the
+/// peer, a handshake): `Tunn::new` does an X25519 exchange and holds session buffers.
+struct LazyTunn {
+    made: Option<Tunn>,
+    recipe: Option<TunnRecipe>,
+}
+
+/// What `Tunn::new` takes.
+struct TunnRecipe {
+    private_key: StaticSecret,
+    peer: PublicKey,
+    preshared_key: Option<[u8; 32]>,
+    keepalive: Option<u16>,
+    index: u32,
+    rate_limiter: Arc<RateLimiter>,
+}
+
+/// The peer's `Tunn`, locked (see `Peer::lock_tunn`).
+struct TunnGuard<'a>(std::sync::MutexGuard<'a, LazyTunn>);
+
+impl std::ops::Deref for TunnGuard<'_> {
+    type Target = Tunn;
+    fn deref(&self) -> &Tunn {
+        // lock_tunn makes it before handing out the guard.
+        self.0.made.as_ref().expect("made by lock_tunn")
+    }
+}
+
+impl std::ops::DerefMut for TunnGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Tunn {
+        self.0.made.as_mut().expect("made by lock_tunn")
     }
 }
 
@@ -417,14 +471,19 @@ impl WgDevice {
             }
         }
         table.by_key.insert(spec.public_key, index);
-        let tunn = Tunn::new(
-            self.private_key.clone(),
-            PublicKey::from(spec.public_key),
-            spec.preshared_key,
-            spec.persistent_keepalive,
-            index,
-            Some(self.rate_limiter.clone()),
-        );
+        // Made on first use: a map of thousands of peers, most never used, costs no X25519
+        // exchange and no session state for those (the largest part of a big map's cost).
+        let tunn = LazyTunn {
+            made: None,
+            recipe: Some(TunnRecipe {
+                private_key: self.private_key.clone(),
+                peer: PublicKey::from(spec.public_key),
+                preshared_key: spec.preshared_key,
+                keepalive: spec.persistent_keepalive,
+                index,
+                rate_limiter: self.rate_limiter.clone(),
+            }),
+        };
         let peer = Arc::new(Peer {
             public_key: PublicKey::from(spec.public_key),
             allowed_ips: spec.allowed_ips,
@@ -916,13 +975,21 @@ impl WgDevice {
                 self.rate_limiter.reset_count();
             }
             for peer in self.peers() {
-                let len = match peer.lock_tunn().update_timers(&mut buf) {
-                    TunnResult::WriteToNetwork(b) => b.len(),
-                    TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                // A peer never used has no timers to run.
+                let Some(result) = peer.peek_tunn(|t| match t.update_timers(&mut buf) {
+                    TunnResult::WriteToNetwork(b) => Ok(b.len()),
+                    TunnResult::Err(e) => Err(Some(e)),
+                    _ => Err(None),
+                }) else {
+                    continue;
+                };
+                let len = match result {
+                    Ok(len) => len,
+                    Err(Some(WireGuardError::ConnectionExpired)) => {
                         trace!(peer = %short_key(&peer.public_key), "session expired");
                         continue;
                     }
-                    _ => continue,
+                    Err(_) => continue,
                 };
                 if let Some(endpoint) = peer.endpoint() {
                     peer.rtt.on_sent(&buf[..len], monotonic_us);
