@@ -409,10 +409,12 @@ impl Negotiator {
                             st.reset();
                             true
                         }
-                        // Waiting out a backoff while there is traffic for it (it left and may
-                        // be back): try now, from the first step.
+                        // Waiting out a grown backoff while there is traffic for it (it left
+                        // and may be back): try now, from the first step. Once per backoff
+                        // cycle: the dial behind the traffic says it again every 50 ms.
                         Some(st) if !st.connected()
                             && !st.connecting
+                            && st.retry > FIRST_RETRY
                             && st.next_offer > now + DEMAND_RETRY =>
                         {
                             debug!(peer = %st.peer.fqdn, "traffic for a peer being set up; offering now");
