@@ -512,9 +512,9 @@ impl Peer {
                         return Err(Error::Connect(format!("the mesh is not up: {reason}")));
                     }
                 },
+                // A stopped engine empties the slot and its successor fills it: both are
+                // changes, so a cancelled entry seen above is never waited on for long.
                 _ = self.inner.stop.cancelled() => return Err(self.outcome_error()),
-                // A stopped engine publishes nothing: look again when its successor does.
-                _ = tokio::time::sleep(READY_POLL) => {}
             }
         }
     }
