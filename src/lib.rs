@@ -114,8 +114,8 @@ internal_modules! {
 }
 
 pub use peer::{
-    DEFAULT_MANAGEMENT_URL, Error, MeshListener, MeshStream, MeshUdpSocket, Peer, PeerBuilder,
-    Ready, StatusChanges, WireGuardConfig,
+    DEFAULT_MANAGEMENT_URL, Error, LazyConnections, MeshListener, MeshStream, MeshUdpSocket, Peer,
+    PeerBuilder, Ready, StatusChanges, WireGuardConfig,
 };
 
 /// The values listeners and forwards are configured with, in the command line's syntax

@@ -460,3 +460,48 @@ async fn lazy_peers_connect_on_first_use_and_go_idle_when_unused() {
     let _ = echo.await;
     mesh.stop().await;
 }
+
+/// `LazyConnections::FollowManagement` (`--lazy-connections auto`): peers do what the
+/// account says, and follow it when it changes — off: set up without any traffic; on: idled
+/// after the inactivity timeout; off again: set up again, still without traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_following_management_switch_lazy_connections_with_the_account() {
+    let mut mesh = TestMesh::empty().await.unwrap();
+    for name in ["a", "b"] {
+        let builder = mesh
+            .builder(name)
+            .lazy_connections(netbird_proxy::LazyConnections::FollowManagement)
+            .lazy_inactivity(Duration::from_secs(2))
+            .ice(false);
+        mesh.add(name, builder).await.expect("peer starts");
+    }
+    let (a, b) = (mesh.peer("a").clone(), mesh.peer("b").clone());
+    let connected = |p: &Peer| {
+        p.status()
+            .peers
+            .iter()
+            .filter(|s| s.status == "connected")
+            .count()
+    };
+    let wait_for = |want: usize, what: &'static str| {
+        let (a, b) = (a.clone(), b.clone());
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while connected(&a) != want || connected(&b) != want {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{what}: after 30 s a has {} and b {} connected peers",
+                    connected(&a),
+                    connected(&b)
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    wait_for(1, "account not lazy: set up at once").await;
+    mesh.dev_mesh().set_lazy_connections(true);
+    wait_for(0, "account lazy: idled without data").await;
+    mesh.dev_mesh().set_lazy_connections(false);
+    wait_for(1, "account not lazy again: set up without traffic").await;
+    mesh.stop().await;
+}

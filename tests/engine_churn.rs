@@ -80,7 +80,7 @@ fn config(url: &str, identity: u8) -> MeshConfig {
         },
         ice: IceOptions::default(),
         networks: Default::default(),
-        lazy: false,
+        lazy: Some(false),
         lazy_inactivity: std::time::Duration::from_secs(900),
     }
 }

@@ -94,7 +94,7 @@ fn config(url: &str, wg_port: u16, proxy: ProxyOptions) -> MeshConfig {
         proxy,
         ice: IceOptions::default(),
         networks: Default::default(),
-        lazy: false,
+        lazy: Some(false),
         lazy_inactivity: std::time::Duration::from_secs(900),
     }
 }

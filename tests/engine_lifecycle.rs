@@ -47,7 +47,7 @@ fn config(url: &str, socks: SocketAddr, wg_port: u16) -> MeshConfig {
         // ICE on, as users run it: its agents live in the negotiator and must end with it.
         ice: IceOptions::default(),
         networks: Default::default(),
-        lazy: false,
+        lazy: Some(false),
         lazy_inactivity: std::time::Duration::from_secs(900),
     }
 }

@@ -77,7 +77,7 @@ async fn peer(
             proxy,
             ice: IceOptions::default(),
             networks: Default::default(),
-            lazy: false,
+            lazy: Some(false),
             lazy_inactivity: std::time::Duration::from_secs(900),
         },
         Arc::new(move |r| {

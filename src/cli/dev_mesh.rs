@@ -23,6 +23,7 @@ pub async fn run(command: Command) -> ExitCode {
         turn_credentials,
         networks,
         simulated_peers,
+        account_lazy_connections,
         ..
     } = command
     else {
@@ -60,6 +61,7 @@ pub async fn run(command: Command) -> ExitCode {
         turn,
         networks,
         simulated_peers,
+        lazy_connections: account_lazy_connections,
         ..DevMeshConfig::local("", "")
     };
     let mesh = match DevMesh::start(config).await {

@@ -206,7 +206,7 @@ pub fn render(run: &RunArgs) -> String {
     put("force_relay", Some(Value::Boolean(run.force_relay)));
     put(
         "lazy_connections",
-        Some(text(if run.lazy_connections { "on" } else { "off" }.into())),
+        Some(text(super::lazy_word(run.lazy_connections).into())),
     );
     put(
         "lazy_inactivity",

@@ -42,6 +42,25 @@ pub fn parse_on_off(s: &str) -> Result<bool, String> {
     }
 }
 
+/// `--lazy-connections`: on, off, or `auto` (as management's account setting says).
+pub fn parse_lazy(s: &str) -> Result<netbird_proxy::LazyConnections, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(netbird_proxy::LazyConnections::FollowManagement);
+    }
+    parse_on_off(s)
+        .map(Into::into)
+        .map_err(|_| format!("`{s}` is not on, off or auto"))
+}
+
+/// The words `--lazy-connections` takes, for `--print-config`.
+pub fn lazy_word(mode: netbird_proxy::LazyConnections) -> &'static str {
+    match mode {
+        netbird_proxy::LazyConnections::Off => "off",
+        netbird_proxy::LazyConnections::FollowManagement => "auto",
+        _ => "on",
+    }
+}
+
 /// `--unix-mode`: octal permissions of Unix-socket listeners.
 pub fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
@@ -208,10 +227,12 @@ pub struct RunArgs {
     /// Lazy connections (on by default): a mesh peer is set up on first traffic to it (or
     /// its offer) and idled after --lazy-inactivity without data, so a job on an account of
     /// thousands of peers opens only what it uses; `off` sets every peer up at start and
-    /// keeps it. Readiness is then the network map alone (`--ready-peers` is not waited
-    /// for). NetBird's `NB_LAZY_CONN`.
-    #[arg(long, env = "NB_LAZY_CONN", value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
-    pub lazy_connections: bool,
+    /// keeps it; `auto` does what the account's setting in management says (NetBird's
+    /// client without `NB_LAZY_CONN`), and follows it when it changes. Unless `off`,
+    /// readiness is the network map alone (`--ready-peers` is not waited for). NetBird's
+    /// `NB_LAZY_CONN`.
+    #[arg(long, env = "NB_LAZY_CONN", value_name = "on|off|auto", default_value = "on", value_parser = parse_lazy)]
+    pub lazy_connections: netbird_proxy::LazyConnections,
 
     /// How long a lazily connected peer may go without data before it is idled (NetBird's
     /// `NB_LAZY_CONN_INACTIVITY_THRESHOLD`).
@@ -516,6 +537,11 @@ pub enum Command {
         /// of a large account are: every map lists them, to measure what a big map costs.
         #[arg(long, value_name = "N", default_value_t = 0)]
         simulated_peers: usize,
+        /// The account's lazy-connection setting, as NetBird's dashboard sets it: sent in
+        /// every peer's map (`PeerConfig.LazyConnectionEnabled`) and followed by peers run
+        /// with `--lazy-connections auto`.
+        #[arg(long)]
+        account_lazy_connections: bool,
         /// The TURN server's long-term credentials, `USER:PASSWORD`.
         #[arg(long, value_name = "USER:PASSWORD", requires = "turn")]
         turn_credentials: Option<String>,

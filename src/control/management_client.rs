@@ -71,8 +71,9 @@ impl ManagementError {
     }
 }
 
-/// System metadata sent with Login and Sync.
-pub fn system_meta(hostname: &str) -> PeerSystemMeta {
+/// System metadata sent with Login and Sync. `lazy`: lazy connections are on by local choice
+/// (NetBird's clients report their local flags).
+pub fn system_meta(hostname: &str, lazy: bool) -> PeerSystemMeta {
     PeerSystemMeta {
         hostname: hostname.to_string(),
         go_os: std::env::consts::OS.to_string(),
@@ -84,6 +85,10 @@ pub fn system_meta(hostname: &str) -> PeerSystemMeta {
         // SourcePrefixes; no IPv6 overlay yet.
         capabilities: vec![1],
         sync_message_version: 0,
+        flags: Some(super::management::Flags {
+            lazy_connection_enabled: lazy,
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -274,7 +279,7 @@ mod tests {
     /// older (or unparsable) costs the whole account features (networks.md §0.2).
     #[test]
     fn the_reported_version_is_a_current_netbird_release() {
-        let meta = system_meta("host");
+        let meta = system_meta("host", false);
         let parts: Vec<u64> = meta
             .netbird_version
             .split('.')
@@ -283,5 +288,13 @@ mod tests {
         assert_eq!(parts.len(), 3, "{}", meta.netbird_version);
         assert!(parts[..2] >= [0, 60][..], "{}", meta.netbird_version);
         assert!(meta.ui_version.starts_with("netbird-proxy/"));
+    }
+
+    /// NetBird's clients report their local flags; a local lazy choice is one of them.
+    #[test]
+    fn a_local_lazy_choice_is_reported_in_the_flags() {
+        let flags = |lazy| system_meta("host", lazy).flags.expect("flags");
+        assert!(flags(true).lazy_connection_enabled);
+        assert!(!flags(false).lazy_connection_enabled);
     }
 }

@@ -82,6 +82,9 @@ pub enum Change {
         key: String,
         fqdn: String,
     },
+    /// Management's lazy-connection setting for this account (`PeerConfig
+    /// .LazyConnectionEnabled`) is new or changed; it comes before the map's peers.
+    LazyConnections(bool),
     /// The map's routes changed (decoded; the ones refused are in `Refused`).
     Routes(Vec<crate::route::Route>),
     /// The rules for inbound flows to us changed.
@@ -124,6 +127,8 @@ pub struct MeshState {
     pub has_ipv6: bool,
     /// The map's routes, decoded.
     pub routes: Vec<crate::route::Route>,
+    /// Management's lazy-connection setting, once a map has said it.
+    pub lazy_connections: Option<bool>,
     /// The policy parts of the last map as sent, to decode them again only when they change.
     raw_policy: Option<RawPolicy>,
 }
@@ -215,6 +220,10 @@ impl MeshState {
                     return Ok(changes); // the engine is rebuilt; the map goes to the new one
                 }
                 _ => self.local = Some(local),
+            }
+            if self.lazy_connections != Some(pc.lazy_connection_enabled) {
+                self.lazy_connections = Some(pc.lazy_connection_enabled);
+                changes.push(Change::LazyConnections(pc.lazy_connection_enabled));
             }
         }
         if map.serial < self.serial {
@@ -494,6 +503,26 @@ mod tests {
             c.iter()
                 .any(|c| matches!(c, Change::PeerAcl(a) if !a.is_open() && a.is_empty()))
         );
+    }
+
+    #[test]
+    fn the_lazy_connection_setting_is_said_first_and_again_only_when_it_changes() {
+        let me = key(1);
+        let mut s = MeshState::default();
+        let with = |serial: u64, lazy: bool| {
+            let mut m = map(serial, "100.64.0.1/16", vec![peer(2, "100.64.0.2", "b")]);
+            let nm = m.network_map.as_mut().unwrap();
+            nm.peer_config.as_mut().unwrap().lazy_connection_enabled = lazy;
+            m
+        };
+        let c = s.apply(&with(1, true), &me).unwrap();
+        // Before the peers, so they start in the mode management asked for.
+        assert_eq!(c.first(), Some(&Change::LazyConnections(true)), "{c:?}");
+        assert!(c.iter().any(|c| matches!(c, Change::PeerAdded(_))));
+        let c = s.apply(&with(2, true), &me).unwrap();
+        assert!(!c.iter().any(|c| matches!(c, Change::LazyConnections(_))), "{c:?}");
+        let c = s.apply(&with(3, false), &me).unwrap();
+        assert_eq!(c, vec![Change::LazyConnections(false)]);
     }
 
     #[test]

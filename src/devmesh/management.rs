@@ -44,6 +44,8 @@ pub struct ManagementSettings {
     pub refuse_sync: bool,
     /// Groups, policies and routes (`dev-mesh --networks`); None: everyone sees everyone.
     pub networks: Option<super::networks::NetworksFile>,
+    /// The account's lazy-connection setting (`PeerConfig.LazyConnectionEnabled`) at start.
+    pub lazy_connections: bool,
 }
 
 #[derive(Debug)]
@@ -78,6 +80,8 @@ struct Inner {
     changed: watch::Sender<u64>,
     /// Cancelled to end every open Sync stream (a management outage); then replaced.
     streams: Mutex<tokio_util::sync::CancellationToken>,
+    /// The account's lazy-connection setting, now.
+    lazy_connections: std::sync::atomic::AtomicBool,
 }
 
 impl DevManagement {
@@ -100,12 +104,13 @@ impl DevManagement {
         };
         Self {
             inner: Arc::new(Inner {
-                settings,
                 private_key: state.management_key,
                 saved: Mutex::new(state),
                 registry: Mutex::new(registry),
                 changed,
                 streams: Mutex::new(tokio_util::sync::CancellationToken::new()),
+                lazy_connections: std::sync::atomic::AtomicBool::new(settings.lazy_connections),
+                settings,
             }),
         }
     }
@@ -115,6 +120,16 @@ impl DevManagement {
         let mut token = self.inner.streams.lock().unwrap_or_else(|e| e.into_inner());
         token.cancel();
         *token = tokio_util::sync::CancellationToken::new();
+    }
+
+    /// Change the account's lazy-connection setting; every peer gets a new map saying it.
+    pub fn set_lazy_connections(&self, on: bool) {
+        self.inner
+            .lazy_connections
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        let mut reg = self.registry();
+        reg.serial += 1;
+        self.inner.changed.send_replace(reg.serial);
     }
 
     /// The server's key string.
@@ -222,6 +237,10 @@ impl DevManagement {
             mtu: 1280,
             // New NetBird accounts resolve DNS routes on the routing peer.
             routing_peer_dns_resolution_enabled: true,
+            lazy_connection_enabled: self
+                .inner
+                .lazy_connections
+                .load(std::sync::atomic::Ordering::Relaxed),
             ..Default::default()
         }
     }
@@ -514,6 +533,7 @@ mod tests {
                 state_file: None,
                 refuse_sync: false,
                 networks: None,
+                lazy_connections: false,
             },
             DevMeshState::new("A1B2C3D4-0000-4000-8000-000000000001".into()),
         );
@@ -537,18 +557,18 @@ mod tests {
         let a_key = [1u8; 32];
         let mut a = ManagementClient::connect(&url, a_key).await.unwrap();
         assert!(matches!(
-            a.login(None, system_meta("alpha")).await,
+            a.login(None, system_meta("alpha", true)).await,
             Err(ManagementError::NeedsLogin)
         ));
         assert!(matches!(
-            a.login(Some("wrong"), system_meta("alpha")).await,
+            a.login(Some("wrong"), system_meta("alpha", true)).await,
             Err(ManagementError::SetupKeyRejected(_))
         ));
         // Case-insensitive, as NetBird's management treats setup keys.
         let login = a
             .login(
                 Some("a1b2c3d4-0000-4000-8000-000000000001"),
-                system_meta("alpha"),
+                system_meta("alpha", true),
             )
             .await
             .unwrap();
@@ -557,7 +577,7 @@ mod tests {
         let a_addr = pc.address.clone();
         // Registered now: a plain login works.
         assert_eq!(
-            a.login(None, system_meta("alpha"))
+            a.login(None, system_meta("alpha", true))
                 .await
                 .unwrap()
                 .peer_config
@@ -566,7 +586,7 @@ mod tests {
             a_addr
         );
 
-        let mut sync = a.sync(system_meta("alpha")).await.unwrap();
+        let mut sync = a.sync(system_meta("alpha", true)).await.unwrap();
         let mut state = MeshState::default();
         let first = sync.next().await.unwrap();
         state.apply(&first, a.key()).unwrap();
@@ -576,11 +596,11 @@ mod tests {
         let mut b = ManagementClient::connect(&url, [2u8; 32]).await.unwrap();
         b.login(
             Some("A1B2C3D4-0000-4000-8000-000000000001"),
-            system_meta("alpha"),
+            system_meta("alpha", true),
         )
         .await
         .unwrap();
-        let mut b_sync = b.sync(system_meta("alpha")).await.unwrap();
+        let mut b_sync = b.sync(system_meta("alpha", true)).await.unwrap();
         let b_first = b_sync.next().await.unwrap();
         assert_eq!(
             b_first

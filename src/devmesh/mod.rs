@@ -88,6 +88,10 @@ pub struct DevMeshConfig {
     pub turn: Option<TurnServer>,
     /// Groups, policies and routes (`--networks FILE`).
     pub networks: Option<NetworksFile>,
+    /// The account's lazy-connection setting (`PeerConfig.LazyConnectionEnabled`), which
+    /// peers with `--lazy-connections auto` follow; [`DevMesh::set_lazy_connections`]
+    /// changes it.
+    pub lazy_connections: bool,
 }
 
 impl DevMeshConfig {
@@ -106,6 +110,7 @@ impl DevMeshConfig {
             simulated_peers: 0,
             turn: None,
             networks: None,
+            lazy_connections: false,
         }
     }
 }
@@ -253,6 +258,7 @@ impl DevMesh {
                     turn: config.turn.clone(),
                     state_file: config.state.clone(),
                     refuse_sync: config.refuse_sync,
+                    lazy_connections: config.lazy_connections,
                     networks: config.networks.clone(),
                 },
                 state.clone(),
@@ -298,6 +304,14 @@ impl DevMesh {
             cancel,
             tasks,
         })
+    }
+
+    /// Change the account's lazy-connection setting; every peer is sent a map that says it.
+    /// Does nothing when management is served elsewhere.
+    pub fn set_lazy_connections(&self, on: bool) {
+        if let Some(m) = &self.management {
+            m.set_lazy_connections(on);
+        }
     }
 
     /// Stop serving. Open streams get a moment to close gracefully, then the servers are

@@ -97,6 +97,11 @@ impl TestMesh {
         })
     }
 
+    /// The dev mesh these peers are on (its URLs, and account settings to change).
+    pub fn dev_mesh(&self) -> &DevMesh {
+        &self.mesh
+    }
+
     /// A builder for a peer of this mesh named `name` (management URL, setup key and host
     /// name set), to give more options before [`add`](Self::add).
     pub fn builder(&self, name: &str) -> PeerBuilder {

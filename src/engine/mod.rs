@@ -5,6 +5,7 @@
 //! after they have finished (bounded by `SHUTDOWN_GRACE`), so ports are free when it returns.
 //! The NetBird engine of the control-plane issue will drive the same pieces.
 
+pub mod ha_groups;
 pub mod negotiation;
 pub mod netbird;
 pub mod networks;

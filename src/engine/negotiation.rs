@@ -24,6 +24,7 @@ use crate::control::signal_client::{Incoming, SignalClient};
 use crate::relay::client::RelayClient;
 use crate::relay::messages::{PeerId, peer_id};
 
+use super::ha_groups::HaGroups;
 use super::relays::Relays;
 use crate::control::mesh::TurnServer;
 use crate::ice::turn::{TurnRelay, TurnSinks};
@@ -47,6 +48,10 @@ const ICE_MAX_RETRY: Duration = Duration::from_secs(60);
 pub enum PeerEvent {
     Added(RemotePeer),
     Removed(String),
+    /// Management turned lazy connections on or off (only when we follow its setting).
+    Lazy(bool),
+    /// The map's HA groups: peers serving one route wake together and stay up together.
+    HaGroups(HaGroups),
 }
 
 struct PeerState {
@@ -126,9 +131,10 @@ pub struct Negotiator {
     /// ICE, unless it is off (`--force-relay`): relay-only offers then.
     pub ice: Option<IceSetup>,
     /// Lazy connections (netbird-protocol.md §7.5): a peer is set up on first traffic to it
-    /// or when it offers, and goes idle (GO_IDLE) after this long without data either way.
-    /// None: every peer is set up at once and kept.
-    pub lazy: Option<Duration>,
+    /// or when it offers, and goes idle (GO_IDLE) after `lazy_inactivity` without data
+    /// either way. Off: every peer is set up at once and kept.
+    pub lazy: bool,
+    pub lazy_inactivity: Duration,
 }
 
 /// Traffic for a peer being set up brings its next offer forward unless it is due within
@@ -268,6 +274,7 @@ impl Negotiator {
         let mut inactivity = tokio::time::interval(INACTIVITY_CHECK);
         let mut home = self.relays.home_changes();
         let mut attempts: u64 = 0;
+        let mut groups = HaGroups::default();
         loop {
             let ice_due = ice.as_mut().and_then(|i| i.agents.poll_timeout());
             tokio::select! {
@@ -280,7 +287,11 @@ impl Negotiator {
                         // A peer new to us starts idle in lazy mode: set up on first use.
                         let idle = match peers.get(&key) {
                             Some(s) => s.idle,
-                            None => self.lazy.is_some(),
+                            // A standby router whose group is up is set up with it.
+                            None => {
+                                self.lazy
+                                    && !groups.mates(&key).any(|m| peers.get(m).is_some_and(|s| !s.idle))
+                            }
                         };
                         let mut st = PeerState::new(peer);
                         st.idle = idle;
@@ -312,12 +323,40 @@ impl Negotiator {
                             ice.agents.remove(&key);
                         }
                     }
+                    Some(PeerEvent::Lazy(on)) => {
+                        if on != self.lazy {
+                            info!("management turned lazy connections {}", if on { "on" } else { "off" });
+                            self.lazy = on;
+                        }
+                        if !on {
+                            // Every idle peer is set up now (offers go out on the next tick).
+                            for st in peers.values_mut().filter(|s| s.idle) {
+                                wake(st);
+                            }
+                        }
+                    }
+                    Some(PeerEvent::HaGroups(new)) => {
+                        groups = new;
+                        let up: Vec<String> = groups
+                            .members()
+                            .filter(|k| peers.get(*k).is_some_and(|s| !s.idle))
+                            .cloned()
+                            .collect();
+                        for key in up {
+                            wake_mates(&groups, &key, &mut peers);
+                        }
+                    }
                     None => return,
                 },
                 m = inbox.recv() => match m {
                     Some(m) => {
+                        let from = m.from.clone();
+                        let was_idle = peers.get(&from).is_some_and(|s| s.idle);
                         self.on_message(m, &mut peers, &mut attempts, &attached_tx, &cancel, ice.as_mut())
-                            .await
+                            .await;
+                        if was_idle && peers.get(&from).is_some_and(|s| !s.idle) {
+                            wake_mates(&groups, &from, &mut peers);
+                        }
                     }
                     None => return,
                 },
@@ -404,9 +443,7 @@ impl Negotiator {
                     let offer_now = match peers.get_mut(&key) {
                         Some(st) if st.idle => {
                             info!(peer = %st.peer.fqdn, "traffic for an idle peer; waking it");
-                            st.idle = false;
-                            st.activity.1 = now;
-                            st.reset();
+                            wake(st);
                             true
                         }
                         // Waiting out a grown backoff while there is traffic for it (it left
@@ -424,6 +461,7 @@ impl Negotiator {
                         _ => false,
                     };
                     if offer_now {
+                        wake_mates(&groups, &key, &mut peers);
                         self.offer(&key, body::Type::Offer, &peers, ice.as_mut()).await;
                         if let Some(st) = peers.get_mut(&key) {
                             st.next_offer = Instant::now() + st.retry;
@@ -445,8 +483,8 @@ impl Negotiator {
                         }
                     }
                 }
-                _ = inactivity.tick(), if self.lazy.is_some() => {
-                    self.idle_inactive(&mut peers, ice.as_mut()).await;
+                _ = inactivity.tick(), if self.lazy => {
+                    self.idle_inactive(&mut peers, &groups, ice.as_mut()).await;
                 }
                 _ = sweep.tick() => {
                     let in_use: HashSet<String> =
@@ -503,9 +541,13 @@ impl Negotiator {
     async fn idle_inactive(
         &self,
         peers: &mut HashMap<String, PeerState>,
+        groups: &HaGroups,
         mut ice: Option<&mut Ice>,
     ) {
-        let Some(timeout) = self.lazy else { return };
+        if !self.lazy {
+            return;
+        }
+        let timeout = self.lazy_inactivity;
         let now = Instant::now();
         let mut going = Vec::new();
         for (key, st) in peers.iter_mut() {
@@ -526,6 +568,13 @@ impl Negotiator {
                 going.push(key.clone());
             }
         }
+        // A standby router stays up while a mate carries data (it is not going idle).
+        let inactive: HashSet<String> = going.iter().cloned().collect();
+        going.retain(|key| {
+            !groups
+                .mates(key)
+                .any(|m| peers.get(m).is_some_and(|s| !s.idle) && !inactive.contains(m))
+        });
         for key in going {
             let Some(st) = peers.get_mut(&key) else { continue };
             info!(peer = %st.peer.fqdn, "no traffic for {timeout:?}; going idle until it is needed");
@@ -781,6 +830,26 @@ impl Negotiator {
             };
             let _ = attached.send(Attached { key, attempt, via }).await;
         });
+    }
+}
+
+/// Take an idle peer out of idleness: it is offered to at once (the next tick).
+fn wake(st: &mut PeerState) {
+    st.idle = false;
+    st.activity.1 = Instant::now();
+    st.reset();
+}
+
+/// `key` woke or is up: wake the idle peers that serve a route with it, so a failover finds
+/// the standby ready.
+fn wake_mates(groups: &HaGroups, key: &str, peers: &mut HashMap<String, PeerState>) {
+    for mate in groups.mates(key) {
+        if let Some(st) = peers.get_mut(mate)
+            && st.idle
+        {
+            info!(peer = %st.peer.fqdn, "setting up a peer that serves a route with one in use");
+            wake(st);
+        }
     }
 }
 

@@ -62,8 +62,9 @@ pub struct MeshConfig {
     pub ice: IceOptions,
     /// Routes, exit nodes and routing for others.
     pub networks: super::networks::NetworkOptions,
-    /// Lazy connections: peers set up on first use and idled after `lazy_inactivity`.
-    pub lazy: bool,
+    /// Lazy connections: peers set up on first use and idled after `lazy_inactivity`
+    /// (None: as management's map says).
+    pub lazy: Option<bool>,
     /// How long a lazily connected peer may go without data before it is idled.
     pub lazy_inactivity: Duration,
 }
@@ -273,7 +274,7 @@ impl Engine {
 
     async fn start_locked(&self, state: &mut State) -> Result<Ready, EngineError> {
         let cfg = &self.config;
-        let meta = system_meta(&cfg.hostname);
+        let meta = system_meta(&cfg.hostname, cfg.lazy == Some(true));
         info!(url = %cfg.management_url, "connecting to management");
         let mut management = self
             .step(
@@ -392,7 +393,7 @@ impl Engine {
         let source = SyncSource {
             url: cfg.management_url.clone(),
             private_key: cfg.private_key,
-            hostname: cfg.hostname.clone(),
+            meta: system_meta(&cfg.hostname, cfg.lazy == Some(true)),
             stream: sync,
             synced,
             map: map_counters,
@@ -412,6 +413,7 @@ impl Engine {
                 netstack: datapath.netstack.clone(),
                 dns: dns.clone(),
                 ingress: ingress_tx,
+                follow_lazy: cfg.lazy.is_none(),
             },
             self.lifeline(),
         ));
@@ -441,7 +443,9 @@ impl Engine {
             relays,
             wg_port: datapath.ready.wireguard.port(),
             ice,
-            lazy: cfg.lazy.then_some(cfg.lazy_inactivity),
+            // Following management, its first map says before any peer is added.
+            lazy: cfg.lazy.unwrap_or(false),
+            lazy_inactivity: cfg.lazy_inactivity,
         };
         let (wanted_tx, wanted_rx) = mpsc::channel(64);
         datapath.wg.report_wanted_peers(wanted_tx);
@@ -467,7 +471,8 @@ fn signal_client(
 struct SyncSource {
     url: String,
     private_key: [u8; 32],
-    hostname: String,
+    /// What we say about ourselves when the stream is reopened.
+    meta: crate::control::management::PeerSystemMeta,
     stream: crate::control::management_client::SyncStream,
     /// Up while a network map has arrived on the open stream (for status).
     synced: Arc<AtomicBool>,
@@ -488,7 +493,7 @@ impl SyncSource {
             }
             let attempt = async {
                 let mut client = ManagementClient::connect(&self.url, self.private_key).await?;
-                client.sync(system_meta(&self.hostname)).await
+                client.sync(self.meta.clone()).await
             };
             let result = tokio::select! {
                 _ = life.cancel.cancelled() => return false,
@@ -535,6 +540,8 @@ struct MapSinks {
     dns: crate::dns::DnsState,
     /// Ingress ports, for the networks task.
     ingress: tokio::sync::watch::Sender<Vec<crate::forward::ingress::IngressRule>>,
+    /// Whether management's lazy-connection setting goes to the negotiator (no local choice).
+    follow_lazy: bool,
 }
 
 async fn follow_sync(
@@ -555,6 +562,7 @@ async fn follow_sync(
         netstack,
         dns,
         ingress,
+        follow_lazy,
     } = sinks;
     loop {
         let update = tokio::select! {
@@ -613,7 +621,16 @@ async fn follow_sync(
                 }
                 Change::Routes(list) => {
                     info!(routes = list.len(), "routes from management");
+                    let groups = super::ha_groups::HaGroups::from_routes(&list);
+                    let _ = events.send(PeerEvent::HaGroups(groups)).await;
                     routes.send_replace(list);
+                }
+                Change::LazyConnections(on) => {
+                    if follow_lazy {
+                        let _ = events.send(PeerEvent::Lazy(on)).await;
+                    } else {
+                        debug!(management = on, "lazy connections: the local setting stands");
+                    }
                 }
                 Change::PeerAcl(acl) => {
                     if acl.is_open() {

@@ -96,12 +96,32 @@ pub struct PeerBuilder {
     max_connections_per_listener: usize,
     ice: IceOptions,
     networks: NetworkOptions,
-    lazy: bool,
+    lazy: LazyConnections,
     lazy_inactivity: Duration,
     ready_peers: usize,
     ready_timeout: Duration,
     status_addr: Option<SocketAddr>,
     on_ready: Option<super::OnReady>,
+}
+
+/// Whether mesh peers are set up on first use (see [`PeerBuilder::lazy_connections`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LazyConnections {
+    /// Set up on first traffic, idled after the inactivity timeout (this crate's default).
+    #[default]
+    On,
+    /// Every peer of the map set up at once and kept (NetBird's client's default).
+    Off,
+    /// As the account says (`PeerConfig.LazyConnectionEnabled` in the network map), and
+    /// again whenever it changes; off until management has said.
+    FollowManagement,
+}
+
+impl From<bool> for LazyConnections {
+    fn from(on: bool) -> Self {
+        if on { Self::On } else { Self::Off }
+    }
 }
 
 impl std::fmt::Debug for PeerBuilder {
@@ -139,7 +159,7 @@ impl PeerBuilder {
             max_connections_per_listener: 1024,
             ice: IceOptions::default(),
             networks: NetworkOptions::default(),
-            lazy: true,
+            lazy: LazyConnections::On,
             lazy_inactivity: DEFAULT_LAZY_INACTIVITY,
             ready_peers: 1,
             ready_timeout: DEFAULT_READY_TIMEOUT,
@@ -329,9 +349,11 @@ impl PeerBuilder {
     /// peer of the map at once and keeps it, as NetBird's client does by default. With it on
     /// a NetBird peer is ready once its map is here: [`ready_peers`](Self::ready_peers) is
     /// not waited for, since no peer connects before it is used.
-    pub fn lazy_connections(mut self, enabled: bool) -> Self {
+    ///
+    /// Takes a [`LazyConnections`] or a `bool` (on or off).
+    pub fn lazy_connections(mut self, mode: impl Into<LazyConnections>) -> Self {
         self.netbird_options.push("lazy connections");
-        self.lazy = enabled;
+        self.lazy = mode.into();
         self
     }
 
@@ -467,14 +489,19 @@ impl PeerBuilder {
                     proxy: self.proxy,
                     ice: self.ice,
                     networks: self.networks,
-                    lazy: self.lazy,
+                    lazy: match self.lazy {
+                        LazyConnections::On => Some(true),
+                        LazyConnections::Off => Some(false),
+                        LazyConnections::FollowManagement => None,
+                    },
                     lazy_inactivity: self.lazy_inactivity,
                 }))
             }
         };
-        // Lazily, no peer connects before it is used: readiness is the map alone.
+        // Lazily, no peer connects before it is used: readiness is the map alone. Following
+        // management, whether it will be lazy is not known before its map.
         let ready_peers = match &run {
-            super::Run::Netbird(c) if c.lazy => 0,
+            super::Run::Netbird(c) if c.lazy != Some(false) => 0,
             _ => self.ready_peers,
         };
         Ok(super::Plan {

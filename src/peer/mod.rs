@@ -25,7 +25,7 @@ use crate::engine::{LiveDataPath, ProxyOptions};
 use crate::status::{Mode, Snapshot, StatusHub};
 use crate::wg::WgConfig;
 
-pub use builder::{DEFAULT_MANAGEMENT_URL, PeerBuilder, WireGuardConfig};
+pub use builder::{DEFAULT_MANAGEMENT_URL, LazyConnections, PeerBuilder, WireGuardConfig};
 pub use stream::{MeshListener, MeshStream, MeshUdpSocket};
 
 /// How often readiness is looked at while waiting for it.
