@@ -3,7 +3,7 @@
 //! `MeshState::apply` follows NetBird's client rules (netbird-protocol.md §4.7) and returns the
 //! changes for the engine to act on; it does no I/O, so every rule is unit-tested here.
 
-use std::collections::BTreeMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -20,6 +20,36 @@ pub struct RemotePeer {
     pub allowed_ips: Vec<IpNet>,
     pub fqdn: String,
     pub agent_version: String,
+}
+
+impl RemotePeer {
+    /// Whether the map's entry `rp` says what we know, without allocating. A key string
+    /// equal to ours is the same public key.
+    fn same_as(&self, rp: &super::management::RemotePeerConfig, has_ipv6: bool) -> bool {
+        if rp.fqdn.trim_end_matches('.') != self.fqdn || rp.agent_version != self.agent_version {
+            return false;
+        }
+        let mut ours = self.allowed_ips.iter();
+        for value in &rp.allowed_ips {
+            let Some(net) = parse_prefix(value) else {
+                return false; // decoded again, to say why it is bad
+            };
+            if net.addr().is_ipv6() && !has_ipv6 {
+                continue;
+            }
+            if ours.next() != Some(&net) {
+                return false;
+            }
+        }
+        ours.next().is_none()
+    }
+}
+
+/// A peer of the map and the last update that listed it.
+#[derive(Clone, Debug)]
+struct Known {
+    peer: RemotePeer,
+    seen: u64,
 }
 
 /// A TURN server from `NetbirdConfig.turns`: `turn:host:port?transport=udp` and its
@@ -116,7 +146,9 @@ pub enum SyncError {
 pub struct MeshState {
     pub serial: u64,
     pub local: Option<LocalPeer>,
-    pub peers: BTreeMap<String, RemotePeer>,
+    peers: HashMap<String, Known>,
+    /// Numbers the updates, to find the peers an update no longer lists without a set.
+    generation: u64,
     pub relay: Option<RelaySettings>,
     pub signal: Option<String>,
     /// STUN server URIs for ICE (`NetbirdConfig.stuns`, `stun:host:port`).
@@ -231,64 +263,24 @@ impl MeshState {
         }
         self.serial = map.serial;
 
-        let mut next: BTreeMap<String, RemotePeer> = BTreeMap::new();
-        if !map.remote_peers_is_empty {
-            for rp in &map.remote_peers {
-                if rp.wg_pub_key == own_key {
-                    continue;
-                }
-                let public_key = parse_key_string(&rp.wg_pub_key)
-                    .map_err(|_| SyncError::BadKey(rp.wg_pub_key.clone()))?;
-                let mut allowed_ips = Vec::with_capacity(rp.allowed_ips.len());
-                for value in &rp.allowed_ips {
-                    let net = parse_prefix(value).ok_or_else(|| SyncError::BadAllowedIp {
-                        key: rp.wg_pub_key.clone(),
-                        value: value.clone(),
-                    })?;
-                    if net.addr().is_ipv6() && !self.has_ipv6 {
-                        continue;
-                    }
-                    allowed_ips.push(net);
-                }
-                next.insert(
-                    rp.wg_pub_key.clone(),
-                    RemotePeer {
-                        key: rp.wg_pub_key.clone(),
-                        public_key,
-                        allowed_ips,
-                        fqdn: rp.fqdn.trim_end_matches('.').to_string(),
-                        agent_version: rp.agent_version.clone(),
-                    },
-                );
-            }
-        }
-        for key in self.peers.keys() {
-            if !next.contains_key(key) {
-                changes.push(Change::PeerRemoved(key.clone()));
-            }
-        }
-        for (key, peer) in &next {
-            match self.peers.get(key) {
-                None => changes.push(Change::PeerAdded(peer.clone())),
-                Some(old)
-                    if old.allowed_ips != peer.allowed_ips
-                        || old.agent_version != peer.agent_version =>
-                {
-                    changes.push(Change::PeerChanged(peer.clone()))
-                }
-                Some(old) if old.fqdn != peer.fqdn => changes.push(Change::PeerRenamed {
-                    key: key.clone(),
-                    fqdn: peer.fqdn.clone(),
-                }),
-                Some(_) => {}
-            }
-        }
-        self.peers = next;
+        self.apply_peers(map, own_key, &mut changes)?;
         let dns_resolution = map
             .peer_config
             .as_ref()
             .or(resp.peer_config.as_ref())
             .is_some_and(|pc| pc.routing_peer_dns_resolution_enabled);
+        // Unchanged (the common case: a peer came or went): nothing copied or decoded.
+        if self.raw_policy.as_ref().is_some_and(|old| {
+            old.routes == map.routes
+                && old.firewall == map.firewall_rules
+                && old.firewall_is_empty == map.firewall_rules_is_empty
+                && old.route_rules == map.routes_firewall_rules
+                && old.dns_resolution == dns_resolution
+                && old.dns == map.dns_config
+                && old.forwarding == map.forwarding_rules
+        }) {
+            return Ok(changes);
+        }
         self.apply_policy(
             RawPolicy {
                 routes: map.routes.clone(),
@@ -302,6 +294,116 @@ impl MeshState {
             &mut changes,
         );
         Ok(changes)
+    }
+
+    /// The map's peers against ours, in O(changes) allocations: a peer whose entry did not
+    /// change is compared in place (its key looked up, its AllowedIPs parsed on the stack)
+    /// and nothing is copied for it. All or nothing: a bad entry rejects the update before
+    /// anything is changed.
+    fn apply_peers(
+        &mut self,
+        map: &super::management::NetworkMap,
+        own_key: &str,
+        changes: &mut Vec<Change>,
+    ) -> Result<(), SyncError> {
+        self.generation += 1;
+        let generation = self.generation;
+        let mut updates: Vec<RemotePeer> = Vec::new();
+        let mut updated: HashSet<&str> = HashSet::new();
+        let remote_peers: &[_] = if map.remote_peers_is_empty {
+            &[]
+        } else {
+            &map.remote_peers
+        };
+        for rp in remote_peers {
+            if rp.wg_pub_key == own_key {
+                continue;
+            }
+            if let Some(known) = self.peers.get_mut(&rp.wg_pub_key)
+                && known.peer.same_as(rp, self.has_ipv6)
+            {
+                known.seen = generation;
+                continue;
+            }
+            if !updated.insert(&rp.wg_pub_key) {
+                continue; // listed twice: the first entry stands
+            }
+            updates.push(self.decode_peer(rp)?);
+        }
+        // Marked now, so that only peers absent from the map are unmarked below.
+        for peer in &updates {
+            if let Some(known) = self.peers.get_mut(&peer.key) {
+                known.seen = generation;
+            }
+        }
+        self.peers.retain(|key, known| {
+            let listed = known.seen == generation;
+            if !listed {
+                changes.push(Change::PeerRemoved(key.clone()));
+            }
+            listed
+        });
+        for peer in updates {
+            let change = match self.peers.get(&peer.key) {
+                None => Change::PeerAdded(peer.clone()),
+                Some(old)
+                    if old.peer.allowed_ips != peer.allowed_ips
+                        || old.peer.agent_version != peer.agent_version =>
+                {
+                    Change::PeerChanged(peer.clone())
+                }
+                Some(_) => Change::PeerRenamed {
+                    key: peer.key.clone(),
+                    fqdn: peer.fqdn.clone(),
+                },
+            };
+            changes.push(change);
+            self.peers.insert(
+                peer.key.clone(),
+                Known {
+                    peer,
+                    seen: generation,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn decode_peer(&self, rp: &super::management::RemotePeerConfig) -> Result<RemotePeer, SyncError> {
+        let public_key = parse_key_string(&rp.wg_pub_key)
+            .map_err(|_| SyncError::BadKey(rp.wg_pub_key.clone()))?;
+        let mut allowed_ips = Vec::with_capacity(rp.allowed_ips.len());
+        for value in &rp.allowed_ips {
+            let net = parse_prefix(value).ok_or_else(|| SyncError::BadAllowedIp {
+                key: rp.wg_pub_key.clone(),
+                value: value.clone(),
+            })?;
+            if net.addr().is_ipv6() && !self.has_ipv6 {
+                continue;
+            }
+            allowed_ips.push(net);
+        }
+        Ok(RemotePeer {
+            key: rp.wg_pub_key.clone(),
+            public_key,
+            allowed_ips,
+            fqdn: rp.fqdn.trim_end_matches('.').to_string(),
+            agent_version: rp.agent_version.clone(),
+        })
+    }
+
+    /// Every peer of the map.
+    pub fn peers(&self) -> impl Iterator<Item = &RemotePeer> {
+        self.peers.values().map(|k| &k.peer)
+    }
+
+    /// The peer with key string `key`.
+    pub fn peer(&self, key: &str) -> Option<&RemotePeer> {
+        self.peers.get(key).map(|k| &k.peer)
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
     }
 
     /// Routes and rules, each decoded again only when what management sent changed; a bad
@@ -361,8 +463,7 @@ impl MeshState {
     /// The peer owning an FQDN (case-insensitive, trailing dot ignored).
     pub fn peer_by_fqdn(&self, name: &str) -> Option<&RemotePeer> {
         let name = name.trim_end_matches('.');
-        self.peers
-            .values()
+        self.peers()
             .find(|p| !p.fqdn.is_empty() && p.fqdn.eq_ignore_ascii_case(name))
     }
 
@@ -579,7 +680,7 @@ mod tests {
             "{c:?}"
         );
         assert_eq!(
-            MeshState::overlay_ip(&s.peers[&key(2)]),
+            MeshState::overlay_ip(s.peer(&key(2)).unwrap()),
             Some("100.64.0.9".parse().unwrap())
         );
         assert_eq!(s.peer_by_fqdn("B2.MESH.").unwrap().key, key(2));
@@ -587,7 +688,7 @@ mod tests {
         let c = s.apply(&map(4, "100.64.0.1/16", vec![]), &me).unwrap();
         assert_eq!(c.len(), 2);
         assert!(c.iter().all(|c| matches!(c, Change::PeerRemoved(_))));
-        assert!(s.peers.is_empty());
+        assert!(s.peer_count() == 0);
     }
 
     #[test]
@@ -601,7 +702,7 @@ mod tests {
         .unwrap();
         let c = s.apply(&map(4, "100.64.0.1/16", vec![]), &me).unwrap();
         assert!(c.is_empty());
-        assert_eq!(s.peers.len(), 1);
+        assert_eq!(s.peer_count(), 1);
         let c = s.apply(&map(5, "100.64.0.1/16", vec![]), &me).unwrap();
         assert_eq!(c, vec![Change::PeerRemoved(key(2))]);
     }
@@ -621,7 +722,7 @@ mod tests {
         assert!(
             matches!(&c[..], [Change::AddressChanged { new, .. }] if new.to_string() == "100.64.0.7/16")
         );
-        assert!(s.peers.is_empty(), "the map is left for the new engine");
+        assert!(s.peer_count() == 0, "the map is left for the new engine");
     }
 
     #[test]
@@ -650,7 +751,7 @@ mod tests {
         };
         let c = s.apply(&with_relay, &me).unwrap();
         assert_eq!(c.len(), 2, "{c:?}");
-        assert_eq!(s.peers.len(), 1, "a config-only update keeps the peers");
+        assert_eq!(s.peer_count(), 1, "a config-only update keeps the peers");
         let c = s.apply(&with_relay, &me).unwrap();
         assert!(c.is_empty(), "unchanged config is no change");
         let without_relay = SyncResponse {
@@ -674,7 +775,7 @@ mod tests {
             .apply(&map(1, "100.64.0.1/16", vec![bad]), &me)
             .unwrap_err();
         assert!(matches!(e, SyncError::BadAllowedIp { .. }));
-        assert!(s.peers.is_empty());
+        assert!(s.peer_count() == 0);
         let mut bad_key = peer(2, "100.64.0.2", "b");
         bad_key.wg_pub_key = "xyz".into();
         assert!(
@@ -692,12 +793,13 @@ mod tests {
         p.allowed_ips.push("fd00::2/128".into());
         s.apply(&map(1, "100.64.0.1/16", vec![p.clone()]), &me)
             .unwrap();
-        assert_eq!(s.peers[&key(2)].allowed_ips.len(), 1);
+        assert_eq!(s.peer(&key(2)).unwrap().allowed_ips.len(), 1);
         let mut s6 = MeshState {
             has_ipv6: true,
             ..Default::default()
         };
         s6.apply(&map(1, "100.64.0.1/16", vec![p]), &me).unwrap();
-        assert_eq!(s6.peers[&key(2)].allowed_ips.len(), 2);
+        assert_eq!(s6.peer(&key(2)).unwrap().allowed_ips.len(), 2);
     }
 }
+

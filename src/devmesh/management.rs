@@ -590,7 +590,7 @@ mod tests {
         let mut state = MeshState::default();
         let first = sync.next().await.unwrap();
         state.apply(&first, a.key()).unwrap();
-        assert!(state.peers.is_empty());
+        assert_eq!(state.peer_count(), 0);
         assert!(state.relay.is_some());
 
         let mut b = ManagementClient::connect(&url, [2u8; 32]).await.unwrap();
@@ -637,7 +637,7 @@ mod tests {
             let changes = state.apply(&update, a.key()).unwrap();
             assert!(!changes.contains(&Change::PeerRemoved(b_peer.key.clone())));
         }
-        assert!(state.peers.contains_key(&b_peer.key));
+        assert!(state.peer(&b_peer.key).is_some());
         cancel.cancel();
     }
 

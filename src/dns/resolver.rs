@@ -85,37 +85,78 @@ pub fn parse_answer(bytes: &[u8], id: u16) -> Option<Answer> {
 }
 
 /// Names of mesh peers (FQDNs from the network map), answered before any DNS server.
+/// Kept up to date one peer at a time ([`set`](Self::set), [`remove`](Self::remove)), so
+/// a map update costs what changed, not the size of the account.
 #[derive(Clone, Debug, Default)]
-pub struct MeshNames(Arc<RwLock<HashMap<String, IpAddr>>>);
+pub struct MeshNames(Arc<RwLock<NameTable>>);
+
+#[derive(Debug, Default)]
+struct NameTable {
+    /// Lower-case name, without its trailing dot → address, and the peer it is (if known).
+    by_name: HashMap<String, (IpAddr, Option<String>)>,
+    /// A peer's key → its name there, to rename or remove it.
+    of_peer: HashMap<String, String>,
+}
+
+fn normal(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
 
 impl MeshNames {
     /// The address of `name` (case-insensitive, trailing dot ignored).
     pub fn lookup(&self, name: &str) -> Option<IpAddr> {
-        let key = name.trim_end_matches('.').to_ascii_lowercase();
-        self.0
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .copied()
+        let key = normal(name);
+        self.table().by_name.get(&key).map(|(ip, _)| *ip)
     }
 
     /// Every name by its address (one map, for looking up many peers at once).
     pub fn by_address(&self) -> HashMap<IpAddr, String> {
-        self.0
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
+        self.table()
+            .by_name
             .iter()
-            .map(|(n, a)| (*a, n.clone()))
+            .map(|(n, (a, _))| (*a, n.clone()))
             .collect()
     }
 
-    /// Replace every name at once.
+    /// Replace every name at once (a static configuration: names without peers).
     pub fn replace(&self, names: impl IntoIterator<Item = (String, IpAddr)>) {
-        let map = names
+        let by_name = names
             .into_iter()
-            .map(|(n, ip)| (n.trim_end_matches('.').to_ascii_lowercase(), ip))
+            .map(|(n, ip)| (normal(&n), (ip, None)))
             .collect();
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = map;
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = NameTable {
+            by_name,
+            of_peer: HashMap::new(),
+        };
+    }
+
+    /// Peer `peer` is called `name` (empty: nothing) at `ip` (None: nowhere).
+    pub fn set(&self, peer: &str, name: &str, ip: Option<IpAddr>) {
+        let mut t = self.0.write().unwrap_or_else(|e| e.into_inner());
+        Self::forget(&mut t, peer);
+        if let (false, Some(ip)) = (name.is_empty(), ip) {
+            let name = normal(name);
+            t.by_name.insert(name.clone(), (ip, Some(peer.to_string())));
+            t.of_peer.insert(peer.to_string(), name);
+        }
+    }
+
+    /// Peer `peer` left: its name goes.
+    pub fn remove(&self, peer: &str) {
+        Self::forget(&mut self.0.write().unwrap_or_else(|e| e.into_inner()), peer);
+    }
+
+    fn forget(t: &mut NameTable, peer: &str) {
+        // A name another peer took since (management never gives two one name) stays.
+        if let Some(old) = t.of_peer.remove(peer)
+            && t.by_name.get(&old).is_some_and(|(_, p)| p.as_deref() == Some(peer))
+        {
+            t.by_name.remove(&old);
+        }
+    }
+
+    fn table(&self) -> std::sync::RwLockReadGuard<'_, NameTable> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -577,6 +618,29 @@ mod tests {
             msg.answers.push(r);
         }
         msg.to_vec().unwrap()
+    }
+
+    #[test]
+    fn names_follow_their_peers_one_at_a_time() {
+        let names = MeshNames::default();
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        names.set("k1", "Web.Mesh.Test.", ip("100.64.0.2"));
+        names.set("k2", "db.mesh.test", ip("100.64.0.3"));
+        assert_eq!(names.lookup("web.mesh.test"), ip("100.64.0.2"));
+        // Renamed: the old name goes.
+        names.set("k1", "www.mesh.test", ip("100.64.0.2"));
+        assert_eq!(names.lookup("web.mesh.test"), None);
+        assert_eq!(names.lookup("WWW.mesh.test."), ip("100.64.0.2"));
+        // A name another peer holds is not taken away by the first one leaving.
+        names.set("k3", "db.mesh.test", ip("100.64.0.9"));
+        names.remove("k2");
+        assert_eq!(names.lookup("db.mesh.test"), ip("100.64.0.9"));
+        names.remove("k3");
+        assert_eq!(names.lookup("db.mesh.test"), None);
+        // No name, or no address: nothing.
+        names.set("k1", "", ip("100.64.0.2"));
+        names.set("k4", "x.mesh.test", None);
+        assert_eq!(names.by_address().len(), 0);
     }
 
     #[test]

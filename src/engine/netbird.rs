@@ -595,10 +595,12 @@ async fn follow_sync(
             match change {
                 Change::PeerAdded(p) | Change::PeerChanged(p) => {
                     debug!(peer = %p.fqdn, "peer added");
+                    names.set(&p.key, &p.fqdn, MeshState::overlay_ip(&p));
                     wg.add_peer(peer_spec(&p));
                     let _ = events.send(PeerEvent::Added(p)).await;
                 }
                 Change::PeerRemoved(key) => {
+                    names.remove(&key);
                     if let Ok(k) = crate::control::envelope::parse_key_string(&key) {
                         wg.remove_peer(&k);
                     }
@@ -656,22 +658,18 @@ async fn follow_sync(
                     dns.set_config(config);
                 }
                 Change::Refused(reason) => warn!("network map: {reason}"),
-                Change::PeerRenamed { .. } | Change::Signal(_) => {}
+                Change::PeerRenamed { key, fqdn } => {
+                    names.set(&key, &fqdn, mesh.peer(&key).and_then(MeshState::overlay_ip));
+                }
+                Change::Signal(_) => {}
             }
         }
-        let mut known: Vec<(String, std::net::IpAddr)> = mesh
-            .peers
-            .values()
-            .filter(|p| !p.fqdn.is_empty())
-            .filter_map(|p| Some((p.fqdn.clone(), MeshState::overlay_ip(p)?)))
-            .collect();
-        if let Some(local) = mesh.local.as_ref().filter(|l| !l.fqdn.is_empty()) {
-            known.push((local.fqdn.clone(), local.address.addr()));
+        if let Some(local) = &mesh.local {
+            names.set(&own_key, &local.fqdn, Some(local.address.addr()));
         }
-        names.replace(known);
-        source.map.applied(update_serial(&update), mesh.peers.len(), applying.elapsed());
+        source.map.applied(update_serial(&update), mesh.peer_count(), applying.elapsed());
         if !source.synced.swap(true, Ordering::Relaxed) {
-            info!(peers = mesh.peers.len(), "network map received");
+            info!(peers = mesh.peer_count(), "network map received");
         }
     }
     if !life.cancel.is_cancelled() {
