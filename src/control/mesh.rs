@@ -626,6 +626,58 @@ mod tests {
         assert_eq!(c, vec![Change::LazyConnections(false)]);
     }
 
+    /// The incremental path keeps the whole-map semantics: all or nothing, one entry per
+    /// key, and a peer absent from the next map removed even when others changed with it.
+    #[test]
+    fn a_bad_entry_rejects_the_whole_update_and_duplicates_count_once() {
+        let me = key(1);
+        let mut s = MeshState::default();
+        let two = vec![peer(2, "100.64.0.2", "b"), peer(3, "100.64.0.3", "c")];
+        s.apply(&map(1, "100.64.0.1/16", two), &me).unwrap();
+        let mut bad = peer(4, "100.64.0.4", "d");
+        bad.allowed_ips = vec!["nonsense".into()];
+        let err = s.apply(
+            &map(2, "100.64.0.1/16", vec![peer(2, "100.64.0.9", "b2"), bad]),
+            &me,
+        );
+        assert!(matches!(err, Err(SyncError::BadAllowedIp { .. })), "{err:?}");
+        assert_eq!(s.peer_count(), 2, "nothing changed");
+        assert_eq!(s.peer(&key(2)).unwrap().fqdn, "b");
+        // c leaves, b changes, d comes twice: one removal, one change, one addition.
+        let c = s
+            .apply(
+                &map(
+                    3,
+                    "100.64.0.1/16",
+                    vec![
+                        peer(2, "100.64.0.9", "b"),
+                        peer(4, "100.64.0.4", "d"),
+                        peer(4, "100.64.0.4", "d"),
+                    ],
+                ),
+                &me,
+            )
+            .unwrap();
+        let c = peer_changes(c);
+        assert_eq!(c.len(), 3, "{c:?}");
+        assert!(c.contains(&Change::PeerRemoved(key(3))));
+        assert!(c.iter().any(|c| matches!(c, Change::PeerChanged(p) if p.key == key(2))));
+        assert!(c.iter().any(|c| matches!(c, Change::PeerAdded(p) if p.key == key(4))));
+        assert_eq!(s.peer_count(), 2);
+        // The same map again: nothing.
+        let again = s
+            .apply(
+                &map(
+                    4,
+                    "100.64.0.1/16",
+                    vec![peer(2, "100.64.0.9", "b"), peer(4, "100.64.0.4", "d")],
+                ),
+                &me,
+            )
+            .unwrap();
+        assert!(peer_changes(again).is_empty());
+    }
+
     #[test]
     fn peers_are_added_changed_renamed_and_removed() {
         let me = key(1);
