@@ -7,18 +7,25 @@
 //! Per run, from the proxy's own status endpoint and /proc:
 //! - **ready**: seconds from spawning the proxy to `/readyz` answering 200;
 //! - **full map**: milliseconds applying the first map took (the engine's own timing);
-//! - **one-peer change**: milliseconds applying the update a newly joined peer caused;
-//! - **RSS**, **fds** and **threads** after the proxy has been idle for a few seconds;
+//! - **one-peer change**: milliseconds applying the update a newly registered peer caused (the
+//!   bench registers it itself with one Login call, so no peer process starts meanwhile and
+//!   competes for the two cores: that is the apply's cost, not the machine's load);
+//! - **RSS**, **fds**, **threads** and **tasks** (tokio's, from `/metrics`) after the proxy
+//!   has been idle for a few seconds;
 //! - **idle CPU**: CPU seconds the proxy used in `IDLE_WINDOW` of doing nothing;
 //! - **signal messages sent** and **relay connections opened** over the whole run (start,
 //!   ready, the join, the first byte, a second, the idle window: about `IDLE_WINDOW` + 3 s
-//!   past ready);
+//!   past ready), or, with `SCALE_MINUTE=1`, over the proxy's first minute (each run then
+//!   lasts a minute);
 //! - **first byte to a new idle peer**: milliseconds from a SOCKS5 CONNECT through the proxy
 //!   to the joined peer's exposed echo until one byte comes back — with lazy connections the
 //!   peer is idle until then, so this is its whole set-up over the relay.
 //!
 //! Every row prints min / median / max over the runs; a run over twice its row's median (these
-//! are costs: more is worse) is a collapse, printed, and the bench exits non-zero.
+//! are costs: more is worse) is a collapse, printed, and the bench exits non-zero. Two rows
+//! have a floor under which a difference is noise, not a collapse: idle CPU (the kernel counts
+//! it in 10 ms ticks) and the map apply times (1 ms: a sub-millisecond apply that waits once
+//! for a busy worker or a page fault doubles without costing anything that grows).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -113,6 +120,35 @@ fn proc_stats(pid: u32) -> (f64, f64, f64) {
     (field("VmRSS:"), field("Threads:"), cpu)
 }
 
+/// Register a new peer called `name` with one Login (a fresh key), as a peer that joins and
+/// goes away at once would.
+fn register(management: &str, key: &str, name: &str) {
+    use netbird_proxy::control::management_client::{ManagementClient, system_meta};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let private_key: [u8; 32] = rand::random();
+        let mut client = ManagementClient::connect(management, private_key)
+            .await
+            .expect("management");
+        client
+            .login(Some(key), system_meta(name, true))
+            .await
+            .expect("login");
+    });
+}
+
+/// Tokio tasks alive in the proxy (`netbird_proxy_tasks` on /metrics).
+fn tasks(status: SocketAddr) -> f64 {
+    let (_, body) = get(status, "/metrics").expect("metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix("netbird_proxy_tasks "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("netbird_proxy_tasks on /metrics")
+}
+
 fn open_fds(pid: u32) -> f64 {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count() as f64)
@@ -177,6 +213,7 @@ struct Rows {
     rss_mib: Vec<f64>,
     fds: Vec<f64>,
     threads: Vec<f64>,
+    tasks: Vec<f64>,
     idle_cpu_s: Vec<f64>,
     signal_sent: Vec<f64>,
     relay_opened: Vec<f64>,
@@ -269,17 +306,8 @@ fn run_once(
     let ready = started.elapsed().as_secs_f64();
     let (serial, peers, _, full) = map_status(status).expect("map status");
     assert!(peers as usize >= n, "the map lists {peers} of {n} peers");
-    // One more peer joins (lazy, serving an echo): every map changes by one.
-    let joiner_status = free_port();
-    let joiner = peer(
-        management,
-        key,
-        &dir.join(format!("joiner-{tag}-{run}")),
-        &format!("joiner-{tag}-{run}"),
-        Some(joiner_status),
-        true,
-        &["--expose", &format!("7000=127.0.0.1:{echo_port}")],
-    );
+    // One more peer registers: every map changes by one.
+    register(management, key, &format!("silent-{tag}-{run}"));
     let deadline = Instant::now() + Duration::from_secs(60);
     let one = loop {
         if let Some((s, p, _, ms)) = map_status(status)
@@ -290,10 +318,21 @@ fn run_once(
         }
         assert!(
             Instant::now() < deadline,
-            "n={n}: the joiner never reached the map"
+            "n={n}: the registered peer never reached the map"
         );
         std::thread::sleep(Duration::from_millis(20));
     };
+    // And a peer joins (lazy, serving an echo), for the first byte.
+    let joiner_status = free_port();
+    let joiner = peer(
+        management,
+        key,
+        &dir.join(format!("joiner-{tag}-{run}")),
+        &format!("joiner-{tag}-{run}"),
+        Some(joiner_status),
+        true,
+        &["--expose", &format!("7000=127.0.0.1:{echo_port}")],
+    );
     // The first byte to the joiner through the probe's SOCKS5 listener: the joiner is idle
     // (lazy, never used), so this is the wake-up, the offer and the relay set-up.
     let joiner_ready: SocketAddr = ([127, 0, 0, 1], joiner_status).into();
@@ -311,6 +350,9 @@ fn run_once(
     let (_, _, cpu_before) = proc_stats(pid);
     std::thread::sleep(IDLE_WINDOW);
     let (rss, threads, cpu_after) = proc_stats(pid);
+    if minute_window() {
+        std::thread::sleep(Duration::from_secs(60).saturating_sub(started.elapsed()));
+    }
     let (sent, opened) = control_counts(status).expect("control counters");
     Rows {
         first_byte_ms: vec![ttfb * 1000.0],
@@ -322,8 +364,14 @@ fn run_once(
         rss_mib: vec![rss / 1024.0],
         fds: vec![open_fds(pid)],
         threads: vec![threads],
+        tasks: vec![tasks(status)],
         idle_cpu_s: vec![cpu_after - cpu_before],
     }
+}
+
+/// Whether the control-plane counts cover the first minute (`SCALE_MINUTE=1`).
+fn minute_window() -> bool {
+    std::env::var("SCALE_MINUTE").is_ok_and(|v| v == "1")
 }
 
 /// A row's min / median / max; runs over twice the median (and more than `resolution`
@@ -352,6 +400,15 @@ fn summary(
         median,
         s[s.len() - 1]
     )
+}
+
+fn counts_label(signal: bool) -> &'static str {
+    match (signal, minute_window()) {
+        (true, true) => "signal messages sent, first minute",
+        (true, false) => "signal messages sent",
+        (false, true) => "relay connections opened, first minute",
+        (false, false) => "relay connections opened",
+    }
 }
 
 fn main() {
@@ -387,6 +444,7 @@ fn main() {
                 all.rss_mib.extend(r.rss_mib);
                 all.fds.extend(r.fds);
                 all.threads.extend(r.threads);
+                all.tasks.extend(r.tasks);
                 all.idle_cpu_s.extend(r.idle_cpu_s);
                 all.signal_sent.extend(r.signal_sent);
                 all.relay_opened.extend(r.relay_opened);
@@ -401,20 +459,25 @@ fn main() {
             println!("{:<44} {:>10} {:>10} {:>10}", "", "min", "median", "max");
             let c = &mut collapses;
             let tag = if lazy { "lazy" } else { "eager" };
-            let rows: [(&str, &str, &Vec<f64>); 10] = [
+            let rows: [(&str, &str, &Vec<f64>); 11] = [
                 ("time to ready", "s", &all.ready_s),
                 ("full map applied in", "ms", &all.full_map_ms),
                 ("one-peer change applied in", "ms", &all.one_peer_ms),
                 ("RSS", "MiB", &all.rss_mib),
                 ("open fds", "", &all.fds),
                 ("threads", "", &all.threads),
+                ("tokio tasks", "", &all.tasks),
                 ("idle CPU", "s", &all.idle_cpu_s),
-                ("signal messages sent", "per run", &all.signal_sent),
-                ("relay connections opened", "per run", &all.relay_opened),
+                (counts_label(true), "per run", &all.signal_sent),
+                (counts_label(false), "per run", &all.relay_opened),
                 ("first byte to a new idle peer", "ms", &all.first_byte_ms),
             ];
             for (name, unit, values) in rows {
-                let resolution = if name == "idle CPU" { 0.01 } else { 0.0 };
+                let resolution = match name {
+                    "idle CPU" => 0.01,
+                    "full map applied in" | "one-peer change applied in" => 1.0,
+                    _ => 0.0,
+                };
                 let row = format!("N={n} {tag} {name}");
                 println!("{}", summary(&row, unit, values, resolution, c));
             }

@@ -100,7 +100,12 @@ pub struct Zones {
 
 impl Zones {
     pub fn new(zones: &[Zone]) -> Self {
-        let mut out = Zones::default();
+        let records = zones.iter().map(|z| z.records.len()).sum();
+        let mut out = Zones {
+            domains: Vec::with_capacity(zones.len()),
+            // A mesh zone has a record per peer: sized once, not grown 13 times.
+            by_name: HashMap::with_capacity(records),
+        };
         for z in zones {
             out.domains.push((z.domain.clone(), z.non_authoritative));
             for r in &z.records {

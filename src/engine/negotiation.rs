@@ -71,6 +71,8 @@ struct PeerState {
     attempt: u64,
     next_offer: Instant,
     retry: Duration,
+    /// Traffic already brought an offer forward in this backoff cycle.
+    demanded: bool,
     /// Traffic goes over an ICE pair.
     direct: bool,
     /// When ICE is offered again after a failure (None: not waiting to retry).
@@ -91,6 +93,7 @@ impl PeerState {
             attempt: 0,
             next_offer: Instant::now(),
             retry: FIRST_RETRY,
+            demanded: false,
             direct: false,
             ice_retry_at: None,
             ice_retry: ICE_FIRST_RETRY,
@@ -444,18 +447,23 @@ impl Negotiator {
                         Some(st) if st.idle => {
                             info!(peer = %st.peer.fqdn, "traffic for an idle peer; waking it");
                             wake(st);
+                            // This offer is the traffic's: the dial's next reports must not
+                            // bring another forward in this cycle.
+                            st.demanded = true;
                             true
                         }
-                        // Waiting out a grown backoff while there is traffic for it (it left
-                        // and may be back): try now, from the first step. Once per backoff
-                        // cycle: the dial behind the traffic says it again every 50 ms.
+                        // Waiting out a backoff while there is traffic for it (our last offer
+                        // came before it knew us, or it left and may be back): try now, from
+                        // the first step. Once per backoff cycle: the dial behind the traffic
+                        // says it again every 50 ms.
                         Some(st) if !st.connected()
                             && !st.connecting
-                            && st.retry > FIRST_RETRY
+                            && !st.demanded
                             && st.next_offer > now + DEMAND_RETRY =>
                         {
                             debug!(peer = %st.peer.fqdn, "traffic for a peer being set up; offering now");
                             st.reset();
+                            st.demanded = true;
                             true
                         }
                         _ => false,
@@ -518,6 +526,7 @@ impl Negotiator {
                             }
                             st.retry = (st.retry * 2).min(MAX_RETRY);
                             st.next_offer = now + st.retry;
+                            st.demanded = false;
                         }
                     }
                     if let Some(ice) = &ice {

@@ -26,6 +26,14 @@ pub fn render(snap: &Snapshot) -> String {
         "Seconds since the process started.",
         vec![(String::new(), snap.uptime_seconds as f64)],
     );
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        family(
+            "tasks",
+            "gauge",
+            "Tokio tasks alive in the process (engines, listeners, connections, flows).",
+            vec![(String::new(), rt.metrics().num_alive_tasks() as f64)],
+        );
+    }
     family(
         "engine_restarts_total",
         "counter",
