@@ -343,6 +343,14 @@ fn run_once(
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The probe knows the joiner (its name resolves) before the clock starts.
+    while map_status(status).is_none_or(|(_, p, _, _)| p < peers + 2) {
+        assert!(
+            Instant::now() < deadline,
+            "n={n}: the joiner never reached the probe's map"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let ttfb = first_byte(socks, &format!("joiner-{tag}-{run}.netbird.test"), 7000);
     drop(joiner);
     let pid = probe.0.id();

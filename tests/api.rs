@@ -391,6 +391,29 @@ async fn a_stopped_peer_frees_its_wireguard_port_for_the_next() {
     mesh.stop().await;
 }
 
+/// How many peers `p` has a live session with.
+fn connected(p: &Peer) -> usize {
+    p.status()
+        .peers
+        .iter()
+        .filter(|s| s.status == "connected")
+        .count()
+}
+
+/// Wait until `a` and `b` each have `want` connected peers, at most `secs`.
+async fn wait_connected(a: &Peer, b: &Peer, want: usize, what: &str, secs: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while connected(a) != want || connected(b) != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: after {secs} s a has {} and b {} connected peers, not {want}",
+            connected(a),
+            connected(b)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Lazy connections (issue 20), on the relayed path: two lazy peers send no offer and open
 /// no relay connection but their home one until one dials the other; the dial wakes the
 /// peer and goes through; after the inactivity timeout without data both sides are idle
@@ -411,13 +434,6 @@ async fn lazy_peers_connect_on_first_use_and_go_idle_when_unused() {
     let (a, b) = (mesh.peer("a").clone(), mesh.peer("b").clone());
     let echo = serve_echo(b.listen(7000).await.unwrap());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let connected = |p: &Peer| {
-        p.status()
-            .peers
-            .iter()
-            .filter(|s| s.status == "connected")
-            .count()
-    };
     let sent = |p: &Peer| p.status().signal.and_then(|s| s.sent).unwrap_or(0);
     let opened = |p: &Peer| p.status().relay.and_then(|r| r.opened).unwrap_or(0);
     assert_eq!(
@@ -444,16 +460,7 @@ async fn lazy_peers_connect_on_first_use_and_go_idle_when_unused() {
     assert!(sent(&a) >= 1, "a offered to b");
 
     // Idle: no data for 2 s; the check runs every 5 s.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while connected(&a) + connected(&b) > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still connected after 20 s without data: a {} b {}",
-            connected(&a),
-            connected(&b)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_connected(&a, &b, 0, "idle without data", 20).await;
     round_trip(a.clone()).await;
     assert_eq!(connected(&a), 1, "woken again");
     b.stop().await.unwrap();
@@ -476,28 +483,7 @@ async fn peers_following_management_switch_lazy_connections_with_the_account() {
         mesh.add(name, builder).await.expect("peer starts");
     }
     let (a, b) = (mesh.peer("a").clone(), mesh.peer("b").clone());
-    let connected = |p: &Peer| {
-        p.status()
-            .peers
-            .iter()
-            .filter(|s| s.status == "connected")
-            .count()
-    };
-    let wait_for = |want: usize, what: &'static str| {
-        let (a, b) = (a.clone(), b.clone());
-        async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while connected(&a) != want || connected(&b) != want {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{what}: after 30 s a has {} and b {} connected peers",
-                    connected(&a),
-                    connected(&b)
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
+    let wait_for = |want, what| wait_connected(&a, &b, want, what, 30);
     wait_for(1, "account not lazy: set up at once").await;
     mesh.dev_mesh().set_lazy_connections(true);
     wait_for(0, "account lazy: idled without data").await;

@@ -382,7 +382,8 @@ fn relayed_path(bed: &mut MeshBed, mesh_pid: u32, impaired: bool) -> MeshPath {
 const DIRECT_STATUS_PORT: u16 = 33190;
 
 /// The dev mesh's two peers in A and B with ICE (the default): host candidates across H, so
-/// the path is direct UDP as soon as ICE selects it. Prints the time from A's start to that.
+/// the path is direct UDP as soon as ICE selects it. Prints the time from A's start to that,
+/// which with lazy connections includes the first connection waking B.
 fn direct_path(bed: &mut MeshBed) -> MeshPath {
     let (a, b) = (bed.ns("a"), bed.ns("b"));
     let management = format!("http://{HUB_A}:{MANAGEMENT_PORT}");
@@ -426,7 +427,17 @@ fn direct_path(bed: &mut MeshBed) -> MeshPath {
         ],
     );
     let url = format!("http://{status}/status");
+    // Lazy connections (the default) set B up on first traffic: a connection through the
+    // forward, once a second until the path is direct.
+    let poke = format!("echo > /dev/tcp/127.0.0.1/{}", peer_a.forwards[0].port());
+    let mut poked = None::<std::time::Instant>;
     loop {
+        if poked.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+            let _ = Command::new("ip")
+                .args(["netns", "exec", &a, "timeout", "1", "bash", "-c", &poke])
+                .output();
+            poked = Some(std::time::Instant::now());
+        }
         let out = Command::new("ip")
             .args(["netns", "exec", &a, "curl", "-s", "--max-time", "2", &url])
             .output()

@@ -263,6 +263,7 @@ impl MeshState {
         let Some(map) = &resp.network_map else {
             return Ok(changes); // config-only update
         };
+        let lazy_before = self.lazy_connections;
         // Our own configuration is applied before the serial check.
         if let Some(pc) = map.peer_config.as_ref().or(resp.peer_config.as_ref()) {
             let local = parse_local(pc)?;
@@ -287,7 +288,11 @@ impl MeshState {
         }
         self.serial = map.serial;
 
-        self.apply_peers(map, own_key, &mut changes)?;
+        if let Err(e) = self.apply_peers(map, own_key, &mut changes) {
+            // Its changes are dropped with it: what they said must be said again.
+            self.lazy_connections = lazy_before;
+            return Err(e);
+        }
         let dns_resolution = map
             .peer_config
             .as_ref()
@@ -331,22 +336,20 @@ impl MeshState {
             if rp.wg_pub_key == own_key {
                 continue;
             }
-            if let Some(known) = self.peers.get_mut(&rp.wg_pub_key)
-                && known.peer.same_as(rp, self.has_ipv6)
-            {
+            // Listed twice: the first entry stands (as a known peer is marked, a new one is
+            // remembered), so the map's order cannot make a peer flap between two entries.
+            if let Some(known) = self.peers.get_mut(&rp.wg_pub_key) {
+                if known.seen == generation {
+                    continue;
+                }
                 known.seen = generation;
+                if known.peer.same_as(rp, self.has_ipv6) {
+                    continue;
+                }
+            } else if !updated.insert(&rp.wg_pub_key) {
                 continue;
             }
-            if !updated.insert(&rp.wg_pub_key) {
-                continue; // listed twice: the first entry stands
-            }
             updates.push(self.decode_peer(rp)?);
-        }
-        // Marked now, so that only peers absent from the map are unmarked below.
-        for peer in &updates {
-            if let Some(known) = self.peers.get_mut(&peer.key) {
-                known.seen = generation;
-            }
         }
         self.peers.retain(|key, known| {
             let listed = known.seen == generation;
@@ -688,11 +691,30 @@ mod tests {
         assert!(c.iter().any(|c| matches!(c, Change::PeerChanged(p) if p.key == key(2))));
         assert!(c.iter().any(|c| matches!(c, Change::PeerAdded(p) if p.key == key(4))));
         assert_eq!(s.peer_count(), 2);
+        // Listed twice with different entries: the first stands, and stays.
+        for serial in [4, 5] {
+            let c = s
+                .apply(
+                    &map(
+                        serial,
+                        "100.64.0.1/16",
+                        vec![
+                            peer(2, "100.64.0.9", "b"),
+                            peer(4, "100.64.0.4", "d"),
+                            peer(4, "100.64.0.7", "d-other"),
+                        ],
+                    ),
+                    &me,
+                )
+                .unwrap();
+            assert!(peer_changes(c).is_empty(), "serial {serial}");
+        }
+        assert_eq!(s.peer(&key(4)).unwrap().fqdn, "d");
         // The same map again: nothing.
         let again = s
             .apply(
                 &map(
-                    4,
+                    6,
                     "100.64.0.1/16",
                     vec![peer(2, "100.64.0.9", "b"), peer(4, "100.64.0.4", "d")],
                 ),

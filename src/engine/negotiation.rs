@@ -275,6 +275,9 @@ impl Negotiator {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut sweep = tokio::time::interval(RELAY_SWEEP);
         let mut inactivity = tokio::time::interval(INACTIVITY_CHECK);
+        // Gated on lazy mode, which management may turn on after hours off: no burst of the
+        // checks missed meanwhile.
+        inactivity.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut home = self.relays.home_changes();
         let mut attempts: u64 = 0;
         let mut groups = HaGroups::default();

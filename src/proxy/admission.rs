@@ -15,7 +15,10 @@
 //! client still between its accept and its first read is evicted within a fraction of a
 //! second (seen: 194 ms, 820 evictions). With it, evictions come at most once per
 //! `EVICTION_GRACE` per listener, so a client has `per_listener × EVICTION_GRACE` to finish
-//! its handshake however hard the flood.
+//! its handshake however hard the flood. The price: while a listener is full of handshakes,
+//! it accepts at that pace too (the accept loop waits; the backlog waits in the kernel), so
+//! under a sustained slowloris a new client may wait its turn in the backlog. Once a flood's
+//! connections end, their slots free and accepting is immediate again.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

@@ -135,7 +135,13 @@ pub(crate) async fn serve_clients<L, F, Fut, R, RFut>(
             },
         };
         debug!(%from, "accepted");
-        let ticket = match gate.admit().await {
+        // Inline on purpose: while a full listener waits for a slot (at most 250 ms), the
+        // backlog waits in the kernel rather than as tasks here (admission.rs says why).
+        let admitted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = gate.admit() => a,
+        };
+        let ticket = match admitted {
             Ok(t) => Arc::new(t),
             Err(admission::Refusal::Full) => {
                 metrics.count("refused");
