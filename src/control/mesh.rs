@@ -165,6 +165,8 @@ pub struct MeshState {
     policy_prints: Option<PolicyPrints>,
     /// Scratch space for fingerprints.
     print_buf: Vec<u8>,
+    /// DNS records decoded from earlier maps (a mesh zone has one per peer).
+    dns_records: crate::dns::zone::RecordCache,
 }
 
 /// What the parts of a map that `Change::Routes`, `PeerAcl`, `RouteAcl`, `Ingress` and `Dns`
@@ -475,8 +477,10 @@ impl MeshState {
         }
         if new.dns != old.dns || new.dns_resolution != old.dns_resolution || first {
             let none = super::management::DnsConfig::default();
-            let (mut dns, errors) =
-                crate::dns::DnsConfig::from_wire(map.dns_config.as_ref().unwrap_or(&none));
+            let (mut dns, errors) = crate::dns::DnsConfig::from_wire_with(
+                map.dns_config.as_ref().unwrap_or(&none),
+                &mut self.dns_records,
+            );
             dns.routing_peer_resolution = new.dns_resolution;
             changes.extend(
                 errors

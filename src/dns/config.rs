@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use super::zone::{Record, Zone};
+use super::zone::{RecordCache, Zone};
 use crate::control::management;
 
 /// A nameserver group.
@@ -39,6 +39,22 @@ pub const DEFAULT_FORWARDER_PORT: u16 = 5353;
 impl DnsConfig {
     /// Decode; returns the config and the reasons entries were refused.
     pub fn from_wire(c: &management::DnsConfig) -> (Self, Vec<String>) {
+        Self::from_wire_with(c, &mut RecordCache::default())
+    }
+
+    /// Decode, reusing the records `cache` decoded from earlier maps (and keeping only those
+    /// this one has).
+    pub fn from_wire_with(
+        c: &management::DnsConfig,
+        cache: &mut RecordCache,
+    ) -> (Self, Vec<String>) {
+        cache.begin();
+        let decoded = Self::decode(c, cache);
+        cache.end();
+        decoded
+    }
+
+    fn decode(c: &management::DnsConfig, cache: &mut RecordCache) -> (Self, Vec<String>) {
         let mut errors = Vec::new();
         let mut zones = Vec::new();
         let single_zone = c.custom_zones.len() == 1;
@@ -51,9 +67,9 @@ impl DnsConfig {
                 ));
                 continue;
             }
-            let mut records = Vec::new();
+            let mut records = Vec::with_capacity(z.records.len());
             for (ri, r) in z.records.iter().enumerate() {
-                match Record::from_wire(r) {
+                match cache.decode(r) {
                     Ok(rec) => records.push(rec),
                     Err(e) => errors.push(format!("zone {domain}: record {ri}: {e}")),
                 }

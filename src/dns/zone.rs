@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use super::config::{normalize, trunc, valid_name};
 use crate::control::management::SimpleRecord;
@@ -21,8 +22,9 @@ pub enum RecordData {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
-    /// Lower case, no trailing dot.
-    pub name: String,
+    /// Lower case, no trailing dot. Shared: a mesh zone has a record per peer, and the zone
+    /// index, the configuration and the decoding cache hold the same names.
+    pub name: Arc<str>,
     pub ttl: u32,
     pub data: RecordData,
 }
@@ -59,7 +61,7 @@ impl Record {
             t => return Err(format!("record type {t} out of range")),
         };
         Ok(Self {
-            name,
+            name: name.into(),
             ttl: u32::try_from(r.ttl).unwrap_or(0),
             data,
         })
@@ -95,7 +97,98 @@ pub enum Local {
 #[derive(Clone, Debug, Default)]
 pub struct Zones {
     domains: Vec<(String, bool)>,
-    by_name: HashMap<String, Vec<RecordData>>,
+    by_name: HashMap<Arc<str>, Datas>,
+}
+
+/// A name's records: one, as a mesh peer's, without a list of its own.
+#[derive(Clone, Debug)]
+enum Datas {
+    One(RecordData),
+    Many(Vec<RecordData>),
+}
+
+impl Datas {
+    fn push(&mut self, d: RecordData) {
+        match self {
+            Datas::One(first) => {
+                let first = first.clone();
+                *self = Datas::Many(vec![first, d]);
+            }
+            Datas::Many(v) => v.push(d),
+        }
+    }
+
+    fn as_slice(&self) -> &[RecordData] {
+        match self {
+            Datas::One(d) => std::slice::from_ref(d),
+            Datas::Many(v) => v,
+        }
+    }
+}
+
+/// Records decoded from earlier maps, reused while management sends them unchanged: a mesh
+/// zone lists every peer, and one peer joining changes the zone, so without this every join
+/// decoded and allocated the whole zone again. Entries an update no longer uses are dropped
+/// at its end.
+#[derive(Clone, Debug, Default)]
+pub struct RecordCache {
+    /// By a hash of the record as sent. Of two records with one hash (odds 2^-64) the
+    /// second is decoded every time, never mistaken for the first.
+    by_print: HashMap<u64, Cached>,
+    generation: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Cached {
+    raw: SimpleRecord,
+    record: Record,
+    seen: u64,
+}
+
+impl RecordCache {
+    /// An update starts: records it does not decode are forgotten by [`end`](Self::end).
+    pub fn begin(&mut self) {
+        self.generation += 1;
+    }
+
+    /// `r` decoded, from the cache when it was sent before.
+    pub fn decode(&mut self, r: &SimpleRecord) -> Result<Record, String> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&r.name, r.r#type, &r.class, r.ttl, &r.r_data).hash(&mut h);
+        let print = h.finish();
+        let generation = self.generation;
+        match self.by_print.get_mut(&print) {
+            Some(hit) if hit.raw == *r => {
+                hit.seen = generation;
+                Ok(hit.record.clone())
+            }
+            Some(_) => Record::from_wire(r),
+            None => {
+                let record = Record::from_wire(r)?;
+                self.by_print.insert(
+                    print,
+                    Cached {
+                        raw: r.clone(),
+                        record: record.clone(),
+                        seen: generation,
+                    },
+                );
+                Ok(record)
+            }
+        }
+    }
+
+    /// The update is over: forget what it did not use.
+    pub fn end(&mut self) {
+        let generation = self.generation;
+        self.by_print.retain(|_, c| c.seen == generation);
+    }
+
+    /// How many records are kept.
+    pub fn cached(&self) -> usize {
+        self.by_print.len()
+    }
 }
 
 impl Zones {
@@ -109,10 +202,12 @@ impl Zones {
         for z in zones {
             out.domains.push((z.domain.clone(), z.non_authoritative));
             for r in &z.records {
-                out.by_name
-                    .entry(r.name.clone())
-                    .or_default()
-                    .push(r.data.clone());
+                match out.by_name.get_mut(&r.name) {
+                    Some(datas) => datas.push(r.data.clone()),
+                    None => {
+                        out.by_name.insert(r.name.clone(), Datas::One(r.data.clone()));
+                    }
+                }
             }
         }
         // Longest domain first: the most specific zone decides.
@@ -134,10 +229,14 @@ impl Zones {
         let Some(&(_, non_auth)) = self.domains.iter().find(|(d, _)| in_domain(&name, d)) else {
             return Local::NotMine;
         };
-        let records = self.by_name.get(&name).or_else(|| {
-            let parent = name.split_once('.')?.1;
-            self.by_name.get(&format!("*.{parent}"))
-        });
+        let records = self
+            .by_name
+            .get(name.as_str())
+            .or_else(|| {
+                let parent = name.split_once('.')?.1;
+                self.by_name.get(format!("*.{parent}").as_str())
+            })
+            .map(Datas::as_slice);
         let Some(records) = records else {
             return if non_auth {
                 Local::FallThrough
@@ -184,7 +283,7 @@ mod tests {
             records: recs
                 .iter()
                 .map(|(n, d)| Record {
-                    name: n.to_string(),
+                    name: (*n).into(),
                     ttl: 60,
                     data: d.clone(),
                 })
@@ -192,6 +291,36 @@ mod tests {
             non_authoritative: non_auth,
             search: true,
         }
+    }
+
+    /// A record sent again is the one decoded before (its name shared, not copied); one no
+    /// longer sent is forgotten at the end of the update; a bad one is refused every time.
+    #[test]
+    fn the_record_cache_reuses_unchanged_records_and_forgets_old_ones() {
+        let rec = |name: &str, ip: &str| SimpleRecord {
+            name: name.into(),
+            r#type: 1,
+            class: "IN".into(),
+            ttl: 300,
+            r_data: ip.into(),
+        };
+        let mut cache = RecordCache::default();
+        cache.begin();
+        let a = cache.decode(&rec("A.mesh.test.", "100.64.0.2")).unwrap();
+        let b = cache.decode(&rec("b.mesh.test.", "100.64.0.3")).unwrap();
+        assert!(cache.decode(&rec("bad name!", "100.64.0.4")).is_err());
+        cache.end();
+        assert_eq!(cache.cached(), 2);
+        assert_eq!(&*a.name, "a.mesh.test");
+        cache.begin();
+        let a2 = cache.decode(&rec("A.mesh.test.", "100.64.0.2")).unwrap();
+        assert!(Arc::ptr_eq(&a.name, &a2.name), "reused, not decoded again");
+        let b2 = cache.decode(&rec("b.mesh.test.", "100.64.0.9")).unwrap();
+        assert!(!Arc::ptr_eq(&b.name, &b2.name));
+        assert_eq!(b2.data, RecordData::A("100.64.0.9".parse().unwrap()));
+        assert!(cache.decode(&rec("bad name!", "100.64.0.4")).is_err());
+        cache.end();
+        assert_eq!(cache.cached(), 2, "b's old record is gone");
     }
 
     #[test]
