@@ -18,13 +18,46 @@ struct Rule {
     ports: Ports,
 }
 
+/// A source's rules: usually one (a policy's rule for a peer), kept without a list of its own,
+/// so the rules of a 5 000-peer account decode without an allocation per peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Rules {
+    One(Rule),
+    Many(Vec<Rule>),
+}
+
+impl Rules {
+    fn push(&mut self, rule: Rule) {
+        match self {
+            Rules::One(first) => *self = Rules::Many(vec![*first, rule]),
+            Rules::Many(v) => v.push(rule),
+        }
+    }
+
+    fn as_slice(&self) -> &[Rule] {
+        match self {
+            Rules::One(r) => std::slice::from_ref(r),
+            Rules::Many(v) => v,
+        }
+    }
+}
+
+fn add(map: &mut HashMap<IpAddr, Rules>, ip: IpAddr, rule: Rule) {
+    match map.get_mut(&ip) {
+        Some(rules) => rules.push(rule),
+        None => {
+            map.insert(ip, Rules::One(rule));
+        }
+    }
+}
+
 /// The decoded rules.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerAcl {
     /// Allow everything (old management, or no rules sent at all).
     open: bool,
-    drop: HashMap<IpAddr, Vec<Rule>>,
-    accept: HashMap<IpAddr, Vec<Rule>>,
+    drop: HashMap<IpAddr, Rules>,
+    accept: HashMap<IpAddr, Rules>,
     accept_any_v4: Vec<Rule>,
     accept_any_v6: Vec<Rule>,
 }
@@ -82,10 +115,10 @@ impl PeerAcl {
             };
             let rule = Rule { proto, ports };
             match (action, source) {
-                (Action::Drop, Some(ip)) => acl.drop.entry(ip).or_default().push(rule),
+                (Action::Drop, Some(ip)) => add(&mut acl.drop, ip, rule),
                 // Wildcard DROP rules are never consulted upstream.
                 (Action::Drop, None) => {}
-                (Action::Accept, Some(ip)) => acl.accept.entry(ip).or_default().push(rule),
+                (Action::Accept, Some(ip)) => add(&mut acl.accept, ip, rule),
                 (Action::Accept, None) => {
                     if source_is_v6(r) {
                         acl.accept_any_v6.push(rule)
@@ -103,7 +136,7 @@ impl PeerAcl {
         if self.open {
             return true;
         }
-        let hit = |rules: Option<&Vec<Rule>>| {
+        let hit = |rules: Option<&[Rule]>| {
             rules.is_some_and(|rs| {
                 rs.iter().any(|r| {
                     r.proto.matches(flow.proto) && r.ports.matches(flow.proto, flow.dst_port)
@@ -111,12 +144,12 @@ impl PeerAcl {
             })
         };
         let src = flow.src.to_canonical();
-        if hit(self.drop.get(&src)) {
+        if hit(self.drop.get(&src).map(Rules::as_slice)) {
             return false;
         }
-        hit(self.accept.get(&src))
-            || hit(Some(&self.accept_any_v4))
-            || hit(Some(&self.accept_any_v6))
+        hit(self.accept.get(&src).map(Rules::as_slice))
+            || hit(Some(self.accept_any_v4.as_slice()))
+            || hit(Some(self.accept_any_v6.as_slice()))
     }
 
     /// Whether management sent rules (otherwise everything passes).
@@ -126,8 +159,9 @@ impl PeerAcl {
 
     /// Rules held, for status.
     pub fn len(&self) -> usize {
-        self.drop.values().map(Vec::len).sum::<usize>()
-            + self.accept.values().map(Vec::len).sum::<usize>()
+        let held = |m: &HashMap<IpAddr, Rules>| m.values().map(|r| r.as_slice().len()).sum::<usize>();
+        held(&self.drop)
+            + held(&self.accept)
             + self.accept_any_v4.len()
             + self.accept_any_v6.len()
     }
@@ -213,6 +247,23 @@ mod tests {
         assert!(!acl.allows(&flow("100.64.0.5", Proto::Tcp, 22)));
         assert!(!acl.allows(&flow("100.64.0.5", Proto::Udp, 80)));
         assert!(!acl.allows(&flow("100.64.0.5", Proto::Icmp, 0)));
+        assert!(!acl.allows(&flow("100.64.0.6", Proto::Tcp, 80)));
+    }
+
+    #[test]
+    fn several_rules_for_one_source_each_count() {
+        let rules = [
+            rule("100.64.0.5", 2, "80"),
+            rule("100.64.0.5", 2, "443"),
+            rule("100.64.0.5", 2, "8080"),
+        ];
+        let (acl, errors) = PeerAcl::from_wire(&rules, true);
+        assert!(errors.is_empty());
+        assert_eq!(acl.len(), 3);
+        for port in [80, 443, 8080] {
+            assert!(acl.allows(&flow("100.64.0.5", Proto::Tcp, port)), "{port}");
+        }
+        assert!(!acl.allows(&flow("100.64.0.5", Proto::Tcp, 22)));
         assert!(!acl.allows(&flow("100.64.0.6", Proto::Tcp, 80)));
     }
 
