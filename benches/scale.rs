@@ -21,6 +21,9 @@
 //!   to the joined peer's exposed echo until one byte comes back — with lazy connections the
 //!   peer is idle until then, so this is its whole set-up over the relay.
 //!
+//! `SCALE_POLICY=1` gives every map NetBird's default All-to-All policy: a firewall rule per
+//! peer and direction, which a join changes too.
+//!
 //! Every row prints min / median / max over the runs; a run over twice its row's median (these
 //! are costs: more is worse) is a collapse, printed, and the bench exits non-zero. Two rows
 //! have a floor under which a difference is noise, not a collapse: idle CPU (the kernel counts
@@ -156,10 +159,27 @@ fn open_fds(pid: u32) -> f64 {
 }
 
 /// A dev mesh with `n` simulated peers: (process, management URL, setup key).
+/// NetBird's default policy (All to All): with `SCALE_POLICY=1` every map carries a firewall
+/// rule per peer and direction, as a real account's does, and a join changes them.
+const DEFAULT_POLICY: &str = r#"
+[[policies]]
+name = "Default"
+sources = ["All"]
+destinations = ["All"]
+bidirectional = true
+"#;
+
 fn dev_mesh(n: usize) -> (Proc, String, String) {
-    let mut child = Command::new(binary())
-        .args(["dev-mesh", "--listen", "127.0.0.1:0", "--simulated-peers"])
-        .arg(n.to_string())
+    let mut cmd = Command::new(binary());
+    cmd.args(["dev-mesh", "--listen", "127.0.0.1:0", "--simulated-peers"])
+        .arg(n.to_string());
+    if std::env::var("SCALE_POLICY").is_ok_and(|v| v == "1") {
+        let file =
+            std::env::temp_dir().join(format!("nbp-scale-policy-{}.toml", std::process::id()));
+        std::fs::write(&file, DEFAULT_POLICY).unwrap();
+        cmd.arg("--networks").arg(file);
+    }
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
