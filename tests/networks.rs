@@ -54,6 +54,8 @@ struct Lab {
     peers: Vec<String>,
     children: Vec<Child>,
     proxies: Vec<(String, Proxy)>,
+    /// Logs of peers stopped (killed) during the test, for failure messages.
+    stopped: Vec<(String, String)>,
 }
 
 impl Lab {
@@ -98,6 +100,7 @@ impl Lab {
             peers: peers.iter().map(|s| s.to_string()).collect(),
             children: Vec::new(),
             proxies: Vec::new(),
+            stopped: Vec::new(),
         };
         let mut spaces = vec!["pub".to_string(), "lan".to_string()];
         spaces.extend(lab.peers.iter().cloned());
@@ -299,15 +302,34 @@ impl Lab {
         self.proxies.push((name.to_string(), proxy));
     }
 
+    /// Kill `name` (SIGKILL: a crash, not a goodbye), keeping its log for `logs`.
     fn stop(&mut self, name: &str) {
-        self.proxies.retain(|(n, _)| n != name);
+        if let Some(i) = self.proxies.iter().position(|(n, _)| n == name) {
+            let (n, p) = self.proxies.remove(i);
+            let log = p.log();
+            drop(p);
+            let at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let killed = format!(
+                "killed at {}.{:03} s (unix)",
+                at.as_secs(),
+                at.subsec_millis()
+            );
+            self.stopped.push((n, format!("{log}{killed}\n")));
+        }
     }
 
     fn logs(&self) -> String {
-        self.proxies
+        let stopped = self
+            .stopped
             .iter()
-            .map(|(n, p)| format!("--- {n}:\n{}", p.log()))
-            .collect()
+            .map(|(n, log)| format!("--- {n} (stopped):\n{log}"));
+        let running = self
+            .proxies
+            .iter()
+            .map(|(n, p)| format!("--- {n}:\n{}", p.log()));
+        stopped.chain(running).collect()
     }
 
     /// curl in `from`'s namespace through its SOCKS5 listener (1080), or its HTTP proxy (3128)

@@ -510,6 +510,7 @@ impl Negotiator {
                         {
                             info!(peer = %st.peer.fqdn, "peer left the relay; setting it up again");
                             st.reset();
+                            self.wg.clear_relay_path(&st.peer.public_key);
                         }
                     }
                     let now = Instant::now();

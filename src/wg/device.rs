@@ -1119,6 +1119,23 @@ impl WgDevice {
         }
     }
 
+    /// The relay path is gone (the remote left the relay, or the relay connection ended):
+    /// without an ICE pair the peer has no endpoint until it is set up again. An endpoint
+    /// learned only by roaming (the remote's ICE picked a pair before ours did) goes too: a
+    /// remote that died mid-setup would otherwise look connected to the route election for
+    /// as long as it stays silent (the HA failover flake of issue 20). A live remote's next
+    /// datagram roams it back.
+    pub fn clear_relay_path(&self, public_key: &[u8; 32]) {
+        let Some(peer) = self.peer_by_key(public_key) else {
+            return;
+        };
+        let paths = peer.update_paths(|p| p.relay = None);
+        if paths.direct.is_none() {
+            debug!(peer = %short_key(&peer.public_key), "relay path lost, no direct path");
+            *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+
     /// The ICE pair is gone: back to the relay if it is up, else no endpoint (traffic then
     /// asks for the peer to be set up again).
     pub fn clear_direct_path(&self, public_key: &[u8; 32]) {
@@ -1265,6 +1282,34 @@ mod tests {
         assert!(!dev.remove_peer(&spec(2, "0.0.0.0/0").public_key));
         assert!(dev.route(ip("100.64.0.3")).is_none());
         assert!(dev.route(ip("100.64.0.9")).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_lost_relay_takes_a_roamed_endpoint_with_it_but_not_an_ice_pair() {
+        let pool = Arc::new(PacketPool::new(1500, 4));
+        let a = spec(1, "100.64.0.2/32");
+        let dev = WgDevice::new([9; 32], 0, vec![a.clone()], pool).unwrap();
+        let peer = dev.peer(&a.public_key).unwrap();
+        let remote: SocketAddr = "198.18.2.2:51820".parse().unwrap();
+        // The remote's ICE picked a pair before ours: its datagrams roamed us to it.
+        peer.roam(&PeerEndpoint::Udp(remote));
+        assert!(peer.endpoint().is_some());
+        dev.clear_relay_path(&a.public_key);
+        assert!(
+            peer.endpoint().is_none(),
+            "a roamed endpoint is no proof of life once the relay says the remote left"
+        );
+        assert!(!peer.is_idle(), "lost, not idle: traffic asks for it again");
+        // With our own ICE pair the direct path stays.
+        let pair = crate::ice::Selected {
+            local_kind: crate::ice::candidate::Kind::Host,
+            local: "198.18.1.2:51820".parse().unwrap(),
+            remote_kind: crate::ice::candidate::Kind::Host,
+            remote,
+        };
+        assert!(dev.set_direct_path(&a.public_key, pair, None));
+        dev.clear_relay_path(&a.public_key);
+        assert_eq!(peer.endpoint(), Some(PeerEndpoint::Udp(remote)));
     }
 
     #[tokio::test]
