@@ -486,17 +486,25 @@ impl NetworksFile {
             for p in self.policies.iter().filter(|p| p.enabled) {
                 let src = self.members(&p.sources, peers);
                 let dst = self.members(&p.destinations, peers);
+                // A rule is sent once per peer and direction, as management dedupes them: a
+                // bidirectional policy between overlapping groups (All to All) meets each
+                // pair twice.
+                let mut sent: BTreeSet<(usize, i32)> = BTreeSet::new();
                 let mut add = |from: &BTreeSet<usize>, to: &BTreeSet<usize>| {
                     if to.contains(&me) {
                         for &q in from.iter().filter(|&&q| q != me) {
                             visible.insert(q);
-                            out.firewall_rules.extend(firewall_rules(p, peers[q].ip, 0));
+                            if sent.insert((q, 0)) {
+                                out.firewall_rules.extend(firewall_rules(p, peers[q].ip, 0));
+                            }
                         }
                     }
                     if from.contains(&me) {
                         for &q in to.iter().filter(|&&q| q != me) {
                             visible.insert(q);
-                            out.firewall_rules.extend(firewall_rules(p, peers[q].ip, 1));
+                            if sent.insert((q, 1)) {
+                                out.firewall_rules.extend(firewall_rules(p, peers[q].ip, 1));
+                            }
                         }
                     }
                 };
@@ -990,6 +998,32 @@ groups = ["clients"]
         let b = f.policy_for(2, &peers());
         let (racl, _) = RouteAcl::from_wire(&b.route_rules, true);
         assert!(racl.allows(&flow("100.64.0.4", "203.0.113.9", Proto::Udp, 53)));
+    }
+
+    /// NetBird's default policy (All to All, both ways) meets every pair twice; management
+    /// sends one rule per peer and direction all the same.
+    #[test]
+    fn all_to_all_sends_one_rule_per_peer_and_direction() {
+        let f = NetworksFile::parse(
+            r#"
+[[policies]]
+name = "Default"
+sources = ["All"]
+destinations = ["All"]
+bidirectional = true
+"#,
+        )
+        .unwrap();
+        let p = f.policy_for(0, &peers());
+        assert_eq!(p.firewall_rules.len(), 2 * 3, "{:?}", p.firewall_rules);
+        let mut keys: Vec<_> = p
+            .firewall_rules
+            .iter()
+            .map(|r| (r.peer_ip.clone(), r.direction))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), 6);
     }
 
     #[test]
