@@ -12,10 +12,9 @@ use crate::route::Route;
 /// The map's HA groups: routes with the same HA key served by more than one peer.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct HaGroups {
-    /// Each group's peers (key strings), sorted, at least two.
-    groups: Vec<Vec<String>>,
-    /// For each peer in a group, the groups it is in.
-    of: HashMap<String, Vec<usize>>,
+    /// For each peer in a group, the other peers of all its groups (key strings), each once,
+    /// sorted: worked out once per route change, not on every wake.
+    mates: HashMap<String, Vec<String>>,
 }
 
 impl HaGroups {
@@ -28,51 +27,32 @@ impl HaGroups {
                 peers.push(r.peer.clone());
             }
         }
-        let mut groups: Vec<Vec<String>> = by_key
-            .into_values()
-            .filter(|p| p.len() > 1)
-            .map(|mut p| {
-                p.sort();
-                p
-            })
-            .collect();
-        groups.sort();
-        groups.dedup();
-        let mut of: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, g) in groups.iter().enumerate() {
+        let mut mates: HashMap<String, Vec<String>> = HashMap::new();
+        for g in by_key.values().filter(|p| p.len() > 1) {
             for p in g {
-                of.entry(p.clone()).or_default().push(i);
+                let list = mates.entry(p.clone()).or_default();
+                list.extend(g.iter().filter(|m| *m != p).cloned());
             }
         }
-        Self { groups, of }
+        for list in mates.values_mut() {
+            list.sort();
+            list.dedup();
+        }
+        Self { mates }
     }
 
     /// The other peers sharing a group with `key` (each once).
-    pub fn mates<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a String> + 'a {
-        let mut seen: Vec<&String> = Vec::new();
-        self.of
-            .get(key)
-            .into_iter()
-            .flatten()
-            .flat_map(move |&g| self.groups[g].iter())
-            .filter(move |p| p.as_str() != key)
-            .filter(move |p| {
-                if seen.contains(p) {
-                    false
-                } else {
-                    seen.push(p);
-                    true
-                }
-            })
+    pub fn mates<'a>(&'a self, key: &str) -> impl Iterator<Item = &'a String> + 'a {
+        self.mates.get(key).into_iter().flatten()
     }
 
     /// Every peer in a group.
     pub fn members(&self) -> impl Iterator<Item = &String> {
-        self.of.keys()
+        self.mates.keys()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
+        self.mates.is_empty()
     }
 }
 
