@@ -24,6 +24,11 @@
 //! `SCALE_POLICY=1` gives every map NetBird's default All-to-All policy: a firewall rule per
 //! peer and direction, which a join changes too.
 //!
+//! First, per N, **the mesh state alone** (in this process, no engine and nothing else on the
+//! cores): a map shaped like a real account's (a peer entry, two default-policy rules and a
+//! DNS record per peer) applied as sent: the full map, a one-peer change (a peer joins, then
+//! leaves) and an unchanged map (a serial bump). `SCALE_IN_PROCESS_ONLY=1` stops there.
+//!
 //! Every row prints min / median / max over the runs; a run over twice its row's median (these
 //! are costs: more is worse) is a collapse, printed, and the bench exits non-zero. Two rows
 //! have a floor under which a difference is noise, not a collapse: idle CPU (the kernel counts
@@ -439,6 +444,106 @@ fn counts_label(signal: bool) -> &'static str {
     }
 }
 
+/// A Sync message as a real account's management sends it: `n` peers, NetBird's default
+/// policy (an IN and an OUT rule per peer) and a DNS zone with a record per peer.
+fn account_map(n: usize, serial: u64) -> bytes::Bytes {
+    use netbird_proxy::control::envelope::key_string;
+    use netbird_proxy::control::management::{
+        CustomZone, DnsConfig, FirewallRule, NetworkMap, PeerConfig, RemotePeerConfig,
+        SimpleRecord, SyncResponse,
+    };
+    use prost::Message as _;
+    let ip = |i: usize| format!("100.64.{}.{}", (i + 2) / 250, (i + 2) % 250 + 1);
+    let mut key = [7u8; 32];
+    let mut peers = Vec::with_capacity(n);
+    let mut rules = Vec::with_capacity(2 * n);
+    let mut records = Vec::with_capacity(n);
+    for i in 0..n {
+        key[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        peers.push(RemotePeerConfig {
+            wg_pub_key: key_string(&key),
+            allowed_ips: vec![format!("{}/32", ip(i))],
+            fqdn: format!("peer-{i}.netbird.cloud"),
+            agent_version: "0.60.2".into(),
+            ..Default::default()
+        });
+        for direction in [0, 1] {
+            rules.push(FirewallRule {
+                peer_ip: ip(i),
+                direction,
+                action: 0,
+                protocol: 1,
+                policy_id: b"default-policy".to_vec(),
+                ..Default::default()
+            });
+        }
+        records.push(SimpleRecord {
+            name: format!("peer-{i}.netbird.cloud."),
+            r#type: 1,
+            class: "IN".into(),
+            ttl: 300,
+            r_data: ip(i),
+        });
+    }
+    let resp = SyncResponse {
+        network_map: Some(NetworkMap {
+            serial,
+            peer_config: Some(PeerConfig {
+                address: "100.64.250.250/16".into(),
+                fqdn: "probe.netbird.cloud".into(),
+                ..Default::default()
+            }),
+            remote_peers: peers,
+            dns_config: Some(DnsConfig {
+                service_enable: true,
+                custom_zones: vec![CustomZone {
+                    domain: "netbird.cloud.".into(),
+                    records,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            firewall_rules: rules,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    bytes::Bytes::from(resp.encode_to_vec())
+}
+
+/// The mesh state alone, in this process (no engine, no other task on the cores): applying
+/// a real account's map as sent. (full map, one-peer change, unchanged map) in ms.
+fn in_process(n: usize, runs: usize) -> [Vec<f64>; 3] {
+    use netbird_proxy::control::mesh::MeshState;
+    let own = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
+    let mut rows: [Vec<f64>; 3] = Default::default();
+    for run in 0..runs {
+        let serial = 10 * run as u64;
+        let (a, b, a_again) = (
+            account_map(n, serial + 1),
+            account_map(n + 1, serial + 2),
+            account_map(n, serial + 3),
+        );
+        let mut mesh = MeshState::default();
+        let t = Instant::now();
+        mesh.apply_encoded(&a, own).expect("full map");
+        rows[0].push(ms(t));
+        // A peer joins (its entry, its two rules, its DNS record), then leaves.
+        for next in [&b, &a_again] {
+            let t = Instant::now();
+            let changes = mesh.apply_encoded(next, own).expect("one-peer change");
+            rows[1].push(ms(t));
+            assert!(!changes.is_empty());
+        }
+        let t = Instant::now();
+        let changes = mesh.apply_encoded(&a_again, own).expect("unchanged map");
+        rows[2].push(ms(t));
+        assert!(changes.is_empty(), "{changes:?}");
+    }
+    rows
+}
+
 fn main() {
     // `cargo bench` passes --bench; nothing else is taken.
     let sizes: Vec<usize> = std::env::var("SCALE_SIZES")
@@ -457,6 +562,22 @@ fn main() {
     println!("netbird-proxy scale benchmark: one proxy peer, a map of N peers that never connect");
     println!("min / median / max over {runs} runs; idle window {IDLE_WINDOW:?}");
     for &n in &sizes {
+        println!(
+            "\nN = {n}, the mesh state alone: a map with NetBird's default policy and DNS zone"
+        );
+        println!("{:<44} {:>10} {:>10} {:>10}", "", "min", "median", "max");
+        let [full, one, same] = in_process(n, runs.max(10));
+        for (name, values) in [
+            ("full map applied in", &full),
+            ("one-peer change applied in", &one),
+            ("unchanged map applied in", &same),
+        ] {
+            let row = format!("N={n} in-process {name}");
+            println!("{}", summary(&row, "ms", values, 1.0, &mut collapses));
+        }
+        if std::env::var("SCALE_IN_PROCESS_ONLY").is_ok_and(|v| v == "1") {
+            continue;
+        }
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let (_mesh, management, key) = dev_mesh(n);

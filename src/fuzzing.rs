@@ -135,18 +135,47 @@ pub fn relay_websocket(data: &[u8]) {
     }
 }
 
-/// A management Sync message: decoded, then applied to a mesh state twice (a first map and
-/// an update on top of it), with our own peer config parsed as login would.
+/// A management Sync message: applied as sent to a mesh state twice (a first map and an
+/// update on top of it: the second finds its parts by fingerprint), then decoded and applied
+/// again, with our own peer config parsed as login would.
 pub fn management_sync(data: &[u8]) {
+    let own = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let mut mesh = MeshState::default();
+    let bytes = bytes::Bytes::copy_from_slice(data);
+    let _ = mesh.apply_encoded(&bytes, own);
+    let _ = mesh.apply_encoded(&bytes, own);
+    // The firewall rules read in place agree with prost on every rule both accept, and the
+    // view refuses nothing prost takes but groups (proto2's, never sent by management).
+    if let Ok(parts) = crate::control::sections::split(data) {
+        use crate::firewall::wire::{RuleFields, RuleView};
+        for raw in &parts.firewall {
+            let (decoded, view) = (
+                crate::control::management::FirewallRule::decode(*raw),
+                RuleView::parse(raw),
+            );
+            match (decoded, view) {
+                (Ok(r), Ok(v)) => {
+                    assert_eq!(v.peer_ip(), r.peer_ip);
+                    assert_eq!(v.port(), r.port);
+                    assert_eq!((v.direction(), v.action()), (r.direction, r.action));
+                    assert_eq!(v.protocol(), r.protocol);
+                    assert_eq!(v.port_info(), r.port_info.as_ref());
+                    assert_eq!(
+                        v.first_source_prefix(),
+                        r.source_prefixes.first().map(Vec::as_slice)
+                    );
+                }
+                (Ok(_), Err(e)) => assert!(e.contains("wire type"), "{e}"),
+                _ => {}
+            }
+        }
+    }
     let Ok(resp) = SyncResponse::decode(data) else {
         return;
     };
-    let mut mesh = MeshState::default();
     if let Some(pc) = &resp.peer_config {
         let _ = parse_local(pc);
     }
-    let own = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-    let _ = mesh.apply(&resp, own);
     let _ = mesh.apply(&resp, own);
     if let Some(map) = &resp.network_map {
         let (routes, _) = crate::route::model::decode(&map.routes);

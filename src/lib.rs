@@ -106,6 +106,7 @@ internal_modules! {
     fuzzing;
     ice;
     netstack;
+    one_or_many;
     packet;
     proxy;
     relay;

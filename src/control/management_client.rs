@@ -246,14 +246,18 @@ pub struct SyncStream {
 }
 
 impl SyncStream {
-    /// The next update; `Err(StreamEnded)` when management closes the stream.
+    /// The next update, decoded; `Err(StreamEnded)` when management closes the stream.
     pub async fn next(&mut self) -> Result<SyncResponse, ManagementError> {
+        let plain = self.next_encoded().await?;
+        <SyncResponse as prost::Message>::decode(plain.as_slice())
+            .map_err(|e| envelope::EnvelopeError::Decode(e.to_string()).into())
+    }
+
+    /// The next update as sent, decrypted but not decoded (`MeshState::apply_encoded` decodes
+    /// only what changed); `Err(StreamEnded)` when management closes the stream.
+    pub async fn next_encoded(&mut self) -> Result<Vec<u8>, ManagementError> {
         match self.inner.message().await? {
-            Some(msg) => Ok(envelope::open_message(
-                &msg.body,
-                &self.private_key,
-                &self.server,
-            )?),
+            Some(msg) => Ok(envelope::open(&msg.body, &self.private_key, &self.server)?),
             None => Err(ManagementError::StreamEnded),
         }
     }

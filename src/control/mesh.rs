@@ -1,15 +1,20 @@
 //! What management tells us about the mesh, as a state machine fed `SyncResponse`s.
 //!
-//! `MeshState::apply` follows NetBird's client rules (netbird-protocol.md §4.7) and returns the
-//! changes for the engine to act on; it does no I/O, so every rule is unit-tested here.
+//! `MeshState::apply_encoded` follows NetBird's client rules (netbird-protocol.md §4.7) and
+//! returns the changes for the engine to act on; it does no I/O, so every rule is unit-tested
+//! here. It takes the message as sent: the map's big parts (peers, rules, DNS) are decoded only
+//! where their bytes changed since the last update (`sections`), so a one-peer change in a
+//! 5 000-peer account decodes one peer entry, not 5 000.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
+use bytes::Bytes;
 use ipnet::IpNet;
 
 use super::envelope::parse_key_string;
 use super::management::{NetbirdConfig, PeerConfig, SyncResponse};
+use super::sections::{self, ByPrint, Sections};
 
 /// A remote peer from the network map.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,11 +50,11 @@ impl RemotePeer {
     }
 }
 
-/// A peer of the map and the last update that listed it.
+/// A peer of the map and the fingerprint of its entry as last sent (`sections::print_one`).
 #[derive(Clone, Debug)]
 struct Known {
     peer: RemotePeer,
-    seen: u64,
+    print: u64,
 }
 
 /// A TURN server from `NetbirdConfig.turns`: `turn:host:port?transport=udp` and its
@@ -139,6 +144,8 @@ pub enum SyncError {
     BadKey(String),
     #[error("our address `{0}` is not IP/prefix")]
     BadAddress(String),
+    #[error("{0}")]
+    Malformed(String),
 }
 
 /// The client's view of the mesh.
@@ -147,6 +154,11 @@ pub struct MeshState {
     pub serial: u64,
     pub local: Option<LocalPeer>,
     peers: HashMap<String, Known>,
+    /// The update that last listed each peer entry, by the entry's fingerprint: an entry sent
+    /// again byte for byte is neither decoded nor looked up by key.
+    entries: ByPrint<u64>,
+    /// `has_ipv6` when `entries` was filled (it decides what an entry decodes to).
+    entries_ipv6: bool,
     /// Numbers the updates, to find the peers an update no longer lists without a set.
     generation: u64,
     pub relay: Option<RelaySettings>,
@@ -163,18 +175,27 @@ pub struct MeshState {
     pub lazy_connections: Option<bool>,
     /// The policy parts of the last map as sent, to decode them again only when they change.
     policy_prints: Option<PolicyPrints>,
-    /// Scratch space for fingerprints.
-    print_buf: Vec<u8>,
     /// DNS records decoded from earlier maps (a mesh zone has one per peer).
     dns_records: crate::dns::zone::RecordCache,
+}
+
+/// The policy parts an update changed, decoded; None: unchanged.
+#[derive(Debug, Default)]
+struct ChangedPolicy {
+    /// The first map: every part is new, even an empty one.
+    first: bool,
+    routes: Option<Vec<super::management::Route>>,
+    firewall: Option<(crate::firewall::PeerAcl, Vec<crate::firewall::RuleError>)>,
+    route_rules: Option<(crate::firewall::RouteAcl, Vec<crate::firewall::RuleError>)>,
+    forwarding: Option<(Vec<crate::forward::ingress::IngressRule>, Vec<String>)>,
+    dns: Option<(crate::dns::DnsConfig, Vec<String>)>,
 }
 
 /// What the parts of a map that `Change::Routes`, `PeerAcl`, `RouteAcl`, `Ingress` and `Dns`
 /// come from looked like, as fingerprints: a map of thousands of peers carries as many DNS
 /// records and rules, and keeping a copy to compare the next map with cost a copy per update
-/// (15 000 allocations for a 5 000-record zone). A fingerprint is a 64-bit SipHash of the
-/// part's protobuf encoding; two different parts hashing alike (odds 2^-64 per update) would
-/// leave that part as it was until its next change.
+/// (15 000 allocations for a 5 000-record zone). A fingerprint is `sections::print` of the
+/// part as sent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct PolicyPrints {
     routes: u64,
@@ -184,23 +205,6 @@ struct PolicyPrints {
     dns_resolution: bool,
     dns: u64,
     forwarding: u64,
-}
-
-/// The fingerprint of `items`' protobuf encodings (`buf` is scratch space, kept between
-/// calls so hashing allocates nothing once it has grown).
-fn fingerprint<'a, M: prost::Message + 'a>(
-    items: impl IntoIterator<Item = &'a M>,
-    buf: &mut Vec<u8>,
-) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for item in items {
-        buf.clear();
-        // Encoding into a Vec cannot fail: it grows.
-        let _ = item.encode_length_delimited(buf);
-        buf.hash(&mut h);
-    }
-    h.finish()
 }
 
 /// Parse `PeerConfig.address`.
@@ -256,8 +260,20 @@ impl MeshState {
         }
     }
 
-    /// Apply one `SyncResponse` (already decrypted). `own_key` is our key string.
+    /// Apply one `SyncResponse`, decoded: encoded again and applied as sent (tests, fuzzing).
     pub fn apply(&mut self, resp: &SyncResponse, own_key: &str) -> Result<Vec<Change>, SyncError> {
+        use prost::Message as _;
+        self.apply_encoded(&Bytes::from(resp.encode_to_vec()), own_key)
+    }
+
+    /// Apply one Sync message as management sent it (decrypted). `own_key` is our key string.
+    /// All or nothing for the map's peers and policy: a malformed part or a bad peer entry
+    /// rejects the update before either changes.
+    pub fn apply_encoded(&mut self, msg: &Bytes, own_key: &str) -> Result<Vec<Change>, SyncError> {
+        use prost::Message as _;
+        let malformed = |e: &dyn std::fmt::Display| SyncError::Malformed(e.to_string());
+        let parts = sections::split(msg).map_err(|e| malformed(&e))?;
+        let resp = SyncResponse::decode(parts.light.as_slice()).map_err(|e| malformed(&e))?;
         let mut changes = Vec::new();
         if let Some(config) = &resp.netbird_config {
             self.apply_config(config, &mut changes);
@@ -288,79 +304,124 @@ impl MeshState {
         if map.serial < self.serial {
             return Ok(changes);
         }
-        self.serial = map.serial;
+        let serial_before = std::mem::replace(&mut self.serial, map.serial);
 
-        if let Err(e) = self.apply_peers(map, own_key, &mut changes) {
-            // Its changes are dropped with it: what they said must be said again.
-            self.lazy_connections = lazy_before;
-            return Err(e);
-        }
         let dns_resolution = map
             .peer_config
             .as_ref()
             .or(resp.peer_config.as_ref())
             .is_some_and(|pc| pc.routing_peer_dns_resolution_enabled);
-        let mut buf = std::mem::take(&mut self.print_buf);
         let prints = PolicyPrints {
-            routes: fingerprint(&map.routes, &mut buf),
-            firewall: fingerprint(&map.firewall_rules, &mut buf),
+            routes: sections::print(&parts.routes),
+            firewall: sections::print(&parts.firewall),
             firewall_is_empty: map.firewall_rules_is_empty,
-            route_rules: fingerprint(&map.routes_firewall_rules, &mut buf),
+            route_rules: sections::print(&parts.route_rules),
             dns_resolution,
-            dns: fingerprint(&map.dns_config, &mut buf),
-            forwarding: fingerprint(&map.forwarding_rules, &mut buf),
+            dns: sections::print(&parts.dns),
+            forwarding: sections::print(&parts.forwarding),
         };
-        self.print_buf = buf;
-        self.apply_policy(map, prints, &mut changes);
-        Ok(changes)
+        let applied = self
+            .decode_policy(msg, &parts, prints)
+            .map_err(SyncError::Malformed)
+            .and_then(|policy| {
+                self.apply_peers(
+                    msg,
+                    &parts.peers,
+                    map.remote_peers_is_empty,
+                    own_key,
+                    &mut changes,
+                )?;
+                Ok(policy)
+            });
+        match applied {
+            Ok(policy) => {
+                self.apply_policy(policy, prints, &mut changes);
+                Ok(changes)
+            }
+            Err(e) => {
+                // Its changes are dropped with it: what they said must be said again, and
+                // the same serial is applied when it comes again.
+                self.lazy_connections = lazy_before;
+                self.serial = serial_before;
+                Err(e)
+            }
+        }
     }
 
-    /// The map's peers against ours, in O(changes) allocations: a peer whose entry did not
-    /// change is compared in place (its key looked up, its AllowedIPs parsed on the stack)
-    /// and nothing is copied for it. All or nothing: a bad entry rejects the update before
-    /// anything is changed.
+    /// The map's peers against ours, in O(changes) allocations and decodes: an entry sent
+    /// before byte for byte is found by its fingerprint and nothing else is done for it; a
+    /// changed entry is decoded and compared in place (a new ssh key, say, changes nothing we
+    /// keep). All or nothing: a bad entry rejects the update before any peer changes. A peer
+    /// listed twice keeps the entry it had (or the first one, when new), so the map's order
+    /// cannot make it flap between two.
     fn apply_peers(
         &mut self,
-        map: &super::management::NetworkMap,
+        whole: &Bytes,
+        entries: &[&[u8]],
+        is_empty: bool,
         own_key: &str,
         changes: &mut Vec<Change>,
     ) -> Result<(), SyncError> {
+        use prost::Message as _;
+        if self.entries_ipv6 != self.has_ipv6 {
+            // What an entry decodes to depends on it: every entry is looked at again.
+            self.entries.clear();
+            self.entries_ipv6 = self.has_ipv6;
+        }
         self.generation += 1;
         let generation = self.generation;
-        let mut updates: Vec<RemotePeer> = Vec::new();
-        let mut updated: HashSet<&str> = HashSet::new();
-        let remote_peers: &[_] = if map.remote_peers_is_empty {
-            &[]
-        } else {
-            &map.remote_peers
-        };
-        for rp in remote_peers {
+        let mut updates: Vec<(RemotePeer, u64)> = Vec::new();
+        // Keys a decoded entry of this update spoke for (changed, or re-pointed).
+        let mut claimed: HashSet<String> = HashSet::new();
+        let entries: &[&[u8]] = if is_empty { &[] } else { entries };
+        // Entries re-pointed at a new fingerprint (their bytes changed, not what we keep).
+        let mut repoint: Vec<(String, u64)> = Vec::new();
+        for entry in entries {
+            let print = sections::print_one(entry);
+            if let Some(seen) = self.entries.get_mut(&print) {
+                *seen = generation;
+                continue;
+            }
+            let rp = super::management::RemotePeerConfig::decode(whole.slice_ref(entry))
+                .map_err(|e| SyncError::Malformed(format!("a peer entry: {e}")))?;
             if rp.wg_pub_key == own_key {
                 continue;
             }
-            // Listed twice: the first entry stands (as a known peer is marked, a new one is
-            // remembered), so the map's order cannot make a peer flap between two entries.
-            if let Some(known) = self.peers.get_mut(&rp.wg_pub_key) {
-                if known.seen == generation {
+            if let Some(known) = self.peers.get(&rp.wg_pub_key) {
+                if self.entries.get(&known.print) == Some(&generation)
+                    || claimed.contains(&rp.wg_pub_key)
+                {
+                    continue; // listed already
+                }
+                if known.peer.same_as(&rp, self.has_ipv6) {
+                    claimed.insert(rp.wg_pub_key.clone());
+                    repoint.push((rp.wg_pub_key, print));
                     continue;
                 }
-                known.seen = generation;
-                if known.peer.same_as(rp, self.has_ipv6) {
-                    continue;
-                }
-            } else if !updated.insert(&rp.wg_pub_key) {
+            }
+            if !claimed.insert(rp.wg_pub_key.clone()) {
                 continue;
             }
-            updates.push(self.decode_peer(rp)?);
+            updates.push((self.decode_peer(&rp)?, print));
         }
+        for (key, print) in repoint {
+            if let Some(known) = self.peers.get_mut(&key) {
+                self.entries.remove(&known.print);
+                known.print = print;
+                self.entries.insert(print, generation);
+            }
+        }
+        let entries_seen = &mut self.entries;
         self.peers.retain(|key, known| {
-            let listed = known.seen == generation;
+            let listed =
+                entries_seen.get(&known.print) == Some(&generation) || claimed.contains(key);
             if !listed {
+                entries_seen.remove(&known.print);
                 changes.push(Change::PeerRemoved(key.clone()));
             }
             listed
         });
-        for peer in updates {
+        for (peer, print) in updates {
             let change = match self.peers.get(&peer.key) {
                 None => Change::PeerAdded(peer.clone()),
                 Some(old)
@@ -375,13 +436,11 @@ impl MeshState {
                 },
             };
             changes.push(change);
-            self.peers.insert(
-                peer.key.clone(),
-                Known {
-                    peer,
-                    seen: generation,
-                },
-            );
+            if let Some(old) = self.peers.get(&peer.key) {
+                self.entries.remove(&old.print);
+            }
+            self.entries.insert(print, generation);
+            self.peers.insert(peer.key.clone(), Known { peer, print });
         }
         Ok(())
     }
@@ -423,46 +482,89 @@ impl MeshState {
         self.peers.len()
     }
 
-    /// Routes and rules, each decoded again only when what management sent changed; a bad
-    /// entry is refused with its reason and the others stand.
-    fn apply_policy(
+    /// The policy parts whose bytes changed since the last map, decoded and built (nothing
+    /// the engine sees changes yet: a malformed part rejects the update whole). The error is
+    /// malformed protobuf.
+    fn decode_policy(
         &mut self,
-        map: &super::management::NetworkMap,
+        whole: &Bytes,
+        parts: &Sections<'_>,
         new: PolicyPrints,
-        changes: &mut Vec<Change>,
-    ) {
-        let old = self.policy_prints.replace(new);
+    ) -> Result<ChangedPolicy, String> {
+        let old = self.policy_prints;
         if old == Some(new) {
-            return; // the common case: a peer came or went, nothing here changed
+            return Ok(ChangedPolicy::default()); // the common case: a peer came or went
         }
         let first = old.is_none();
         let old = old.unwrap_or_default();
-        if new.routes != old.routes || first {
-            let mut routes = Vec::with_capacity(map.routes.len());
-            for r in &map.routes {
+        let changed = |a: u64, b: u64| a != b || first;
+        let text = |e: prost::DecodeError| e.to_string();
+        let mut policy = ChangedPolicy {
+            first,
+            ..ChangedPolicy::default()
+        };
+        if changed(new.routes, old.routes) {
+            policy.routes = Some(sections::decode_each(whole, &parts.routes).map_err(text)?);
+        }
+        if changed(new.firewall, old.firewall) || new.firewall_is_empty != old.firewall_is_empty {
+            // A policy's rules are two per peer: read in place, nothing copied.
+            let mut acl = crate::firewall::peer::PeerAclBuilder::new(new.firewall_is_empty);
+            acl.reserve(parts.firewall.len());
+            for (i, raw) in parts.firewall.iter().enumerate() {
+                let rule = crate::firewall::wire::RuleView::parse(raw)
+                    .map_err(|e| format!("firewall rule {i}: {e}"))?;
+                acl.add(i, &rule);
+            }
+            policy.firewall = Some(acl.finish());
+        }
+        if changed(new.route_rules, old.route_rules) || new.dns_resolution != old.dns_resolution {
+            let rules: Vec<super::management::RouteFirewallRule> =
+                sections::decode_each(whole, &parts.route_rules).map_err(text)?;
+            policy.route_rules = Some(crate::firewall::RouteAcl::from_wire(
+                &rules,
+                new.dns_resolution,
+            ));
+        }
+        if changed(new.forwarding, old.forwarding) {
+            let rules: Vec<super::management::ForwardingRule> =
+                sections::decode_each(whole, &parts.forwarding).map_err(text)?;
+            policy.forwarding = Some(crate::forward::ingress::decode(&rules));
+        }
+        if changed(new.dns, old.dns) || new.dns_resolution != old.dns_resolution {
+            let (mut dns, errors) = crate::dns::DnsConfig::from_encoded_with(
+                whole,
+                &parts.dns,
+                &mut self.dns_records,
+            )
+            .map_err(|e| format!("DNS: {e}"))?;
+            dns.routing_peer_resolution = new.dns_resolution;
+            policy.dns = Some((dns, errors));
+        }
+        Ok(policy)
+    }
+
+    /// The policy parts that changed, said; a bad entry is refused with its reason and the
+    /// others stand.
+    fn apply_policy(&mut self, policy: ChangedPolicy, new: PolicyPrints, changes: &mut Vec<Change>) {
+        self.policy_prints = Some(new);
+        if let Some(wire) = policy.routes {
+            let mut routes = Vec::with_capacity(wire.len());
+            for r in &wire {
                 match crate::route::Route::from_wire(r) {
                     Ok(route) => routes.push(route),
                     Err(e) => changes.push(Change::Refused(e.to_string())),
                 }
             }
-            if routes != self.routes || first {
+            if routes != self.routes || policy.first {
                 self.routes.clone_from(&routes);
                 changes.push(Change::Routes(routes));
             }
         }
-        if new.firewall != old.firewall || new.firewall_is_empty != old.firewall_is_empty || first
-        {
-            let (acl, errors) =
-                crate::firewall::PeerAcl::from_wire(&map.firewall_rules, new.firewall_is_empty);
+        if let Some((acl, errors)) = policy.firewall {
             changes.extend(errors.into_iter().map(|e| Change::Refused(e.to_string())));
             changes.push(Change::PeerAcl(acl));
         }
-        if new.route_rules != old.route_rules || new.dns_resolution != old.dns_resolution || first
-        {
-            let (acl, errors) = crate::firewall::RouteAcl::from_wire(
-                &map.routes_firewall_rules,
-                new.dns_resolution,
-            );
+        if let Some((acl, errors)) = policy.route_rules {
             changes.extend(
                 errors
                     .into_iter()
@@ -470,18 +572,11 @@ impl MeshState {
             );
             changes.push(Change::RouteAcl(acl));
         }
-        if new.forwarding != old.forwarding || first {
-            let (rules, errors) = crate::forward::ingress::decode(&map.forwarding_rules);
+        if let Some((rules, errors)) = policy.forwarding {
             changes.extend(errors.into_iter().map(Change::Refused));
             changes.push(Change::Ingress(rules));
         }
-        if new.dns != old.dns || new.dns_resolution != old.dns_resolution || first {
-            let none = super::management::DnsConfig::default();
-            let (mut dns, errors) = crate::dns::DnsConfig::from_wire_with(
-                map.dns_config.as_ref().unwrap_or(&none),
-                &mut self.dns_records,
-            );
-            dns.routing_peer_resolution = new.dns_resolution;
+        if let Some((dns, errors)) = policy.dns {
             changes.extend(
                 errors
                     .into_iter()
@@ -885,6 +980,62 @@ mod tests {
                 .is_err()
         );
         assert!(s.apply(&map(1, "garbage", vec![]), &me).is_err());
+    }
+
+    #[test]
+    fn entries_whose_bytes_change_but_not_what_we_keep_change_nothing() {
+        use crate::control::management::SshConfig;
+        let me = key(1);
+        let mut s = MeshState::default();
+        let peers = vec![peer(2, "100.64.0.2", "b"), peer(3, "100.64.0.3", "c")];
+        s.apply(&map(1, "100.64.0.1/16", peers.clone()), &me)
+            .unwrap();
+        // b's entry gains an SSH key: other bytes, the same peer for us, now and after.
+        let mut b = peers[0].clone();
+        b.ssh_config = Some(SshConfig {
+            ssh_enabled: true,
+            ssh_pub_key: b"ssh-ed25519 AAAA".to_vec(),
+        });
+        for serial in [2, 3] {
+            let c = s
+                .apply(&map(serial, "100.64.0.1/16", vec![b.clone(), peers[1].clone()]), &me)
+                .unwrap();
+            assert!(peer_changes(c).is_empty(), "serial {serial}");
+        }
+        // Back to the first bytes: still nothing; then c leaves.
+        s.apply(&map(4, "100.64.0.1/16", peers.clone()), &me).unwrap();
+        let c = s
+            .apply(&map(5, "100.64.0.1/16", vec![peers[0].clone()]), &me)
+            .unwrap();
+        assert_eq!(peer_changes(c), vec![Change::PeerRemoved(key(3))]);
+        assert_eq!(s.entries.len(), 1, "one fingerprint per peer kept");
+    }
+
+    #[test]
+    fn malformed_bytes_are_rejected_before_anything_changes() {
+        let me = key(1);
+        let mut s = MeshState::default();
+        s.apply(&map(1, "100.64.0.1/16", vec![peer(2, "100.64.0.2", "b")]), &me)
+            .unwrap();
+        // A map whose one peer entry is not protobuf inside.
+        let bad = [0x2a, 0x06, 0x08, 0x02, 0x1a, 0x02, 0xff, 0xff];
+        let e = s
+            .apply_encoded(&Bytes::copy_from_slice(&bad), &me)
+            .unwrap_err();
+        assert!(matches!(e, SyncError::Malformed(ref m) if m.contains("peer entry")), "{e}");
+        assert_eq!(s.peer_count(), 1, "b stays");
+        // Cut short, and not protobuf at all.
+        let whole = {
+            use prost::Message as _;
+            map(3, "100.64.0.1/16", vec![]).encode_to_vec()
+        };
+        assert!(matches!(
+            s.apply_encoded(&Bytes::copy_from_slice(&whole[..whole.len() - 1]), &me),
+            Err(SyncError::Malformed(_))
+        ));
+        assert!(s.apply_encoded(&Bytes::from_static(&[0xff; 12]), &me).is_err());
+        assert_eq!(s.peer_count(), 1);
+        assert_eq!(s.serial, 1);
     }
 
     #[test]

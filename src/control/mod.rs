@@ -20,6 +20,7 @@ pub mod envelope;
 pub mod identity;
 pub mod management_client;
 pub mod mesh;
+pub mod sections;
 pub mod signal_client;
 
 /// Management service messages and gRPC stubs (package `management`).

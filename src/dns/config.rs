@@ -5,7 +5,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use super::zone::{RecordCache, Zone};
+use bytes::Bytes;
+
+use super::zone::{Record, RecordCache, Zone};
+use crate::control::sections;
 use crate::control::management;
 
 /// A nameserver group.
@@ -39,26 +42,76 @@ pub const DEFAULT_FORWARDER_PORT: u16 = 5353;
 impl DnsConfig {
     /// Decode; returns the config and the reasons entries were refused.
     pub fn from_wire(c: &management::DnsConfig) -> (Self, Vec<String>) {
-        Self::from_wire_with(c, &mut RecordCache::default())
+        let zones = c
+            .custom_zones
+            .iter()
+            .map(|z| (z, z.records.iter().map(Record::from_wire).collect()))
+            .collect();
+        Self::assemble(c, zones)
     }
 
-    /// Decode, reusing the records `cache` decoded from earlier maps (and keeping only those
-    /// this one has).
-    pub fn from_wire_with(
-        c: &management::DnsConfig,
+    /// Decode the DNS part as sent (`occurrences` of `NetworkMap.DNSConfig`, slices of
+    /// `whole`), reusing the records `cache` decoded from earlier maps and keeping only those
+    /// this one has: a zone's records are found by fingerprint, and only new ones decoded.
+    /// The error is malformed protobuf.
+    pub fn from_encoded_with(
+        whole: &Bytes,
+        occurrences: &[&[u8]],
         cache: &mut RecordCache,
-    ) -> (Self, Vec<String>) {
+    ) -> Result<(Self, Vec<String>), String> {
+        use prost::Message as _;
+        const CUSTOM_ZONES: u64 = 3;
+        const ZONE_RECORDS: u64 = 2;
+        // The config without its zones decodes whole (merged, as protobuf does); each zone
+        // without its records.
+        let mut light = Vec::new();
+        let mut raw_zones: Vec<&[u8]> = Vec::new();
+        for occurrence in occurrences {
+            sections::cut(occurrence, &[CUSTOM_ZONES], &mut light, |_, z| {
+                raw_zones.push(z)
+            })
+            .map_err(|e| e.to_string())?;
+        }
+        let config = management::DnsConfig::decode(light.as_slice()).map_err(|e| e.to_string())?;
         cache.begin();
-        let decoded = Self::decode(c, cache);
+        let mut zones = Vec::with_capacity(raw_zones.len());
+        let mut zone_light = Vec::new();
+        for raw in raw_zones {
+            zone_light.clear();
+            let mut records = Vec::new();
+            let mut malformed = None;
+            sections::cut(raw, &[ZONE_RECORDS], &mut zone_light, |_, r| {
+                match cache.decode_raw(whole, r) {
+                    Ok(record) => records.push(record),
+                    Err(e) => malformed = Some(e.to_string()),
+                }
+            })
+            .map_err(|e| e.to_string())?;
+            if let Some(e) = malformed {
+                return Err(format!("a DNS record: {e}"));
+            }
+            let zone =
+                management::CustomZone::decode(zone_light.as_slice()).map_err(|e| e.to_string())?;
+            zones.push((zone, records));
+        }
         cache.end();
-        decoded
+        let zones = zones
+            .iter_mut()
+            .map(|(z, r)| (&*z, std::mem::take(r)))
+            .collect();
+        Ok(Self::assemble(&config, zones))
     }
 
-    fn decode(c: &management::DnsConfig, cache: &mut RecordCache) -> (Self, Vec<String>) {
+    /// The config from its decoded parts: `c`'s flags and groups, and each zone with its
+    /// records decoded (or refused, with the reason).
+    fn assemble(
+        c: &management::DnsConfig,
+        decoded_zones: Vec<(&management::CustomZone, Vec<Result<Record, String>>)>,
+    ) -> (Self, Vec<String>) {
         let mut errors = Vec::new();
         let mut zones = Vec::new();
-        let single_zone = c.custom_zones.len() == 1;
-        for (zi, z) in c.custom_zones.iter().enumerate() {
+        let single_zone = decoded_zones.len() == 1;
+        for (zi, (z, decoded)) in decoded_zones.into_iter().enumerate() {
             let domain = normalize(&z.domain);
             if domain.is_empty() || !valid_name(&domain) {
                 errors.push(format!(
@@ -67,9 +120,9 @@ impl DnsConfig {
                 ));
                 continue;
             }
-            let mut records = Vec::with_capacity(z.records.len());
-            for (ri, r) in z.records.iter().enumerate() {
-                match cache.decode(r) {
+            let mut records = Vec::with_capacity(decoded.len());
+            for (ri, r) in decoded.into_iter().enumerate() {
+                match r {
                     Ok(rec) => records.push(rec),
                     Err(e) => errors.push(format!("zone {domain}: record {ri}: {e}")),
                 }

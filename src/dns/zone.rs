@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use super::config::{normalize, trunc, valid_name};
 use crate::control::management::SimpleRecord;
+use crate::control::sections::ByPrint;
+use crate::one_or_many::OneOrMany;
 
 /// A record's data: what resolution uses, and the rest kept as sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,88 +103,53 @@ pub struct Zones {
 }
 
 /// A name's records: one, as a mesh peer's, without a list of its own.
-#[derive(Clone, Debug)]
-enum Datas {
-    One(RecordData),
-    Many(Vec<RecordData>),
-}
-
-impl Datas {
-    fn push(&mut self, d: RecordData) {
-        match self {
-            Datas::One(first) => {
-                let first = first.clone();
-                *self = Datas::Many(vec![first, d]);
-            }
-            Datas::Many(v) => v.push(d),
-        }
-    }
-
-    fn as_slice(&self) -> &[RecordData] {
-        match self {
-            Datas::One(d) => std::slice::from_ref(d),
-            Datas::Many(v) => v,
-        }
-    }
-}
+type Datas = OneOrMany<RecordData>;
 
 /// Records decoded from earlier maps, reused while management sends them unchanged: a mesh
 /// zone lists every peer, and one peer joining changes the zone, so without this every join
-/// decoded and allocated the whole zone again. Entries an update no longer uses are dropped
-/// at its end.
+/// decoded and allocated the whole zone again. A record is known by the fingerprint of its
+/// bytes as sent (`control::sections::print_one`); one sent again is neither decoded nor
+/// copied. Two records with one fingerprint (odds 2^-64 per pair) would answer with the first.
+/// Entries an update no longer uses are dropped at its end.
 #[derive(Clone, Debug, Default)]
 pub struct RecordCache {
-    /// By a hash of the record as sent. Of two records with one hash (odds 2^-64) the
-    /// second is decoded every time, never mistaken for the first.
-    by_print: HashMap<u64, Cached>,
+    by_print: ByPrint<(Record, u64)>,
     generation: u64,
 }
 
-#[derive(Clone, Debug)]
-struct Cached {
-    raw: SimpleRecord,
-    record: Record,
-    seen: u64,
-}
-
 impl RecordCache {
-    /// An update starts: records it does not decode are forgotten by [`end`](Self::end).
+    /// An update starts: records it does not use are forgotten by [`end`](Self::end).
     pub fn begin(&mut self) {
         self.generation += 1;
     }
 
-    /// `r` decoded, from the cache when it was sent before.
-    pub fn decode(&mut self, r: &SimpleRecord) -> Result<Record, String> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (&r.name, r.r#type, &r.class, r.ttl, &r.r_data).hash(&mut h);
-        let print = h.finish();
+    /// The record sent as `raw` (a slice of `whole`): from the cache when it was sent before.
+    /// The outer error is malformed protobuf; the inner one, a record refused (kept out of the
+    /// cache, so it is refused, with its reason, every time it comes).
+    pub fn decode_raw(
+        &mut self,
+        whole: &bytes::Bytes,
+        raw: &[u8],
+    ) -> Result<Result<Record, String>, prost::DecodeError> {
+        use prost::Message as _;
+        let print = crate::control::sections::print_one(raw);
         let generation = self.generation;
-        match self.by_print.get_mut(&print) {
-            Some(hit) if hit.raw == *r => {
-                hit.seen = generation;
-                Ok(hit.record.clone())
-            }
-            Some(_) => Record::from_wire(r),
-            None => {
-                let record = Record::from_wire(r)?;
-                self.by_print.insert(
-                    print,
-                    Cached {
-                        raw: r.clone(),
-                        record: record.clone(),
-                        seen: generation,
-                    },
-                );
-                Ok(record)
-            }
+        if let Some((record, seen)) = self.by_print.get_mut(&print) {
+            *seen = generation;
+            return Ok(Ok(record.clone()));
         }
+        let wire = SimpleRecord::decode(whole.slice_ref(raw))?;
+        let record = Record::from_wire(&wire);
+        if let Ok(r) = &record {
+            self.by_print.insert(print, (r.clone(), generation));
+        }
+        Ok(record)
     }
 
     /// The update is over: forget what it did not use.
     pub fn end(&mut self) {
         let generation = self.generation;
-        self.by_print.retain(|_, c| c.seen == generation);
+        self.by_print.retain(|_, (_, seen)| *seen == generation);
     }
 
     /// How many records are kept.
@@ -304,21 +271,28 @@ mod tests {
             ttl: 300,
             r_data: ip.into(),
         };
+        let whole = |r: &SimpleRecord| bytes::Bytes::from(prost::Message::encode_to_vec(r));
         let mut cache = RecordCache::default();
+        let decode = |cache: &mut RecordCache, r: SimpleRecord| {
+            let bytes = whole(&r);
+            cache.decode_raw(&bytes, &bytes).unwrap()
+        };
         cache.begin();
-        let a = cache.decode(&rec("A.mesh.test.", "100.64.0.2")).unwrap();
-        let b = cache.decode(&rec("b.mesh.test.", "100.64.0.3")).unwrap();
-        assert!(cache.decode(&rec("bad name!", "100.64.0.4")).is_err());
+        let a = decode(&mut cache, rec("A.mesh.test.", "100.64.0.2")).unwrap();
+        let b = decode(&mut cache, rec("b.mesh.test.", "100.64.0.3")).unwrap();
+        assert!(decode(&mut cache, rec("bad name!", "100.64.0.4")).is_err());
         cache.end();
         assert_eq!(cache.cached(), 2);
         assert_eq!(&*a.name, "a.mesh.test");
         cache.begin();
-        let a2 = cache.decode(&rec("A.mesh.test.", "100.64.0.2")).unwrap();
+        let a2 = decode(&mut cache, rec("A.mesh.test.", "100.64.0.2")).unwrap();
         assert!(Arc::ptr_eq(&a.name, &a2.name), "reused, not decoded again");
-        let b2 = cache.decode(&rec("b.mesh.test.", "100.64.0.9")).unwrap();
+        let b2 = decode(&mut cache, rec("b.mesh.test.", "100.64.0.9")).unwrap();
         assert!(!Arc::ptr_eq(&b.name, &b2.name));
         assert_eq!(b2.data, RecordData::A("100.64.0.9".parse().unwrap()));
-        assert!(cache.decode(&rec("bad name!", "100.64.0.4")).is_err());
+        assert!(decode(&mut cache, rec("bad name!", "100.64.0.4")).is_err());
+        let bad = bytes::Bytes::from_static(&[0x0a, 0x09, 0x61]);
+        assert!(cache.decode_raw(&bad, &bad).is_err(), "malformed protobuf");
         cache.end();
         assert_eq!(cache.cached(), 2, "b's old record is gone");
     }

@@ -567,7 +567,7 @@ async fn follow_sync(
     loop {
         let update = tokio::select! {
             _ = life.cancel.cancelled() => return,
-            u = source.stream.next() => u,
+            u = source.stream.next_encoded() => u,
         };
         let update = match update {
             Ok(u) => u,
@@ -584,7 +584,7 @@ async fn follow_sync(
             }
         };
         let applying = std::time::Instant::now();
-        let changes = match mesh.apply(&update, &own_key) {
+        let changes = match mesh.apply_encoded(&bytes::Bytes::from(update), &own_key) {
             Ok(c) => c,
             Err(e) => {
                 warn!("network map rejected: {e}");
@@ -667,7 +667,7 @@ async fn follow_sync(
         if let Some(local) = &mesh.local {
             names.set(&own_key, &local.fqdn, Some(local.address.addr()));
         }
-        source.map.applied(update_serial(&update), mesh.peer_count(), applying.elapsed());
+        source.map.applied(mesh.serial, mesh.peer_count(), applying.elapsed());
         if !source.synced.swap(true, Ordering::Relaxed) {
             info!(peers = mesh.peer_count(), "network map received");
         }
@@ -724,7 +724,3 @@ fn peer_spec(p: &RemotePeer) -> PeerSpec {
     }
 }
 
-/// The serial of an update's network map (0 without one).
-fn update_serial(update: &crate::control::management::SyncResponse) -> u64 {
-    update.network_map.as_ref().map_or(0, |m| m.serial)
-}

@@ -6,6 +6,7 @@
 
 pub mod peer;
 pub mod routed;
+pub mod wire;
 
 use std::net::IpAddr;
 

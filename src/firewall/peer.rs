@@ -8,8 +8,10 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+use super::wire::RuleFields;
 use super::{Action, Flow, Ports, RuleError, RuleProto, proto_and_action, trunc};
 use crate::control::management;
+use crate::one_or_many::OneOrMany;
 
 /// One rule after decoding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,27 +22,7 @@ struct Rule {
 
 /// A source's rules: usually one (a policy's rule for a peer), kept without a list of its own,
 /// so the rules of a 5 000-peer account decode without an allocation per peer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Rules {
-    One(Rule),
-    Many(Vec<Rule>),
-}
-
-impl Rules {
-    fn push(&mut self, rule: Rule) {
-        match self {
-            Rules::One(first) => *self = Rules::Many(vec![*first, rule]),
-            Rules::Many(v) => v.push(rule),
-        }
-    }
-
-    fn as_slice(&self) -> &[Rule] {
-        match self {
-            Rules::One(r) => std::slice::from_ref(r),
-            Rules::Many(v) => v,
-        }
-    }
-}
+type Rules = OneOrMany<Rule>;
 
 fn add(map: &mut HashMap<IpAddr, Rules>, ip: IpAddr, rule: Rule) {
     match map.get_mut(&ip) {
@@ -73,62 +55,11 @@ impl PeerAcl {
 
     /// Decode the map's rules; returns the ACL and the rules skipped, with reasons.
     pub fn from_wire(rules: &[management::FirewallRule], is_empty: bool) -> (Self, Vec<RuleError>) {
-        let mut errors = Vec::new();
-        if rules.is_empty() && !is_empty {
-            return (Self::open(), errors);
-        }
-        let mut acl = Self::default();
+        let mut b = PeerAclBuilder::new(is_empty);
         for (index, r) in rules.iter().enumerate() {
-            let err = |reason: String| RuleError { index, reason };
-            // OUT rules only matter to a stateless filter.
-            if r.direction != 0 {
-                continue;
-            }
-            let (proto, action) = match proto_and_action(r.protocol, r.action) {
-                Ok(pa) => pa,
-                Err(e) => {
-                    errors.push(err(e));
-                    continue;
-                }
-            };
-            let source = match source_of(r) {
-                Ok(s) => s,
-                Err(e) => {
-                    errors.push(err(e));
-                    continue;
-                }
-            };
-            let ports = match Ports::from_port_info(r.port_info.as_ref()) {
-                Ok(Some(p)) => p,
-                Ok(None) if r.port.trim().is_empty() => Ports::Any,
-                Ok(None) => match r.port.trim().parse::<u16>() {
-                    Ok(p) if p != 0 => Ports::Range(p, p),
-                    _ => {
-                        errors.push(err(format!("port {:?} is not a port", trunc(&r.port))));
-                        continue;
-                    }
-                },
-                Err(e) => {
-                    errors.push(err(e));
-                    continue;
-                }
-            };
-            let rule = Rule { proto, ports };
-            match (action, source) {
-                (Action::Drop, Some(ip)) => add(&mut acl.drop, ip, rule),
-                // Wildcard DROP rules are never consulted upstream.
-                (Action::Drop, None) => {}
-                (Action::Accept, Some(ip)) => add(&mut acl.accept, ip, rule),
-                (Action::Accept, None) => {
-                    if source_is_v6(r) {
-                        acl.accept_any_v6.push(rule)
-                    } else {
-                        acl.accept_any_v4.push(rule)
-                    }
-                }
-            }
+            b.add(index, r);
         }
-        (acl, errors)
+        b.finish()
     }
 
     /// Whether a new inbound flow may start.
@@ -171,26 +102,107 @@ impl PeerAcl {
     }
 }
 
+/// Builds a [`PeerAcl`] one rule at a time, so the rules can come from a decoder that reuses
+/// one message for all of them (`control::sections::for_each_decoded`).
+#[derive(Debug)]
+pub struct PeerAclBuilder {
+    acl: PeerAcl,
+    errors: Vec<RuleError>,
+    rules: usize,
+    is_empty: bool,
+}
+
+impl PeerAclBuilder {
+    /// `is_empty`: the map's `firewallRulesIsEmpty`.
+    pub fn new(is_empty: bool) -> Self {
+        Self {
+            acl: PeerAcl::default(),
+            errors: Vec::new(),
+            rules: 0,
+            is_empty,
+        }
+    }
+
+    /// Room for `rules` rules' sources, when the count is known: a policy's per-peer rules
+    /// then fill the source table without growing it a dozen times.
+    pub fn reserve(&mut self, rules: usize) {
+        // IN and OUT rules come in pairs; only IN rules are kept.
+        self.acl.accept.reserve(rules / 2);
+    }
+
+    /// The map's rule number `index`, decoded or read in place.
+    pub fn add(&mut self, index: usize, r: &(impl RuleFields + ?Sized)) {
+        self.rules += 1;
+        let acl = &mut self.acl;
+        let err = |reason: String| RuleError { index, reason };
+        // OUT rules only matter to a stateless filter.
+        if r.direction() != 0 {
+            return;
+        }
+        let decoded = proto_and_action(r.protocol(), r.action()).and_then(|(proto, action)| {
+            let source = source_of(r)?;
+            let ports = match Ports::from_port_info(r.port_info())? {
+                Some(p) => p,
+                None if r.port().trim().is_empty() => Ports::Any,
+                None => match r.port().trim().parse::<u16>() {
+                    Ok(p) if p != 0 => Ports::Range(p, p),
+                    _ => return Err(format!("port {:?} is not a port", trunc(r.port()))),
+                },
+            };
+            Ok((Rule { proto, ports }, action, source))
+        });
+        let (rule, action, source) = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                self.errors.push(err(e));
+                return;
+            }
+        };
+        match (action, source) {
+            (Action::Drop, Some(ip)) => add(&mut acl.drop, ip, rule),
+            // Wildcard DROP rules are never consulted upstream.
+            (Action::Drop, None) => {}
+            (Action::Accept, Some(ip)) => add(&mut acl.accept, ip, rule),
+            (Action::Accept, None) => {
+                if source_is_v6(r) {
+                    acl.accept_any_v6.push(rule)
+                } else {
+                    acl.accept_any_v4.push(rule)
+                }
+            }
+        }
+    }
+
+    /// The ACL and the rules skipped, with reasons. No rules without `firewallRulesIsEmpty`
+    /// comes from an old management: everything is allowed.
+    pub fn finish(self) -> (PeerAcl, Vec<RuleError>) {
+        if self.rules == 0 && !self.is_empty {
+            return (PeerAcl::open(), self.errors);
+        }
+        (self.acl, self.errors)
+    }
+}
+
 /// The rule's source: the first source prefix's address (compact encoding: 4 or 16 address
 /// bytes and a prefix length), else `PeerIP`; None for "any" (`0.0.0.0` or `::`).
-fn source_of(r: &management::FirewallRule) -> Result<Option<IpAddr>, String> {
-    let ip = match r.source_prefixes.first() {
+fn source_of(r: &(impl RuleFields + ?Sized)) -> Result<Option<IpAddr>, String> {
+    let ip = match r.first_source_prefix() {
         Some(b) => decode_compact_addr(b)?,
         None => r
-            .peer_ip
+            .peer_ip()
             .trim()
             .parse::<IpAddr>()
-            .map_err(|_| format!("peer IP {:?} is not an address", trunc(&r.peer_ip)))?,
+            .map_err(|_| format!("peer IP {:?} is not an address", trunc(r.peer_ip())))?,
     };
     let ip = ip.to_canonical();
     Ok((!ip.is_unspecified()).then_some(ip))
 }
 
-fn source_is_v6(r: &management::FirewallRule) -> bool {
+fn source_is_v6(r: &(impl RuleFields + ?Sized)) -> bool {
     matches!(source_of(r), Ok(None))
-        && match r.source_prefixes.first() {
+        && match r.first_source_prefix() {
             Some(b) => b.len() == 17,
-            None => r.peer_ip.contains(':'),
+            None => r.peer_ip().contains(':'),
         }
 }
 
