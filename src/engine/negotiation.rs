@@ -36,6 +36,13 @@ use crate::wg::device::{PeerEndpoint, StunIn};
 const ONLINE_WAIT: Duration = Duration::from_secs(30);
 const FIRST_RETRY: Duration = Duration::from_secs(3);
 const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// A re-offer's delay, spread by ±25 %: peers offered together (every peer of a map, in eager
+/// mode) are not all offered again in the same tick, which at 5 000 peers was a burst of 5 000
+/// signal messages every few seconds, on our cores and on signal.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(0.75 + rand::random::<f64>() / 2.0)
+}
 /// How often unused foreign relays are closed.
 const RELAY_SWEEP: Duration = Duration::from_secs(5);
 /// ICE retries after a failed or lost direct path: from 3 s, doubling, up to a minute (NetBird
@@ -319,7 +326,7 @@ impl Negotiator {
                         if !idle {
                             self.offer(&key, body::Type::Offer, &peers, ice.as_mut()).await;
                             if let Some(st) = peers.get_mut(&key) {
-                                st.next_offer = Instant::now() + st.retry;
+                                st.next_offer = Instant::now() + jittered(st.retry);
                             }
                         }
                     }
@@ -475,7 +482,7 @@ impl Negotiator {
                         wake_mates(&groups, &key, &mut peers);
                         self.offer(&key, body::Type::Offer, &peers, ice.as_mut()).await;
                         if let Some(st) = peers.get_mut(&key) {
-                            st.next_offer = Instant::now() + st.retry;
+                            st.next_offer = Instant::now() + jittered(st.retry);
                         }
                     }
                 }
@@ -529,7 +536,7 @@ impl Negotiator {
                                 st.ice_retry_at = None;
                             }
                             st.retry = (st.retry * 2).min(MAX_RETRY);
-                            st.next_offer = now + st.retry;
+                            st.next_offer = now + jittered(st.retry);
                             st.demanded = false;
                         }
                     }
