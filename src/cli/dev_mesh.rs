@@ -24,6 +24,7 @@ pub async fn run(command: Command) -> ExitCode {
         networks,
         simulated_peers,
         account_lazy_connections,
+        status_addr,
         ..
     } = command
     else {
@@ -62,6 +63,7 @@ pub async fn run(command: Command) -> ExitCode {
         networks,
         simulated_peers,
         lazy_connections: account_lazy_connections,
+        status_addr,
         ..DevMeshConfig::local("", "")
     };
     let mesh = match DevMesh::start(config).await {

@@ -503,6 +503,10 @@ pub enum Command {
         /// Management address; signal listens on the next port, relays on the ones after.
         #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:33073", value_parser = parse_listen)]
         listen: SocketAddr,
+        /// Answer /healthz and /readyz here (200 while serving), for a container's HEALTHCHECK
+        /// or an orchestrator's probe; a bare PORT binds 127.0.0.1.
+        #[arg(long, env = "NB_STATUS_ADDR", value_name = "[ADDR:]PORT", value_parser = parse_listen)]
+        status_addr: Option<SocketAddr>,
         /// The setup key peers register with (default: a random one).
         #[arg(long, value_name = "KEY")]
         setup_key: Option<String>,

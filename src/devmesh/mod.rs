@@ -92,6 +92,9 @@ pub struct DevMeshConfig {
     /// peers with `--lazy-connections auto` follow; [`DevMesh::set_lazy_connections`]
     /// changes it.
     pub lazy_connections: bool,
+    /// Serve `/healthz` and `/readyz` here (200 while this process serves its services), for
+    /// a container's HEALTHCHECK (`netbird-proxy wait --healthz`) or an orchestrator's probe.
+    pub status_addr: Option<SocketAddr>,
 }
 
 impl DevMeshConfig {
@@ -111,6 +114,7 @@ impl DevMeshConfig {
             turn: None,
             networks: None,
             lazy_connections: false,
+            status_addr: None,
         }
     }
 }
@@ -242,8 +246,34 @@ impl DevMesh {
             }
         }
 
+        let health = match config.status_addr {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        if let Some(listener) = health {
+            // Every service listens once start returns; the process answering is the health.
+            tasks.spawn(crate::status::server::serve_with(
+                listener,
+                cancel.clone(),
+                |method, path| {
+                    use http::StatusCode;
+                    match (method.as_str(), path) {
+                        ("GET" | "HEAD", "/healthz" | "/readyz") => crate::status::server::reply(
+                            StatusCode::OK,
+                            "text/plain",
+                            "ok\n".into(),
+                        ),
+                        _ => crate::status::server::reply(
+                            StatusCode::NOT_FOUND,
+                            "text/plain",
+                            "a dev mesh serves /healthz and /readyz\n".into(),
+                        ),
+                    }
+                },
+            ));
+        }
         let mut service = None;
         if let Some(listener) = management {
             let svc = DevManagement::new(

@@ -21,6 +21,15 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serve the endpoints on `listener` until `cancel` fires.
 pub async fn serve(listener: TcpListener, hub: Arc<StatusHub>, cancel: CancellationToken) {
+    serve_with(listener, cancel, move |method, path| answer(method, path, &hub)).await
+}
+
+/// Serve `answer` (method, path) over HTTP/1 on `listener` until `cancel` fires: the status
+/// endpoint's server, also the dev mesh's health endpoint.
+pub(crate) async fn serve_with<F>(listener: TcpListener, cancel: CancellationToken, answer: F)
+where
+    F: Fn(&Method, &str) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
+{
     loop {
         let (stream, from) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -33,12 +42,12 @@ pub async fn serve(listener: TcpListener, hub: Arc<StatusHub>, cancel: Cancellat
                 }
             },
         };
-        let hub = hub.clone();
+        let answer = answer.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let hub = hub.clone();
-                async move { Ok::<_, Infallible>(answer(req.method(), req.uri().path(), &hub)) }
+                let response = answer(req.method(), req.uri().path());
+                async move { Ok::<_, Infallible>(response) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -90,7 +99,7 @@ pub fn answer(method: &Method, path: &str, hub: &StatusHub) -> Response<Full<Byt
     }
 }
 
-fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+pub(crate) fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
