@@ -116,11 +116,17 @@ impl Identity {
     fn write(&self, path: &Path) -> std::io::Result<()> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir)?;
-            // Only tighten a directory we may have just created; leave others' alone.
+            // Only tighten a directory we may have just created; leave others' alone. One we
+            // do not own (a container image's sticky, world-writable state directory, made
+            // so that any uid a platform assigns can keep its state) stays as its owner set
+            // it: the key file itself is 0600.
             if fs::metadata(dir)?.permissions().mode() & 0o077 != 0
                 && dir.ends_with("netbird-proxy")
             {
-                fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+                match fs::set_permissions(dir, fs::Permissions::from_mode(0o700)) {
+                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+                    other => other?,
+                }
             }
         }
         let tmp = path.with_extension("tmp");
