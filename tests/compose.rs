@@ -47,30 +47,6 @@ fn parse_dockerfile(text: &str) -> Image {
     image
 }
 
-/// The compose file's services, in file order (PyYAML resolves the anchors and merge keys).
-fn compose_services(path: &Path) -> Vec<(String, serde_json::Value)> {
-    let script = "import json, sys, yaml\n\
-                  doc = yaml.safe_load(open(sys.argv[1]))\n\
-                  print(json.dumps(list(doc['services'].items())))\n";
-    let out = Command::new("python3")
-        .args(["-c", script])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn strings(v: &serde_json::Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
-        .unwrap_or_default()
-}
-
 /// The namespaces, processes and files of one run, removed on drop.
 struct Stack {
     tag: String,

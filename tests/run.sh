@@ -28,6 +28,9 @@ if ! diff -u public-api.txt target/api/public-api.txt; then
     echo "the public API changed: if that is meant, copy target/api/public-api.txt over public-api.txt"
     exit 1
 fi
+echo "== cargo build --release (the binary tests/container.rs puts in the images)"
+cargo build --release --locked --bin netbird-proxy
+export NB_RELEASE_BIN="$PWD/target/release/netbird-proxy"
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -755,3 +755,27 @@ pub fn chown_nobody(path: &Path) {
         .success();
     assert!(ok, "chown {}", path.display());
 }
+
+/// The compose file's services, in file order (PyYAML resolves the anchors and merge keys).
+pub fn compose_services(path: &Path) -> Vec<(String, serde_json::Value)> {
+    let script = "import json, sys, yaml\n\
+                  doc = yaml.safe_load(open(sys.argv[1]))\n\
+                  print(json.dumps(list(doc['services'].items())))\n";
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+pub fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
