@@ -272,13 +272,20 @@ fn overlay_v4(p: &Peer) -> Option<IpAddr> {
 }
 
 /// Connected when it has a path that works (a relay whose remote is online, or a direct path)
-/// and was heard from lately; idle when it said GO_IDLE; unreachable otherwise.
+/// and was heard from lately; idle when it said GO_IDLE, or when all it has is a roamed path
+/// the relay no longer vouches for; unreachable otherwise.
 pub(crate) fn state_of(p: &Peer) -> PeerState {
-    let latency = p.paths().direct.and_then(|d| d.rtt).or_else(|| p.rtt.get());
+    let paths = p.paths();
+    let latency = paths.direct.as_ref().and_then(|d| d.rtt).or_else(|| p.rtt.get());
     let silent = p.time_since_rx().is_some_and(|t| t > SILENT_PEER);
     match p.endpoint() {
         Some(e) if e.is_usable() && !silent => match &e {
             PeerEndpoint::Relay(relay, id) if !relay.is_online(id) => PeerState::Unreachable,
+            // Learned only by roaming, and the relay says the remote left: maybe alive, maybe
+            // killed mid-setup. Elected only when no member is connected, like an idle one.
+            PeerEndpoint::Udp(_) if paths.direct.is_none() && paths.relay.is_none() => {
+                PeerState::Idle { latency }
+            }
             PeerEndpoint::Udp(_) => PeerState::Connected {
                 relayed: false,
                 latency,

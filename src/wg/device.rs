@@ -1119,20 +1119,15 @@ impl WgDevice {
         }
     }
 
-    /// The relay path is gone (the remote left the relay, or the relay connection ended):
-    /// without an ICE pair the peer has no endpoint until it is set up again. An endpoint
-    /// learned only by roaming (the remote's ICE picked a pair before ours did) goes too: a
-    /// remote that died mid-setup would otherwise look connected to the route election for
-    /// as long as it stays silent (the HA failover flake of issue 20). A live remote's next
-    /// datagram roams it back.
+    /// The relay path is gone (the remote left the relay, or the relay connection ended).
+    /// The endpoint stays as it is: one learned by roaming (the remote's ICE picked a pair
+    /// before ours did) may be a live remote's only working path. But with neither a relay
+    /// path nor an ICE pair of ours to vouch for it, the route election no longer counts it
+    /// as connected (`engine::networks::state_of`): a remote killed in that instant would
+    /// otherwise look connected until silent for 90 s (the HA failover flake of issue 20).
     pub fn clear_relay_path(&self, public_key: &[u8; 32]) {
-        let Some(peer) = self.peer_by_key(public_key) else {
-            return;
-        };
-        let paths = peer.update_paths(|p| p.relay = None);
-        if paths.direct.is_none() {
-            debug!(peer = %short_key(&peer.public_key), "relay path lost, no direct path");
-            *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Some(peer) = self.peer_by_key(public_key) {
+            peer.update_paths(|p| p.relay = None);
         }
     }
 
@@ -1285,7 +1280,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_lost_relay_takes_a_roamed_endpoint_with_it_but_not_an_ice_pair() {
+    async fn a_lost_relay_leaves_a_roamed_endpoint_unproven_and_an_ice_pair_connected() {
         let pool = Arc::new(PacketPool::new(1500, 4));
         let a = spec(1, "100.64.0.2/32");
         let dev = WgDevice::new([9; 32], 0, vec![a.clone()], pool).unwrap();
@@ -1293,13 +1288,19 @@ mod tests {
         let remote: SocketAddr = "198.18.2.2:51820".parse().unwrap();
         // The remote's ICE picked a pair before ours: its datagrams roamed us to it.
         peer.roam(&PeerEndpoint::Udp(remote));
-        assert!(peer.endpoint().is_some());
         dev.clear_relay_path(&a.public_key);
-        assert!(
-            peer.endpoint().is_none(),
-            "a roamed endpoint is no proof of life once the relay says the remote left"
+        assert_eq!(
+            peer.endpoint(),
+            Some(PeerEndpoint::Udp(remote)),
+            "a live remote's roamed path keeps carrying traffic"
         );
-        assert!(!peer.is_idle(), "lost, not idle: traffic asks for it again");
+        assert!(
+            matches!(
+                crate::engine::networks::state_of(&peer),
+                crate::route::PeerState::Idle { .. }
+            ),
+            "but is no proof of life for the route election once the relay says it left"
+        );
         // With our own ICE pair the direct path stays.
         let pair = crate::ice::Selected {
             local_kind: crate::ice::candidate::Kind::Host,
@@ -1310,6 +1311,10 @@ mod tests {
         assert!(dev.set_direct_path(&a.public_key, pair, None));
         dev.clear_relay_path(&a.public_key);
         assert_eq!(peer.endpoint(), Some(PeerEndpoint::Udp(remote)));
+        assert!(matches!(
+            crate::engine::networks::state_of(&peer),
+            crate::route::PeerState::Connected { relayed: false, .. }
+        ));
     }
 
     #[tokio::test]
