@@ -91,23 +91,18 @@ fn built() -> &'static Built {
                 .is_err()
         {
             sh(&["apt-get", "update", "-qq"]);
-            let out = Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args([
-                    "podman",
-                    "runc",
-                    "netavark",
-                    "aardvark-dns",
-                    "iptables",
-                    "mmdebstrap",
-                ])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
+            run_command(
+                Command::new("apt-get")
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .args(["install", "-y", "-qq", "--no-install-recommends"])
+                    .args([
+                        "podman",
+                        "runc",
+                        "netavark",
+                        "aardvark-dns",
+                        "iptables",
+                        "mmdebstrap",
+                    ]),
             );
         }
         // podman asks for more open files than this machine's hard limit allows.
@@ -130,15 +125,10 @@ fn built() -> &'static Built {
                 "mmdebstrap --quiet --variant=minbase bookworm - {} | podman import - {BASE_IMAGE}",
                 debian_mirror()
             );
-            let out = Command::new("sh")
-                .args(["-c", &script])
-                .env("CONTAINERS_CONF", dir.join("containers.conf"))
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
+            run_command(
+                Command::new("sh")
+                    .args(["-c", &script])
+                    .env("CONTAINERS_CONF", dir.join("containers.conf")),
             );
             eprintln!("base image {BASE_IMAGE} made in {:?}", started.elapsed());
         }
@@ -150,17 +140,12 @@ fn built() -> &'static Built {
             Some(path) => PathBuf::from(path),
             None => {
                 let target = dir.join("build");
-                let out = Command::new(env!("CARGO"))
-                    .args(["build", "--release", "--locked", "--bin", "netbird-proxy"])
-                    .arg("--target-dir")
-                    .arg(&target)
-                    .current_dir(root)
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
+                run_command(
+                    Command::new(env!("CARGO"))
+                        .args(["build", "--release", "--locked", "--bin", "netbird-proxy"])
+                        .arg("--target-dir")
+                        .arg(&target)
+                        .current_dir(root),
                 );
                 target.join("release/netbird-proxy")
             }
@@ -203,6 +188,21 @@ fn stage<'a>(dockerfile: &'a str, name: Option<&str>) -> Vec<&'a str> {
     }
 }
 
+/// Build `containerfile` in `ctx` as `tag`, in Docker's format (podman keeps HEALTHCHECK only
+/// in it).
+fn build_image(ctx: &Path, containerfile: &str, tag: &str) {
+    std::fs::write(ctx.join("Containerfile"), containerfile).unwrap();
+    podman_ok(&[
+        "build",
+        "--quiet",
+        "--format",
+        "docker",
+        "-t",
+        tag,
+        ctx.to_str().unwrap(),
+    ]);
+}
+
 /// The final stage, on the base made above, with the binary copied in instead of built.
 fn build_debian(dockerfile: &str, binary: &Path) {
     let ctx = work_dir().join("debian");
@@ -224,17 +224,8 @@ fn build_debian(dockerfile: &str, binary: &Path) {
         copied,
         "the final stage copies the binary from the build stage"
     );
-    std::fs::write(ctx.join("Containerfile"), file).unwrap();
     let started = Instant::now();
-    podman_ok(&[
-        "build",
-        "--quiet",
-        "--format",
-        "docker",
-        "-t",
-        DEBIAN_IMAGE,
-        ctx.to_str().unwrap(),
-    ]);
+    build_image(&ctx, &file, DEBIAN_IMAGE);
     eprintln!("{DEBIAN_IMAGE} built in {:?}", started.elapsed());
 }
 
@@ -268,16 +259,7 @@ fn build_minimal(dockerfile: &str, binary: &Path) {
             file.push('\n');
         }
     }
-    std::fs::write(ctx.join("Containerfile"), file).unwrap();
-    podman_ok(&[
-        "build",
-        "--quiet",
-        "--format",
-        "docker",
-        "-t",
-        MINIMAL_IMAGE,
-        ctx.to_str().unwrap(),
-    ]);
+    build_image(&ctx, &file, MINIMAL_IMAGE);
 }
 
 /// A container removed on drop.

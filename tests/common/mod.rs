@@ -35,14 +35,19 @@ pub fn sh(args: &[&str]) {
 
 /// Run a command that must succeed; its output.
 pub fn run(args: &[&str]) -> std::process::Output {
-    let out = Command::new(args[0])
-        .args(&args[1..])
+    let mut cmd = Command::new(args[0]);
+    cmd.args(&args[1..]);
+    run_command(&mut cmd)
+}
+
+/// Run `cmd`, which must succeed; its output (the failure message has its standard error).
+pub fn run_command(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
         .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
+        .unwrap_or_else(|e| panic!("{:?}: {e}", cmd.get_program()));
     assert!(
         out.status.success(),
-        "{:?} failed: {}",
-        args,
+        "{cmd:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     out
@@ -761,16 +766,7 @@ pub fn compose_services(path: &Path) -> Vec<(String, serde_json::Value)> {
     let script = "import json, sys, yaml\n\
                   doc = yaml.safe_load(open(sys.argv[1]))\n\
                   print(json.dumps(list(doc['services'].items())))\n";
-    let out = Command::new("python3")
-        .args(["-c", script])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_command(Command::new("python3").args(["-c", script]).arg(path));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
